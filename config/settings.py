@@ -1,0 +1,104 @@
+"""Service settings read from the environment, in one place.
+
+Nothing in ``tasks/`` or ``workers/`` reads ``os.environ``: they receive a
+:class:`Settings` built here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.errors import ConfigError
+
+#: Where the launch agent looks for its config when neither --config nor BUILDQ_CONFIG is given.
+DEFAULT_CONFIG_PATH = Path("~/.config/wandb/launch-config.yaml")
+
+
+def _data_home(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "/tmp")) / ".local" / "share")
+    return Path(base) / "buildq"
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={raw!r} is not a number.",
+            f"Set {name} to a number of seconds, e.g. {name}={default:g}.",
+        ) from None
+    if value <= 0:
+        raise ConfigError(f"environment variable {name}={raw!r} must be positive.")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How this process reaches Redis, stores contexts and bounds its work."""
+
+    #: Broker, result backend, locks and records; None means the embedded in-process mode.
+    redis_url: str | None = None
+    #: Launch-config path from BUILDQ_CONFIG (the --config option wins over it).
+    config_path: str | None = None
+    #: Scratch space for fetched sources; every directory made here is removed after use.
+    workdir: Path = field(default_factory=lambda: _data_home(os.environ) / "work")
+    #: Default context store for the docker pool when the config names none.
+    context_store: str = ""
+    #: Lock lease: a holder that stops renewing loses the lock after this long.
+    lock_lease: float = 60.0
+    #: Longest a single image build may run before it is cancelled.
+    build_timeout: float = 3600.0
+    #: Docker build network mode ("none" or "host" where no bridge exists).
+    network_mode: str | None = None
+    #: Registries spoken to over plain HTTP besides loopback ones.
+    insecure_registries: tuple[str, ...] = ()
+    #: Basic credentials for the destination registry, when not in docker's config.json.
+    registry_username: str | None = None
+    registry_password: str | None = field(default=None, repr=False)
+    #: Directory holding docker's config.json (DOCKER_CONFIG), else ~/.docker.
+    docker_config_dir: Path = field(default_factory=lambda: Path.home() / ".docker")
+    #: Seconds between retries grow from this base, with jitter.
+    retry_base: float = 2.0
+    #: Retries of a transient fault before the build is marked failed.
+    max_retries: int = 5
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def visibility_timeout(self) -> int:
+        # An unacked build must not be redelivered while it still runs.
+        return int(self.build_timeout * 2 + 600)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data = _data_home(env)
+        workdir = Path(env.get("BUILDQ_WORKDIR") or data / "work")
+        store = env.get("BUILDQ_CONTEXT_STORE") or (data / "contexts").as_uri()
+        docker_config = env.get("DOCKER_CONFIG") or str(Path(env.get("HOME", "/root")) / ".docker")
+        insecure = tuple(
+            h.strip() for h in env.get("BUILDQ_INSECURE_REGISTRIES", "").split(",") if h.strip()
+        )
+        return cls(
+            redis_url=env.get("BUILDQ_REDIS_URL") or None,
+            config_path=env.get("BUILDQ_CONFIG") or None,
+            workdir=workdir,
+            context_store=store,
+            lock_lease=_number(env, "BUILDQ_LOCK_LEASE", 60.0),
+            build_timeout=_number(env, "BUILDQ_BUILD_TIMEOUT", 3600.0),
+            network_mode=env.get("BUILDQ_NETWORK_MODE") or None,
+            insecure_registries=insecure,
+            registry_username=env.get("BUILDQ_REGISTRY_USERNAME") or None,
+            registry_password=env.get("BUILDQ_REGISTRY_PASSWORD") or None,
+            docker_config_dir=Path(docker_config),
+            retry_base=_number(env, "BUILDQ_RETRY_BASE", 2.0),
+            max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", 5)),
+        )

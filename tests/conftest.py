@@ -1,0 +1,57 @@
+"""Session-wide real services. Started once; torn down at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import services
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    services.ensure_docker_engine()
+    return services.ensure_base_image()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.RegistryServer]:
+    server = services.start_registry(tmp_path_factory.mktemp("registry"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.RedisServer]:
+    server = services.start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: services.RedisServer) -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield redis_server.url
+    client.close()
+
+
+@pytest.fixture
+def base_image(docker_engine: str) -> str:
+    return docker_engine
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path, base_image: str) -> Path:
+    """A small app whose image prints a line."""
+    root = tmp_path / "app"
+    root.mkdir()
+    (root / "Dockerfile").write_text(
+        f"FROM {base_image}\nCOPY hello.txt /hello.txt\nCMD [\"cat\", \"/hello.txt\"]\n"
+    )
+    (root / "hello.txt").write_text("hello from buildq\n")
+    return root

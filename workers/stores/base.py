@@ -1,0 +1,91 @@
+"""The context-store interface and the choice of backend by URL scheme.
+
+A store holds objects under keys below its prefix. The chain writes each build
+context once, as ``<prefix>/<source-hash>.tar.gz``, and deletes it when the build
+ends. Backends supply four primitives; streaming and naming live here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+from config.errors import ConfigError
+
+#: Chunk size for copies between streams.
+COPY_CHUNK = 1 << 20
+
+
+class ContextStore(ABC):
+    """A bucket-like place addressed by ``<scheme>://<location>/<prefix>``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def uri(self, key: str) -> str:
+        """The full URL of ``key`` (what kaniko's ``--context`` or a fetch stage reads)."""
+        return f"{self.url}/{key}"
+
+    @abstractmethod
+    def open_writer(self, key: str) -> Iterator[BinaryIO]:
+        """Yield a writable stream; the object appears whole when the block exits cleanly."""
+
+    @abstractmethod
+    def open_reader(self, key: str) -> Iterator[BinaryIO]:
+        """Yield a readable stream of the object."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+
+    def upload(self, key: str, stream: BinaryIO) -> int:
+        with contextmanager(self.open_writer)(key) as out:
+            size = 0
+            while chunk := stream.read(COPY_CHUNK):
+                out.write(chunk)
+                size += len(chunk)
+        return size
+
+    @contextmanager
+    def reader(self, key: str) -> Iterator[BinaryIO]:
+        with contextmanager(self.open_reader)(key) as stream:
+            yield stream
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        with contextmanager(self.open_writer)(key) as stream:
+            yield stream
+
+    def download(self, key: str, out: BinaryIO) -> None:
+        with self.reader(key) as stream:
+            shutil.copyfileobj(stream, out, COPY_CHUNK)
+
+
+def split_store_url(url: str) -> tuple[str, str]:
+    """Split an object URL into (store URL, key): ``s3://b/p/x.tar.gz`` → (``s3://b/p``, ``x.tar.gz``)."""
+    base, _, key = url.rstrip("/").rpartition("/")
+    if not key or base.endswith(":/"):
+        raise ConfigError(f"{url!r} names no object inside a store.",
+                          "Give the full object URL, e.g. s3://bucket/path/context.tar.gz.")
+    return base, key
+
+
+def store_for_url(url: str) -> ContextStore:
+    """The backend for a store URL; each module is imported only when used."""
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        from workers.stores.file import FileStore
+
+        return FileStore(url)
+    raise ConfigError(
+        f"context store {url!r} has a scheme buildq cannot write to ({scheme or 'none'}).",
+        "Use file:///path for one host; s3://, gs:// and https://<account>.blob.core.windows.net/"
+        " stores come with the Kaniko pool.",
+    )
