@@ -1,0 +1,18 @@
+-- Take the build lock for a source hash, or join its waiters.
+-- Every request registers in the pending map so whoever finishes (or takes
+-- over from a dead holder) can hand each one the record.
+-- KEYS: lock, pending, pending index
+-- ARGV: token, lease ms, request id, request json, source hash
+-- Returns 1 when the caller holds the lock, 0 when it waits.
+local holder = redis.call('GET', KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[5])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0

@@ -1,0 +1,86 @@
+"""The Celery app: broker, results and queues, with settings right for long builds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from config.settings import Settings
+
+#: Queue of each stage: control hosts fetch, hash, check, upload and record;
+#: build hosts build and push; the in-cluster pool dispatches Kaniko Jobs.
+ROUTES: dict[str, str] = {
+    "buildq.build_image": "control",
+    "buildq.resume": "control",
+    "buildq.hash": "control",
+    "buildq.exists": "control",
+    "buildq.upload": "control",
+    "buildq.build": "docker",
+    "buildq.push": "docker",
+    "buildq.kaniko": "kaniko",
+    "buildq.record": "control",
+}
+
+#: Queues each pool consumes.
+POOL_QUEUES: dict[str, tuple[str, ...]] = {
+    "control": ("control",),
+    "docker": ("docker",),
+    "kaniko": ("kaniko",),
+}
+
+app = Celery("buildq")
+_settings: Settings | None = None
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport = {
+        # An unacked build is redelivered after this long: it must exceed the longest build.
+        "visibility_timeout": settings.visibility_timeout,
+    }
+    base: dict[str, Any] = {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_queues": [Queue(q) for q in ("control", "docker", "kaniko")],
+        "task_default_queue": "control",
+        "task_routes": {name: {"queue": q} for name, q in ROUTES.items()},
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_direct": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_extended": True,
+        "result_expires": 7 * 24 * 3600,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+    }
+    if settings.embedded:
+        base.update(broker_url="memory://", result_backend="cache+memory://",
+                    task_always_eager=True, task_eager_propagates=True)
+    else:
+        base.update(broker_url=settings.redis_url, result_backend=settings.redis_url)
+    return base
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the app at ``settings``; call before the first task is sent."""
+    global _settings
+    _settings = settings
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def settings() -> Settings:
+    if _settings is None:
+        configure(Settings.from_env())
+    assert _settings is not None
+    return _settings
+
+
+configure(Settings.from_env())

@@ -1,0 +1,363 @@
+"""The ``buildq`` command. Every user mistake ends here as a message and an exit code.
+
+Exit codes: 0 built or skipped, 1 a failed build, 2 bad input (config, source,
+options) or a service that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from config.errors import BuildqError, InputError, ServiceError
+
+#: Record error kinds that mean the user's input was wrong (exit 2).
+INPUT_KINDS = {"input", "config", "source"}
+#: Name prefix of source archives the CLI uploads for remote workers (deleted after the build).
+UPLOAD_PREFIX = "buildq-upload-"
+
+
+def _fail(exc: BuildqError) -> NoReturn:
+    click.secho(f"error: {exc.message}", fg="red", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    sys.exit(2 if isinstance(exc, ServiceError) else exc.exit_code)
+
+
+def _build_args(pairs: tuple[str, ...]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--build-arg {pair!r} is not KEY=VALUE.",
+                             "Write it as --build-arg NAME=value.")
+        args[key] = value
+    return args
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Turn source code into container images, tagged by source hash, built once."""
+
+
+def _settings() -> Any:
+    from config.settings import Settings
+
+    return Settings.from_env()
+
+
+build_options: list[Callable[[Any], Any]] = [
+    click.option("--dockerfile", help="Dockerfile path inside the source (default: Dockerfile)."),
+    click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE",
+                 help="A build argument; repeatable."),
+    click.option("--target", help="Multi-stage target to build."),
+    click.option("--platform", help="Target platform, e.g. linux/amd64."),
+]
+
+
+def with_build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(build_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--destination", help="Registry repository to push to, without a tag.")
+@click.option("--ref", help="Git branch, tag or commit.")
+@with_build_options
+@click.option("--builder", type=click.Choice(["docker", "kaniko", "noop"]),
+              help="Override builder.type.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
+@click.option("--no-wait", is_flag=True, help="Enqueue and print the request id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on the last line.")
+def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
+          build_args: tuple[str, ...], target: str | None, platform: str | None,
+          builder: str | None, config_path: str | None, no_wait: bool, as_json: bool) -> None:
+    """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists."""
+    from config import load_config
+    from tasks.connection import check_redis
+
+    settings = _settings()
+    cfg = load_config(config_path, env_path=settings.config_path)
+    for warning in cfg.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    kwargs: dict[str, Any] = {
+        "destination": destination, "ref": ref, "dockerfile": dockerfile,
+        "build_args": _build_args(build_args), "target": target, "platform": platform,
+        "builder": builder,
+    }
+    if settings.embedded:
+        kwargs["config"] = config_path
+        record = _run_embedded(source, kwargs, settings, as_json)
+    else:
+        check_redis(settings)
+        kwargs["config"] = cfg.to_mapping()
+        source = _ship_local_source(source, kwargs, settings)
+        record = _run_remote(source, kwargs, settings, no_wait, as_json)
+        if record is None:
+            return
+    _report(record, as_json)
+
+
+def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> str:
+    """Workers may sit on other hosts: pack a local directory into the context store."""
+    from workers.context import BuildInputs, write_context
+    from workers.sources import parse_source
+    from workers.stores import store_for_url
+
+    spec = parse_source(source, kwargs.get("ref"))
+    if spec.kind not in ("directory", "archive") or "://" in spec.location:
+        return source
+    store = store_for_url(settings.context_store)
+    key = f"sources/{UPLOAD_PREFIX}{uuid.uuid4().hex}.tar.gz"
+    if spec.kind == "directory":
+        inputs = BuildInputs.create(kwargs["dockerfile"], kwargs["build_args"], kwargs["target"],
+                                    kwargs["platform"])
+        with store.writer(key) as out:
+            size = write_context(Path(spec.location), inputs, out)
+    else:
+        with open(spec.location, "rb") as stream:
+            size = store.upload(key, stream)
+    click.echo(f"uploaded {spec.location} ({size / 1e6:.1f} MB) to {store.uri(key)}", err=True)
+    return store.uri(key)
+
+
+class Progress:
+    """Stage lines and build log, as a live display on a terminal and plain lines elsewhere."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    def show(self, event: dict[str, str]) -> None:
+        kind = event.get("kind")
+        if kind == "log":
+            click.echo(f"  | {event['line']}", file=self.stream)
+        elif kind == "stage" and event.get("state") == "done":
+            mark = click.style("✓", fg="green") if self.tty else "done"
+            click.echo(f"{mark} {event['stage']} ({float(event.get('seconds') or 0):.2f}s)",
+                       file=self.stream)
+        elif kind == "stage":
+            click.echo(f"… {event['stage']}", file=self.stream)
+        elif kind == "hashed":
+            click.echo(f"  source hash {event['source_hash'][:16]}… → {event['image']}",
+                       file=self.stream)
+        elif kind == "attached":
+            click.echo("  an identical build is running: waiting for its result", file=self.stream)
+        elif kind == "retry":
+            click.echo(f"  retrying {event['stage']} in {event['countdown']}s: {event['error']}",
+                       file=self.stream)
+
+
+def _watch(client: Any, request_id: str, since_ms: int, finished: Callable[[], bool],
+           as_json: bool) -> None:
+    from tasks.events import follow
+
+    progress = Progress(sys.stderr if as_json else sys.stdout)
+    for event in follow(client, request_id, since_ms):
+        if event["kind"] == "idle":
+            if finished():
+                return
+            continue
+        progress.show(event)
+        if event["kind"] == "done" and finished():
+            return
+
+
+def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
+                  as_json: bool) -> dict[str, Any]:
+    from tasks.connection import redis_client
+    from tasks.stages import build_image
+
+    request_id = str(uuid.uuid4())
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["record"] = build_image.apply(args=[source], kwargs=kwargs,
+                                                  task_id=request_id).get()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            outcome["error"] = exc
+
+    since = int(time.time() * 1000)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    _watch(redis_client(settings), request_id, since, lambda: not worker.is_alive(), as_json)
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return dict(outcome["record"])
+
+
+def _run_remote(source: str, kwargs: dict[str, Any], settings: Any, no_wait: bool,
+                as_json: bool) -> dict[str, Any] | None:
+    from tasks.connection import redis_client
+    from tasks.stages import build_image
+
+    since = int(time.time() * 1000)
+    result = build_image.apply_async(args=[source], kwargs=kwargs)
+    if no_wait:
+        click.echo(result.id)
+        return None
+    click.echo(f"request {result.id}", err=True)
+    _watch(redis_client(settings), result.id, since, result.ready, as_json)
+    return dict(result.get(propagate=True))
+
+
+def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
+    status = record.get("status")
+    out = sys.stderr if as_json else sys.stdout
+    if status in ("built", "skipped"):
+        note = " (attached to an identical build)" if record.get("attached") else ""
+        click.echo(f"{status}{note}: {record['image']}@{record['digest']}", file=out)
+        code = 0
+    else:
+        click.secho(f"failed: {record.get('error')}", fg="red", file=out)
+        code = 2 if record.get("error_kind") in INPUT_KINDS else 1
+    if as_json:
+        click.echo(json.dumps(record, sort_keys=True))
+    sys.exit(code)
+
+
+@cli.command("hash")
+@click.argument("source")
+@click.option("--ref", help="Git branch, tag or commit.")
+@with_build_options
+@click.option("--full", is_flag=True, help="Print the full source hash, not the tag.")
+def hash_command(source: str, ref: str | None, dockerfile: str | None,
+                 build_args: tuple[str, ...], target: str | None, platform: str | None,
+                 full: bool) -> None:
+    """Print the tag SOURCE would get."""
+    import tempfile
+
+    from workers.context import BuildInputs, image_tag, source_hash
+    from workers.sources import fetch_source, parse_source
+
+    inputs = BuildInputs.create(dockerfile, _build_args(build_args), target, platform)
+    spec = parse_source(source, ref)
+    if spec.kind == "image":
+        raise InputError("an image source has no source hash.", "Give a directory, archive or git URL.")
+    with tempfile.TemporaryDirectory(prefix="buildq-hash-") as scratch:
+        fetched = fetch_source(spec, Path(scratch))
+        try:
+            digest = source_hash(fetched.root, inputs)
+        finally:
+            fetched.cleanup()
+    click.echo(digest if full else image_tag(digest))
+
+
+@cli.command()
+@click.argument("pool", type=click.Choice(["control", "docker", "kaniko"]))
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Worker processes.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(pool: str, concurrency: int | None, loglevel: str) -> None:
+    """Start a worker of POOL (needs BUILDQ_REDIS_URL)."""
+    from workers.pools import run_worker
+
+    run_worker(pool, _settings(), concurrency, loglevel)
+
+
+def _redis() -> Any:
+    from tasks.connection import check_redis, redis_client
+
+    settings = _settings()
+    if settings.embedded:
+        raise ServiceError("records live in Redis, and BUILDQ_REDIS_URL is not set.",
+                           "Set BUILDQ_REDIS_URL to the Redis your workers use.")
+    check_redis(settings)
+    return redis_client(settings)
+
+
+@cli.command()
+@click.argument("ident")
+def status(ident: str) -> None:
+    """Show the record of a request id or source hash (or tag)."""
+    from tasks.records import find
+
+    found = find(_redis(), ident)
+    if found is None:
+        raise InputError(f"no record for {ident!r}.",
+                         "Give a request id printed by `buildq build`, a source hash or a tag.")
+    click.echo(json.dumps(found, indent=2, sort_keys=True))
+
+
+@cli.command()
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+def history(limit: int, as_json: bool) -> None:
+    """The latest builds, newest first."""
+    from tasks.records import history as load
+
+    rows = load(_redis(), limit)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("finished_at", 0)))
+        click.echo(f"{when}  {row.get('status', '?'):8} {row.get('tag') or '-':24} "
+                   f"{row.get('image') or row.get('error') or ''}")
+
+
+@cli.command()
+@click.argument("ident")
+def logs(ident: str) -> None:
+    """Print the build log of a request id, source hash or tag."""
+    from tasks.records import find, log_key
+
+    client = _redis()
+    found = find(client, ident)
+    source_hash = (found or {}).get("source_hash") or ident
+    for _, fields in client.xrange(log_key(source_hash)):
+        click.echo(fields.get("line", ""))
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the launch-config."""
+
+
+@config_group.command("check")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+def config_check(config_path: str | None) -> None:
+    """Validate the launch-config and print it resolved."""
+    import yaml
+
+    from config import load_config
+
+    cfg = load_config(config_path, env_path=_settings().config_path)
+    for warning in cfg.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    click.echo(f"# {cfg.origin}: valid")
+    dest = cfg.destination()
+    if dest:
+        click.echo(f"# images go to {dest.name}:<source-hash>")
+    click.echo(yaml.safe_dump(cfg.to_mapping(), sort_keys=False).rstrip() or "{}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except BuildqError as exc:
+        _fail(exc)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

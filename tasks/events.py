@@ -1,0 +1,91 @@
+"""Progress of a build, for whoever watches it: stage events and build log lines.
+
+Both are Redis streams, so a watcher blocks on ``XREAD`` instead of polling. Stage
+events go to the request's stream; build log lines to the source hash's stream,
+which every request attached to that build can follow too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from tasks.lock import PREFIX
+from tasks.records import log_key
+
+#: Lines of build log kept per source hash.
+LOG_MAXLEN = 100_000
+#: Events kept per request.
+EVENTS_MAXLEN = 1_000
+#: How long streams live after their last write.
+STREAM_TTL = 7 * 24 * 3600
+
+
+def events_key(request_id: str) -> str:
+    return f"{PREFIX}:events:{request_id}"
+
+
+def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:
+    """Publish one event; a watcher's absence, or Redis trouble, never fails a build."""
+    fields = {"kind": kind, **{k: "" if v is None else str(v) for k, v in data.items()}}
+    try:
+        key = events_key(request_id)
+        client.xadd(key, fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        client.expire(key, STREAM_TTL)
+    except redis.RedisError:
+        pass
+
+
+class LogWriter:
+    """Appends build log lines to the hash's stream, batched to keep round trips few."""
+
+    def __init__(self, client: redis.Redis, source_hash: str) -> None:
+        self.client = client
+        self.key = log_key(source_hash)
+        self.buffer: list[str] = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        self.buffer.append(line.rstrip("\n"))
+        if len(self.buffer) >= 50 or time.monotonic() - self.last_flush > 0.2:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for line in self.buffer:
+                pipe.xadd(self.key, {"line": line}, maxlen=LOG_MAXLEN, approximate=True)
+            pipe.expire(self.key, STREAM_TTL)
+            pipe.execute()
+        except redis.RedisError:
+            pass
+        self.buffer.clear()
+        self.last_flush = time.monotonic()
+
+
+def follow(client: redis.Redis, request_id: str, since_ms: int, block_ms: int = 500) -> Iterator[dict[str, str]]:
+    """Yield the request's events and, once its hash is known, that build's log lines.
+
+    Each item has ``kind`` (a stage event, ``log``, or ``idle`` when nothing came
+    within ``block_ms`` so the caller can check whether the result is ready).
+    """
+    cursors: dict[str, str] = {events_key(request_id): "0-0"}
+    while True:
+        reply = client.xread(cursors, block=block_ms)  # type: ignore[arg-type]
+        if not reply:
+            yield {"kind": "idle"}
+            continue
+        for key, entries in reply:  # type: ignore[union-attr]
+            for entry_id, fields in entries:
+                cursors[str(key)] = str(entry_id)
+                item = {str(k): str(v) for k, v in fields.items()}
+                if "line" in item:
+                    item["kind"] = "log"
+                elif item.get("kind") == "hashed" and item.get("source_hash"):
+                    cursors.setdefault(log_key(item["source_hash"]), f"{since_ms}-0")
+                yield item

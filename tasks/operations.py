@@ -1,0 +1,276 @@
+"""The body of each stage: what it asks of ``workers/`` and which stage comes next.
+
+Bodies take the state and the settings, change the state, and return the name of
+the next stage ("" after the record). They raise :class:`BuildqError` for anything
+a user should read; :class:`tasks.stages.StageTask` turns that into a failed record.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from config import LaunchConfig, config_from_mapping, load_config
+from config.errors import ConfigError, InputError
+from config.references import parse_destination, parse_image_ref
+from config.settings import Settings
+from tasks.app import settings as current_settings
+from tasks.connection import redis_client
+from tasks.events import LogWriter, emit
+from tasks.lock import Lease, new_token
+from tasks.records import remember_request
+from tasks.state import BuildState
+from workers.builders import Builder, BuildRequest, engine_available
+from workers.context import BuildInputs, image_tag, source_hash, write_context
+from workers.registries import registry_for
+from workers.sources import SourceSpec, fetch_source, parse_source
+from workers.stores import ContextStore, store_for_url
+
+#: Label every image carries, so a host's images can be traced to their source.
+HASH_LABEL = "buildq.source-hash"
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def resolve_config(config: str | dict[str, Any] | None, settings: Settings) -> LaunchConfig:
+    if isinstance(config, dict):
+        return config_from_mapping(config, origin="<build_image config>")
+    return load_config(config, env_path=settings.config_path)
+
+
+def choose_builder(requested: str | None, cfg: LaunchConfig, settings: Settings) -> str:
+    """``builder.type`` wins; else docker when an engine (or a docker pool) answers; else noop."""
+    choice = requested or cfg.builder.type
+    if choice:
+        if choice not in ("docker", "kaniko", "noop"):
+            raise ConfigError(f"builder {choice!r} is not one of docker, kaniko, noop.",
+                              "Pass --builder docker|kaniko|noop or fix builder.type.")
+        return choice
+    if engine_available() or (not settings.embedded and _pool_alive(settings, "docker")):
+        return "docker"
+    return "noop"
+
+
+def _pool_alive(settings: Settings, pool: str) -> bool:
+    from workers.presence import pool_alive
+
+    return pool_alive(redis_client(settings), pool)
+
+
+def new_request(request_id: str, source: str, settings: Settings, *, destination: str | None,
+                ref: str | None, dockerfile: str | None, build_args: dict[str, str] | None,
+                target: str | None, platform: str | None, builder: str | None,
+                config: str | dict[str, Any] | None) -> BuildState:
+    """The state of a fresh request; input errors become a failed state, never an exception."""
+    state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
+                       dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
+                       platform=platform)
+    try:
+        cfg = resolve_config(config, settings)
+        state.config = cfg.to_mapping()
+        spec = parse_source(source, ref)
+        state.source = spec.to_dict()
+        dest = parse_destination(destination, "destination") if destination else cfg.destination()
+        if spec.kind == "image":
+            state.builder = "noop"
+            return state
+        if dest is None:
+            raise InputError("no destination for the image.",
+                             "Pass --destination registry/repository or set builder.destination"
+                             " in the launch-config.")
+        state.destination = dest.name
+        state.platform = platform or cfg.builder.platform
+        state.builder = choose_builder(builder, cfg, settings)
+        if state.builder == "noop":
+            raise InputError(
+                f"building is disabled (builder.type: noop) but a {spec.kind} source needs a build.",
+                "Set builder.type to docker (with a Docker Engine) or kaniko, or pass --builder.")
+        if state.builder == "kaniko":
+            raise InputError("the kaniko builder is not available in this buildq version.",
+                             "Use builder.type: docker.")
+    except InputError as exc:
+        state.fail(str(exc), exc.kind)
+    return state
+
+
+def _client(settings: Settings) -> Any:
+    return redis_client(settings)
+
+
+def fetch(state: BuildState, settings: Settings) -> str:
+    spec = SourceSpec.from_dict(state.source)
+    if spec.kind == "image":
+        return _resolve_image(state, spec, settings)
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    fetched = fetch_source(spec, settings.workdir)
+    state.workdir = str(fetched.root)
+    state.owned = fetched.owned
+    state.commit = fetched.commit
+    return "hash"
+
+
+def _resolve_image(state: BuildState, spec: SourceSpec, settings: Settings) -> str:
+    """An image job builds nothing: report the digest the registry has for it."""
+    ref = parse_image_ref(spec.location)
+    state.image = spec.location
+    state.destination = ref.name
+    state.tag = ref.tag
+    digest = registry_for(ref, settings).manifest_digest(ref, ref.digest or ref.tag or "latest")
+    if digest is None:
+        raise InputError(f"image {spec.location} does not exist in its registry.",
+                         "Push it first, or give a git or directory source to build.")
+    state.digest = digest
+    state.status = "skipped"
+    return "record"
+
+
+def _inputs(state: BuildState) -> BuildInputs:
+    return BuildInputs.create(state.dockerfile, state.build_args, state.target, state.platform)
+
+
+def _ensure_tree(state: BuildState, settings: Settings) -> Path:
+    """The fetched tree; fetched again (same commit) if this host never had it."""
+    if state.workdir and Path(state.workdir).is_dir():
+        return Path(state.workdir)
+    spec = SourceSpec.from_dict(state.source)
+    if state.commit:
+        spec = SourceSpec(spec.kind, spec.location, state.commit)
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    fetched = fetch_source(spec, settings.workdir)
+    state.workdir, state.owned = str(fetched.root), fetched.owned
+    return fetched.root
+
+
+def _drop_tree(state: BuildState) -> None:
+    if state.owned and state.workdir:
+        shutil.rmtree(state.workdir, ignore_errors=True)
+    state.workdir = None
+
+
+def hash_source(state: BuildState, settings: Settings) -> str:
+    client = _client(settings)
+    try:
+        root = _ensure_tree(state, settings)
+        state.source_hash = source_hash(root, _inputs(state))
+    except BaseException:
+        _drop_tree(state)
+        raise
+    state.tag = image_tag(state.source_hash)
+    state.image = f"{state.destination}:{state.tag}"
+    remember_request(client, state.request_id, state.source_hash)
+    emit(client, state.request_id, "hashed", source_hash=state.source_hash, tag=state.tag,
+         image=state.image)
+    state.token = state.token or new_token()
+    lease = Lease(client, state.source_hash, state.token, settings.lock_lease, state.request_id)
+    pending = {k: v for k, v in state.to_dict().items()
+               if k in ("request_id", "source", "destination", "dockerfile", "build_args",
+                        "target", "platform", "builder", "config", "created_at")}
+    if not lease.acquire(pending):
+        # Another request is building this very hash: it will hand us its record.
+        _drop_tree(state)
+        emit(client, state.request_id, "attached", source_hash=state.source_hash)
+        from celery.exceptions import Ignore
+
+        raise Ignore()
+    return "exists"
+
+
+def exists(state: BuildState, settings: Settings) -> str:
+    assert state.destination and state.tag
+    ref = parse_destination(state.destination)
+    digest = registry_for(ref, settings).manifest_digest(ref, state.tag)
+    if digest:
+        state.digest = digest
+        state.status = "skipped"
+        _drop_tree(state)
+        return "record"
+    return "upload"
+
+
+def context_store(state: BuildState, settings: Settings) -> ContextStore:
+    url = state.context_store or settings.context_store
+    return store_for_url(url)
+
+
+def upload(state: BuildState, settings: Settings) -> str:
+    assert state.source_hash
+    store = context_store(state, settings)
+    state.context_store = store.url
+    key = f"{state.source_hash}.tar.gz"
+    try:
+        if not store.exists(key):
+            root = _ensure_tree(state, settings)
+            with store.writer(key) as out:
+                state.context_bytes = write_context(root, _inputs(state), out)
+        state.context_key = key
+    finally:
+        _drop_tree(state)
+    return "build" if state.builder == "docker" else "kaniko"
+
+
+def _docker_builder(settings: Settings) -> Builder:
+    from workers.builders.docker import DockerBuilder
+
+    return DockerBuilder()
+
+
+def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
+    assert state.image and state.context_key and state.source_hash
+    store = context_store(state, settings)
+    key = state.context_key
+    return BuildRequest(
+        image=state.image,
+        open_context=lambda: store.reader(key),
+        dockerfile=state.dockerfile or "Dockerfile",
+        build_args=state.build_args,
+        target=state.target,
+        platform=state.platform,
+        labels={HASH_LABEL: state.source_hash},
+        network_mode=settings.network_mode,
+        timeout=settings.build_timeout,
+    )
+
+
+def build(state: BuildState, settings: Settings) -> str:
+    assert state.source_hash
+    writer = LogWriter(_client(settings), state.source_hash)
+    try:
+        _docker_builder(settings).build(_build_request(state, settings), writer)
+    finally:
+        writer.flush()
+    return "push"
+
+
+def push(state: BuildState, settings: Settings) -> str:
+    assert state.image and state.destination and state.source_hash
+    builder = _docker_builder(settings)
+    writer = LogWriter(_client(settings), state.source_hash)
+    try:
+        if not builder.has_image(state.image):
+            # Redelivered to a host that did not build it: build here first.
+            builder.build(_build_request(state, settings), writer)
+        auth = registry_for(parse_destination(state.destination), settings).push_auth()
+        state.digest = builder.push(state.image, auth, writer)
+    finally:
+        writer.flush()
+    state.status = "built"
+    return "record"
+
+
+def record(state: BuildState, settings: Settings) -> str:
+    """Cleanup whatever the outcome; the record itself is written by the stage task."""
+    _drop_tree(state)
+    if state.context_key and state.context_store:
+        store = store_for_url(state.context_store)
+        try:
+            store.delete(state.context_key)
+        except Exception:  # noqa: BLE001 - a leftover context must not fail the record
+            pass
+    return ""
+
+
+__all__ = ["current_settings"]

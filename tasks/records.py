@@ -1,0 +1,94 @@
+"""The record: one JSON document per build, what ``.get()`` returns.
+
+Stored by source hash (written atomically with the lock release, see
+:mod:`tasks.lock`), with a history index and a map from each request id to its
+hash so ``buildq status`` takes either.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from tasks.lock import HISTORY, PREFIX, record_key
+from tasks.state import BuildState
+
+#: Records of requests that failed before their source had a hash.
+_REQUEST_RECORD = f"{PREFIX}:record:request:"
+#: Map from request id to source hash.
+_REQUEST_HASH = f"{PREFIX}:request:"
+#: How long request-id look-ups are kept.
+REQUEST_TTL = 30 * 24 * 3600
+
+
+def log_key(source_hash: str) -> str:
+    return f"{PREFIX}:log:{source_hash}"
+
+
+def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
+    source = dict(state.source)
+    if state.commit:
+        source["commit"] = state.commit
+    return {
+        "id": state.request_id,
+        "status": state.status,
+        "image": state.image,
+        "digest": state.digest,
+        "tag": state.tag,
+        "source_hash": state.source_hash,
+        "source": source,
+        "destination": state.destination,
+        "builder": state.builder,
+        "attached": attached,
+        "stages": {k: round(v, 4) for k, v in state.stages.items()},
+        "log": f"redis:{log_key(state.source_hash)}" if state.source_hash else None,
+        "error": state.error,
+        "error_kind": state.error_kind,
+        "created_at": state.created_at,
+        "finished_at": time.time(),
+    }
+
+
+def for_request(record: dict[str, Any], request_id: str, attached: bool) -> dict[str, Any]:
+    """The same build, as the answer to another request."""
+    return {**record, "id": request_id, "attached": attached}
+
+
+def remember_request(client: redis.Redis, request_id: str, source_hash: str) -> None:
+    client.set(_REQUEST_HASH + request_id, source_hash, ex=REQUEST_TTL)
+
+
+def store_unhashed(client: redis.Redis, record: dict[str, Any]) -> None:
+    """A record for a request that never reached the lock (bad input, noop builder)."""
+    client.set(_REQUEST_RECORD + record["id"], json.dumps(record), ex=REQUEST_TTL)
+
+
+def find(client: redis.Redis, ident: str) -> dict[str, Any] | None:
+    """A record by request id, by full source hash, or by tag (a hash prefix)."""
+    raw = client.get(_REQUEST_RECORD + ident)
+    if raw:
+        return dict(json.loads(str(raw)))
+    source_hash = client.get(_REQUEST_HASH + ident)
+    if source_hash:
+        raw = client.get(record_key(str(source_hash)))
+        return dict(json.loads(str(raw))) if raw else None
+    raw = client.get(record_key(ident))
+    if raw:
+        return dict(json.loads(str(raw)))
+    if len(ident) >= 8:
+        for candidate in client.zrevrange(HISTORY, 0, -1):  # type: ignore[union-attr]
+            if str(candidate).startswith(ident):
+                raw = client.get(record_key(str(candidate)))
+                return dict(json.loads(str(raw))) if raw else None
+    return None
+
+
+def history(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
+    hashes = client.zrevrange(HISTORY, 0, limit - 1)
+    if not hashes:
+        return []
+    raws = client.mget([record_key(str(h)) for h in hashes])  # type: ignore[union-attr]
+    return [json.loads(str(r)) for r in raws if r]

@@ -1,0 +1,64 @@
+"""What travels from stage to stage: a build's request and what is known so far.
+
+It is the only argument of every stage task, so Flower shows it. It carries no
+secret: credentials are looked up by the worker that needs them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Status = Literal["built", "skipped", "failed"]
+
+
+@dataclass
+class BuildState:
+    #: The request this chain serves (the task id its caller waits on).
+    request_id: str
+    source: dict[str, Any]
+    destination: str | None = None
+    dockerfile: str | None = None
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    platform: str | None = None
+    builder: str | None = None
+    #: The validated launch-config as W&B-keyed mapping (never a secret in it).
+    config: dict[str, Any] = field(default_factory=dict)
+    #: A token handed over by the watchdog: this chain continues a dead holder's build.
+    token: str | None = None
+    source_hash: str | None = None
+    tag: str | None = None
+    image: str | None = None
+    #: Directory holding the fetched source, and whether we must delete it.
+    workdir: str | None = None
+    owned: bool = False
+    commit: str | None = None
+    context_store: str | None = None
+    context_key: str | None = None
+    context_bytes: int = 0
+    digest: str | None = None
+    status: Status | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def done(self) -> bool:
+        """Nothing is left to do but write the record."""
+        return self.status is not None
+
+    def fail(self, message: str, kind: str) -> None:
+        self.status = "failed"
+        self.error = message
+        self.error_kind = kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildState:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

@@ -1,0 +1,137 @@
+"""Entry points of the three pools: ``buildq worker control|docker|kaniko``.
+
+Each is a Celery worker bound to its pool's queues, with task events on for
+Flower. Control workers also run the watchdog that restarts builds whose holder
+died (see :mod:`tasks.lock`) and sweeps scratch directories nobody will use again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from config.errors import ServiceError
+from config.settings import Settings
+
+log = logging.getLogger("buildq.pool")
+
+POOLS = ("control", "docker", "kaniko")
+
+
+def check_pool_can_start(pool: str) -> None:
+    if pool == "docker":
+        from workers.builders import engine_available
+
+        if not engine_available():
+            raise ServiceError(
+                "the docker pool needs a Docker Engine, and none answers here.",
+                "Start dockerd (or set DOCKER_HOST to a reachable engine), then start the worker.",
+            )
+
+
+class Watchdog(threading.Thread):
+    """Restarts orphaned builds, renews this worker's presence, sweeps stale scratch dirs."""
+
+    def __init__(self, settings: Settings, pool: str, hostname: str) -> None:
+        super().__init__(name="buildq-watchdog", daemon=True)
+        self.settings = settings
+        self.pool = pool
+        self.hostname = hostname
+        self.stopping = threading.Event()
+        self.interval = max(0.5, min(10.0, settings.lock_lease / 3))
+
+    def run(self) -> None:
+        from tasks.connection import redis_client
+
+        client = redis_client(self.settings)
+        while not self.stopping.wait(self.interval):
+            try:
+                self.tick(client)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive a Redis blip
+                log.warning("watchdog tick failed", exc_info=True)
+
+    def tick(self, client: Any) -> None:
+        from workers.presence import announce
+
+        announce(client, self.pool, self.hostname)
+        if self.pool == "control":
+            restart_orphans(client, self.settings)
+            sweep_workdir(self.settings)
+
+
+def restart_orphans(client: Any, settings: Settings) -> int:
+    """Give each hash whose holder died to one of its waiters; returns how many restarted."""
+    from tasks.lock import orphaned_hashes, take_over
+    from tasks.stages import resume
+    from tasks.state import BuildState
+
+    restarted = 0
+    for source_hash in orphaned_hashes(client):
+        claim = take_over(client, source_hash, settings.lock_lease)
+        if claim is None:
+            continue
+        token, pending = claim
+        oldest = min(pending.values(), key=lambda r: float(r.get("created_at", 0)))
+        state = BuildState.from_dict(oldest)
+        state.token = token
+        log.warning("holder of %s is gone; restarting the build for request %s",
+                    source_hash[:12], state.request_id)
+        resume.apply_async(args=[state.to_dict()])
+        restarted += 1
+    return restarted
+
+
+def sweep_workdir(settings: Settings) -> None:
+    """Remove scratch dirs older than any build may run (their stage is long gone)."""
+    root = settings.workdir
+    if not root.is_dir():
+        return
+    horizon = time.time() - settings.build_timeout * 2
+    for entry in root.iterdir():
+        try:
+            if entry.is_dir() and entry.stat().st_mtime < horizon:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+
+
+def run_worker(pool: str, settings: Settings, concurrency: int | None = None,
+               loglevel: str = "INFO") -> None:
+    from tasks.app import POOL_QUEUES, app, configure
+    from tasks.connection import check_redis
+
+    if pool not in POOLS:
+        raise ServiceError(f"unknown pool {pool!r}.", f"Choose one of {', '.join(POOLS)}.")
+    if settings.embedded:
+        raise ServiceError("a worker needs a broker, and BUILDQ_REDIS_URL is not set.",
+                           "Set BUILDQ_REDIS_URL=redis://host:6379/0 (the same for every worker"
+                           " and client).")
+    check_redis(settings)
+    check_pool_can_start(pool)
+    configure(settings)
+    import tasks.stages  # noqa: F401 - registers the stage tasks
+
+    hostname = f"{pool}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    watchdog = Watchdog(settings, pool, hostname)
+    watchdog.start()
+    worker = app.Worker(
+        hostname=hostname,
+        queues=list(POOL_QUEUES[pool]),
+        concurrency=concurrency or (os.cpu_count() or 2),
+        loglevel=loglevel,
+        send_events=True,
+        prefetch_multiplier=1,
+        without_gossip=True,
+        without_mingle=True,
+    )
+    try:
+        worker.start()
+    finally:
+        watchdog.stopping.set()
+    raise SystemExit(worker.exitcode or 0)
