@@ -1,0 +1,23 @@
+"""What a build is: the Celery app, the stage tasks, the lock and the record.
+
+``from tasks import build_image`` gives the entry task; ``.delay(...).get()`` is the record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["app", "build_image"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use so `buildq --help` and config checks stay fast.
+    if name == "build_image":
+        from tasks.stages import build_image
+
+        return build_image
+    if name == "app":
+        from tasks.app import app
+
+        return app
+    raise AttributeError(name)

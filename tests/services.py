@@ -198,3 +198,40 @@ def running(server: RedisServer | RegistryServer) -> Iterator[None]:
         yield
     finally:
         server.stop()
+
+
+def demo_up() -> str:
+    """Bring up the engine, the base image and a long-lived local registry; print its host."""
+    ensure_docker_engine()
+    ensure_base_image()
+    home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    root = home / "buildq" / "demo-registry"
+    port_file = root / "port"
+    if port_file.exists():
+        host = f"127.0.0.1:{port_file.read_text().strip()}"
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"http://{host}/v2/", timeout=1).status_code == 200:
+                return host
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    server = RegistryServer(port, root, None, root / "config.yml")
+    server.config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n")
+    log = open(root / "registry.log", "ab")  # noqa: SIM115
+    subprocess.Popen(["docker-registry", "serve", str(server.config)], stdout=log, stderr=log,
+                     start_new_session=True)
+    wait_for(lambda: requests.get(f"{server.url}/v2/", timeout=1).status_code == 200, 15,
+             "docker-registry")
+    port_file.write_text(str(port))
+    return server.host
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["demo-up"]:
+        print(demo_up())
+    else:
+        sys.exit("usage: python -m tests.services demo-up")
