@@ -1,0 +1,79 @@
+"""The builder interface: turn a packed build context into a pushed image."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from config.errors import ServiceError, TransientError
+
+#: Seconds a liveness ping of the engine may take before it counts as absent.
+PING_TIMEOUT = 3.0
+
+#: Called with each line of build or push output, as it arrives.
+LogFn = Callable[[str], None]
+
+
+class EngineUnavailableError(TransientError, ServiceError):
+    """The container engine stopped answering in the middle of work; worth a retry."""
+
+
+@dataclass
+class BuildRequest:
+    """Everything one build needs; the context arrives as a ``.tar.gz`` stream."""
+
+    #: Full reference with tag, e.g. ``127.0.0.1:5000/team/app:<source-hash>``.
+    image: str
+    #: Opens the gzipped tar build context; called once per attempt, read as a stream.
+    open_context: Callable[[], AbstractContextManager[BinaryIO]]
+    dockerfile: str = "Dockerfile"
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    target: str | None = None
+    platform: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    network_mode: str | None = None
+    #: Wall-clock seconds, upload of the context included, before the build is cancelled.
+    timeout: float = 3600.0
+
+
+class Builder(ABC):
+    """Builds and pushes images; one per worker process."""
+
+    #: The ``builder.type`` this backend answers to.
+    name: str
+
+    @abstractmethod
+    def build(self, request: BuildRequest, log: LogFn) -> str:
+        """Build ``request.image``; return the local image id."""
+
+    @abstractmethod
+    def push(self, image: str, auth: Mapping[str, str] | None, log: LogFn) -> str:
+        """Push ``image``; return the registry's manifest digest (``sha256:...``)."""
+
+    @abstractmethod
+    def has_image(self, image: str) -> bool:
+        """Whether ``image`` exists locally (not in the registry)."""
+
+    @abstractmethod
+    def remove_image(self, image: str) -> None:
+        """Drop the local tag; failures are ignored (it is only disk space)."""
+
+
+def engine_available(base_url: str | None = None) -> bool:
+    """Whether a Docker Engine answers a ping at ``base_url`` (None: DOCKER_HOST or the socket)."""
+    import docker
+
+    try:
+        client = (docker.from_env(timeout=int(PING_TIMEOUT)) if base_url is None
+                  else docker.DockerClient(base_url=base_url, timeout=int(PING_TIMEOUT)))
+    except Exception:
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()

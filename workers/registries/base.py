@@ -1,0 +1,328 @@
+"""The registry interface: existence checks and push credentials, written once.
+
+A backend only says how it obtains credentials for its host. Everything a registry
+v2 speaks — the manifest HEAD, the anonymous → Basic / Bearer challenge dance, the
+token cache, the mapping of HTTP failures onto buildq's error tree — lives here, so
+cloud backends (ECR, Artifact Registry, ACR) stay a few lines long.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import requests
+
+from config.errors import RegistryError, TransientRegistryError
+
+if TYPE_CHECKING:
+    from config.references import ImageRef
+    from config.settings import Settings
+
+#: Every manifest media type an image tag may resolve to; without the list/index types a
+#: multi-platform tag would be converted (or refused) and its digest would differ.
+MANIFEST_ACCEPT = ", ".join([
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+])
+
+#: (connect, read) seconds for one registry request; the chain retries transient faults.
+REQUEST_TIMEOUT = (5.0, 30.0)
+
+#: Token lifetime assumed when the token server states none (the distribution spec's default).
+DEFAULT_TOKEN_LIFETIME = 60.0
+
+#: Tokens are renewed this many seconds before they expire, so one never dies in flight.
+TOKEN_EXPIRY_MARGIN = 10.0
+
+#: Hosts whose API lives elsewhere than their name suggests.
+API_HOSTS = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+
+#: How a user hands buildq registry credentials (one sentence, reused in every auth error).
+CREDENTIALS_HINT = (
+    "Set BUILDQ_REGISTRY_USERNAME and BUILDQ_REGISTRY_PASSWORD, or log in so that docker's "
+    "config.json (in DOCKER_CONFIG, default ~/.docker) holds credentials for {host}."
+)
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    expires_at: float
+
+
+# Shared by every Registry instance: the chain builds a fresh instance per task, and a
+# token fetched by one check is good for the next until it expires.
+_tokens: dict[tuple[str, str, str, str, str], _Token] = {}
+_tokens_lock = threading.Lock()
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]] | None:
+    """Split ``WWW-Authenticate`` into (lower-case scheme, parameters); None if absent.
+
+    Quoted values may hold commas (``scope="repository:a:pull,push"``), so a plain
+    split on commas would cut them apart.
+    """
+    header = header.strip()
+    if not header:
+        return None
+    scheme, _, rest = header.partition(" ")
+    params = {
+        key.lower(): (quoted if quoted is not None and quoted != "" else bare or "")
+        for key, quoted, bare in _CHALLENGE_PARAM.findall(rest)
+    }
+    return scheme.lower(), params
+
+
+def _strip_scheme(host: str) -> str:
+    if "://" in host:
+        return urlsplit(host).netloc
+    return host.rstrip("/")
+
+
+def is_plain_http(host: str, insecure: tuple[str, ...] = ()) -> bool:
+    """Loopback registries and the ones listed as insecure speak HTTP; the rest HTTPS."""
+    hostname = urlsplit(f"//{host}").hostname or host
+    if host in insecure or hostname in insecure:
+        return True
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+class Registry(ABC):
+    """One registry host, reached over the registry v2 HTTP API."""
+
+    def __init__(self, host: str, settings: Settings) -> None:
+        self.host = _strip_scheme(host)
+        self.settings = settings
+        api_host = API_HOSTS.get(self.host, self.host)
+        scheme = "http" if is_plain_http(api_host, settings.insecure_registries) else "https"
+        self.base_url = f"{scheme}://{api_host}"
+        # Once a registry has asked for Basic, asking anonymously first only costs a 401.
+        self._basic_known = False
+        self._session = requests.Session()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.host!r})"
+
+    @abstractmethod
+    def credentials(self) -> tuple[str, str] | None:
+        """(username, password) for this host, or None to stay anonymous."""
+
+    def push_auth(self) -> dict[str, str] | None:
+        """Credentials in the docker SDK's ``auth_config`` shape (sent as X-Registry-Auth)."""
+        creds = self.credentials()
+        if creds is None:
+            return None
+        return {"username": creds[0], "password": creds[1]}
+
+    def manifest_digest(self, ref: ImageRef, tag: str) -> str | None:
+        """The digest ``repository:tag`` resolves to in this registry, or None if absent."""
+        path = f"/v2/{ref.repository}/manifests/{tag}"
+        scope = f"repository:{ref.repository}:pull"
+        headers = {"Accept": MANIFEST_ACCEPT}
+        response = self._send("HEAD", path, scope, headers)
+        if response.status_code == 404:
+            return None
+        self._raise_for_status(response, f"{ref.repository}:{tag}")
+        digest = response.headers.get("Docker-Content-Digest")
+        if digest:
+            return digest
+        # The header is optional in the spec; the digest is by definition the sha256 of the
+        # manifest bytes exactly as served, so fetch them when a registry leaves it out.
+        response = self._send("GET", path, scope, headers)
+        if response.status_code == 404:
+            return None
+        self._raise_for_status(response, f"{ref.repository}:{tag}")
+        return "sha256:" + hashlib.sha256(response.content).hexdigest()
+
+    # -- HTTP and auth -------------------------------------------------------------------
+
+    def _send(
+        self, method: str, path: str, scope: str, headers: dict[str, str]
+    ) -> requests.Response:
+        url = self.base_url + path
+        creds = self.credentials() if self._basic_known else None
+        cached = None if creds else self._cached_token(scope)
+        if creds:
+            first = {**headers, "Authorization": _basic(creds)}
+        elif cached:
+            first = {**headers, "Authorization": f"Bearer {cached.value}"}
+        else:
+            first = headers
+        response = self._http(method, url, first)
+        if response.status_code != 401:
+            return response
+
+        challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+        if challenge is None:
+            return response
+        scheme, params = challenge
+        if scheme == "basic":
+            self._basic_known = True
+            creds = creds or self.credentials()
+            if creds is None:
+                return response
+            authorization = _basic(creds)
+        elif scheme == "bearer":
+            token = self._fetch_token(params, params.get("scope") or scope)
+            authorization = f"Bearer {token}"
+        else:
+            return response
+        return self._http(method, url, {**headers, "Authorization": authorization})
+
+    def _http(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> requests.Response:
+        try:
+            return self._session.request(
+                method, url, headers=headers, params=params, auth=auth,
+                timeout=REQUEST_TIMEOUT, allow_redirects=True,
+            )
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(
+                f"TLS with registry {self.host} failed: {_reason(exc)}.",
+                "If it serves plain HTTP, list it in BUILDQ_INSECURE_REGISTRIES; otherwise "
+                "install its CA certificate on this host.",
+            ) from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise TransientRegistryError(
+                f"registry {self.host} could not be reached: {_reason(exc)}.",
+                "Check that the registry is up and reachable from this host; buildq retries.",
+            ) from None
+
+    def _token_key(self, service: str, scope: str) -> tuple[str, str, str, str, str]:
+        creds = self.credentials()
+        user = creds[0] if creds else ""
+        return (self.host, service, scope, user, type(self).__name__)
+
+    def _cached_token(self, scope: str) -> _Token | None:
+        # The service is unknown before the first challenge; match on the rest of the key.
+        host, _, _, user, backend = self._token_key("", scope)
+        now = time.time()
+        with _tokens_lock:
+            for (k_host, _, k_scope, k_user, k_backend), token in _tokens.items():
+                if (k_host, k_scope, k_user, k_backend) == (host, scope, user, backend) \
+                        and token.expires_at > now:
+                    return token
+        return None
+
+    def _fetch_token(self, challenge: dict[str, str], scope: str) -> str:
+        realm = challenge.get("realm")
+        if not realm:
+            raise RegistryError(
+                f"registry {self.host} asked for a bearer token but named no token server.",
+                "This registry's auth configuration looks broken; ask its operator.",
+            )
+        service = challenge.get("service", "")
+        key = self._token_key(service, scope)
+        now = time.time()
+        # A cached token that just drew a 401 was revoked or under-scoped: never reuse it.
+        with _tokens_lock:
+            _tokens.pop(key, None)
+
+        params = {"scope": scope}
+        if service:
+            params["service"] = service
+        creds = self.credentials()
+        response = self._http("GET", realm, {}, params=params, auth=creds)
+        if response.status_code in (401, 403):
+            raise self._auth_error(response.status_code, creds is not None)
+        self._raise_for_status(response, "a token", where=f"token server of {self.host}")
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+            lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+            lifetime = 0.0
+        if not token or not isinstance(token, str):
+            raise TransientRegistryError(
+                f"the token server of registry {self.host} answered without a token.",
+                "buildq retries; if this persists, check the registry's auth service.",
+            )
+        expires_at = now + max(lifetime - TOKEN_EXPIRY_MARGIN, 0.0)
+        with _tokens_lock:
+            _tokens[key] = _Token(token, expires_at)
+        return token
+
+    def _raise_for_status(
+        self, response: requests.Response, what: str, where: str | None = None
+    ) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        where = where or f"registry {self.host}"
+        if status in (401, 403):
+            raise self._auth_error(status, self.credentials() is not None)
+        if status == 429 or status >= 500:
+            raise TransientRegistryError(
+                f"{where} answered {status} {response.reason} for {what}.",
+                "buildq retries with backoff.",
+            )
+        raise RegistryError(
+            f"{where} answered {status} {response.reason} for {what}.",
+            "Check the image name and that this registry speaks the registry v2 API.",
+        )
+
+    def _auth_error(self, status: int, had_credentials: bool) -> RegistryError:
+        if had_credentials:
+            message = (
+                f"registry {self.host} rejected the configured credentials ({status}): "
+                "they are wrong or lack pull/push access."
+            )
+        else:
+            message = f"registry {self.host} requires credentials ({status}) and none are set."
+        return RegistryError(message, CREDENTIALS_HINT.format(host=self.host))
+
+
+def _basic(creds: tuple[str, str]) -> str:
+    raw = f"{creds[0]}:{creds[1]}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def _reason(exc: Exception) -> str:
+    # requests wraps urllib3 wraps socket errors; the innermost text is the useful one.
+    text = str(exc)
+    match = re.search(r"\[Errno -?\d+\] ([^')\]]+)", text)
+    if match:
+        return match.group(1).strip()
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "timed out"
+    return text.split(": ", 1)[-1][:200]
+
+
+def registry_for(ref: ImageRef, settings: Settings) -> Registry:
+    """The backend that speaks for ``ref``'s registry host.
+
+    ECR, Artifact Registry and ACR get backends of their own in ``backends`` (each only
+    supplies credentials); until then they are plain v2 registries, authenticated with
+    whatever the settings or docker's config.json hold for their host.
+    """
+    from config.references import classify_registry
+    from workers.registries.v2 import V2Registry
+
+    backends: dict[str, type[Registry]] = {"v2": V2Registry}
+    backend = backends.get(classify_registry(ref).kind, V2Registry)
+    return backend(ref.registry, settings)
