@@ -118,13 +118,17 @@ class _Problems:
         self.items: list[_Problem] = []
 
     def add(self, path: str, found: str, expected: str, hint: str) -> None:
+        # A key that failed its type check is then also "missing" to later rules;
+        # the first report is the useful one.
+        if any(p.path == path for p in self.items):
+            return
         self.items.append(_Problem(path, found, expected, hint))
 
     def add_error(self, err: ConfigError) -> None:
         # Reference errors already say "<key>: found ..., expected ..."; keep them whole.
         path, _, rest = err.message.partition(": ")
         found, _, expected = rest.removeprefix("found ").partition(", expected ")
-        self.items.append(_Problem(path, found, expected.rstrip("."), err.hint or ""))
+        self.add(path, found, expected.rstrip("."), err.hint or "")
 
     def raise_if_any(self, origin: str) -> None:
         if not self.items:
