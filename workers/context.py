@@ -1,0 +1,378 @@
+"""The build context: which files the build sees, their hash, and their tarball.
+
+One walker decides what is in the context (``.dockerignore`` applied, the Dockerfile
+and ignore file always in, symlinks leaving the root refused); the source hash and
+the tarball both consume it, so the tag always names exactly what was sent.
+
+File modes are reduced to "executable or not" (0755/0644, directories 0755) in the
+hash *and* in the tarball: the umask of a checkout must not change the tag, and the
+image must not differ from what the tag promises.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import os
+import re
+import stat
+import struct
+import tarfile
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from blake3 import blake3
+
+from config.errors import InputError, SourceError
+
+if TYPE_CHECKING:
+    from docker.utils.build import PatternMatcher
+
+#: Version of the hash layout; bump it when the encoding changes so old tags never match.
+HASH_VERSION = b"buildq-source-hash/1\n"
+#: Length of the image tag taken from the source hash.
+TAG_LENGTH = 24
+#: Files at least this big are hashed with BLAKE3's own threads.
+BIG_FILE = 8 << 20
+#: Read size for file contents; per hashing thread, so memory stays flat.
+READ_CHUNK = 1 << 20
+#: Files hashed concurrently ahead of the one being recorded (bounds memory and open files).
+LOOKAHEAD = 64
+#: A Dockerfile larger than this is not a Dockerfile.
+MAX_DOCKERFILE = 4 << 20
+#: gzip level of the context tarball: most of level 9's ratio at a fraction of its cost.
+GZIP_LEVEL = 6
+
+_MODE_EXEC = 0o755
+_MODE_PLAIN = 0o644
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """Everything besides the files that changes the image."""
+
+    dockerfile: str = "Dockerfile"
+    build_args: tuple[tuple[str, str], ...] = ()
+    target: str | None = None
+    platform: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        dockerfile: str | None,
+        build_args: Mapping[str, str] | None,
+        target: str | None,
+        platform: str | None,
+    ) -> BuildInputs:
+        path = _clean_relative(dockerfile or "Dockerfile")
+        args = tuple(sorted((str(k), str(v)) for k, v in (build_args or {}).items()))
+        for key, _ in args:
+            if not key or "=" in key or any(c.isspace() for c in key):
+                raise InputError(f"build arg name {key!r} is not valid.",
+                                 "Names are non-empty and contain no '=' or spaces.")
+        return cls(path, args, target or None, (platform or "").strip() or None)
+
+
+def _clean_relative(path: str) -> str:
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if path.startswith("/") or ".." in parts or not parts:
+        raise SourceError(f"Dockerfile path {path!r} is not inside the build context.",
+                          "Give it relative to the context root, e.g. docker/Dockerfile.")
+    return "/".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One thing in the context, in walk order."""
+
+    rel: str  # '/'-separated, relative to the root
+    path: str  # absolute, for reading
+    kind: str  # "f" file, "d" directory, "l" symlink
+    mode: int  # normalised permission bits
+    size: int
+    target: str  # symlink target, "" otherwise
+
+
+class _Walker:
+    """Walks a context root directory by directory, in sorted order, applying ``.dockerignore``."""
+
+    def __init__(self, root: Path, inputs: BuildInputs) -> None:
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise SourceError(f"context root {str(root)!r} is not a directory.")
+        ignore_rel, patterns = _ignore_patterns(self.root, inputs.dockerfile)
+        # Docker sends these even when ignored: the builder needs them.
+        self.forced = {inputs.dockerfile, ignore_rel}
+        self.forced_dirs = {
+            "/".join(f.split("/")[:i]) for f in self.forced for i in range(1, f.count("/") + 1)
+        }
+        self.matcher: PatternMatcher | None = None
+        self.exceptions: list[str] = []
+        self.wild_exceptions = False
+        if patterns:
+            from docker.utils.build import PatternMatcher
+
+            self.matcher = PatternMatcher(patterns)
+            for pattern in self.matcher.patterns:
+                if pattern.exclusion:
+                    self.exceptions.append(pattern.cleaned_pattern)
+                    self.wild_exceptions |= any(c in pattern.cleaned_pattern for c in "*?[\\")
+
+    def __iter__(self) -> Iterator[_Entry]:
+        return self._walk(self.root, "", [])
+
+    def _excluded(self, rel: str) -> bool:
+        if self.matcher is None or rel in self.forced:
+            return False
+        return bool(self.matcher.matches(rel))
+
+    def _may_hold_included(self, rel: str) -> bool:
+        """Whether an excluded directory can still contain something the build sees."""
+        if rel in self.forced_dirs or self.wild_exceptions:
+            return True
+        prefix = rel + "/"
+        return any((pattern + "/").startswith(prefix) for pattern in self.exceptions)
+
+    def _walk(self, directory: str, rel_dir: str, pending: list[_Entry]) -> Iterator[_Entry]:
+        try:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise SourceError(f"cannot list {rel_dir or '.'!r} in the context: "
+                              f"{exc.strerror}.") from None
+        for child in children:
+            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            try:
+                st = child.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise SourceError(f"cannot read {rel!r} in the context: {exc.strerror}.") from None
+            excluded = self._excluded(rel)
+            if stat.S_ISDIR(st.st_mode):
+                entry = _Entry(rel, child.path, "d", _MODE_EXEC, 0, "")
+                if not excluded:
+                    yield from pending
+                    pending.clear()
+                    yield entry
+                    yield from self._walk(child.path, rel, pending)
+                elif self._may_hold_included(rel):
+                    # Announced only if something inside turns out to be included.
+                    pending.append(entry)
+                    yield from self._walk(child.path, rel, pending)
+                    if pending and pending[-1] is entry:
+                        pending.pop()
+                continue
+            if excluded:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                mode = _MODE_EXEC if st.st_mode & stat.S_IXUSR else _MODE_PLAIN
+                entry = _Entry(rel, child.path, "f", mode, st.st_size, "")
+            elif stat.S_ISLNK(st.st_mode):
+                entry = _Entry(rel, child.path, "l", 0o777, 0, self._link_target(child.path, rel))
+            elif stat.S_ISSOCK(st.st_mode):
+                continue  # docker skips sockets too; they are runtime leftovers
+            else:
+                raise SourceError(f"{rel!r} in the context is a device or FIFO.",
+                                  "Remove it or add it to .dockerignore.")
+            yield from pending
+            pending.clear()
+            yield entry
+
+    def _link_target(self, path: str, rel: str) -> str:
+        target = os.readlink(path)
+        resolved = os.path.realpath(path)
+        if resolved != self.root and not resolved.startswith(self.root + os.sep):
+            raise SourceError(f"symlink {rel!r} -> {target!r} points outside the build context.",
+                              "Replace it with the file itself or add it to .dockerignore.")
+        return target
+
+
+def _ignore_patterns(root: str, dockerfile: str) -> tuple[str, list[str]]:
+    """The ignore file that applies and its patterns.
+
+    BuildKit prefers ``<Dockerfile>.dockerignore`` beside the Dockerfile over the root one.
+    """
+    candidates = [f"{dockerfile}.dockerignore", ".dockerignore"]
+    for rel in candidates:
+        path = os.path.join(root, rel)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                    lines = [line.strip() for line in f.read(MAX_DOCKERFILE).splitlines()]
+            except OSError as exc:
+                raise SourceError(f"cannot read {rel!r}: {exc.strerror}.") from None
+            patterns = [line.removeprefix("/") for line in lines if line and line[0] != "#"]
+            return rel, patterns
+    return ".dockerignore", []
+
+
+def _dockerfile_bytes(root: Path, inputs: BuildInputs) -> bytes:
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, inputs.dockerfile))
+    if not path.startswith(real_root + os.sep):
+        raise SourceError(f"Dockerfile {inputs.dockerfile!r} resolves outside the build context.",
+                          "Keep the Dockerfile inside the context directory.")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_DOCKERFILE + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise SourceError(f"no Dockerfile at {inputs.dockerfile!r} in the build context.",
+                          "Add one, or name it with --dockerfile.") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {inputs.dockerfile!r}: {exc.strerror}.") from None
+    if len(data) > MAX_DOCKERFILE:
+        raise SourceError(f"{inputs.dockerfile!r} is larger than {MAX_DOCKERFILE} bytes.",
+                          "Is --dockerfile pointing at the right file?")
+    return data
+
+
+def read_dockerfile(root: Path, inputs: BuildInputs) -> str:
+    """The Dockerfile's text; SourceError if it is missing or outside the context."""
+    return _dockerfile_bytes(root, inputs).decode("utf-8", errors="replace")
+
+
+# --- hashing -----------------------------------------------------------------------------
+
+_buffers = threading.local()
+
+
+def _digest_file(entry: _Entry) -> bytes:
+    """BLAKE3 of a file's bytes, read in fixed chunks into a per-thread buffer."""
+    hasher = blake3(max_threads=blake3.AUTO) if entry.size >= BIG_FILE else blake3()
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    seen = 0
+    try:
+        with open(entry.path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                hasher.update(view[:n])
+                seen += n
+    except OSError as exc:
+        raise SourceError(f"cannot read {entry.rel!r} in the context: {exc.strerror}.") from None
+    if seen != entry.size:
+        raise SourceError(f"{entry.rel!r} changed size while it was being hashed.",
+                          "Do not modify the source while a build is being prepared.")
+    return hasher.digest()
+
+
+def _field(data: bytes) -> bytes:
+    return struct.pack(">Q", len(data)) + data
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def _hashed_entries(entries: Iterator[_Entry], threads: int) -> Iterator[tuple[_Entry, bytes]]:
+    """Entries in walk order with their content digests, computed a bounded window ahead."""
+    window: collections.deque[tuple[_Entry, Future[bytes] | None]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="buildq-hash") as pool:
+        try:
+            for entry in entries:
+                future = pool.submit(_digest_file, entry) if entry.kind == "f" else None
+                window.append((entry, future))
+                if len(window) >= LOOKAHEAD:
+                    done, fut = window.popleft()
+                    yield done, fut.result() if fut else b""
+            while window:
+                done, fut = window.popleft()
+                yield done, fut.result() if fut else b""
+        finally:
+            for _, fut in window:
+                if fut:
+                    fut.cancel()
+
+
+def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> str:
+    """A 64-hex content hash of the context the build sees and of the build inputs.
+
+    Independent of mtimes, owners, listing order and where the tree lives on disk.
+    """
+    dockerfile = _dockerfile_bytes(root, inputs)
+    hasher = blake3(HASH_VERSION)
+    workers = threads or min(4, (os.cpu_count() or 1) + 1)
+    count = 0
+    for entry, digest in _hashed_entries(iter(_Walker(root, inputs)), workers):
+        count += 1
+        hasher.update(entry.kind.encode() + struct.pack(">H", entry.mode))
+        hasher.update(_field(_encode(entry.rel)))
+        if entry.kind == "f":
+            hasher.update(struct.pack(">Q", entry.size) + digest)
+        elif entry.kind == "l":
+            hasher.update(_field(_encode(entry.target)))
+    # The entry count closes the file list so no input field can pose as an entry.
+    hasher.update(b"\x00end" + struct.pack(">Q", count))
+    hasher.update(_field(_encode(inputs.dockerfile)) + _field(dockerfile))
+    hasher.update(struct.pack(">Q", len(inputs.build_args)))
+    for key, value in inputs.build_args:
+        hasher.update(_field(_encode(key)) + _field(_encode(value)))
+    for optional in (inputs.target, inputs.platform):
+        hasher.update(b"\x00" if optional is None else b"\x01" + _field(_encode(optional)))
+    return hasher.hexdigest()
+
+
+def image_tag(source_hash: str) -> str:
+    """The image tag for a source hash: its first 24 hex characters (96 bits)."""
+    if not _HEX64.match(source_hash):
+        raise ValueError(f"not a source hash: {source_hash!r}")
+    return source_hash[:TAG_LENGTH]
+
+
+# --- the tarball -------------------------------------------------------------------------
+
+
+class _CountingWriter:
+    """Counts the compressed bytes on their way to ``out``."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def write_context(root: Path, inputs: BuildInputs, out: BinaryIO) -> int:
+    """Stream a deterministic ``.tar.gz`` of the context into ``out``; returns bytes written.
+
+    Same walk as ``source_hash``; times, owners and the gzip header are fixed, so the
+    same context always gives the same bytes.
+    """
+    _dockerfile_bytes(root, inputs)  # fail before writing anything if it is missing
+    counter = _CountingWriter(out)
+    # gzip's header carries a timestamp and a file name; both pinned here.
+    with gzip.GzipFile(filename="", mode="wb", fileobj=counter,
+                       compresslevel=GZIP_LEVEL, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for entry in _Walker(root, inputs):
+            info = tarfile.TarInfo(entry.rel)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = entry.mode
+            if entry.kind == "d":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif entry.kind == "l":
+                info.type = tarfile.SYMTYPE
+                info.linkname = entry.target
+                tar.addfile(info)
+            else:
+                info.size = entry.size
+                try:
+                    with open(entry.path, "rb") as f:
+                        tar.addfile(info, f)
+                except OSError as exc:
+                    raise SourceError(f"cannot pack {entry.rel!r}: {exc}.") from None
+    return counter.written
