@@ -50,11 +50,13 @@ class Watchdog(threading.Thread):
         from tasks.connection import redis_client
 
         client = redis_client(self.settings)
-        while not self.stopping.wait(self.interval):
+        while True:
             try:
                 self.tick(client)
             except Exception:  # noqa: BLE001 - the watchdog must outlive a Redis blip
                 log.warning("watchdog tick failed", exc_info=True)
+            if self.stopping.wait(self.interval):
+                return
 
     def tick(self, client: Any) -> None:
         from workers.presence import announce
@@ -117,7 +119,7 @@ def run_worker(pool: str, settings: Settings, concurrency: int | None = None,
     configure(settings)
     import tasks.stages  # noqa: F401 - registers the stage tasks
 
-    hostname = f"{pool}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    hostname = f"{pool}-{os.getpid()}-{uuid.uuid4().hex[:4]}@{socket.gethostname()}"
     watchdog = Watchdog(settings, pool, hostname)
     watchdog.start()
     worker = app.Worker(

@@ -1,0 +1,114 @@
+"""A running buildq cluster for end-to-end tests: Redis, registry, engine, real workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from config.settings import Settings
+from tests import services
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Cluster:
+    redis: services.RedisServer
+    registry: services.RegistryServer
+    root: Path
+    env: dict[str, str]
+    workers: dict[int, tuple[str, subprocess.Popen[bytes]]] = field(default_factory=dict)
+
+    def start_worker(self, pool: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"worker-{pool}-{len(self.workers)}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "worker", pool, "--concurrency", str(concurrency),
+             "--loglevel", "INFO"],
+            env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers[proc.pid] = (pool, proc)
+        client = redis.Redis.from_url(self.redis.url)
+        services.wait_for(
+            lambda: any(f"-{proc.pid}-".encode() in k
+                        for k in client.scan_iter(match=f"buildq:pool:{pool}:*")),
+            30, f"{pool} worker")
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        self.workers.pop(proc.pid, None)
+
+    def stop_all(self) -> None:
+        for _, proc in list(self.workers.values()):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in list(self.workers.values()):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.workers.clear()
+
+    def worker_pid(self, hostname: str) -> int:
+        return int(hostname.split("@")[0].split("-")[1])
+
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis.url, decode_responses=True)
+
+
+def make_cluster(root: Path, registry: services.RegistryServer, lease: float) -> Cluster:
+    red = services.start_redis(root)
+    env = {
+        **os.environ,
+        "BUILDQ_REDIS_URL": red.url,
+        "BUILDQ_LOCK_LEASE": str(lease),
+        "BUILDQ_WORKDIR": str(root / "work"),
+        "BUILDQ_CONTEXT_STORE": (root / "contexts").as_uri(),
+        "BUILDQ_NETWORK_MODE": "none",
+        "BUILDQ_RETRY_BASE": "0.5",
+        "BUILDQ_MAX_RETRIES": "3",
+        "HOME": str(root / "home"),
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("BUILDQ_CONFIG", None)
+    return Cluster(red, registry, root, env)
+
+
+def use_cluster(cluster: Cluster) -> None:
+    """Point this test process's Celery app at the cluster, as a script would."""
+    from tasks.app import configure
+
+    configure(cluster.settings())
+    from tasks.app import app
+
+    # Whatever was cached came from the embedded configuration of the test process.
+    app._pool = None
+    app._local = threading.local()
+    app.amqp._producer_pool = None
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
+            registry: services.RegistryServer) -> Iterator[Cluster]:
+    c = make_cluster(tmp_path_factory.mktemp("cluster"), registry, lease=6)
+    c.start_worker("control", concurrency=2)
+    c.start_worker("docker", concurrency=1)
+    c.start_worker("docker", concurrency=1)
+    use_cluster(c)
+    yield c
+    c.stop_all()
+    c.redis.stop()
