@@ -235,3 +235,41 @@ if __name__ == "__main__":
         print(demo_up())
     else:
         sys.exit("usage: python -m tests.services demo-up")
+
+
+def make_htpasswd(path: Path, users: dict[str, str]) -> Path:
+    """Write a bcrypt htpasswd file (the only hash docker-registry accepts)."""
+    lines = [
+        subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True,
+                       text=True).stdout.strip()
+        for user, password in users.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_htpasswd_registry(root: Path, users: dict[str, str]) -> RegistryServer:
+    """A registry that answers 401 with a Basic challenge until given a listed user."""
+    root.mkdir(parents=True, exist_ok=True)
+    return start_registry(root, htpasswd=make_htpasswd(root / "htpasswd", users))
+
+
+def start_token_registry(root: Path, realm: str, service: str, issuer: str,
+                         rootcertbundle: Path, port: int | None = None) -> RegistryServer:
+    """A registry with ``auth: token``: it trusts JWTs signed by a cert in ``rootcertbundle``."""
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        "  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+        "auth:\n  token:\n"
+        f"    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n"
+        f"    rootcertbundle: {rootcertbundle}\n"
+    )
+    server = RegistryServer(port, root, None, config)
+    server.start()
+    return server

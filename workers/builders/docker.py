@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import docker
 import requests
+import urllib3
 from docker.errors import APIError, DockerException, NotFound
 
 from config.errors import (
@@ -234,7 +235,8 @@ class DockerBuilder(Builder):
             if watchdog.expired:
                 raise self._timeout_error(request) from None
             raise self._refused_error(exc, request) from None
-        except (requests.RequestException, DockerException, OSError) as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, DockerException,
+                OSError) as exc:
             if watchdog.expired:
                 raise self._timeout_error(request) from None
             raise self._engine_lost(exc) from None
@@ -309,7 +311,7 @@ class DockerBuilder(Builder):
         text = _explain(exc)
         if "parse error" in text.lower():
             return BuildError(
-                f"the Dockerfile {request.dockerfile} of {request.image} is invalid: {text}.",
+                f"{request.dockerfile} (the Dockerfile of {request.image}) is invalid: {text}.",
                 "Fix the Dockerfile at the line named; see the Dockerfile reference for the "
                 "instruction's syntax.",
             )
@@ -359,7 +361,8 @@ class DockerBuilder(Builder):
                 raise BuildError(f"cannot push {image}: no such image on the build host.",
                                  "Build it first; it may have been removed meanwhile.") from None
             raise _push_error(_explain(exc), image, host) from None
-        except (requests.RequestException, DockerException, OSError) as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, DockerException,
+                OSError) as exc:
             raise self._engine_lost(exc) from None
         if not digest:
             raise TransientRegistryError(
