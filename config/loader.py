@@ -292,11 +292,29 @@ def _unwrap_helm_values(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return inner
 
 
-def _translate(section: str, exc: ValidationError, problems: _Problems) -> None:
+def _key_path(section: str, loc: tuple[int | str, ...], data: Any) -> str:
+    """Render ``loc`` as the user's key path, dropping pydantic's union-branch names."""
+    path = section
+    node = data
+    for step in loc:
+        if isinstance(node, Mapping) and step in node:
+            path += f".{step}"
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            path += f"[{step}]"
+            node = node[step]
+    return path
+
+
+def _translate(section: str, exc: ValidationError, data: Any, problems: _Problems) -> None:
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         field = loc[0] if loc else ""
-        path = ".".join([section, *loc])
+        # A missing key is not in the data to walk, so its path is spelled directly.
+        if err["type"] == "missing":
+            path = ".".join([section, *loc])
+        else:
+            path = _key_path(section, err["loc"], data)
         found = _show(err.get("input"))
         kind = err["type"]
         allowed = _ALLOWED.get((section, field))
@@ -353,7 +371,7 @@ def _validate_section(
     try:
         model.model_validate(kept)
     except ValidationError as exc:
-        _translate(name, exc, problems)
+        _translate(name, exc, kept, problems)
         # Check the rest of the section too, so one bad key does not hide others.
         bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
         kept = {k: v for k, v in kept.items() if k not in bad}
