@@ -160,18 +160,12 @@ class Progress:
 
 
 def _watch(client: Any, request_id: str, since_ms: int, finished: Callable[[], bool],
-           as_json: bool) -> None:
+           as_json: bool, block_ms: int | None = 300) -> None:
     from tasks.events import follow
 
     progress = Progress(sys.stderr if as_json else sys.stdout)
-    for event in follow(client, request_id, since_ms):
-        if event["kind"] == "idle":
-            if finished():
-                return
-            continue
+    for event in follow(client, request_id, since_ms, finished, block_ms):
         progress.show(event)
-        if event["kind"] == "done" and finished():
-            return
 
 
 def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
@@ -192,7 +186,8 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
     since = int(time.time() * 1000)
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    _watch(redis_client(settings), request_id, since, lambda: not worker.is_alive(), as_json)
+    _watch(redis_client(settings), request_id, since, lambda: not worker.is_alive(), as_json,
+           block_ms=None)
     worker.join()
     if "error" in outcome:
         raise outcome["error"]

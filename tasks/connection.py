@@ -7,6 +7,7 @@ With ``BUILDQ_REDIS_URL`` unset, the embedded mode uses an in-process Redis
 from __future__ import annotations
 
 import functools
+import threading
 
 import redis
 
@@ -14,11 +15,18 @@ from config.errors import ServiceError
 from config.settings import Settings
 
 
-@functools.cache
-def _embedded_server() -> object:
-    import fakeredis
+_embedded_lock = threading.Lock()
+_embedded: list[object] = []
 
-    return fakeredis.FakeServer()
+
+def _embedded_server() -> object:
+    # One server per process, also when the first callers race from two threads.
+    with _embedded_lock:
+        if not _embedded:
+            import fakeredis
+
+            _embedded.append(fakeredis.FakeServer())
+        return _embedded[0]
 
 
 def redis_client(settings: Settings) -> redis.Redis:

@@ -8,7 +8,7 @@ which every request attached to that build can follow too.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -68,24 +68,34 @@ class LogWriter:
         self.last_flush = time.monotonic()
 
 
-def follow(client: redis.Redis, request_id: str, since_ms: int, block_ms: int = 500) -> Iterator[dict[str, str]]:
+def follow(client: redis.Redis, request_id: str, since_ms: int, finished: Callable[[], bool],
+           block_ms: int | None = 300) -> Iterator[dict[str, str]]:
     """Yield the request's events and, once its hash is known, that build's log lines.
 
-    Each item has ``kind`` (a stage event, ``log``, or ``idle`` when nothing came
-    within ``block_ms`` so the caller can check whether the result is ready).
+    Stops once ``finished()`` is true and everything written so far has been read.
+    ``block_ms=None`` polls instead of blocking, for the in-process Redis, whose
+    blocking reads miss entries written by another thread meanwhile.
     """
     cursors: dict[str, str] = {events_key(request_id): "0-0"}
+    draining = False
     while True:
-        reply = client.xread(cursors, block=block_ms)  # type: ignore[arg-type]
-        if not reply:
-            yield {"kind": "idle"}
-            continue
-        for key, entries in reply:  # type: ignore[union-attr]
-            for entry_id, fields in entries:
-                cursors[str(key)] = str(entry_id)
-                item = {str(k): str(v) for k, v in fields.items()}
-                if "line" in item:
-                    item["kind"] = "log"
-                elif item.get("kind") == "hashed" and item.get("source_hash"):
-                    cursors.setdefault(log_key(item["source_hash"]), f"{since_ms}-0")
-                yield item
+        if block_ms is None and not draining:
+            time.sleep(0.05)
+        reply = client.xread(cursors, block=None if draining else block_ms)  # type: ignore[arg-type]
+        # Entries of both streams, in the order they were written.
+        batch = sorted(
+            ((tuple(map(int, str(entry_id).split("-"))), str(key), str(entry_id), fields)
+             for key, entries in reply or () for entry_id, fields in entries),  # type: ignore[union-attr]
+            key=lambda row: row[0])
+        for _, key, entry_id, fields in batch:
+            cursors[key] = entry_id
+            item = {str(k): str(v) for k, v in fields.items()}
+            if "line" in item:
+                item["kind"] = "log"
+            elif item.get("kind") == "hashed" and item.get("source_hash"):
+                cursors.setdefault(log_key(item["source_hash"]), f"{since_ms}-0")
+            yield item
+        if draining and not reply:
+            return
+        if not reply and finished():
+            draining = True

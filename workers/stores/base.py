@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
@@ -31,12 +30,12 @@ class ContextStore(ABC):
         return f"{self.url}/{key}"
 
     @abstractmethod
-    def open_writer(self, key: str) -> Iterator[BinaryIO]:
-        """Yield a writable stream; the object appears whole when the block exits cleanly."""
+    def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A writable stream; the object appears whole only when the block exits cleanly."""
 
     @abstractmethod
-    def open_reader(self, key: str) -> Iterator[BinaryIO]:
-        """Yield a readable stream of the object."""
+    def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A readable stream of the object."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -46,22 +45,12 @@ class ContextStore(ABC):
         """Remove the object; a missing object is not an error."""
 
     def upload(self, key: str, stream: BinaryIO) -> int:
-        with contextmanager(self.open_writer)(key) as out:
+        with self.writer(key) as out:
             size = 0
             while chunk := stream.read(COPY_CHUNK):
                 out.write(chunk)
                 size += len(chunk)
         return size
-
-    @contextmanager
-    def reader(self, key: str) -> Iterator[BinaryIO]:
-        with contextmanager(self.open_reader)(key) as stream:
-            yield stream
-
-    @contextmanager
-    def writer(self, key: str) -> Iterator[BinaryIO]:
-        with contextmanager(self.open_writer)(key) as stream:
-            yield stream
 
     def download(self, key: str, out: BinaryIO) -> None:
         with self.reader(key) as stream:

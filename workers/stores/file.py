@@ -30,7 +30,7 @@ class FileStore(ContextStore):
         return path
 
     @contextlib.contextmanager
-    def open_writer(self, key: str) -> Iterator[BinaryIO]:
+    def writer(self, key: str) -> Iterator[BinaryIO]:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ class FileStore(ContextStore):
             raise
 
     @contextlib.contextmanager
-    def open_reader(self, key: str) -> Iterator[BinaryIO]:
+    def reader(self, key: str) -> Iterator[BinaryIO]:
         try:
             stream = open(self._path(key), "rb")  # noqa: SIM115
         except FileNotFoundError:
