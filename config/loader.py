@@ -116,11 +116,13 @@ class _Problem:
 class _Problems:
     def __init__(self) -> None:
         self.items: list[_Problem] = []
+        #: Keys already explained by another problem (a misspelling of them).
+        self.claimed: set[str] = set()
 
     def add(self, path: str, found: str, expected: str, hint: str) -> None:
         # A key that failed its type check is then also "missing" to later rules;
         # the first report is the useful one.
-        if any(p.path == path for p in self.items):
+        if path in self.claimed or any(p.path == path for p in self.items):
             return
         self.items.append(_Problem(path, found, expected, hint))
 
@@ -163,14 +165,19 @@ def _show(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _suggest(key: str, choices: list[str]) -> str:
+def _closest(key: str, choices: list[str]) -> str | None:
     # Underscores for hyphens is the commonest slip, so compare both spellings.
     candidates = difflib.get_close_matches(key.replace("_", "-"), choices, n=1, cutoff=0.6)
     if not candidates:
         candidates = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return candidates[0] if candidates else None
+
+
+def _suggest(key: str, choices: list[str]) -> str:
     known = ", ".join(sorted(choices))
-    if candidates:
-        return f"Did you mean {candidates[0]!r}? Known keys: {known}."
+    guess = _closest(key, choices)
+    if guess:
+        return f"Did you mean {guess!r}? Known keys: {known}."
     return f"Remove it or use one of: {known}."
 
 
@@ -220,10 +227,14 @@ def _parse_yaml(text: str, origin: str) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         # Only PyYAML's problem text: its snippet of the line could hold an api_key.
         problem = exc.problem or exc.context or "syntax error"
+        hint = (
+            "YAML indents with spaces only; replace the tab with spaces."
+            if "\\t" in problem or "\t" in problem
+            else "Check the indentation and quoting at that spot; values holding ': ' or ' #' "
+            "need quotes."
+        )
         raise ConfigError(
-            f"{origin}: {where}: the file is not valid YAML ({problem}).",
-            "Check the indentation and quoting at that spot; values holding ': ' or ' #' "
-            "need quotes.",
+            f"{origin}: {where}: the file is not valid YAML ({problem}).", hint
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(
@@ -368,6 +379,10 @@ def _validate_section(
             problems.add(
                 f"{name}.{key}", "an unknown key", f"a key of {name}", _suggest(key, known)
             )
+            guess = _closest(key, known)
+            if guess and guess not in value:
+                # "missing build-context-store" would only repeat the misspelling report.
+                problems.claimed.add(f"{name}.{guess}")
     try:
         model.model_validate(kept)
     except ValidationError as exc:

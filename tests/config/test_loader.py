@@ -725,3 +725,22 @@ def test_config_is_frozen() -> None:
     with pytest.raises(ValidationError):
         config.builder.type = "noop"
     assert isinstance(config, LaunchConfig)
+
+
+def test_misspelled_required_key_is_reported_once() -> None:
+    text = refused(
+        aws(type="kaniko", destination=f"{ECR}/app", build_context_store="s3://bkt/x"),
+        "builder.build_context_store",
+        "Did you mean 'build-context-store'?",
+    )
+    assert "found nothing" not in text
+
+
+def test_tab_indentation_gets_a_tab_specific_hint(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "tab.yaml", "builder:\n  type: docker\n\tdestination: r.example.com/a\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line 3, column 1" in info.value.message
+    assert "spaces" in (info.value.hint or "")
