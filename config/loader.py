@@ -714,7 +714,7 @@ def _check_legacy(
         problems.add(
             "registry.uri",
             _show(text),
-            f"a {registry.type} repository URI, as registry.type says",
+            f"a repository URI of type {registry.type}, as registry.type says",
             "Correct registry.type or registry.uri, or move to builder.destination.",
         )
         return

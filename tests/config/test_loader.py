@@ -663,7 +663,7 @@ def test_legacy_registry_type_must_match_its_uri() -> None:
     refused(
         {"registry": {"type": "ecr", "uri": "ghcr.io/org/app"}},
         "registry.uri",
-        "a ecr repository URI",
+        "a repository URI of type ecr",
     )
 
 
