@@ -1,0 +1,339 @@
+"""The build context: what it contains, its hash, and its tarball — on real files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from config.errors import SourceError
+from workers.context import (
+    BIG_FILE,
+    BuildInputs,
+    image_tag,
+    read_dockerfile,
+    source_hash,
+    write_context,
+)
+
+DEFAULT = BuildInputs()
+
+#: A small app: (relative path, contents, executable).
+FILES: list[tuple[str, bytes, bool]] = [
+    ("Dockerfile", b"FROM busybox\nCOPY . /app\n", False),
+    ("app/main.py", b"print('hello')\n", False),
+    ("app/run.sh", b"#!/bin/sh\nexec python main.py\n", True),
+    ("app/data/table.csv", b"a,b\n1,2\n", False),
+    ("README.md", b"# demo\n", False),
+]
+
+
+def make_tree(root: Path, *, reverse: bool = False, mtime: int = 1_600_000_000) -> Path:
+    """Write FILES under root in the given order, every file with the given mtime."""
+    root.mkdir(parents=True)
+    for rel, data, executable in reversed(FILES) if reverse else FILES:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(0o755 if executable else 0o644)
+        os.utime(path, (mtime, mtime))
+    os.symlink("main.py", root / "app" / "current.py")
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "ctx")
+
+
+def files_in(archive: bytes) -> dict[str, tuple[str, int, bytes | str]]:
+    """name -> (type, mode, content or link target) of a .tar.gz."""
+    out: dict[str, tuple[str, int, bytes | str]] = {}
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        for member in tar:
+            if member.isfile():
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                out[member.name] = ("f", member.mode, extracted.read())
+            elif member.issym():
+                out[member.name] = ("l", member.mode, member.linkname)
+            else:
+                out[member.name] = ("d", member.mode, b"")
+    return out
+
+
+# --- determinism ---------------------------------------------------------------------
+
+
+def test_same_content_different_mtimes_and_creation_order_same_hash(tmp_path: Path) -> None:
+    first = make_tree(tmp_path / "one", mtime=1_000_000_000)
+    second = make_tree(tmp_path / "elsewhere" / "two", reverse=True, mtime=1_700_000_000)
+    assert source_hash(first, DEFAULT) == source_hash(second, DEFAULT)
+
+
+def test_hash_is_64_lowercase_hex_and_tag_is_its_first_24(tree: Path) -> None:
+    digest = source_hash(tree, DEFAULT)
+    assert len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    assert image_tag(digest) == digest[:24]
+
+
+def test_image_tag_refuses_something_that_is_not_a_hash() -> None:
+    with pytest.raises(ValueError):
+        image_tag("main")
+
+
+def test_hash_with_a_thread_pool_equals_single_threaded(tree: Path) -> None:
+    assert source_hash(tree, DEFAULT, threads=3) == source_hash(tree, DEFAULT, threads=1)
+
+
+def test_build_arg_order_does_not_matter(tree: Path) -> None:
+    one = BuildInputs.create(None, {"A": "1", "B": "2"}, None, None)
+    two = BuildInputs.create(None, {"B": "2", "A": "1"}, None, None)
+    assert one == two
+    assert source_hash(tree, one) == source_hash(tree, two)
+
+
+# --- every input changes the hash ------------------------------------------------------
+
+
+def test_content_change_changes_hash(tree: Path) -> None:
+    before = source_hash(tree, DEFAULT)
+    (tree / "app" / "main.py").write_bytes(b"print('bye')\n")
+    assert source_hash(tree, DEFAULT) != before
+
+
+def test_executable_bit_change_changes_hash(tree: Path) -> None:
+    before = source_hash(tree, DEFAULT)
+    (tree / "app" / "main.py").chmod(0o755)
+    assert source_hash(tree, DEFAULT) != before
+
+
+def test_permission_change_other_than_executable_keeps_hash(tree: Path) -> None:
+    # Modes are normalised to 0644/0755 in hash and tarball alike, so umask is irrelevant.
+    before = source_hash(tree, DEFAULT)
+    (tree / "app" / "main.py").chmod(0o600)
+    assert source_hash(tree, DEFAULT) == before
+
+
+def test_renamed_file_changes_hash(tree: Path) -> None:
+    before = source_hash(tree, DEFAULT)
+    (tree / "README.md").rename(tree / "README.txt")
+    assert source_hash(tree, DEFAULT) != before
+
+
+def test_new_empty_directory_changes_hash(tree: Path) -> None:
+    before = source_hash(tree, DEFAULT)
+    (tree / "empty").mkdir()
+    assert source_hash(tree, DEFAULT) != before
+
+
+def test_symlink_target_change_changes_hash(tree: Path) -> None:
+    before = source_hash(tree, DEFAULT)
+    (tree / "app" / "current.py").unlink()
+    os.symlink("run.sh", tree / "app" / "current.py")
+    assert source_hash(tree, DEFAULT) != before
+
+
+def test_dockerfile_change_changes_hash(tree: Path) -> None:
+    before = source_hash(tree, DEFAULT)
+    (tree / "Dockerfile").write_bytes(b"FROM busybox\nCOPY . /srv\n")
+    assert source_hash(tree, DEFAULT) != before
+
+
+def test_dockerfile_path_change_changes_hash(tree: Path) -> None:
+    (tree / "docker").mkdir()
+    (tree / "docker" / "Dockerfile").write_bytes((tree / "Dockerfile").read_bytes())
+    other = BuildInputs.create("docker/Dockerfile", None, None, None)
+    assert source_hash(tree, other) != source_hash(tree, DEFAULT)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        BuildInputs.create(None, {"VERSION": "2"}, None, None),
+        BuildInputs.create(None, None, "runtime", None),
+        BuildInputs.create(None, None, None, "linux/arm64"),
+    ],
+    ids=["build-arg", "target", "platform"],
+)
+def test_build_arg_target_and_platform_each_change_hash(tree: Path, changed: BuildInputs) -> None:
+    base = BuildInputs.create(None, {"VERSION": "1"}, None, None) if changed.build_args else DEFAULT
+    assert source_hash(tree, changed) != source_hash(tree, base)
+
+
+def test_build_arg_value_cannot_pose_as_another_arg(tree: Path) -> None:
+    one = BuildInputs.create(None, {"A": "1B2"}, None, None)
+    two = BuildInputs.create(None, {"A": "1", "B": "2"}, None, None)
+    assert source_hash(tree, one) != source_hash(tree, two)
+
+
+def test_big_file_hashed_in_chunks_sees_its_last_byte(tree: Path) -> None:
+    big = tree / "model.bin"
+    data = bytearray(hashlib.sha256(b"seed").digest() * ((BIG_FILE + 12345) // 32))
+    big.write_bytes(data)
+    before = source_hash(tree, DEFAULT)
+    data[-1] ^= 0xFF
+    big.write_bytes(data)
+    assert source_hash(tree, DEFAULT) != before
+
+
+# --- .dockerignore -------------------------------------------------------------------
+
+
+def test_dockerignored_files_do_not_count(tree: Path) -> None:
+    (tree / ".dockerignore").write_text("*.log\n**/__pycache__\nsecrets/\n")
+    before = source_hash(tree, DEFAULT)
+    (tree / "build.log").write_text("noise")
+    (tree / "app" / "__pycache__").mkdir()
+    (tree / "app" / "__pycache__" / "main.pyc").write_bytes(b"\0")
+    (tree / "secrets").mkdir()
+    (tree / "secrets" / "key").write_text("hunter2")
+    assert source_hash(tree, DEFAULT) == before
+
+
+def test_exception_pattern_reincludes_file_and_its_changes_count(tree: Path) -> None:
+    (tree / "vendor" / "keep").mkdir(parents=True)
+    (tree / "vendor" / "drop.txt").write_text("x")
+    (tree / "vendor" / "keep" / "this.txt").write_text("v1")
+    (tree / ".dockerignore").write_text("vendor\n!vendor/keep/this.txt\n")
+    before = source_hash(tree, DEFAULT)
+
+    (tree / "vendor" / "drop.txt").write_text("changed")
+    assert source_hash(tree, DEFAULT) == before
+    (tree / "vendor" / "keep" / "this.txt").write_text("v2")
+    assert source_hash(tree, DEFAULT) != before
+
+    packed = files_in(_pack(tree))
+    assert "vendor/keep/this.txt" in packed
+    assert "vendor/drop.txt" not in packed
+
+
+def test_wildcard_exception_reaches_into_excluded_directory(tree: Path) -> None:
+    (tree / "docs" / "api").mkdir(parents=True)
+    (tree / "docs" / "api" / "index.md").write_text("kept")
+    (tree / "docs" / "api" / "draft.txt").write_text("dropped")
+    (tree / ".dockerignore").write_text("docs\n!docs/**/*.md\n")
+    packed = files_in(_pack(tree))
+    assert "docs/api/index.md" in packed
+    assert "docs/api/draft.txt" not in packed
+
+
+def test_ignored_dockerfile_and_dockerignore_are_still_in_the_context(tree: Path) -> None:
+    (tree / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
+    before = source_hash(tree, DEFAULT)
+    packed = files_in(_pack(tree))
+    assert {"Dockerfile", ".dockerignore"} <= packed.keys()
+    (tree / "Dockerfile").write_bytes(b"FROM alpine\n")
+    assert source_hash(tree, DEFAULT) != before
+
+
+def test_dockerfile_specific_ignore_file_wins(tree: Path) -> None:
+    (tree / "docker").mkdir()
+    (tree / "docker" / "Dockerfile").write_text("FROM busybox\n")
+    (tree / "docker" / "Dockerfile.dockerignore").write_text("README.md\n")
+    inputs = BuildInputs.create("docker/Dockerfile", None, None, None)
+    packed = files_in(_pack(tree, inputs))
+    assert "README.md" not in packed
+    assert "docker/Dockerfile" in packed
+
+
+# --- refusals -----------------------------------------------------------------------
+
+
+def test_symlink_escaping_the_root_is_refused_by_name(tree: Path, tmp_path: Path) -> None:
+    (tmp_path / "outside.txt").write_text("secret")
+    os.symlink("../../outside.txt", tree / "app" / "leak")
+    with pytest.raises(SourceError, match=r"app/leak.*outside the build context"):
+        source_hash(tree, DEFAULT)
+    with pytest.raises(SourceError, match="app/leak"):
+        write_context(tree, DEFAULT, io.BytesIO())
+
+
+def test_absolute_symlink_out_of_the_root_is_refused(tree: Path) -> None:
+    os.symlink("/etc/passwd", tree / "passwd")
+    with pytest.raises(SourceError, match="passwd"):
+        source_hash(tree, DEFAULT)
+
+
+def test_escaping_symlink_that_is_dockerignored_is_fine(tree: Path) -> None:
+    os.symlink("/etc", tree / "etc")
+    (tree / ".dockerignore").write_text("etc\n")
+    assert len(source_hash(tree, DEFAULT)) == 64
+
+
+def test_missing_dockerfile_is_a_source_error(tree: Path) -> None:
+    (tree / "Dockerfile").unlink()
+    with pytest.raises(SourceError, match="no Dockerfile"):
+        source_hash(tree, DEFAULT)
+
+
+def test_dockerfile_path_leaving_the_context_is_refused(tree: Path) -> None:
+    with pytest.raises(SourceError, match="not inside the build context"):
+        BuildInputs.create("../Dockerfile", None, None, None)
+
+
+def test_dockerfile_symlinked_outside_the_context_is_refused(tree: Path, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile.outside").write_text("FROM scratch\n")
+    (tree / "Dockerfile").unlink()
+    os.symlink(tmp_path / "Dockerfile.outside", tree / "Dockerfile")
+    with pytest.raises(SourceError, match="outside the build context"):
+        read_dockerfile(tree, DEFAULT)
+
+
+def test_read_dockerfile_returns_its_text(tree: Path) -> None:
+    assert read_dockerfile(tree, DEFAULT) == "FROM busybox\nCOPY . /app\n"
+
+
+def test_fifo_in_the_context_is_refused(tree: Path) -> None:
+    os.mkfifo(tree / "pipe")
+    with pytest.raises(SourceError, match="pipe"):
+        source_hash(tree, DEFAULT)
+
+
+# --- the tarball --------------------------------------------------------------------
+
+
+def _pack(root: Path, inputs: BuildInputs = DEFAULT) -> bytes:
+    out = io.BytesIO()
+    written = write_context(root, inputs, out)
+    assert written == len(out.getvalue())
+    return out.getvalue()
+
+
+def test_write_context_is_byte_identical_across_runs_and_checkouts(tmp_path: Path) -> None:
+    first = make_tree(tmp_path / "one", mtime=1_000_000_000)
+    second = make_tree(tmp_path / "two", reverse=True, mtime=1_700_000_000)
+    assert _pack(first) == _pack(first) == _pack(second)
+
+
+def test_write_context_extracts_to_the_same_files(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    with tarfile.open(fileobj=io.BytesIO(_pack(tree)), mode="r:gz") as tar:
+        tar.extractall(dest, filter="data")
+    for rel, data, executable in FILES:
+        assert (dest / rel).read_bytes() == data
+        assert bool((dest / rel).stat().st_mode & 0o100) == executable
+    assert os.readlink(dest / "app" / "current.py") == "main.py"
+    assert source_hash(dest, DEFAULT) == source_hash(tree, DEFAULT)
+
+
+def test_write_context_headers_carry_no_time_owner_or_checkout_mode(tree: Path) -> None:
+    (tree / "README.md").chmod(0o600)
+    with tarfile.open(fileobj=io.BytesIO(_pack(tree)), mode="r:gz") as tar:
+        members = tar.getmembers()
+    for member in members:
+        assert (member.mtime, member.uid, member.gid, member.uname, member.gname) == (
+            0, 0, 0, "", "")
+    modes = {m.name: m.mode for m in members}
+    assert modes["README.md"] == 0o644
+    assert modes["app/run.sh"] == 0o755
+    assert modes["app"] == 0o755
+
+
+def test_write_context_leaves_out_ignored_files(tree: Path) -> None:
+    (tree / ".dockerignore").write_text("README.md\n")
+    assert "README.md" not in files_in(_pack(tree))
