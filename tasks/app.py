@@ -64,7 +64,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         base.update(broker_url="memory://", result_backend="cache+memory://",
                     task_always_eager=True, task_eager_propagates=True)
     else:
-        base.update(broker_url=settings.redis_url, result_backend=settings.redis_url)
+        base.update(broker_url=settings.redis_url, result_backend=settings.redis_url,
+                    task_always_eager=False, task_eager_propagates=False)
     return base
 
 
