@@ -230,6 +230,9 @@ class DockerBuilder(Builder):
         except _DeadlineExceeded:
             raise self._timeout_error(request) from None
         except BuildError:
+            # A stream cut by the watchdog can end like a build that produced nothing.
+            if watchdog.expired:
+                raise self._timeout_error(request) from None
             raise
         except APIError as exc:
             if watchdog.expired:

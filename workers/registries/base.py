@@ -117,6 +117,8 @@ class Registry(ABC):
         # Once a registry has asked for Basic, asking anonymously first only costs a 401.
         self._basic_known = False
         self._session = requests.Session()
+        self._creds: tuple[str, str] | None = None
+        self._creds_read = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.host!r})"
@@ -125,9 +127,16 @@ class Registry(ABC):
     def credentials(self) -> tuple[str, str] | None:
         """(username, password) for this host, or None to stay anonymous."""
 
+    def _credentials(self) -> tuple[str, str] | None:
+        # Read once per instance: backends may read files or call cloud APIs for them.
+        if not self._creds_read:
+            self._creds = self.credentials()
+            self._creds_read = True
+        return self._creds
+
     def push_auth(self) -> dict[str, str] | None:
         """Credentials in the docker SDK's ``auth_config`` shape (sent as X-Registry-Auth)."""
-        creds = self.credentials()
+        creds = self._credentials()
         if creds is None:
             return None
         return {"username": creds[0], "password": creds[1]}
@@ -158,7 +167,7 @@ class Registry(ABC):
         self, method: str, path: str, scope: str, headers: dict[str, str]
     ) -> requests.Response:
         url = self.base_url + path
-        creds = self.credentials() if self._basic_known else None
+        creds = self._credentials() if self._basic_known else None
         cached = None if creds else self._cached_token(scope)
         if creds:
             first = {**headers, "Authorization": _basic(creds)}
@@ -176,7 +185,7 @@ class Registry(ABC):
         scheme, params = challenge
         if scheme == "basic":
             self._basic_known = True
-            creds = creds or self.credentials()
+            creds = creds or self._credentials()
             if creds is None:
                 return response
             authorization = _basic(creds)
@@ -213,7 +222,7 @@ class Registry(ABC):
             ) from None
 
     def _token_key(self, service: str, scope: str) -> tuple[str, str, str, str, str]:
-        creds = self.credentials()
+        creds = self._credentials()
         user = creds[0] if creds else ""
         return (self.host, service, scope, user, type(self).__name__)
 
@@ -223,8 +232,8 @@ class Registry(ABC):
         now = time.time()
         with _tokens_lock:
             for (k_host, _, k_scope, k_user, k_backend), token in _tokens.items():
-                if (k_host, k_scope, k_user, k_backend) == (host, scope, user, backend) \
-                        and token.expires_at > now:
+                same = (k_host, k_scope, k_user, k_backend) == (host, scope, user, backend)
+                if same and token.expires_at > now:
                     return token
         return None
 
@@ -245,7 +254,7 @@ class Registry(ABC):
         params = {"scope": scope}
         if service:
             params["service"] = service
-        creds = self.credentials()
+        creds = self._credentials()
         response = self._http("GET", realm, {}, params=params, auth=creds)
         if response.status_code in (401, 403):
             raise self._auth_error(response.status_code, creds is not None)
@@ -275,7 +284,7 @@ class Registry(ABC):
             return
         where = where or f"registry {self.host}"
         if status in (401, 403):
-            raise self._auth_error(status, self.credentials() is not None)
+            raise self._auth_error(status, self._credentials() is not None)
         if status == 429 or status >= 500:
             raise TransientRegistryError(
                 f"{where} answered {status} {response.reason} for {what}.",
