@@ -1,0 +1,113 @@
+"""The per-hash lock's scripts against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from tasks.lock import (
+    PENDING_INDEX,
+    Lease,
+    lock_key,
+    new_token,
+    orphaned_hashes,
+    record_key,
+    take_over,
+)
+
+HASH = "ab" * 32
+
+
+@pytest.fixture
+def client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+def lease(client: redis.Redis, request_id: str, seconds: float = 5.0, token: str | None = None) -> Lease:
+    return Lease(client, HASH, token or new_token(), seconds, request_id)
+
+
+def test_second_request_waits_and_receives_the_holders_pending_list(client: redis.Redis) -> None:
+    holder, waiter = lease(client, "req-1"), lease(client, "req-2")
+    assert holder.acquire({"request_id": "req-1"}) is True
+    assert waiter.acquire({"request_id": "req-2"}) is False
+    assert client.get(lock_key(HASH)) == holder.token
+
+    pending = holder.finish({"status": "built"})
+    assert pending is not None and set(pending) == {"req-1", "req-2"}
+    assert client.get(lock_key(HASH)) is None
+    assert json.loads(client.get(record_key(HASH)) or "{}") == {"status": "built"}
+    assert not client.sismember(PENDING_INDEX, HASH)
+
+
+def test_only_the_owner_can_finish(client: redis.Redis) -> None:
+    holder = lease(client, "req-1")
+    holder.acquire({})
+    intruder = lease(client, "req-2")
+    assert intruder.finish({"status": "failed"}) is None
+    assert client.get(lock_key(HASH)) == holder.token
+    assert client.get(record_key(HASH)) is None
+
+
+def test_heartbeat_keeps_the_lock_past_its_lease(client: redis.Redis) -> None:
+    holder = lease(client, "req-1", seconds=0.6)
+    holder.acquire({})
+    with holder.heartbeat():
+        time.sleep(1.5)
+        assert client.get(lock_key(HASH)) == holder.token
+    assert not holder.lost.is_set()
+
+
+def test_frozen_holder_cannot_release_or_overwrite_its_successor(client: redis.Redis) -> None:
+    frozen = lease(client, "req-1", seconds=0.3)
+    frozen.acquire({"request_id": "req-1", "created_at": 1})
+    lease(client, "req-2").acquire({"request_id": "req-2", "created_at": 2})
+    time.sleep(0.5)  # the frozen holder's lease runs out
+
+    assert orphaned_hashes(client) == [HASH]
+    claim = take_over(client, HASH, 5.0)
+    assert claim is not None
+    token, pending = claim
+    assert set(pending) == {"req-1", "req-2"}
+    # Only one waiter can take over.
+    assert take_over(client, HASH, 5.0) is None
+
+    # The frozen holder wakes up: it can neither renew, nor write, nor release.
+    assert frozen.extend() is False
+    assert frozen.lost.is_set()
+    assert frozen.finish({"status": "built", "by": "frozen"}) is None
+    assert client.get(lock_key(HASH)) == token
+    assert client.get(record_key(HASH)) is None
+
+    successor = Lease(client, HASH, token, 5.0, "req-1")
+    assert successor.finish({"status": "built", "by": "successor"}) is not None
+    assert json.loads(client.get(record_key(HASH)) or "{}")["by"] == "successor"
+
+
+def test_redelivered_stage_retakes_an_expired_lease_while_its_request_is_pending(
+        client: redis.Redis) -> None:
+    holder = lease(client, "req-1", seconds=0.2)
+    holder.acquire({"request_id": "req-1"})
+    time.sleep(0.35)
+    assert client.get(lock_key(HASH)) is None
+    assert holder.extend() is True
+    assert client.get(lock_key(HASH)) == holder.token
+
+
+def test_stage_of_a_finished_build_cannot_retake_the_lock(client: redis.Redis) -> None:
+    holder = lease(client, "req-1")
+    holder.acquire({"request_id": "req-1"})
+    assert holder.finish({"status": "built"}) is not None
+    late = Lease(client, HASH, holder.token, 5.0, "req-1")
+    assert late.extend() is False
+    assert client.get(lock_key(HASH)) is None
+
+
+def test_no_takeover_while_the_holder_is_alive(client: redis.Redis) -> None:
+    lease(client, "req-1").acquire({"request_id": "req-1"})
+    lease(client, "req-2").acquire({"request_id": "req-2"})
+    assert orphaned_hashes(client) == []
+    assert take_over(client, HASH, 5.0) is None
