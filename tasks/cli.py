@@ -98,15 +98,13 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     }
     if settings.embedded:
         kwargs["config"] = config_path
-        record = _run_embedded(source, kwargs, settings, as_json)
-    else:
-        check_redis(settings)
-        kwargs["config"] = cfg.to_mapping()
-        source = _ship_local_source(source, kwargs, settings)
-        record = _run_remote(source, kwargs, settings, no_wait, as_json)
-        if record is None:
-            return
-    _report(record, as_json)
+        _report(_run_embedded(source, kwargs, settings, as_json), as_json)
+    check_redis(settings)
+    kwargs["config"] = cfg.to_mapping()
+    source = _ship_local_source(source, kwargs, settings)
+    record = _run_remote(source, kwargs, settings, no_wait, as_json)
+    if record is not None:
+        _report(record, as_json)
 
 
 def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> str:
@@ -180,7 +178,7 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
         try:
             outcome["record"] = build_image.apply(args=[source], kwargs=kwargs,
                                                   task_id=request_id).get()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+        except BaseException as exc:
             outcome["error"] = exc
 
     since = int(time.time() * 1000)

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Any
 
 import redis
 
 from config.errors import ServiceError
 from config.settings import Settings
 
-
 _embedded_lock = threading.Lock()
-_embedded: list[object] = []
+_embedded: list[Any] = []
 
 
-def _embedded_server() -> object:
+def _embedded_server() -> Any:
     # One server per process, also when the first callers race from two threads.
     with _embedded_lock:
         if not _embedded:

@@ -83,9 +83,10 @@ def follow(client: redis.Redis, request_id: str, since_ms: int, finished: Callab
             time.sleep(0.05)
         reply = client.xread(cursors, block=None if draining else block_ms)  # type: ignore[arg-type]
         # Entries of both streams, in the order they were written.
+        streams: list[tuple[str, list[tuple[str, dict[str, str]]]]] = reply or []  # type: ignore[assignment]
         batch = sorted(
             ((tuple(map(int, str(entry_id).split("-"))), str(key), str(entry_id), fields)
-             for key, entries in reply or () for entry_id, fields in entries),  # type: ignore[union-attr]
+             for key, entries in streams for entry_id, fields in entries),
             key=lambda row: row[0])
         for _, key, entry_id, fields in batch:
             cursors[key] = entry_id

@@ -127,7 +127,8 @@ class Lease:
             thread.join(timeout=5)
 
 
-def take_over(client: redis.Redis, source_hash: str, lease_seconds: float) -> tuple[str, dict[str, dict[str, Any]]] | None:
+def take_over(client: redis.Redis, source_hash: str,
+              lease_seconds: float) -> tuple[str, dict[str, dict[str, Any]]] | None:
     """If the hash's holder is gone and requests wait, take the lock for them.
 
     Returns the new token and the pending requests; the caller starts one chain
@@ -146,7 +147,7 @@ def take_over(client: redis.Redis, source_hash: str, lease_seconds: float) -> tu
 
 def orphaned_hashes(client: redis.Redis) -> list[str]:
     """Hashes with pending requests whose lock is gone: candidates for a takeover."""
-    hashes = sorted(str(h) for h in client.smembers(PENDING_INDEX))  # type: ignore[union-attr]
+    hashes = sorted(str(h) for h in client.smembers(PENDING_INDEX))
     if not hashes:
         return []
     pipe = client.pipeline(transaction=False)

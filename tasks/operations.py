@@ -7,6 +7,7 @@ a user should read; :class:`tasks.stages.StageTask` turns that into a failed rec
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from pathlib import Path
@@ -266,10 +267,9 @@ def record(state: BuildState, settings: Settings) -> str:
     _drop_tree(state)
     if state.context_key and state.context_store:
         store = store_for_url(state.context_store)
-        try:
+        # A leftover context must not fail the record.
+        with contextlib.suppress(Exception):
             store.delete(state.context_key)
-        except Exception:  # noqa: BLE001 - a leftover context must not fail the record
-            pass
     return ""
 
 

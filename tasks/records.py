@@ -79,7 +79,7 @@ def find(client: redis.Redis, ident: str) -> dict[str, Any] | None:
     if raw:
         return dict(json.loads(str(raw)))
     if len(ident) >= 8:
-        for candidate in client.zrevrange(HISTORY, 0, -1):  # type: ignore[union-attr]
+        for candidate in client.zrevrange(HISTORY, 0, -1):
             if str(candidate).startswith(ident):
                 raw = client.get(record_key(str(candidate)))
                 return dict(json.loads(str(raw))) if raw else None
@@ -90,5 +90,5 @@ def history(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
     hashes = client.zrevrange(HISTORY, 0, limit - 1)
     if not hashes:
         return []
-    raws = client.mget([record_key(str(h)) for h in hashes])  # type: ignore[union-attr]
+    raws = client.mget([record_key(str(h)) for h in hashes])
     return [json.loads(str(r)) for r in raws if r]

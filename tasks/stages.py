@@ -42,7 +42,7 @@ def _backoff(settings: Settings, retries: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-class StageTask(Task):  # type: ignore[misc]
+class StageTask(Task):
     """Runs a stage body with the lease renewed, timings, events, retries and failure capture."""
 
     acks_late = True
@@ -154,7 +154,8 @@ def _stage(name: str, body: StageBody, base: type[StageTask] = StageTask,
 class _BuildImage(StageTask):
     """The entry: validates the request, then fetches the source (the chain's first stage)."""
 
-    def run(self, source: str, *, destination: str | None = None, ref: str | None = None,
+    def run(  # type: ignore[override]
+            self, source: str, *, destination: str | None = None, ref: str | None = None,
             dockerfile: str | None = None, build_args: dict[str, str] | None = None,
             target: str | None = None, platform: str | None = None, builder: str | None = None,
             config: str | dict[str, Any] | None = None) -> Any:

@@ -1,5 +1,5 @@
 """Build-context stores: where a packed context travels between hosts."""
 
-from workers.stores.base import ContextStore, store_for_url, split_store_url
+from workers.stores.base import ContextStore, split_store_url, store_for_url
 
 __all__ = ["ContextStore", "split_store_url", "store_for_url"]
