@@ -80,7 +80,8 @@ def _extract(stream: BinaryIO, dest: Path, location: str, max_bytes: int, max_me
                 if count > max_members:
                     raise SourceError(f"archive {location!r} has more than {max_members} members.",
                                       "Pack only the build context.")
-                shown = member.name.encode("unicode_escape").decode()
+                # repr() escapes newlines and control characters for the message.
+                shown = member.name
                 try:
                     name = _check_member(member, dest)
                 except _Refused as why:

@@ -105,7 +105,7 @@ def check_ref(ref: str) -> None:
     """Refuse a ref git could misread; the rules of ``git check-ref-format`` plus no options."""
     if _HEX_COMMIT.match(ref):
         return
-    shown = ref if not _CONTROL.search(ref) else ref.encode("unicode_escape").decode()
+    shown = ref
     problem: str | None = None
     if not ref:
         problem = "is empty"
@@ -129,7 +129,7 @@ def check_ref(ref: str) -> None:
 
 def check_git_url(url: str) -> None:
     """Refuse URLs that would make git run a command or read an option."""
-    shown = url if not _CONTROL.search(url) else url.encode("unicode_escape").decode()
+    shown = url
     if _CONTROL.search(url) or " " in url.split("://", 1)[0]:
         raise SourceError(f"git URL {shown!r} contains control characters or spaces.")
     if url.startswith("-"):
@@ -166,8 +166,7 @@ def check_git_url(url: str) -> None:
 def check_spec(spec: SourceSpec) -> None:
     """The syntactic checks that hold wherever the spec is used (no filesystem access)."""
     if _CONTROL.search(spec.location):
-        raise SourceError(f"source {spec.location.encode('unicode_escape').decode()!r} "
-                          "contains control characters.")
+        raise SourceError(f"source {spec.location!r} contains control characters.")
     if spec.location.startswith("-"):
         raise SourceError(f"source {spec.location!r} begins with '-'.",
                           "Give an absolute path, a URL or image:<reference>.")
@@ -203,7 +202,7 @@ def parse_source(source: str, ref: str | None = None) -> SourceSpec:
     """
     if ref is not None:
         check_ref(ref)
-    shown = source if not _CONTROL.search(source) else source.encode("unicode_escape").decode()
+    shown = source
     if _CONTROL.search(source):
         raise SourceError(f"source {shown!r} contains control characters.")
     if not source.strip():
