@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def warm(root: Path) -> None:
                     pass
 
 
-def run_hash(root: Path) -> tuple[float, float, dict[str, float]]:
+def run_hash(root: Path) -> tuple[float, float, dict[str, Any]]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _CHILD, str(root)], cwd=REPO,
                           capture_output=True, text=True, check=True)

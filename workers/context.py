@@ -19,6 +19,7 @@ import stat
 import struct
 import tarfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ class _Entry:
     mode: int  # normalised permission bits
     size: int
     target: str  # symlink target, "" otherwise
+    stamp: tuple[int, int, int, int, int] | None = None  # files: size, mtime, ctime, inode, dev
 
 
 class _Walker:
@@ -176,7 +178,8 @@ class _Walker:
                 continue
             if stat.S_ISREG(st.st_mode):
                 mode = _MODE_EXEC if st.st_mode & stat.S_IXUSR else _MODE_PLAIN
-                entry = _Entry(rel, child.path, "f", mode, st.st_size, "")
+                stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                entry = _Entry(rel, child.path, "f", mode, st.st_size, "", stamp)
             elif stat.S_ISLNK(st.st_mode):
                 entry = _Entry(rel, child.path, "l", 0o777, 0, self._link_target(child.path, rel))
             elif stat.S_ISSOCK(st.st_mode):
@@ -245,6 +248,38 @@ def read_dockerfile(root: Path, inputs: BuildInputs) -> str:
 
 _buffers = threading.local()
 
+#: Digests of files seen before in this process, keyed by path; valid while the stamp
+#: (size, mtime, ctime, inode, device) is unchanged — ctime moves on every write.
+_stat_cache: dict[str, tuple[tuple[int, int, int, int, int], bytes]] = {}
+_stat_cache_lock = threading.Lock()
+#: Entries kept before the cache is dropped wholesale (about 200 bytes each).
+STAT_CACHE_LIMIT = 200_000
+#: A file changed this recently may change again within the clock's resolution
+#: without moving its stamp (git's "racy" case), so its digest is not remembered.
+RACY_NS = 2_000_000_000
+
+
+def _cached_digest(entry: _Entry) -> bytes:
+    stamp = entry.stamp
+    if stamp is None:
+        return _digest_file(entry)
+    hit = _stat_cache.get(entry.path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    digest = _digest_file(entry)
+    if time.time_ns() - max(stamp[1], stamp[2]) > RACY_NS:
+        with _stat_cache_lock:
+            if len(_stat_cache) >= STAT_CACHE_LIMIT:
+                _stat_cache.clear()
+            _stat_cache[entry.path] = (stamp, digest)
+    return digest
+
+
+def clear_stat_cache() -> None:
+    """Forget every remembered digest (tests and benchmarks want a cold start)."""
+    with _stat_cache_lock:
+        _stat_cache.clear()
+
 
 def _open_entry(entry: _Entry) -> int:
     """A descriptor for a walked file; refuses one swapped for a symlink since the walk."""
@@ -291,7 +326,7 @@ def _encode(text: str) -> bytes:
 
 
 def _digest_batch(batch: list[_Entry]) -> list[bytes]:
-    return [_digest_file(entry) if entry.kind == "f" else b"" for entry in batch]
+    return [_cached_digest(entry) if entry.kind == "f" else b"" for entry in batch]
 
 
 def _hashed_entries(entries: Iterator[_Entry], threads: int) -> Iterator[tuple[_Entry, bytes]]:
@@ -302,7 +337,7 @@ def _hashed_entries(entries: Iterator[_Entry], threads: int) -> Iterator[tuple[_
     """
     if threads <= 1:
         for entry in entries:
-            yield entry, _digest_file(entry) if entry.kind == "f" else b""
+            yield entry, _cached_digest(entry) if entry.kind == "f" else b""
         return
     window: collections.deque[tuple[list[_Entry], Future[list[bytes]]]] = collections.deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="buildq-hash") as pool:

@@ -337,3 +337,24 @@ def test_write_context_headers_carry_no_time_owner_or_checkout_mode(tree: Path) 
 def test_write_context_leaves_out_ignored_files(tree: Path) -> None:
     (tree / ".dockerignore").write_text("README.md\n")
     assert "README.md" not in files_in(_pack(tree))
+
+
+# --- the in-process stat cache ------------------------------------------------------
+
+
+def test_rewrite_with_same_size_and_mtime_is_seen_after_a_cached_hash(tree: Path) -> None:
+    import time
+
+    from workers.context import clear_stat_cache
+
+    clear_stat_cache()
+    time.sleep(2.1)  # past the racy window, so the first hash is remembered
+    main = tree / "app" / "main.py"
+    stat_before = main.stat()
+    before = source_hash(tree, DEFAULT)
+    assert source_hash(tree, DEFAULT) == before
+    main.write_bytes(b"print('HELLO')\n")  # same size
+    os.utime(main, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    assert main.stat().st_size == stat_before.st_size
+    assert source_hash(tree, DEFAULT) != before
+    clear_stat_cache()
