@@ -91,6 +91,8 @@ def _fetch_commit(url: str, sha: str, dest: Path, timeout: float) -> None:
 
 
 def _remove_contents(path: Path) -> None:
+    """Empty ``path`` for a second clone (git may or may not have tidied up after itself)."""
+    path.mkdir(exist_ok=True)
     for child in path.iterdir():
         if child.is_dir() and not child.is_symlink():
             remove_tree(child)
