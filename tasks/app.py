@@ -59,6 +59,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
+        # A stage past its soft limit fails its build with a record (and cleans up);
+        # the hard limit only catches a stage that ignores it.
+        "task_soft_time_limit": int(settings.build_timeout + 60),
+        "task_time_limit": int(settings.build_timeout + 300),
     }
     if settings.embedded:
         base.update(broker_url="memory://", result_backend="cache+memory://",

@@ -21,8 +21,6 @@ from config.errors import BuildqError, InputError, ServiceError
 
 #: Record error kinds that mean the user's input was wrong (exit 2).
 INPUT_KINDS = {"input", "config", "source"}
-#: Name prefix of source archives the CLI uploads for remote workers (deleted after the build).
-UPLOAD_PREFIX = "buildq-upload-"
 
 
 def _fail(exc: BuildqError) -> NoReturn:
@@ -109,6 +107,7 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
 
 def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> str:
     """Workers may sit on other hosts: pack a local directory into the context store."""
+    from tasks.operations import UPLOAD_PREFIX
     from workers.context import BuildInputs, write_context
     from workers.sources import parse_source
     from workers.stores import store_for_url

@@ -27,10 +27,12 @@ from workers.builders import Builder, BuildRequest, engine_available
 from workers.context import BuildInputs, image_tag, source_hash, write_context
 from workers.registries import registry_for
 from workers.sources import SourceSpec, fetch_source, parse_source
-from workers.stores import ContextStore, store_for_url
+from workers.stores import ContextStore, split_store_url, store_for_url
 
 #: Label every image carries, so a host's images can be traced to their source.
 HASH_LABEL = "buildq.source-hash"
+#: Name prefix of source archives the CLI ships for remote workers; deleted with the build.
+UPLOAD_PREFIX = "buildq-upload-"
 
 
 def new_request_id() -> str:
@@ -265,11 +267,16 @@ def push(state: BuildState, settings: Settings) -> str:
 def record(state: BuildState, settings: Settings) -> str:
     """Cleanup whatever the outcome; the record itself is written by the stage task."""
     _drop_tree(state)
+    leftovers = []
     if state.context_key and state.context_store:
-        store = store_for_url(state.context_store)
-        # A leftover context must not fail the record.
+        leftovers.append((state.context_store, state.context_key))
+    location = str(state.source.get("location") or "")
+    if state.source.get("kind") == "archive" and location.rpartition("/")[2].startswith(UPLOAD_PREFIX):
+        leftovers.append(split_store_url(location))
+    for store_url, key in leftovers:
+        # A leftover object must not fail the record.
         with contextlib.suppress(Exception):
-            store.delete(state.context_key)
+            store_for_url(store_url).delete(key)
     return ""
 
 
