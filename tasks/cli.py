@@ -130,30 +130,48 @@ def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> st
 
 
 class Progress:
-    """Stage lines and build log, as a live display on a terminal and plain lines elsewhere."""
+    """Stage lines and build log: a live spinner on a terminal, plain lines elsewhere."""
 
     def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+        from rich.console import Console
+
+        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+        self.tty = self.console.is_terminal
+        self.spinner = self.console.status("waiting for a worker…") if self.tty else None
+        if self.spinner:
+            self.spinner.start()
+
+    def line(self, text: str, style: str = "") -> None:
+        if self.tty:
+            self.console.print(text, style=style or None, markup=False)
+        else:
+            print(text, file=self.console.file, flush=True)
 
     def show(self, event: dict[str, str]) -> None:
         kind = event.get("kind")
         if kind == "log":
-            click.echo(f"  | {event['line']}", file=self.stream)
+            self.line(f"  | {event['line']}", "dim")
         elif kind == "stage" and event.get("state") == "done":
-            mark = click.style("✓", fg="green") if self.tty else "done"
-            click.echo(f"{mark} {event['stage']} ({float(event.get('seconds') or 0):.2f}s)",
-                       file=self.stream)
+            mark = "✓" if self.tty else "done"
+            self.line(f"{mark} {event['stage']} ({float(event.get('seconds') or 0):.2f}s)", "green")
         elif kind == "stage":
-            click.echo(f"… {event['stage']}", file=self.stream)
+            if self.spinner:
+                self.spinner.update(f"{event['stage']}…")
+            else:
+                self.line(f"… {event['stage']}")
         elif kind == "hashed":
-            click.echo(f"  source hash {event['source_hash'][:16]}… → {event['image']}",
-                       file=self.stream)
+            self.line(f"  source hash {event['source_hash'][:16]}… → {event['image']}")
         elif kind == "attached":
-            click.echo("  an identical build is running: waiting for its result", file=self.stream)
+            self.line("  an identical build is running: waiting for its result")
+            if self.spinner:
+                self.spinner.update("waiting for the identical build…")
         elif kind == "retry":
-            click.echo(f"  retrying {event['stage']} in {event['countdown']}s: {event['error']}",
-                       file=self.stream)
+            self.line(f"  retrying {event['stage']} in {event['countdown']}s: {event['error']}",
+                      "yellow")
+
+    def close(self) -> None:
+        if self.spinner:
+            self.spinner.stop()
 
 
 def _watch(client: Any, request_id: str, since_ms: int, finished: Callable[[], bool],
@@ -161,8 +179,11 @@ def _watch(client: Any, request_id: str, since_ms: int, finished: Callable[[], b
     from tasks.events import follow
 
     progress = Progress(sys.stderr if as_json else sys.stdout)
-    for event in follow(client, request_id, since_ms, finished, block_ms):
-        progress.show(event)
+    try:
+        for event in follow(client, request_id, since_ms, finished, block_ms):
+            progress.show(event)
+    finally:
+        progress.close()
 
 
 def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,

@@ -68,6 +68,11 @@ class LogWriter:
         self.last_flush = time.monotonic()
 
 
+def _order(entry_id: str, is_event: bool) -> tuple[int, bool, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), is_event, int(seq or 0)
+
+
 def follow(client: redis.Redis, request_id: str, since_ms: int, finished: Callable[[], bool],
            block_ms: int | None = 300) -> Iterator[dict[str, str]]:
     """Yield the request's events and, once its hash is known, that build's log lines.
@@ -84,10 +89,11 @@ def follow(client: redis.Redis, request_id: str, since_ms: int, finished: Callab
         reply = client.xread(cursors, block=None if draining else block_ms)  # type: ignore[arg-type]
         # Entries of both streams, in the order they were written.
         streams: list[tuple[str, list[tuple[str, dict[str, str]]]]] = reply or []  # type: ignore[assignment]
+        # Within one millisecond, log lines go first: a stage's "done" follows its output.
+        events = events_key(request_id)
         batch = sorted(
-            ((tuple(map(int, str(entry_id).split("-"))), str(key), str(entry_id), fields)
-             for key, entries in streams for entry_id, fields in entries),
-            key=lambda row: row[0])
+            (_order(str(entry_id), str(key) == events), str(key), str(entry_id), fields)
+            for key, entries in streams for entry_id, fields in entries)
         for _, key, entry_id, fields in batch:
             cursors[key] = entry_id
             item = {str(k): str(v) for k, v in fields.items()}
