@@ -1,21 +1,48 @@
-"""buildq configuration: the launch-config file, image references and service settings."""
+"""buildq configuration: the launch-config file, image references and service settings.
 
-from config.errors import ConfigError
-from config.loader import AGENT_KEYS, config_from_mapping, load_config
-from config.references import (
-    ImageRef,
-    RegistryKind,
-    classify_registry,
-    parse_destination,
-    parse_image_ref,
-)
-from config.schema import (
-    DEFAULT_BUILD_JOB_NAME,
-    BuilderConfig,
-    Environment,
-    LaunchConfig,
-    LegacyRegistry,
-)
+Names load on first use: ``import config.errors`` must not pay for pydantic and YAML,
+so a short-lived process (``buildq hash``) starts quickly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from config.errors import ConfigError
+    from config.loader import AGENT_KEYS, config_from_mapping, load_config
+    from config.references import (
+        ImageRef,
+        RegistryKind,
+        classify_registry,
+        parse_destination,
+        parse_image_ref,
+    )
+    from config.schema import (
+        DEFAULT_BUILD_JOB_NAME,
+        BuilderConfig,
+        Environment,
+        LaunchConfig,
+        LegacyRegistry,
+    )
+
+_HOMES = {
+    "ConfigError": "config.errors",
+    "AGENT_KEYS": "config.loader",
+    "config_from_mapping": "config.loader",
+    "load_config": "config.loader",
+    "ImageRef": "config.references",
+    "RegistryKind": "config.references",
+    "classify_registry": "config.references",
+    "parse_destination": "config.references",
+    "parse_image_ref": "config.references",
+    "DEFAULT_BUILD_JOB_NAME": "config.schema",
+    "BuilderConfig": "config.schema",
+    "Environment": "config.schema",
+    "LaunchConfig": "config.schema",
+    "LegacyRegistry": "config.schema",
+}
 
 __all__ = [
     "AGENT_KEYS",
@@ -33,3 +60,10 @@ __all__ = [
     "parse_destination",
     "parse_image_ref",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(home), name)
