@@ -38,6 +38,20 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """``a=b,c=d`` → {"a": "b", "c": "d"}."""
+    pairs: dict[str, str] = {}
+    for item in env.get(name, "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"environment variable {name} has {item!r}, which is not HOST=ENDPOINT.",
+                              f"Write {name}=registry.example.com=127.0.0.1:5000,other=host:port.")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
 @dataclass(frozen=True)
 class Settings:
     """How this process reaches Redis, stores contexts and bounds its work."""
@@ -67,6 +81,20 @@ class Settings:
     retry_base: float = 2.0
     #: Retries of a transient fault before the build is marked failed.
     max_retries: int = 5
+    #: S3-compatible endpoint for context stores (MinIO, moto); None means AWS itself.
+    s3_endpoint_url: str | None = None
+    #: ECR API endpoint override (moto in tests); None means AWS itself.
+    ecr_endpoint_url: str | None = None
+    #: Blob endpoint standing in for https://<account>.blob.core.windows.net (Azurite).
+    azure_blob_endpoint: str | None = None
+    #: Storage account key for Azure Blob stores, when not using DefaultAzureCredential.
+    azure_storage_key: str | None = field(default=None, repr=False)
+    #: Where a registry host is really reached: {"<acct>.dkr.ecr.<region>.amazonaws.com": "127.0.0.1:5001"}.
+    registry_endpoints: dict[str, str] = field(default_factory=dict)
+    #: Namespace of Kaniko Jobs when neither kaniko-config nor the pod's own namespace says.
+    kube_namespace: str = "default"
+    #: Create a missing ECR repository instead of failing.
+    create_repositories: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -101,4 +129,11 @@ class Settings:
             docker_config_dir=Path(docker_config),
             retry_base=_number(env, "BUILDQ_RETRY_BASE", 2.0),
             max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", 5)),
+            s3_endpoint_url=env.get("BUILDQ_S3_ENDPOINT_URL") or None,
+            ecr_endpoint_url=env.get("BUILDQ_ECR_ENDPOINT_URL") or None,
+            azure_blob_endpoint=env.get("BUILDQ_AZURE_BLOB_ENDPOINT") or None,
+            azure_storage_key=env.get("BUILDQ_AZURE_STORAGE_KEY") or None,
+            registry_endpoints=_pairs(env, "BUILDQ_REGISTRY_ENDPOINTS"),
+            kube_namespace=env.get("BUILDQ_KUBE_NAMESPACE") or "default",
+            create_repositories=env.get("BUILDQ_CREATE_REPOSITORIES", "").lower() in ("1", "true", "yes"),
         )
