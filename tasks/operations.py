@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from config import LaunchConfig, config_from_mapping, load_config
-from config.errors import ConfigError, InputError
+from config.errors import BuildError, ConfigError, InputError
 from config.references import parse_destination, parse_image_ref
 from config.settings import Settings
 from tasks.app import settings as current_settings
@@ -93,8 +93,11 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 f"building is disabled (builder.type: noop) but a {spec.kind} source needs a build.",
                 "Set builder.type to docker (with a Docker Engine) or kaniko, or pass --builder.")
         if state.builder == "kaniko":
-            raise InputError("the kaniko builder is not available in this buildq version.",
-                             "Use builder.type: docker.")
+            if not cfg.builder.build_context_store:
+                raise ConfigError("the kaniko builder needs builder.build-context-store.",
+                                  "Set it to s3://bucket/prefix, gs://bucket/prefix or "
+                                  "https://<account>.blob.core.windows.net/<container>/prefix.")
+            state.context_store = cfg.builder.build_context_store
     except InputError as exc:
         state.fail(str(exc), exc.kind)
     return state
@@ -248,8 +251,50 @@ def build(state: BuildState, settings: Settings) -> str:
     return "push"
 
 
+def kaniko(state: BuildState, settings: Settings) -> str:
+    """Build and push with a Kaniko Job; the Job and its pods are gone when this returns."""
+    from workers.builders.kaniko import KanikoDispatcher, KanikoRequest
+
+    assert state.image and state.context_key and state.source_hash
+    store = context_store(state, settings)
+    request = KanikoRequest(
+        image=state.image,
+        context_uri=store.uri(state.context_key),
+        source_hash=state.source_hash,
+        dockerfile=state.dockerfile or "Dockerfile",
+        build_args=state.build_args,
+        target=state.target,
+        platform=state.platform,
+        labels={HASH_LABEL: state.source_hash},
+    )
+    writer = LogWriter(_client(settings), state.source_hash)
+    try:
+        state.digest = KanikoDispatcher(config_from_mapping(state.config), settings).run(request, writer)
+    finally:
+        writer.flush()
+    return "push"
+
+
+def _verify_pushed(state: BuildState, settings: Settings) -> str:
+    """Kaniko pushed the image itself: check the registry has it, with the digest it reported."""
+    assert state.destination and state.tag
+    ref = parse_destination(state.destination)
+    found = registry_for(ref, settings).manifest_digest(ref, state.tag)
+    if found is None:
+        raise BuildError(f"the Kaniko Job finished but {state.image} is not in the registry.",
+                         "Check the Job's log (buildq logs) for a push error.")
+    if state.digest and found != state.digest:
+        raise BuildError(f"the registry has {found} for {state.image}, not the {state.digest} "
+                         "Kaniko reported.", "Another push raced this one; build again.")
+    state.digest = found
+    state.status = "built"
+    return "record"
+
+
 def push(state: BuildState, settings: Settings) -> str:
     assert state.image and state.destination and state.source_hash
+    if state.builder == "kaniko":
+        return _verify_pushed(state, settings)
     builder = _docker_builder(settings)
     writer = LogWriter(_client(settings), state.source_hash)
     try:

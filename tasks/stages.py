@@ -107,7 +107,10 @@ class StageTask(Task):
         if not next_stage:
             return self.finish(state, client)
         signature = STAGES[next_stage].s(state.to_dict())
-        if next_stage in _SAME_HOST and self.request.hostname and not self.request.is_eager:
+        if next_stage == "push" and state.builder == "kaniko":
+            # Kaniko pushed already; the in-cluster pool verifies, no engine needed.
+            signature.set(queue="kaniko")
+        elif next_stage in _SAME_HOST and self.request.hostname and not self.request.is_eager:
             # The fetched tree / built image lives on this host: keep the next stage here.
             signature.set(queue=worker_direct(self.request.hostname))
         return self.replace(signature)
@@ -176,4 +179,5 @@ exists = _stage("exists", operations.exists)
 upload = _stage("upload", operations.upload)
 build = _stage("build", operations.build)
 push = _stage("push", operations.push)
+kaniko = _stage("kaniko", operations.kaniko)
 record = _stage("record", operations.record)
