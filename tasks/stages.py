@@ -145,8 +145,9 @@ STAGES: dict[str, StageTask] = {}
 
 def _stage(name: str, body: StageBody, base: type[StageTask] = StageTask,
            task_name: str | None = None) -> StageTask:
-    cls = type(f"{name.title()}Stage", (base,), {
-        "name": task_name or f"buildq.{name}", "stage_name": name, "body": staticmethod(body),
+    task_name = task_name or f"buildq.{name}"
+    cls = type(f"{task_name.rpartition('.')[2].title()}Stage", (base,), {
+        "name": task_name, "stage_name": name, "body": staticmethod(body),
         "__module__": __name__,
     })
     task: StageTask = app.register_task(cls())
@@ -173,7 +174,7 @@ class _BuildImage(StageTask):
 #: builder, config)``: ``.delay(...)`` returns an AsyncResult whose ``.get()`` is the record.
 build_image = _stage("fetch", operations.fetch, _BuildImage, "buildq.build_image")
 #: The same first stage for a prepared state: how the watchdog restarts an orphaned build.
-resume = _stage("resume", operations.fetch, task_name="buildq.resume")
+resume = _stage("fetch", operations.fetch, task_name="buildq.resume")
 hash_source = _stage("hash", operations.hash_source)
 exists = _stage("exists", operations.exists)
 upload = _stage("upload", operations.upload)
