@@ -22,7 +22,8 @@ def _data_home(env: Mapping[str, str]) -> Path:
     return Path(base) / "buildq"
 
 
-def _number(env: Mapping[str, str], name: str, default: float) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0,
+            strict: bool = True) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -33,8 +34,9 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
             f"environment variable {name}={raw!r} is not a number.",
             f"Set {name} to a number of seconds, e.g. {name}={default:g}.",
         ) from None
-    if value <= 0:
-        raise ConfigError(f"environment variable {name}={raw!r} must be positive.")
+    if value < minimum or (strict and value == minimum):
+        raise ConfigError(f"environment variable {name}={raw!r} is too small.",
+                          f"Use a number above {minimum:g}" + ("." if strict else " or equal to it."))
     return value
 
 
@@ -128,7 +130,7 @@ class Settings:
             registry_password=env.get("BUILDQ_REGISTRY_PASSWORD") or None,
             docker_config_dir=Path(docker_config),
             retry_base=_number(env, "BUILDQ_RETRY_BASE", 2.0),
-            max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", 5)),
+            max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", 5, strict=False)),
             s3_endpoint_url=env.get("BUILDQ_S3_ENDPOINT_URL") or None,
             ecr_endpoint_url=env.get("BUILDQ_ECR_ENDPOINT_URL") or None,
             azure_blob_endpoint=env.get("BUILDQ_AZURE_BLOB_ENDPOINT") or None,

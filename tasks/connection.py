@@ -49,7 +49,7 @@ def check_redis(settings: Settings) -> None:
         redis_client(settings).ping()
     except (redis.ConnectionError, redis.TimeoutError, ValueError) as exc:
         raise ServiceError(
-            f"cannot reach Redis at {redact_url(settings.redis_url or '')}: {exc}.",
+            f"cannot reach Redis at {redact_url(settings.redis_url or '')}: {str(exc).rstrip('.')}.",
             "Start Redis or fix BUILDQ_REDIS_URL (unset it to build in-process).",
         ) from None
 

@@ -45,6 +45,16 @@ def resolve_config(config: str | dict[str, Any] | None, settings: Settings) -> L
     return load_config(config, env_path=settings.config_path)
 
 
+def with_destination(cfg: LaunchConfig, destination: str) -> LaunchConfig:
+    """The config with ``destination`` as builder.destination, checked by the same rules."""
+    mapping = cfg.to_mapping()
+    builder = dict(mapping.get("builder") or {})
+    builder.pop("uri", None)
+    builder["destination"] = destination
+    mapping["builder"] = builder
+    return config_from_mapping(mapping, origin=f"--destination (with {cfg.origin})")
+
+
 def choose_builder(requested: str | None, cfg: LaunchConfig, settings: Settings) -> str:
     """``builder.type`` wins; else docker when an engine (or a docker pool) answers; else noop."""
     choice = requested or cfg.builder.type
@@ -77,7 +87,10 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
         state.config = cfg.to_mapping()
         spec = parse_source(source, ref)
         state.source = spec.to_dict()
-        dest = parse_destination(destination, "destination") if destination else cfg.destination()
+        if destination:
+            cfg = with_destination(cfg, destination)
+            state.config = cfg.to_mapping()
+        dest = cfg.destination()
         if spec.kind == "image":
             state.builder = "noop"
             return state

@@ -67,39 +67,37 @@ class StageTask(Task):
                 raise Ignore()
         emit(client, state.request_id, "stage", stage=self.stage_name, state="started")
         started = time.monotonic()
-        try:
-            if state.done and self.stage_name != "record":
+        retries = self.request.retries or 0
+        while True:
+            try:
+                next_stage = self._attempt(state, cfg, lease)
+            except BuildqError as exc:
+                if exc.transient and retries < cfg.max_retries:
+                    countdown = _backoff(cfg, retries)
+                    emit(client, state.request_id, "retry", stage=self.stage_name, error=str(exc),
+                         countdown=f"{countdown:.1f}")
+                    if lease is not None:
+                        lease.extend(extra_seconds=countdown)
+                    if self.request.is_eager:
+                        # In-process there is no broker to carry a delayed retry: wait here.
+                        time.sleep(countdown)
+                        retries += 1
+                        continue
+                    raise self.retry(countdown=countdown, exc=exc) from None
+                state.fail(str(exc), exc.kind)
                 next_stage = "record"
-            elif lease is not None:
-                with lease.heartbeat():
-                    next_stage = self.body(state, cfg)
-                if lease.lost.is_set():
-                    raise Ignore()
-            else:
-                next_stage = self.body(state, cfg)
-        except BuildqError as exc:
-            if exc.transient and self.request.retries < cfg.max_retries:
-                countdown = _backoff(cfg, self.request.retries)
-                emit(client, state.request_id, "retry", stage=self.stage_name, error=str(exc),
-                     countdown=f"{countdown:.1f}")
-                if lease is not None:
-                    lease.extend(extra_seconds=countdown)
-                if self.request.is_eager:
-                    time.sleep(countdown)
-                raise self.retry(countdown=countdown, exc=exc) from None
-            state.fail(str(exc), exc.kind)
-            next_stage = "record"
-        except SoftTimeLimitExceeded:
-            state.fail(f"stage {self.stage_name} ran past its time limit and was stopped.",
-                       "timeout")
-            next_stage = "record"
-        except (Ignore, self.MaxRetriesExceededError):
-            raise
-        except Exception as exc:
-            log.error("internal error in stage %s:\n%s", self.stage_name, traceback.format_exc())
-            state.fail(f"internal error in stage {self.stage_name}: {type(exc).__name__}: {exc}. "
-                       "The worker's log has the details; please report it.", "internal")
-            next_stage = "record"
+            except SoftTimeLimitExceeded:
+                state.fail(f"stage {self.stage_name} ran past its time limit and was stopped.",
+                           "timeout")
+                next_stage = "record"
+            except (Ignore, self.MaxRetriesExceededError):
+                raise
+            except Exception as exc:
+                log.error("internal error in stage %s:\n%s", self.stage_name, traceback.format_exc())
+                state.fail(f"internal error in stage {self.stage_name}: {type(exc).__name__}: {exc}. "
+                           "The worker's log has the details; please report it.", "internal")
+                next_stage = "record"
+            break
         elapsed = time.monotonic() - started
         state.stages[self.stage_name] = state.stages.get(self.stage_name, 0.0) + elapsed
         emit(client, state.request_id, "stage", stage=self.stage_name, state="done",
@@ -114,6 +112,17 @@ class StageTask(Task):
             # The fetched tree / built image lives on this host: keep the next stage here.
             signature.set(queue=worker_direct(self.request.hostname))
         return self.replace(signature)
+
+    def _attempt(self, state: BuildState, cfg: Settings, lease: Lease | None) -> str:
+        if state.done and self.stage_name != "record":
+            return "record"
+        if lease is None:
+            return self.body(state, cfg)
+        with lease.heartbeat():
+            next_stage = self.body(state, cfg)
+        if lease.lost.is_set():
+            raise Ignore()
+        return next_stage
 
     def finish(self, state: BuildState, client: Any) -> dict[str, Any]:
         """Write the record, answer every request waiting on this hash, release the lock."""

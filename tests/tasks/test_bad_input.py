@@ -209,14 +209,6 @@ class Case:
     kind: str | None = None
 
 
-EMBEDDED_RETRY_BUG = (
-    "tasks/stages.py: in embedded mode (task_always_eager + task_eager_propagates) "
-    "self.retry() raises celery.exceptions.Retry, which Task.apply re-raises instead of "
-    "re-applying: any transient fault ends in a Traceback, not a retry or a failed record")
-ECR_OVERRIDE_BUG = (
-    "tasks/operations.py new_request: --destination is parsed with parse_destination only; "
-    "the ECR/GAR region check of config/loader.py _check_destination is never applied to it")
-
 CASES = [
     pytest.param(Case(malformed_yaml, 2, ["config-", ".yaml", "line 2", "not valid YAML"]),
                  id="malformed-yaml"),
@@ -228,8 +220,7 @@ CASES = [
                       ["builder.destination", "us-west-2", "us-east-1"]),
                  id="ecr-region-mismatch-in-config"),
     pytest.param(Case(ecr_region_mismatch_on_command_line, 2, ["us-west-2", "us-east-1"], "config"),
-                 id="ecr-region-mismatch-on-command-line",
-                 marks=pytest.mark.xfail(strict=True, reason=ECR_OVERRIDE_BUG)),
+                 id="ecr-region-mismatch-on-command-line"),
     pytest.param(Case(unknown_top_level_key, 2, ["buildr", "Did you mean 'builder'"]),
                  id="unknown-top-level-key"),
     pytest.param(Case(missing_config_file, 2, ["nowhere.yaml", "does not exist"]),
@@ -261,8 +252,7 @@ CASES = [
                  id="failing-run-step"),
     pytest.param(Case(unreachable_registry, 1, [f"127.0.0.1:{UNREACHABLE_PORT}", "reached"],
                       "registry"),
-                 id="unreachable-registry",
-                 marks=pytest.mark.xfail(strict=True, reason=EMBEDDED_RETRY_BUG)),
+                 id="unreachable-registry"),
     pytest.param(Case(unreachable_redis, 2, ["Redis", f"redis://127.0.0.1:{UNREACHABLE_PORT}/0"]),
                  id="unreachable-redis"),
 ]
