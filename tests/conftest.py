@@ -55,3 +55,42 @@ def app_dir(tmp_path: Path, base_image: str) -> Path:
     )
     (root / "hello.txt").write_text("hello from buildq\n")
     return root
+
+
+# --- storage stand-ins for the context stores ---------------------------------------------
+
+
+def _stand_in(factory: object, root: Path, **kwargs: object) -> services.StandIn:
+    # Skip (loudly) only when the stand-in cannot be installed; anything else is a failure.
+    try:
+        return factory(root, **kwargs)  # type: ignore[operator, no-any-return]
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"storage stand-in unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.StandIn]:
+    server = _stand_in(services.start_moto, tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.StandIn]:
+    server = _stand_in(services.start_gcs_emulator, tmp_path_factory.mktemp("gcs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.StandIn]:
+    server = _stand_in(services.start_azurite, tmp_path_factory.mktemp("azurite"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.StandIn]:
+    server = _stand_in(services.start_azurite, tmp_path_factory.mktemp("azurite-https"), https=True)
+    yield server
+    server.stop()

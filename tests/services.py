@@ -273,3 +273,145 @@ def start_token_registry(root: Path, realm: str, service: str, issuer: str,
     server = RegistryServer(port, root, None, config)
     server.start()
     return server
+
+
+# --- storage stand-ins: moto server (S3), gcp-storage-emulator (GCS), Azurite (Blob) -------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Where scripts/bootstrap installs Azurite (gitignored with the venv).
+AZURITE_PREFIX = REPO_ROOT / ".venv" / "azurite"
+#: Azurite's well-known development account (public, documented by Microsoft).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")
+
+
+@dataclass
+class StandIn:
+    """A storage emulator process on 127.0.0.1."""
+
+    name: str
+    port: int
+    args: list[str]
+    root: Path
+    scheme: str = "http"
+    process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def start(self, ready: object, timeout: float = 30) -> None:
+        log = open(self.root / f"{self.name}.log", "ab")  # noqa: SIM115 - lives with the process
+        env = {**os.environ, **(self.env or {})}
+        self.process = subprocess.Popen(self.args, stdout=log, stderr=log, env=env,
+                                        start_new_session=True)
+        try:
+            wait_for(ready, timeout, self.name)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+            if self.process.poll() is None:
+                self.process.kill()
+        self.process = None
+
+    def restart(self, ready: object) -> None:
+        self.stop()
+        self.start(ready)
+
+
+def _answers(url: str, **kwargs: object) -> bool:
+    try:
+        requests.get(url, timeout=1, **kwargs)  # type: ignore[arg-type]
+        return True
+    except requests.RequestException:
+        return False
+
+
+def start_moto(root: Path, port: int | None = None) -> StandIn:
+    """moto's S3 (and ECR) API in a server process; raises ImportError when not installed."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("moto.server") is None or importlib.util.find_spec("flask") is None:
+        raise ImportError("moto[server] is not installed: run scripts/bootstrap")
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    server = StandIn("moto", port, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                     root)
+    server.start(lambda: requests.get(f"{server.endpoint}/moto-api/", timeout=1).ok)
+    return server
+
+
+def moto_ready(server: StandIn) -> object:
+    return lambda: requests.get(f"{server.endpoint}/moto-api/", timeout=1).ok
+
+
+def start_gcs_emulator(root: Path, port: int | None = None) -> StandIn:
+    """gcp-storage-emulator, in memory; raises ImportError when not installed."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("gcp_storage_emulator") is None:
+        raise ImportError("gcp-storage-emulator is not installed: run scripts/bootstrap")
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    server = StandIn("gcs", port, [sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
+                                   "127.0.0.1", "--port", str(port), "--in-memory"], root)
+    server.start(gcs_ready(server))
+    return server
+
+
+def gcs_ready(server: StandIn) -> object:
+    return lambda: _answers(f"{server.endpoint}/storage/v1/b")
+
+
+def azurite_binary(install: bool = True) -> Path:
+    """azurite-blob, installed by scripts/bootstrap (or here, with npm, if it was not)."""
+    binary = AZURITE_PREFIX / "node_modules" / ".bin" / "azurite-blob"
+    if not binary.exists() and install and shutil.which("npm"):
+        subprocess.run(["npm", "install", "--prefix", str(AZURITE_PREFIX), "--no-audit", "--no-fund",
+                        "azurite"], check=False, capture_output=True, timeout=600)
+    if not binary.exists():
+        raise FileNotFoundError(f"Azurite is not installed at {binary} and npm could not install it: "
+                                "run scripts/bootstrap")
+    return binary
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (cert.pem, key.pem), trusted by pointing REQUESTS_CA_BUNDLE at it."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    if not cert.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def start_azurite(root: Path, https: bool = False, port: int | None = None) -> StandIn:
+    """Azurite's blob service; with ``https`` it also accepts OAuth bearer tokens (``--oauth basic``)."""
+    binary = azurite_binary()
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    args = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
+            str(root / "data"), "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"]
+    if https:
+        cert, key = self_signed_cert(root)
+        args += ["--oauth", "basic", "--cert", str(cert), "--key", str(key)]
+    server = StandIn("azurite-https" if https else "azurite", port, args, root,
+                     scheme="https" if https else "http")
+    server.start(azurite_ready(server), timeout=60)
+    return server
+
+
+def azurite_ready(server: StandIn) -> object:
+    verify = str(server.root / "cert.pem") if server.scheme == "https" else True
+    return lambda: _answers(f"{server.endpoint}/{AZURITE_ACCOUNT}?comp=list", verify=verify)

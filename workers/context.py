@@ -12,7 +12,6 @@ image must not differ from what the tag promises.
 from __future__ import annotations
 
 import collections
-import gzip
 import os
 import re
 import stat
@@ -53,6 +52,18 @@ BATCHES_IN_FLIGHT = 8
 MAX_DOCKERFILE = 4 << 20
 #: gzip level of the context tarball: most of level 9's ratio at a fraction of its cost.
 GZIP_LEVEL = 6
+
+try:
+    # isal's igzip writes the same gzip format ~10x faster than zlib on incompressible
+    # data (~370 vs ~33 MB/s), which makes compression keep up with an upload. Its levels
+    # run 0-3; 2 (its default) compresses about like zlib's 6.
+    from isal.igzip import GzipFile as _GzipFile
+
+    _GZIP_LEVEL = 2
+except ImportError:  # pragma: no cover - isal is a dependency; zlib remains a fallback
+    from gzip import GzipFile as _GzipFile  # type: ignore[assignment]
+
+    _GZIP_LEVEL = GZIP_LEVEL
 
 _MODE_EXEC = 0o755
 _MODE_PLAIN = 0o644
@@ -431,8 +442,8 @@ def write_context(root: Path, inputs: BuildInputs, out: BinaryIO) -> int:
     _dockerfile_bytes(root, inputs)  # fail before writing anything if it is missing
     counter = _CountingWriter(out)
     # gzip's header carries a timestamp and a file name; both pinned here.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=counter,
-                       compresslevel=GZIP_LEVEL, mtime=0) as gz, \
+    with _GzipFile(filename="", mode="wb", fileobj=counter,
+                   compresslevel=_GZIP_LEVEL, mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for entry in _Walker(root, inputs):
             info = tarfile.TarInfo(entry.rel)

@@ -1,0 +1,199 @@
+"""An Azure Blob Storage context store: ``https://<account>.blob.core.windows.net/<container>/prefix``.
+
+Credentials: the storage account key from ``Settings.azure_storage_key`` when set (the
+same key kaniko gets as AZURE_STORAGE_ACCESS_KEY), else ``DefaultAzureCredential()``
+(workload identity, managed identity, az login). ``Settings.azure_blob_endpoint``
+replaces the account's URL (Azurite in tests) while the store URL keeps its real form,
+which is what kaniko is given.
+
+Writes stage blocks from worker threads while the caller compresses, then commit the
+block list: the blob appears whole or not at all, and memory holds a few blocks.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from urllib.parse import urlsplit
+
+from config.errors import ConfigError, ContextStoreError, TransientContextStoreError
+from workers.stores.base import AZURE_BLOB_SUFFIX, ContextStore
+from workers.stores.s3 import MappedReader, PartPipeline, buffered
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+#: Size of a staged block (Azure allows 50,000 per blob: 200 GiB at this size).
+BLOCK_SIZE = 4 << 20
+#: Blocks staging or queued at once.
+IN_FLIGHT = 4
+UPLOAD_THREADS = 2
+#: Retries of a failed request inside the SDK (its default waits 15 s, then 18, 24 ...:
+#: too long before the chain's own retry of a transient error takes over).
+RETRY_TOTAL = 3
+RETRY_BACKOFF = 1
+#: Seconds to connect; a stopped endpoint should fail fast, not hang a worker.
+CONNECT_TIMEOUT = 10
+
+ROLE = "Storage Blob Data Contributor"
+
+
+class AzureBlobStore(ContextStore):
+    def __init__(self, url: str, settings: Settings, credential: Any = None) -> None:
+        """``credential`` overrides the account key / DefaultAzureCredential choice (any
+        azure-core TokenCredential)."""
+        super().__init__(url)
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        segments = parts.path.strip("/").split("/", 1)
+        if parts.scheme != "https" or not host.endswith(AZURE_BLOB_SUFFIX) or not segments[0]:
+            raise ConfigError(f"{url!r} is not an Azure Blob store URL.",
+                              "Write it as https://<account>.blob.core.windows.net/<container>/prefix.")
+        self.account = host[: -len(AZURE_BLOB_SUFFIX)]
+        self.container = segments[0]
+        self.prefix = segments[1].strip("/") if len(segments) > 1 else ""
+        self.account_url = (settings.azure_blob_endpoint or f"https://{host}").rstrip("/")
+        self._account_key = settings.azure_storage_key
+        self._credential = credential
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        # Never the key: only where the store is.
+        return f"AzureBlobStore({self.url!r})"
+
+    @property
+    def container_client(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                from azure.storage.blob import BlobServiceClient, ExponentialRetry
+
+                credential = self._credential
+                if credential is None and self._account_key:
+                    credential = {"account_name": self.account, "account_key": self._account_key}
+                elif credential is None:
+                    from azure.identity import DefaultAzureCredential
+
+                    credential = DefaultAzureCredential()
+                service = BlobServiceClient(
+                    self.account_url, credential=credential,
+                    retry_policy=ExponentialRetry(initial_backoff=RETRY_BACKOFF, increment_base=2,
+                                                  retry_total=RETRY_TOTAL, random_jitter_range=1),
+                    connection_timeout=CONNECT_TIMEOUT,
+                )
+                self._client = service.get_container_client(self.container)
+            return self._client
+
+    def _blob(self, key: str) -> Any:
+        if not key or key.startswith("/"):
+            raise ContextStoreError(f"invalid object key {key!r} for {self.url}.")
+        return self.container_client.get_blob_client(f"{self.prefix}/{key}" if self.prefix else key)
+
+    def _error(self, exc: Exception, action: str, key: str) -> ContextStoreError:
+        from azure.core import exceptions as az
+
+        where = self.uri(key)
+        if isinstance(exc, az.ServiceRequestError | az.ServiceResponseError | az.IncompleteReadError):
+            return TransientContextStoreError(f"cannot reach {self.account_url} to {action} {where}: {exc}.")
+        code = str(getattr(exc, "error_code", "") or "")
+        status = int(getattr(getattr(exc, "response", None), "status_code", 0) or 0)
+        if isinstance(exc, az.HttpResponseError) and (status >= 500 or status == 429
+                                                      or code in ("ServerBusy", "OperationTimedOut")):
+            return TransientContextStoreError(
+                f"Azure Blob Storage answered {code or status} to {action} {where}.")
+        if code == "ContainerNotFound":
+            return ContextStoreError(
+                f"the container {self.container!r} of context store {self.url} does not exist.",
+                "Create it, or fix build-context-store in the launch-config.")
+        if code == "AuthenticationFailed" or (isinstance(exc, az.ClientAuthenticationError)
+                                              and status in (0, 401)):
+            how = ("the storage account key (BUILDQ_AZURE_STORAGE_KEY)" if self._account_key
+                   else "the worker's Azure identity (DefaultAzureCredential)")
+            return ContextStoreError(
+                f"Azure Blob Storage rejected {how} to {action} {where}.",
+                f"Check it; an identity also needs the {ROLE} role on the account or container.")
+        if status == 403 or code.startswith("AuthorizationPermission") or code == "AuthorizationFailure":
+            return ContextStoreError(
+                f"access denied to {action} {where}.",
+                f"Grant the worker's identity the {ROLE} role on the storage account or container.")
+        if isinstance(exc, az.ResourceNotFoundError):
+            return ContextStoreError(f"{where} does not exist.")
+        return ContextStoreError(f"cannot {action} {where}: {code or type(exc).__name__}.")
+
+    @contextlib.contextmanager
+    def _mapped(self, action: str, key: str) -> Iterator[None]:
+        from azure.core.exceptions import AzureError
+
+        try:
+            yield
+        except ContextStoreError:
+            raise
+        except AzureError as exc:
+            raise self._error(exc, action, key) from exc
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        from azure.storage.blob import BlobBlock, ContentSettings
+
+        blob = self._blob(key)
+        # Block ids must all have the same length; the random part keeps two writers of
+        # the same key from mixing their uncommitted blocks.
+        token = uuid.uuid4().hex[:16]
+        ids: dict[int, str] = {}
+
+        def send(number: int, block: bytes) -> None:
+            block_id = base64.b64encode(f"{token}-{number:08d}".encode()).decode()
+            with self._mapped("write", key):
+                blob.stage_block(block_id, block, length=len(block))
+            ids[number] = block_id
+
+        content = ContentSettings(content_type="application/gzip")
+        pipeline: PartPipeline[None] = PartPipeline(send, lambda _n: BLOCK_SIZE, threads=UPLOAD_THREADS,
+                                                    in_flight=IN_FLIGHT)
+        try:
+            yield cast(BinaryIO, pipeline)
+            _, whole = pipeline.finish()
+            with self._mapped("write", key):
+                if whole is not None:
+                    blob.upload_blob(whole, overwrite=True, content_settings=content)
+                else:
+                    blocks = [BlobBlock(block_id=ids[n]) for n in sorted(ids)]
+                    blob.commit_block_list(blocks, content_settings=content)
+        except BaseException:
+            # Uncommitted blocks never form a blob; Azure drops them after a week.
+            pipeline.abort()
+            raise
+
+    @contextlib.contextmanager
+    def reader(self, key: str) -> Iterator[BinaryIO]:
+        with self._mapped("read", key):
+            download = self._blob(key).download_blob(max_concurrency=1)
+        raw = MappedReader(download.read, lambda exc: self._error(exc, "read", key))
+        with buffered(raw) as out:
+            yield out
+
+    def exists(self, key: str) -> bool:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self._mapped("exists", key):
+            try:
+                self._blob(key).get_blob_properties()
+            except ResourceNotFoundError as exc:
+                if getattr(exc, "error_code", None) == "ContainerNotFound":
+                    raise
+                return False
+        return True
+
+    def delete(self, key: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self._mapped("delete", key):
+            try:
+                self._blob(key).delete_blob(delete_snapshots="include")
+            except ResourceNotFoundError as exc:
+                if getattr(exc, "error_code", None) == "ContainerNotFound":
+                    raise

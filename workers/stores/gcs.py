@@ -1,0 +1,216 @@
+"""A Google Cloud Storage context store: ``gs://bucket/prefix``.
+
+Credentials come from ``google.auth.default()`` (workload identity, a key file in
+GOOGLE_APPLICATION_CREDENTIALS, gcloud's user login). When STORAGE_EMULATOR_HOST is set
+(the variable the client library itself honours) the client talks to that emulator
+anonymously.
+
+Writes go through a resumable upload, one chunk at a time, fed from a worker thread so
+compression and upload overlap; memory holds a few chunks at most.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from urllib.parse import urlsplit
+
+from config.errors import ConfigError, ContextStoreError, TransientContextStoreError
+from workers.stores.base import ContextStore
+from workers.stores.s3 import MappedReader, PartPipeline, buffered
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+#: Resumable-upload chunk; GCS wants a multiple of 256 KiB.
+CHUNK_SIZE = 8 << 20
+#: Chunks queued for the upload thread (plus one being sent, one being filled).
+IN_FLIGHT = 2
+#: Seconds the client library keeps retrying a failed request (5xx, 429, resets)
+#: before the error surfaces; the chain retries transient errors again with backoff.
+RETRY_TIMEOUT = 20.0
+#: Project the emulator is addressed with (it ignores it, the client needs one).
+EMULATOR_PROJECT = "buildq-emulator"
+
+#: IAM permission each operation needs, named in 403 errors.
+_PERMISSION = {
+    "write": "storage.objects.create",
+    "read": "storage.objects.get",
+    "exists": "storage.objects.get",
+    "delete": "storage.objects.delete",
+    "open": "storage.buckets.get",
+}
+
+
+def _bucket_missing(exc: Any) -> bool:
+    """Whether a 404 is about the bucket (GCS: "The specified bucket does not exist.")."""
+    message = str(getattr(exc, "message", exc)).lower()
+    return "bucket does not exist" in message or "no such bucket" in message
+
+
+class GCSStore(ContextStore):
+    def __init__(self, url: str, settings: Settings) -> None:
+        super().__init__(url)
+        parts = urlsplit(self.url)
+        if parts.scheme != "gs" or not parts.netloc:
+            raise ConfigError(f"{url!r} is not a GCS store URL.", "Write it as gs://bucket/prefix.")
+        self.bucket_name = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self._settings = settings
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                from google.cloud import storage
+
+                with self._mapped("open", ""):
+                    if os.environ.get("STORAGE_EMULATOR_HOST"):
+                        from google.auth.credentials import AnonymousCredentials
+
+                        self._client = storage.Client(project=EMULATOR_PROJECT,
+                                                      credentials=AnonymousCredentials())
+                    else:
+                        import google.auth
+
+                        credentials, project = google.auth.default(
+                            scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+                        self._client = storage.Client(project=project, credentials=credentials)
+            return self._client
+
+    @property
+    def _retry(self) -> Any:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        return DEFAULT_RETRY.with_timeout(RETRY_TIMEOUT)
+
+    def _blob(self, key: str) -> Any:
+        if not key or key.startswith("/"):
+            raise ContextStoreError(f"invalid object key {key!r} for {self.url}.")
+        name = f"{self.prefix}/{key}" if self.prefix else key
+        return self.client.bucket(self.bucket_name).blob(name, chunk_size=CHUNK_SIZE)
+
+    def _error(self, exc: Exception, action: str, key: str) -> ContextStoreError:
+        import requests
+        from google.api_core import exceptions as api
+        from google.auth import exceptions as auth
+
+        where = self.uri(key) if key else self.url
+        if isinstance(exc, auth.DefaultCredentialsError):
+            return ContextStoreError(
+                f"no Google credentials to {action} {where}.",
+                "Give the worker workload identity or set GOOGLE_APPLICATION_CREDENTIALS to a key file.")
+        if isinstance(exc, requests.ConnectionError | requests.Timeout | auth.TransportError
+                      | ConnectionError | TimeoutError | api.RetryError):
+            return TransientContextStoreError(f"cannot reach Cloud Storage to {action} {where}: {exc}.")
+        if isinstance(exc, api.ServerError | api.TooManyRequests):
+            return TransientContextStoreError(f"Cloud Storage answered {exc.code} to {action} {where}.")
+        if isinstance(exc, api.Forbidden | api.Unauthorized):
+            return ContextStoreError(
+                f"access denied to {action} {where}.",
+                f"The worker's service account needs {_PERMISSION[action]} (and storage.buckets.get) "
+                f"on gs://{self.bucket_name}, e.g. roles/storage.objectAdmin.")
+        if isinstance(exc, api.NotFound):
+            if _bucket_missing(exc):
+                return ContextStoreError(
+                    f"the bucket {self.bucket_name!r} of context store {self.url} does not exist.",
+                    "Create it, or fix build-context-store in the launch-config.")
+            return ContextStoreError(f"{where} does not exist.")
+        if isinstance(exc, api.GoogleAPICallError):
+            return ContextStoreError(f"Cloud Storage answered {exc.code} to {action} {where}: {exc.message}.")
+        return ContextStoreError(f"cannot {action} {where}: {exc}.")
+
+    def _is_library_error(self, exc: Exception) -> bool:
+        import requests
+        from google.api_core import exceptions as api
+        from google.auth import exceptions as auth
+
+        return isinstance(exc, api.GoogleAPICallError | api.RetryError | auth.GoogleAuthError
+                          | requests.RequestException | ConnectionError | TimeoutError)
+
+    @contextlib.contextmanager
+    def _mapped(self, action: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except ContextStoreError:
+            raise
+        except Exception as exc:
+            if self._is_library_error(exc):
+                raise self._error(exc, action, key) from exc
+            raise
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        from google.cloud.storage.fileio import BlobWriter
+
+        class AbortableWriter(BlobWriter):
+            """BlobWriter finalizes the upload on close(), which io also calls on garbage
+            collection: after an error it must not, or half a context becomes an object."""
+
+            aborted = False
+
+            def close(self) -> None:
+                if not self.aborted:
+                    super().close()
+
+        blob = self._blob(key)
+        upload = AbortableWriter(blob, chunk_size=CHUNK_SIZE, ignore_flush=True, retry=self._retry)
+
+        def send(_number: int, chunk: bytes) -> None:
+            # One thread, so chunks reach the resumable upload in order.
+            with self._mapped("write", key):
+                upload.write(chunk)
+
+        pipeline: PartPipeline[None] = PartPipeline(send, lambda _n: CHUNK_SIZE, threads=1,
+                                                    in_flight=IN_FLIGHT)
+        try:
+            yield cast(BinaryIO, pipeline)
+            _, whole = pipeline.finish()
+            with self._mapped("write", key):
+                if whole is not None:
+                    # Fits in one chunk: a single-request upload, no resumable session.
+                    upload.aborted = True
+                    blob.upload_from_string(whole, content_type="application/gzip", retry=self._retry)
+                else:
+                    upload.close()
+        except BaseException:
+            pipeline.abort()
+            # An unfinished resumable session creates no object and expires on its own.
+            upload.aborted = True
+            raise
+
+    @contextlib.contextmanager
+    def reader(self, key: str) -> Iterator[BinaryIO]:
+        blob = self._blob(key)
+        with self._mapped("read", key):
+            # Fetches metadata first, so a missing object fails here and not mid-stream.
+            blob.reload(retry=self._retry)
+            if blob.size == 0:
+                # Nothing to fetch; a ranged GET of an empty object is a 416 on some servers.
+                with buffered(MappedReader(lambda _n: b"", Exception)) as empty:
+                    yield empty
+                return
+            stream = blob.open("rb", chunk_size=CHUNK_SIZE, retry=self._retry)
+        raw = MappedReader(stream.read, lambda exc: self._error(exc, "read", key), stream.close)
+        with buffered(raw) as out:
+            yield out
+
+    def exists(self, key: str) -> bool:
+        with self._mapped("exists", key):
+            return bool(self._blob(key).exists(retry=self._retry))
+
+    def delete(self, key: str) -> None:
+        from google.api_core.exceptions import NotFound
+
+        with self._mapped("delete", key):
+            try:
+                self._blob(key).delete(retry=self._retry)
+            except NotFound as exc:
+                # A missing object is fine; a missing bucket is a misconfigured store.
+                if _bucket_missing(exc):
+                    raise
