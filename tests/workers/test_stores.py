@@ -242,10 +242,11 @@ def test_stopped_server_is_transient(backend: str, tmp_path: Path, monkeypatch: 
     # Keep the libraries' own retries short: the chain retries transient errors itself.
     monkeypatch.setattr(gcs_module, "RETRY_TIMEOUT", 2.0)
     monkeypatch.setattr(azure_module, "RETRY_TOTAL", 1)
-    start: Callable[[Path], services.StandIn] = {"s3": services.start_moto, "gcs": services.start_gcs_emulator,
-             "azure": services.start_azurite}[backend]
+    starts: dict[str, Callable[[Path], services.StandIn]] = {
+        "s3": services.start_moto, "gcs": services.start_gcs_emulator,
+        "azure": lambda root: services.start_azurite(root)}
     try:
-        server = start(tmp_path / backend)
+        server = starts[backend](tmp_path / backend)
     except (ImportError, FileNotFoundError) as exc:
         pytest.skip(f"storage stand-in unavailable: {exc}")
     try:
