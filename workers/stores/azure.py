@@ -84,6 +84,9 @@ class AzureBlobStore(ContextStore):
                     retry_policy=ExponentialRetry(initial_backoff=RETRY_BACKOFF, increment_base=2,
                                                   retry_total=RETRY_TOTAL, random_jitter_range=1),
                     connection_timeout=CONNECT_TIMEOUT,
+                    # Downloads fetch this much per request (the SDK's first GET defaults
+                    # to 32 MiB held in memory).
+                    max_single_get_size=BLOCK_SIZE, max_chunk_get_size=BLOCK_SIZE,
                 )
                 self._client = service.get_container_client(self.container)
             return self._client

@@ -86,7 +86,8 @@ class PartPipeline(io.RawIOBase, Generic[T]):
         self.size += len(view)
         while len(self._buffer) >= self._part_size(len(self._futures)):
             size = self._part_size(len(self._futures))
-            part = bytes(self._buffer[:size])
+            with memoryview(self._buffer) as whole:
+                part = bytes(whole[:size])  # one copy (a bytearray slice would make two)
             del self._buffer[:size]
             self._submit(part)
         return len(view)
