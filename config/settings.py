@@ -97,6 +97,8 @@ class Settings:
     kube_namespace: str = "default"
     #: Create a missing ECR repository instead of failing.
     create_repositories: bool = False
+    #: Flower login(s), ``user:password[,user:password]`` (BUILDQ_FLOWER_BASIC_AUTH).
+    flower_basic_auth: str | None = field(default=None, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -138,4 +140,5 @@ class Settings:
             registry_endpoints=_pairs(env, "BUILDQ_REGISTRY_ENDPOINTS"),
             kube_namespace=env.get("BUILDQ_KUBE_NAMESPACE") or "default",
             create_repositories=env.get("BUILDQ_CREATE_REPOSITORIES", "").lower() in ("1", "true", "yes"),
+            flower_basic_auth=env.get("BUILDQ_FLOWER_BASIC_AUTH") or None,
         )

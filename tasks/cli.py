@@ -273,11 +273,34 @@ def hash_command(source: str, ref: str | None, dockerfile: str | None,
 @click.argument("pool", type=click.Choice(["control", "docker", "kaniko"]))
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Worker processes.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def worker(pool: str, concurrency: int | None, loglevel: str) -> None:
+@click.option("--hostname", "-n", metavar="NAME@HOST",
+              help="Celery node name (%h = host name), unique per worker; default POOL-PID-RANDOM@HOST.")
+@click.option("--metrics-port", metavar="[ADDRESS:]PORT",
+              help="Serve Prometheus metrics (and /healthz) here; no metrics without it.")
+@click.option("--json-logs", is_flag=True, help="One JSON object per log line (default: plain lines).")
+def worker(pool: str, concurrency: int | None, loglevel: str, hostname: str | None,
+           metrics_port: str | None, json_logs: bool) -> None:
     """Start a worker of POOL (needs BUILDQ_REDIS_URL)."""
     from workers.pools import run_worker
 
-    run_worker(pool, _settings(), concurrency, loglevel)
+    run_worker(pool, _settings(), concurrency, loglevel, metrics_port=metrics_port,
+               json_logs=json_logs, hostname=hostname)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--address", help="Interface to listen on (default 0.0.0.0; 127.0.0.1 with --no-auth).")
+@click.option("--basic-auth", metavar="USER:PASSWORD[,USER:PASSWORD]",
+              help="Login(s) for the UI and API; default: $BUILDQ_FLOWER_BASIC_AUTH.")
+@click.option("--no-auth", is_flag=True, help="No login, reachable from this host only.")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(port: int, address: str | None, basic_auth: str | None, no_auth: bool,
+           flower_args: tuple[str, ...]) -> None:
+    """Start Flower for buildq's workers; further arguments go to Flower (e.g. --url-prefix=x)."""
+    from workers.monitor import run_flower
+
+    run_flower(_settings(), port=port, address=address, basic_auth=basic_auth, no_auth=no_auth,
+               extra=list(flower_args))
 
 
 def _redis() -> Any:

@@ -29,6 +29,7 @@ from tasks.events import emit
 from tasks.lock import Lease
 from tasks.records import for_request, make_record, store_unhashed
 from tasks.state import BuildState
+from workers import metrics
 
 log = logging.getLogger("buildq")
 
@@ -102,6 +103,7 @@ class StageTask(Task):
         state.stages[self.stage_name] = state.stages.get(self.stage_name, 0.0) + elapsed
         emit(client, state.request_id, "stage", stage=self.stage_name, state="done",
              seconds=f"{elapsed:.3f}", status=state.status or "")
+        metrics.stage_finished(self.stage_name, elapsed, state, self.request.id)
         if not next_stage:
             return self.finish(state, client)
         signature = STAGES[next_stage].s(state.to_dict())
@@ -130,6 +132,7 @@ class StageTask(Task):
         record = make_record(state, attached=own_id != state.request_id)
         if not state.source_hash or not state.token:
             store_unhashed(client, record)
+            metrics.build_finished(state, None)
             return record
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
@@ -137,6 +140,7 @@ class StageTask(Task):
         if waiting is None:
             # A successor took the lock while we were stalled: its record stands.
             raise Ignore()
+        metrics.build_finished(state, waiting)
         for request_id in waiting:
             if request_id != own_id:
                 self.backend.store_result(

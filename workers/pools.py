@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 
 from config.errors import ServiceError
 from config.settings import Settings
+from workers import metrics
 
 log = logging.getLogger("buildq.pool")
 
@@ -53,7 +55,7 @@ class Watchdog(threading.Thread):
         while True:
             try:
                 self.tick(client)
-            except Exception:  # noqa: BLE001 - the watchdog must outlive a Redis blip
+            except Exception:
                 log.warning("watchdog tick failed", exc_info=True)
             if self.stopping.wait(self.interval):
                 return
@@ -62,6 +64,7 @@ class Watchdog(threading.Thread):
         from workers.presence import announce
 
         announce(client, self.pool, self.hostname)
+        metrics.heartbeat()
         if self.pool == "control":
             restart_orphans(client, self.settings)
             sweep_workdir(self.settings)
@@ -85,6 +88,7 @@ def restart_orphans(client: Any, settings: Settings) -> int:
         log.warning("holder of %s is gone; restarting the build for request %s",
                     source_hash[:12], state.request_id)
         resume.apply_async(args=[state.to_dict()])
+        metrics.takeover()
         restarted += 1
     return restarted
 
@@ -103,8 +107,53 @@ def sweep_workdir(settings: Settings) -> None:
             continue
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``PORT`` (all interfaces, as in a container) or ``ADDRESS:PORT``."""
+    address, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ServiceError(f"--metrics-port {value!r} is not PORT or ADDRESS:PORT.",
+                           "Write --metrics-port 9808 or --metrics-port 127.0.0.1:9808.")
+    return address.strip("[]"), int(port)
+
+
+def worker_hostname(pool: str, name: str | None) -> str:
+    """The Celery node name: ``-n`` with ``%h``/``%n``/``%d`` expanded, else a unique default."""
+    from celery.utils.nodenames import default_nodename, host_format
+
+    if name:
+        return str(host_format(default_nodename(name)))
+    return f"{pool}-{os.getpid()}-{uuid.uuid4().hex[:4]}@{socket.gethostname()}"
+
+
 def run_worker(pool: str, settings: Settings, concurrency: int | None = None,
-               loglevel: str = "INFO") -> None:
+               loglevel: str = "INFO", *, metrics_port: str | None = None,
+               json_logs: bool = False, hostname: str | None = None) -> None:
+    from workers.logs import install_celery_hook, setup_logging
+
+    setup_logging(json_logs, loglevel)
+    install_celery_hook()
+    metrics_dir: str | None = None
+    listen: tuple[str, int] | None = None
+    try:
+        if metrics_port is not None:
+            listen = parse_listen(metrics_port)
+            # Private to this worker: another worker's (or a dead run's) files would add
+            # their counts to ours. Removed when the worker stops.
+            metrics_dir = tempfile.mkdtemp(prefix="buildq-metrics-")
+            metrics.enable(pool, metrics_dir, heartbeat_limit=_health_limit(settings))
+        _run_worker(pool, settings, concurrency, loglevel, listen, hostname, quiet=json_logs)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _health_limit(settings: Settings) -> float:
+    # Several missed watchdog ticks (each at most 10 s apart) before /healthz says unhealthy.
+    return max(30.0, 6 * min(10.0, settings.lock_lease / 3))
+
+
+def _run_worker(pool: str, settings: Settings, concurrency: int | None, loglevel: str,
+                listen: tuple[str, int] | None, name: str | None, quiet: bool = False) -> None:
     from tasks.app import POOL_QUEUES, app, configure
     from tasks.connection import check_redis
 
@@ -119,7 +168,11 @@ def run_worker(pool: str, settings: Settings, concurrency: int | None = None,
     configure(settings)
     import tasks.stages  # noqa: F401 - registers the stage tasks
 
-    hostname = f"{pool}-{os.getpid()}-{uuid.uuid4().hex[:4]}@{socket.gethostname()}"
+    hostname = worker_hostname(pool, name)
+    if listen is not None:
+        from tasks.connection import redis_client
+
+        metrics.start_server(listen[1], listen[0], redis_client(settings))
     watchdog = Watchdog(settings, pool, hostname)
     watchdog.start()
     worker = app.Worker(
@@ -131,6 +184,8 @@ def run_worker(pool: str, settings: Settings, concurrency: int | None = None,
         prefetch_multiplier=1,
         without_gossip=True,
         without_mingle=True,
+        # The startup banner is prose on stdout; with JSON logs every line must parse.
+        quiet=quiet,
     )
     try:
         worker.start()
