@@ -107,6 +107,9 @@ class StageTask(Task):
         if not next_stage:
             return self.finish(state, client)
         signature = STAGES[next_stage].s(state.to_dict())
+        # The chain keeps the request's task id, so Flower shows one row per request: name it
+        # after the request and its current stage rather than the bare stage task.
+        signature.set(shadow=f"buildq.build_image:{next_stage}")
         if next_stage == "push" and state.builder == "kaniko":
             # Kaniko pushed already; the in-cluster pool verifies, no engine needed.
             signature.set(queue="kaniko")
