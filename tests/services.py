@@ -415,3 +415,29 @@ def start_azurite(root: Path, https: bool = False, port: int | None = None) -> S
 def azurite_ready(server: StandIn) -> object:
     verify = str(server.root / "cert.pem") if server.scheme == "https" else True
     return lambda: _answers(f"{server.endpoint}/{AZURITE_ACCOUNT}?comp=list", verify=verify)
+
+
+# --- a Debian base with python3 for the worker image (operations tests) -------------------
+
+#: Debian bookworm minbase with python3, pip and venv, imported locally (nothing is pulled).
+PYTHON_BASE_IMAGE = "local/python3:bookworm"
+
+
+def ensure_python_base_image(scratch: Path) -> str:
+    """Make PYTHON_BASE_IMAGE with mmdebstrap (~1 min, once per engine) unless it exists."""
+    import docker
+
+    client = docker.DockerClient(base_url=f"unix://{DOCKER_SOCKET}")
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        client.images.get(PYTHON_BASE_IMAGE)
+        return PYTHON_BASE_IMAGE
+    if not shutil.which("mmdebstrap"):
+        raise FileNotFoundError("mmdebstrap is not installed: run scripts/bootstrap")
+    tar = scratch / "python3-base.tar"
+    subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase",
+                    "--include=python3-minimal,python3-pip,python3-venv", "bookworm", str(tar)],
+                   check=True, capture_output=True, timeout=900)
+    subprocess.run(["docker", "import", str(tar), PYTHON_BASE_IMAGE], check=True,
+                   capture_output=True, timeout=300)
+    tar.unlink()
+    return PYTHON_BASE_IMAGE
