@@ -38,8 +38,8 @@ def run(root: Path, registry: services.RegistryServer, builds: int, control: int
         apps = make_apps(root / f"apps-{name}", services.BASE_IMAGE, builds)
         dest = f"{registry.host}/bench/{name}"
         started = time.monotonic()
-        results = [build_image.delay(str(a), destination=dest) for a in apps]
         if duplicates:
+            results = [build_image.delay(str(a), destination=dest) for a in apps]
             results += [build_image.delay(str(a), destination=dest) for a in apps]
         else:
             # The baseline: one build at a time.
