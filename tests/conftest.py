@@ -94,3 +94,16 @@ def azurite_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services
     server = _stand_in(services.start_azurite, tmp_path_factory.mktemp("azurite-https"), https=True)
     yield server
     server.stop()
+
+
+# --- Kubernetes API stand-in for the kaniko pool (see tests/k8s_standin.py) ---------------
+
+
+@pytest.fixture(scope="session")
+def kube_standin(docker_engine: str) -> Iterator[object]:
+    """The API stand-in and its docker kubelet, shared by the kaniko tests."""
+    from tests.k8s_standin import KubeStandIn
+
+    server = KubeStandIn().start()
+    yield server
+    server.stop()

@@ -13,19 +13,16 @@ backoff and end as :class:`KubeUnavailableError` (transient: the stage is retrie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
-from tenacity import (
-    retry,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from config.errors import ServiceError, TransientError
 
@@ -35,6 +32,8 @@ log = logging.getLogger("buildq.kube")
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 #: Attempts per API call before a transient fault is handed to the stage's own retries.
 API_ATTEMPTS = 5
+#: Backoff between attempts: up to RETRY_BASE * 2**attempt seconds, never above RETRY_CAP.
+RETRY_BASE, RETRY_CAP = 0.25, 4.0
 #: Seconds a single (non-streaming) API request may take.
 REQUEST_TIMEOUT = 30.0
 
@@ -67,19 +66,21 @@ class KubeConflictError(KubeApiError):
     """409 AlreadyExists / Conflict."""
 
 
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, KubeUnavailableError)
+def retrying(fn: Callable[[], T], attempts: int = API_ATTEMPTS) -> T:
+    """``fn()``, again after a jittered exponential pause while it raises KubeUnavailableError.
 
-
-def retrying(fn: Callable[..., T]) -> Callable[..., T]:
-    """Retry ``fn`` on transient API faults with jittered exponential backoff."""
-    return retry(
-        retry=retry_if_exception(_transient),
-        stop=stop_after_attempt(API_ATTEMPTS),
-        wait=wait_exponential_jitter(initial=0.2, max=3.0),
-        # The last transient error says what happened; tenacity's RetryError would hide it.
-        reraise=True,
-    )(fn)
+    The last transient error is re-raised as is, so the stage's own retries (and the
+    record, if they run out) say what happened.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except KubeUnavailableError:
+            if attempt == attempts - 1:
+                raise
+            # Full jitter: several workers hitting one sick API server spread out.
+            time.sleep(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2 ** attempt)))
+    raise AssertionError("unreachable")
 
 
 def _status_of(exc: Exception) -> tuple[int, str, str]:
@@ -181,7 +182,6 @@ class Kube:
 
     def _call(self, verb: str, resource: str, namespace: str, fn: Callable[..., Any],
               *args: Any, **kwargs: Any) -> dict[str, Any]:
-        @retrying
         def attempt() -> dict[str, Any]:
             try:
                 resp = fn(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
@@ -191,7 +191,7 @@ class Kube:
                 raise translate(exc, verb, resource, namespace) from exc
             return json.loads(data) if data else {}
 
-        return attempt()
+        return retrying(attempt)
 
     def create_job(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
         return self._call("create", "jobs.batch", namespace, self.batch.create_namespaced_job,
@@ -203,11 +203,9 @@ class Kube:
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete the Job and, through the garbage collector, its pods; gone already is fine."""
-        try:
+        with contextlib.suppress(KubeNotFoundError):
             self._call("delete", "jobs.batch", namespace, self.batch.delete_namespaced_job,
                        name, namespace, propagation_policy="Background")
-        except KubeNotFoundError:
-            pass
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         data = self._call("list", "pods", namespace, self.core.list_namespaced_pod, namespace,

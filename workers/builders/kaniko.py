@@ -17,6 +17,7 @@ import json
 import logging
 import queue
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -85,8 +86,9 @@ BOOLEAN_FLAGS = frozenset({
 })
 #: Flags buildq must own: the build would read another context or lose its digest.
 OWNED_FLAGS = ("--context", "--digest-file")
-#: Pod waiting reasons after which the container will never start by itself.
-FATAL_WAITING = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+#: Pod waiting reasons after which the container will never start by itself. A first
+#: ErrImagePull is not among them: the kubelet retries, and a blip should not fail a build.
+FATAL_WAITING = frozenset({"ImagePullBackOff", "InvalidImageName",
                            "ErrImageNeverPull", "CreateContainerConfigError"})
 #: Lines of the log kept for the error message of a failed build.
 LOG_TAIL = 25
@@ -347,6 +349,15 @@ def default_args(request: KanikoRequest, cfg: LaunchConfig,
     return args
 
 
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"builder.kaniko-config.{where} is not a mapping.",
+                          "kaniko-config is a Kubernetes Job spec: metadata, spec, spec.template...")
+    return dict(value)
+
+
 def _user_container(spec: Mapping[str, Any]) -> dict[str, Any]:
     containers = spec.get("containers") or []
     if not isinstance(containers, list):
@@ -369,11 +380,11 @@ def render_job(request: KanikoRequest, cfg: LaunchConfig, settings: Settings,
     """The batch/v1 Job manifest that builds and pushes ``request``."""
     namespace = namespace or resolve_namespace(cfg, settings)
     name = job_name(cfg, request.source_hash)
-    user = copy.deepcopy(dict(cfg.builder.kaniko_config or {}))
-    user_meta = dict(user.pop("metadata", None) or {})
-    user_spec = dict(user.pop("spec", None) or {})
-    user_template = dict(user_spec.pop("template", None) or {})
-    user_pod = dict(user_template.pop("spec", None) or {})
+    user: dict[str, Any] = copy.deepcopy(dict(cfg.builder.kaniko_config or {}))
+    user_meta = _mapping(user.pop("metadata", None), "metadata")
+    user_spec = _mapping(user.pop("spec", None), "spec")
+    user_template = _mapping(user_spec.pop("template", None), "spec.template")
+    user_pod = _mapping(user_template.pop("spec", None), "spec.template.spec")
     user_container = _user_container(user_pod)
     user_pod.pop("containers", None)
 
@@ -575,8 +586,7 @@ class _Follow:
             self.stop.set()
             with self.log_lock:
                 if self.log_response is not None:
-                    with contextlib.suppress(Exception):
-                        self.log_response.close()
+                    _abort_stream(self.log_response)
 
     def _on_pod(self, kind_type: str, pod: dict[str, Any]) -> None:
         if kind_type == "DELETED":
@@ -659,6 +669,18 @@ class _Follow:
                              "Fix the Dockerfile step the log shows.")
         raise BuildError(f"the Kaniko Job {where} failed ({reason or 'no reason given'}: "
                          f"{cond.get('message') or ''})." + tail_text)
+
+
+def _abort_stream(resp: Any) -> None:
+    """End a streaming response another thread is reading.
+
+    ``close()`` would wait for the reader's lock (a deadlock while it blocks in recv);
+    shutting the socket down makes that recv return at once.
+    """
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class KanikoDispatcher:

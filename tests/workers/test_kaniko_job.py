@@ -1,0 +1,492 @@
+"""The Kaniko Job manifest (merge rules, credentials, validation) and the dispatcher
+against the Kubernetes API stand-in, whose kubelet builds with the real Docker Engine
+and pushes to the real registry."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+from config import config_from_mapping
+from config.errors import BuildError, ConfigError, TransientError
+from config.schema import LaunchConfig
+from config.settings import Settings
+from tests import services
+from tests.k8s_standin import KubeStandIn
+from workers import kube as kube_module
+from workers.builders.kaniko import (
+    DEFAULT_KANIKO_IMAGE,
+    KanikoDispatcher,
+    KanikoRequest,
+    merge_args,
+    render_job,
+)
+from workers.kube import KubeForbiddenError
+
+#: The Kubernetes version manifests are validated against (a current release).
+K8S_VERSION = "1.33.0"
+HASH = "ab" * 32
+SECRET_VALUES = ("REGISTRY-PASSWORD-7f3a", "AZURE-ACCOUNT-KEY-91bc")
+SETTINGS = Settings(registry_password=SECRET_VALUES[0], azure_storage_key=SECRET_VALUES[1],
+                    kube_namespace="buildq-default")
+
+
+def validated(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Every manifest a test produces must pass the real Job schema, strictly."""
+    kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    text = json.dumps(manifest)
+    for secret in SECRET_VALUES:
+        assert secret not in text
+    return manifest
+
+
+def cfg(builder: dict[str, Any] | None = None, **top: Any) -> LaunchConfig:
+    data = {"builder": {"type": "kaniko", "destination": "registry.example.com/team/app",
+                        "build-context-store": "s3://contexts-bucket/ctx", **(builder or {})}, **top}
+    return config_from_mapping(data)
+
+
+def request(**kw: Any) -> KanikoRequest:
+    base: dict[str, Any] = dict(image=f"registry.example.com/team/app:{HASH[:24]}",
+                                context_uri=f"s3://contexts-bucket/ctx/{HASH}.tar.gz", source_hash=HASH,
+                                labels={"buildq.source-hash": HASH})
+    base.update(kw)
+    return KanikoRequest(**base)
+
+
+def container(manifest: dict[str, Any]) -> dict[str, Any]:
+    containers = manifest["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def args_of(manifest: dict[str, Any], flag: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in container(manifest)["args"] if a.split("=", 1)[0] == flag]
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_defaults() -> None:
+    m = validated(render_job(request(build_args={"A": "1"}, target="final", platform="linux/amd64"),
+                             cfg(), SETTINGS))
+    c = container(m)
+    assert c["image"] == DEFAULT_KANIKO_IMAGE
+    assert args_of(m, "--context") == [f"s3://contexts-bucket/ctx/{HASH}.tar.gz"]
+    assert args_of(m, "--destination") == [f"registry.example.com/team/app:{HASH[:24]}"]
+    assert args_of(m, "--cache") == ["true"]
+    assert args_of(m, "--cache-repo") == ["registry.example.com/team/app-cache"]
+    assert args_of(m, "--snapshot-mode") == ["redo"]
+    assert args_of(m, "--compressed-caching") == ["false"]
+    assert args_of(m, "--digest-file") == ["/dev/termination-log"]
+    assert args_of(m, "--build-arg") == ["A=1"]
+    assert args_of(m, "--target") == ["final"]
+    assert args_of(m, "--custom-platform") == ["linux/amd64"]
+    assert args_of(m, "--label") == [f"buildq.source-hash={HASH}"]
+    spec = m["spec"]
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 1800
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert m["metadata"]["name"] == f"launch-agent-build-{HASH[:24]}"
+    assert m["metadata"]["namespace"] == "buildq-default"
+    for meta in (m["metadata"], spec["template"]["metadata"]):
+        assert meta["labels"]["buildq/source-hash"] == HASH[:24]
+        assert meta["annotations"]["buildq/source-hash"] == HASH
+
+
+def test_kaniko_image_key_and_file_context() -> None:
+    m = validated(render_job(request(context_uri=f"file:///srv/ctx/{HASH}.tar.gz"),
+                             cfg({"kaniko-image": "mirror.example.com/kaniko:v9",
+                                  "build-context-store": "file:///srv/ctx"}), SETTINGS))
+    assert container(m)["image"] == "mirror.example.com/kaniko:v9"
+    # Kaniko reads a local .tar.gz as a tar:// context.
+    assert args_of(m, "--context") == [f"tar:///srv/ctx/{HASH}.tar.gz"]
+
+
+def test_user_arg_overrides_default_and_repeatable_flags_accumulate() -> None:
+    kaniko = {"spec": {"template": {"spec": {"containers": [{"args": [
+        "--snapshot-mode=full", "--cache=false", "--build-arg=FROM_CONFIG=x",
+        "--build-arg=OTHER=y", "--registry-mirror=mirror.example.com", "--reproducible",
+        "--verbosity=debug"]}]}}}}
+    m = validated(render_job(request(build_args={"FROM_REQUEST": "1"}),
+                             cfg({"kaniko-config": kaniko}), SETTINGS))
+    assert args_of(m, "--snapshot-mode") == ["full"]
+    assert args_of(m, "--cache") == ["false"]
+    assert args_of(m, "--build-arg") == ["FROM_REQUEST=1", "FROM_CONFIG=x", "OTHER=y"]
+    assert args_of(m, "--registry-mirror") == ["mirror.example.com"]
+    assert args_of(m, "--reproducible") == ["true"]
+    assert args_of(m, "--verbosity") == ["debug"]
+    # The replaced flag keeps its place among ours.
+    flags = [a.split("=")[0] for a in container(m)["args"]]
+    assert flags.index("--snapshot-mode") < flags.index("--digest-file")
+
+
+def test_merge_args_rules() -> None:
+    merged = merge_args([("--cache", "true"), ("--build-arg", "A=1")],
+                        ["--build-arg=B=2", "--build-arg=A=1", "--cache=false", "--cache=true"])
+    assert merged == ["--cache=true", "--build-arg=A=1", "--build-arg=B=2"]
+
+
+def test_two_containers_is_a_clear_error() -> None:
+    kaniko = {"spec": {"template": {"spec": {"containers": [{"name": "a"}, {"name": "b"}]}}}}
+    with pytest.raises(ConfigError, match="2 containers; the kaniko Job runs exactly one"):
+        render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS)
+
+
+def test_arg_without_value_is_a_clear_error() -> None:
+    kaniko = {"spec": {"template": {"spec": {"containers": [{"args": ["--cache-ttl"]}]}}}}
+    with pytest.raises(ConfigError, match=r"'--cache-ttl' needs a value.*--cache-ttl=<value>"):
+        render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS)
+
+
+def test_owned_flags_and_restart_policy_are_refused() -> None:
+    with pytest.raises(ConfigError, match="--digest-file"):
+        merge_args([], ["--digest-file=/tmp/x"])
+    kaniko = {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}
+    with pytest.raises(ConfigError, match="restartPolicy: Never"):
+        render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS)
+
+
+def test_kaniko_config_deep_merge() -> None:
+    kaniko = {
+        "metadata": {"namespace": "builds", "labels": {"team": "ml"},
+                     "annotations": {"owner": "ml-infra"}},
+        "spec": {"activeDeadlineSeconds": 600, "ttlSecondsAfterFinished": 60,
+                 "template": {
+                     "metadata": {"labels": {"pod-label": "x"}},
+                     "spec": {
+                         "serviceAccountName": "kaniko-builder",
+                         "nodeSelector": {"pool": "builds"},
+                         "tolerations": [{"key": "builds", "operator": "Exists", "effect": "NoSchedule"}],
+                         "imagePullSecrets": [{"name": "mirror-pull"}],
+                         "volumes": [{"name": "cache", "emptyDir": {}}],
+                         "containers": [{
+                             "resources": {"limits": {"memory": "4Gi"}, "requests": {"cpu": "1"}},
+                             "env": [{"name": "HTTP_PROXY", "value": "http://proxy:3128"},
+                                     {"name": "AWS_REGION", "value": "us-east-1"}],
+                             "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+                         }],
+                     }}}}
+    m = validated(render_job(request(), cfg({"kaniko-config": kaniko},
+                                            environment={"type": "aws", "region": "us-east-1"}),
+                             SETTINGS))
+    assert m["metadata"]["namespace"] == "builds"
+    assert m["metadata"]["labels"]["team"] == "ml"
+    assert m["metadata"]["labels"]["buildq/source-hash"] == HASH[:24]
+    assert m["metadata"]["annotations"]["owner"] == "ml-infra"
+    assert m["spec"]["activeDeadlineSeconds"] == 600 and m["spec"]["ttlSecondsAfterFinished"] == 60
+    assert m["spec"]["backoffLimit"] == 0
+    tmpl = m["spec"]["template"]
+    assert tmpl["metadata"]["labels"]["pod-label"] == "x"
+    pod = tmpl["spec"]
+    assert pod["serviceAccountName"] == "kaniko-builder"
+    assert pod["nodeSelector"] == {"pool": "builds"}
+    assert pod["tolerations"][0]["key"] == "builds"
+    assert pod["imagePullSecrets"] == [{"name": "mirror-pull"}]
+    assert {v["name"] for v in pod["volumes"]} == {"cache"}
+    c = container(m)
+    assert c["resources"] == {"limits": {"memory": "4Gi"}, "requests": {"cpu": "1"}}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env == {"AWS_REGION": "us-east-1", "HTTP_PROXY": "http://proxy:3128"}
+    assert [v["mountPath"] for v in c["volumeMounts"]] == ["/cache"]
+    assert c["args"]  # ours survive a container block without args
+
+
+def test_name_and_namespace(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    long_name = "b" * 40
+    m = validated(render_job(request(), cfg({"build-job-name": long_name}), SETTINGS))
+    name = m["metadata"]["name"]
+    assert len(name) <= 63 and name.startswith(long_name + "-") and HASH[:16] in name
+    # No kaniko-config namespace, in a pod: the pod's own namespace.
+    (tmp_path / "namespace").write_text("from-pod\n")
+    monkeypatch.setattr(kube_module, "SERVICE_ACCOUNT_DIR", tmp_path)
+    assert render_job(request(), cfg(), SETTINGS)["metadata"]["namespace"] == "from-pod"
+    kaniko = {"metadata": {"namespace": "from-config"}}
+    assert render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS)["metadata"][
+        "namespace"] == "from-config"
+
+
+def test_cache_repo_is_never_the_destination() -> None:
+    m = validated(render_job(request(), cfg({"cache-repo": "registry.example.com/team/cache"}),
+                             SETTINGS))
+    assert args_of(m, "--cache-repo") == ["registry.example.com/team/cache"]
+    with pytest.raises(ConfigError, match="cache-repo"):
+        cfg({"cache-repo": "registry.example.com/team/app"})
+    default = render_job(request(), cfg(), SETTINGS)
+    assert args_of(default, "--cache-repo") != [args_of(default, "--destination")[0].rsplit(":", 1)[0]]
+
+
+def _docker_config(m: dict[str, Any]) -> dict[str, Any]:
+    pod = m["spec"]["template"]
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "docker-config")
+    mount = next(v for v in container(m)["volumeMounts"] if v["name"] == "docker-config")
+    assert mount["mountPath"] == "/kaniko/.docker"
+    if "secret" in volume:
+        return {"secret": volume["secret"]}
+    field = volume["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"]
+    key = field.split("['")[1].rstrip("']")
+    return dict(json.loads(pod["metadata"]["annotations"][key]))
+
+
+def test_aws_credentials() -> None:
+    ecr = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:9000", registry_password=SECRET_VALUES[0])
+    m = validated(render_job(
+        request(image=f"{ecr}/app:{HASH[:24]}"),
+        cfg({"destination": f"{ecr}/app",
+             "kaniko-config": {"spec": {"template": {"spec": {"serviceAccountName": "irsa-kaniko"}}}}},
+            environment={"type": "aws", "region": "us-east-1"}), settings))
+    env = {e["name"]: e.get("value") for e in container(m)["env"]}
+    assert env == {"AWS_REGION": "us-east-1", "S3_ENDPOINT": "http://127.0.0.1:9000",
+                   "S3_FORCE_PATH_STYLE": "true"}
+    assert _docker_config(m) == {"credHelpers": {ecr: "ecr-login"}}
+    assert m["spec"]["template"]["spec"]["serviceAccountName"] == "irsa-kaniko"
+
+
+def test_gcp_credentials() -> None:
+    gar = "us-central1-docker.pkg.dev/proj/repo/app"
+    m = validated(render_job(
+        request(image=f"{gar}:{HASH[:24]}", context_uri=f"gs://ctx-bucket/p/{HASH}.tar.gz"),
+        cfg({"destination": gar, "build-context-store": "gs://ctx-bucket/p",
+             "secret-name": "gcp-sa", "secret-key": "sa.json"},
+            environment={"type": "gcp", "region": "us-central1", "project": "proj"}), SETTINGS))
+    c = container(m)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env == {"GOOGLE_APPLICATION_CREDENTIALS": "/secret/sa.json"}
+    volumes = {v["name"]: v for v in m["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["gcp-credentials"]["secret"] == {"secretName": "gcp-sa"}
+    assert _docker_config(m) == {"credHelpers": {"us-central1-docker.pkg.dev": "gcr"}}
+
+
+def test_azure_credentials_reference_a_secret_only() -> None:
+    m = validated(render_job(
+        request(image=f"myreg.azurecr.io/app:{HASH[:24]}",
+                context_uri=f"https://acct1.blob.core.windows.net/ctx/{HASH}.tar.gz"),
+        cfg({"destination": "https://myreg.azurecr.io/app",
+             "build-context-store": "https://acct1.blob.core.windows.net/ctx"},
+            environment={"type": "azure"}), SETTINGS))
+    (env,) = container(m)["env"]
+    assert env == {"name": "AZURE_STORAGE_ACCESS_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "azure-storage-access-key", "key": "AZURE_STORAGE_ACCESS_KEY"}}}
+    assert _docker_config(m) == {"credHelpers": {"myreg.azurecr.io": "acr-env"}}
+    assert m["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+
+
+def test_other_registry_mounts_the_dockerconfigjson_secret() -> None:
+    m = validated(render_job(request(), cfg({"secret-name": "regcred"}), SETTINGS))
+    assert _docker_config(m) == {"secret": {"secretName": "regcred", "items": [
+        {"key": ".dockerconfigjson", "path": "config.json"}]}}
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
+@pytest.fixture
+def standin(kube_standin: KubeStandIn) -> Iterator[KubeStandIn]:
+    kube_standin.reset()
+    yield kube_standin
+    kube_standin.reset()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "contexts"
+    root.mkdir()
+    return root
+
+
+def _context(store: Path, dockerfile: str) -> tuple[str, str]:
+    """A .tar.gz context in a file store; returns (source hash, object URI)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("Dockerfile", dockerfile.encode()), ("msg.txt", uuid.uuid4().bytes)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    path = store / f"{digest}.tar.gz"
+    path.write_bytes(buf.getvalue())
+    return digest, path.as_uri()
+
+
+def _setup(registry: services.RegistryServer, store: Path, base: str, steps: str = "",
+           kaniko: dict[str, Any] | None = None) -> tuple[LaunchConfig, KanikoRequest]:
+    digest, uri = _context(store, f"FROM {base}\nCOPY msg.txt /msg.txt\n{steps}")
+    builder: dict[str, Any] = {"destination": f"{registry.host}/kaniko/job",
+                               "build-context-store": store.as_uri()}
+    if kaniko:
+        builder["kaniko-config"] = kaniko
+    return cfg(builder), KanikoRequest(image=f"{registry.host}/kaniko/job:{digest[:24]}",
+                                       context_uri=uri, source_hash=digest,
+                                       labels={"buildq.source-hash": digest})
+
+
+def _nothing_left(standin: KubeStandIn) -> None:
+    assert standin.list("jobs") == []
+    assert standin.list("pods") == []
+
+
+def test_success_returns_registry_digest_with_consistent_names(
+        standin: KubeStandIn, registry: services.RegistryServer, store: Path, base_image: str) -> None:
+    config, req = _setup(registry, store, base_image, "RUN echo built-by-standin\n",
+                         kaniko={"metadata": {"namespace": "builds"}})
+    lines: list[str] = []
+    digest = KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lines.append)
+    assert digest == registry.digest("kaniko/job", req.image.rsplit(":", 1)[1])
+    assert "built-by-standin" in lines  # the pod log was streamed live into ours
+    _nothing_left(standin)
+
+    manifest = validated(render_job(req, config, SETTINGS))
+    name = manifest["metadata"]["name"]
+    (create,) = standin.requests_for("POST")
+    assert create.path == "/apis/batch/v1/namespaces/builds/jobs"
+    assert create.body["metadata"]["name"] == name
+    assert create.body["spec"] == manifest["spec"]  # nothing lost on the way to the API
+    watches = [r for r in standin.requests if r.query.get("watch") == "true"]
+    assert {r.path for r in watches} == {"/apis/batch/v1/namespaces/builds/jobs",
+                                         "/api/v1/namespaces/builds/pods"}
+    assert any(r.query.get("fieldSelector") == f"metadata.name={name}" for r in watches)
+    logs = [r for r in standin.requests if r.path.endswith("/log")]
+    assert logs and all(r.path.startswith(f"/api/v1/namespaces/builds/pods/{name}-")
+                        and r.query["follow"] == "true" for r in logs)
+    (delete,) = standin.requests_for("DELETE")
+    assert delete.path == f"/apis/batch/v1/namespaces/builds/jobs/{name}"
+    assert delete.body == {"propagationPolicy": "Background"}
+    # No namespace other than the Job's was ever addressed.
+    assert all("/namespaces/builds/" in r.path for r in standin.requests)
+
+
+def test_failing_build_reports_exit_code_and_log_tail(
+        standin: KubeStandIn, registry: services.RegistryServer, store: Path, base_image: str) -> None:
+    config, req = _setup(registry, store, base_image, "RUN echo about-to-fail && false\n")
+    with pytest.raises(BuildError) as err:
+        KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    assert "kaniko exited with code 1" in err.value.message
+    assert "about-to-fail" in err.value.message
+    _nothing_left(standin)
+
+
+def test_stand_in_exit_knob(standin: KubeStandIn, registry: services.RegistryServer, store: Path,
+                            base_image: str) -> None:
+    config, req = _setup(registry, store, base_image)
+    standin.plan("exit")
+    with pytest.raises(BuildError, match="exited with code 1"):
+        KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    _nothing_left(standin)
+
+
+def test_deadline_exceeded(standin: KubeStandIn, registry: services.RegistryServer, store: Path,
+                           base_image: str) -> None:
+    config, req = _setup(registry, store, base_image,
+                         kaniko={"spec": {"activeDeadlineSeconds": 2}})
+    standin.plan("hang")
+    with pytest.raises(BuildError, match=r"deadline of 2s \(DeadlineExceeded\)"):
+        KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    _nothing_left(standin)
+
+
+def test_oom_killed(standin: KubeStandIn, registry: services.RegistryServer, store: Path,
+                    base_image: str) -> None:
+    kaniko = {"spec": {"template": {"spec": {"containers": [
+        {"resources": {"limits": {"memory": "256Mi"}}}]}}}}
+    config, req = _setup(registry, store, base_image, kaniko=kaniko)
+    standin.plan("oom")
+    with pytest.raises(BuildError, match=r"OOMKilled, limit 256Mi"):
+        KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    _nothing_left(standin)
+
+
+def test_image_pull_backoff(standin: KubeStandIn, registry: services.RegistryServer, store: Path,
+                            base_image: str) -> None:
+    config, req = _setup(registry, store, base_image)
+    standin.plan("pull")
+    with pytest.raises(BuildError, match="ImagePullBackOff"):
+        KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    _nothing_left(standin)
+
+
+def test_conflict_adopts_the_existing_job(
+        standin: KubeStandIn, registry: services.RegistryServer, store: Path, base_image: str) -> None:
+    config, req = _setup(registry, store, base_image, "RUN echo adopted-build\n")
+    manifest = render_job(req, config, SETTINGS)
+    # An earlier attempt (a worker that died) created the same Job.
+    standin._create("jobs", manifest["metadata"]["namespace"], manifest)
+    lines: list[str] = []
+    digest = KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lines.append)
+    assert digest == registry.digest("kaniko/job", req.image.rsplit(":", 1)[1])
+    assert [r.status for r in standin.requests_for("POST")] == [409]
+    assert any("adopted the existing Job" in line for line in lines)
+    _nothing_left(standin)
+
+
+def test_api_500_then_recovery(standin: KubeStandIn, registry: services.RegistryServer, store: Path,
+                               base_image: str) -> None:
+    config, req = _setup(registry, store, base_image)
+    standin.fail_next(2, 500, method="POST")
+    standin.fail_next(1, 503, path_contains="/pods")
+    digest = KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    assert digest == registry.digest("kaniko/job", req.image.rsplit(":", 1)[1])
+    assert [r.status for r in standin.requests_for("POST")] == [500, 500, 201]
+    _nothing_left(standin)
+
+
+def test_api_down_is_transient(standin: KubeStandIn, registry: services.RegistryServer, store: Path,
+                               base_image: str) -> None:
+    config, req = _setup(registry, store, base_image)
+    standin.fail_next(1000, 500)
+    with pytest.raises(TransientError, match="answered 500"):
+        KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    standin.reset()
+    _nothing_left(standin)
+
+
+def test_forbidden_names_the_rbac_verb(standin: KubeStandIn, registry: services.RegistryServer,
+                                       store: Path, base_image: str) -> None:
+    config, req = _setup(registry, store, base_image)
+    standin.fail_next(1, 403, method="POST")
+    with pytest.raises(KubeForbiddenError) as err:
+        KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    assert "may not create jobs.batch in namespace 'buildq-default'" in str(err.value)
+    assert "verbs [create]" in str(err.value)
+    _nothing_left(standin)
+
+
+def test_soft_time_limit_still_deletes_the_job(
+        standin: KubeStandIn, registry: services.RegistryServer, store: Path, base_image: str) -> None:
+    config, req = _setup(registry, store, base_image)
+    standin.plan("hang")
+
+    def soft_limit(signum: int, frame: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    # Celery raises SoftTimeLimitExceeded from a signal handler in the worker's main thread.
+    previous = signal.signal(signal.SIGUSR1, soft_limit)
+
+    def fire_once_running() -> None:
+        services.wait_for(lambda: any(p["status"]["phase"] == "Running" for p in standin.list("pods")),
+                          30, "the kaniko pod")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    timer = threading.Thread(target=fire_once_running, daemon=True)
+    timer.start()
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    finally:
+        timer.join(30)
+        signal.signal(signal.SIGUSR1, previous)
+    assert [r.body for r in standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
+    _nothing_left(standin)
