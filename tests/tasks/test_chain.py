@@ -82,7 +82,8 @@ def test_docker_worker_killed_mid_build_completes_exactly_once(
     while victim is None and time.monotonic() < deadline:
         active = celery_app.control.inspect(timeout=0.5).active() or {}
         for hostname, running in active.items():
-            if any(t["name"] == "buildq.build" for t in running):
+            # "name" is the display name (buildq.build_image:build); "type" the task itself.
+            if any(t.get("type", t["name"]) == "buildq.build" for t in running):
                 victim = cluster.workers[cluster.worker_pid(hostname)][1]
         time.sleep(0.2)
     assert victim is not None, "the build never started"
