@@ -380,6 +380,56 @@ def config_check(config_path: str | None) -> None:
     click.echo(yaml.safe_dump(cfg.to_mapping(), sort_keys=False).rstrip() or "{}")
 
 
+@cli.command("kaniko-job")
+@click.argument("source")
+@click.option("--destination", help="Registry repository to push to, without a tag.")
+@click.option("--ref", help="Git branch, tag or commit.")
+@with_build_options
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
+def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
+               build_args: tuple[str, ...], target: str | None, platform: str | None,
+               config_path: str | None) -> None:
+    """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it."""
+    import tempfile
+
+    import yaml
+
+    from config import load_config
+    from tasks.operations import HASH_LABEL, with_destination
+    from workers.builders.kaniko import KanikoRequest, render_job
+    from workers.context import BuildInputs, image_tag, source_hash
+    from workers.sources import fetch_source, parse_source
+    from workers.stores import store_for_url
+
+    settings = _settings()
+    cfg = load_config(config_path, env_path=settings.config_path)
+    if destination:
+        cfg = with_destination(cfg, destination)
+    dest = cfg.destination()
+    if dest is None or not cfg.builder.build_context_store:
+        raise InputError("a kaniko Job needs builder.destination and builder.build-context-store.",
+                         "Set both in the launch-config (or pass --destination).")
+    args = _build_args(build_args)
+    platform = platform or cfg.builder.platform
+    inputs = BuildInputs.create(dockerfile, args, target, platform)
+    spec = parse_source(source, ref)
+    if spec.kind == "image":
+        raise InputError("an image source needs no build.", "Give a directory, archive or git URL.")
+    with tempfile.TemporaryDirectory(prefix="buildq-kaniko-job-") as scratch:
+        fetched = fetch_source(spec, Path(scratch))
+        try:
+            digest = source_hash(fetched.root, inputs)
+        finally:
+            fetched.cleanup()
+    store = store_for_url(cfg.builder.build_context_store, settings)
+    request = KanikoRequest(image=dest.with_tag(image_tag(digest)),
+                            context_uri=store.uri(f"{digest}.tar.gz"), source_hash=digest,
+                            dockerfile=dockerfile or "Dockerfile", build_args=args, target=target,
+                            platform=platform, labels={HASH_LABEL: digest})
+    click.echo(yaml.safe_dump(render_job(request, cfg, settings), sort_keys=False).rstrip())
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
