@@ -490,3 +490,35 @@ def test_soft_time_limit_still_deletes_the_job(
         signal.signal(signal.SIGUSR1, previous)
     assert [r.body for r in standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
     _nothing_left(standin)
+
+
+def test_s3_context_read_with_the_pods_endpoint_env(
+        standin: KubeStandIn, registry: services.RegistryServer, moto_server: services.StandIn,
+        tmp_path: Path, base_image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet reads s3:// only through the S3_ENDPOINT/S3_FORCE_PATH_STYLE the Job carries."""
+    import boto3
+
+    from workers.stores.s3 import S3Store
+
+    for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    bucket = f"kaniko-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server.endpoint).create_bucket(Bucket=bucket)
+    settings = Settings(s3_endpoint_url=moto_server.endpoint, kube_namespace="s3-builds")
+    store = S3Store(f"s3://{bucket}/ctx", settings)
+    local = tmp_path / "local"
+    local.mkdir()
+    digest, _ = _context(local, f"FROM {base_image}\nCOPY msg.txt /msg.txt\n")
+    with store.writer(f"{digest}.tar.gz") as out:
+        out.write((local / f"{digest}.tar.gz").read_bytes())
+    config = cfg({"destination": f"{registry.host}/kaniko/s3", "build-context-store": store.url})
+    req = KanikoRequest(image=f"{registry.host}/kaniko/s3:{digest[:24]}",
+                        context_uri=store.uri(f"{digest}.tar.gz"), source_hash=digest)
+    manifest = validated(render_job(req, config, settings))
+    assert {e["name"]: e["value"] for e in container(manifest)["env"]} == {
+        "S3_ENDPOINT": moto_server.endpoint, "S3_FORCE_PATH_STYLE": "true"}
+    result = KanikoDispatcher(config, settings, standin.api_client()).run(req, lambda _: None)
+    assert result == registry.digest("kaniko/s3", digest[:24])
+    store.delete(f"{digest}.tar.gz")
+    _nothing_left(standin)
