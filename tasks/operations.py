@@ -234,7 +234,7 @@ def upload(state: BuildState, settings: Settings) -> str:
 def _docker_builder(settings: Settings) -> Builder:
     from workers.builders.docker import DockerBuilder
 
-    return DockerBuilder()
+    return DockerBuilder(endpoints=settings.registry_endpoints)
 
 
 def _build_request(state: BuildState, settings: Settings) -> BuildRequest:

@@ -181,7 +181,10 @@ class _BuildLog:
 class DockerBuilder(Builder):
     name = "docker"
 
-    def __init__(self, base_url: str | None = None) -> None:
+    def __init__(self, base_url: str | None = None,
+                 endpoints: Mapping[str, str] | None = None) -> None:
+        #: Registry host → where it is really reached (Settings.registry_endpoints).
+        self._endpoints = dict(endpoints or {})
         self._where = base_url or "DOCKER_HOST or the default socket /var/run/docker.sock"
         try:
             if base_url is None:
@@ -342,6 +345,23 @@ class DockerBuilder(Builder):
     def push(self, image: str, auth: Mapping[str, str] | None, log: LogFn) -> str:
         repository, tag = split_image(image)
         host = _registry_host(repository)
+        endpoint = self._endpoints.get(host)
+        if endpoint:
+            # The engine pushes to the host an image is named after, so a mapped registry
+            # gets a temporary alias named after its endpoint; the image keeps its name.
+            alias = endpoint + repository[len(host):]
+            try:
+                self._client.api.tag(image, alias, tag)
+                return self._push(image, alias, tag, host, auth, log)
+            except NotFound:
+                raise BuildError(f"cannot push {image}: no such image on the build host.",
+                                 "Build it first; it may have been removed meanwhile.") from None
+            finally:
+                self.remove_image(f"{alias}:{tag}")
+        return self._push(image, repository, tag, host, auth, log)
+
+    def _push(self, image: str, repository: str, tag: str, host: str,
+              auth: Mapping[str, str] | None, log: LogFn) -> str:
         digest = ""
         try:
             stream = self._client.api.push(

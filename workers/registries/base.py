@@ -2,13 +2,22 @@
 
 A backend only says how it obtains credentials for its host. Everything a registry
 v2 speaks — the manifest HEAD, the anonymous → Basic / Bearer challenge dance, the
-token cache, the mapping of HTTP failures onto buildq's error tree — lives here, so
-cloud backends (ECR, Artifact Registry, ACR) stay a few lines long.
+token cache, the push probe ``buildq doctor`` runs, the mapping of HTTP failures onto
+buildq's error tree — lives here, so cloud backends (ECR, Artifact Registry, ACR) stay
+short.
+
+Logical hosts and endpoints: an image keeps the name the user configured
+(``<acct>.dkr.ecr.<region>.amazonaws.com/app``) everywhere — in records, tags and
+messages — while ``Settings.registry_endpoints`` may say that host is really reached at
+another address (a pull-through proxy, a private link, a test stand-in). Only the HTTP
+requests here, and the Docker pool's push (which pushes a temporary alias of the image
+named after the endpoint, see ``workers.builders.docker``), use the endpoint.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import re
@@ -17,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
@@ -108,10 +117,18 @@ def is_plain_http(host: str, insecure: tuple[str, ...] = ()) -> bool:
 class Registry(ABC):
     """One registry host, reached over the registry v2 HTTP API."""
 
+    #: What a user grants so the tag check may read the repository (named in errors and
+    #: by ``buildq doctor``); cloud backends name their IAM action or role.
+    pull_permission = "pull access to the repository"
+    #: What a user grants so the Docker pool may push.
+    push_permission = "push access to the repository"
+
     def __init__(self, host: str, settings: Settings) -> None:
         self.host = _strip_scheme(host)
         self.settings = settings
-        api_host = API_HOSTS.get(self.host, self.host)
+        api_host = settings.registry_endpoints.get(self.host) or API_HOSTS.get(self.host, self.host)
+        #: Where requests really go (``host`` unless settings map it elsewhere).
+        self.endpoint = api_host
         scheme = "http" if is_plain_http(api_host, settings.insecure_registries) else "https"
         self.base_url = f"{scheme}://{api_host}"
         # Once a registry has asked for Basic, asking anonymously first only costs a 401.
@@ -126,6 +143,15 @@ class Registry(ABC):
     @abstractmethod
     def credentials(self) -> tuple[str, str] | None:
         """(username, password) for this host, or None to stay anonymous."""
+
+    def credentials_hint(self) -> str:
+        """How a user gives this backend credentials (the hint of every auth error)."""
+        return CREDENTIALS_HINT.format(host=self.host)
+
+    def identity(self) -> str:
+        """Who the credentials say we are, for ``buildq doctor``; never a secret."""
+        creds = self._credentials()
+        return f"user {creds[0]!r}" if creds else "anonymous (no credentials configured)"
 
     def _credentials(self) -> tuple[str, str] | None:
         # Read once per instance: backends may read files or call cloud APIs for them.
@@ -161,12 +187,37 @@ class Registry(ABC):
         self._raise_for_status(response, f"{ref.repository}:{tag}")
         return "sha256:" + hashlib.sha256(response.content).hexdigest()
 
+    def ping(self) -> None:
+        """Log in: ``GET /v2/`` with this backend's credentials; raises if refused."""
+        response = self._send("GET", "/v2/", "", {})
+        self._raise_for_status(response, "the API root /v2/")
+
+    def check_push(self, ref: ImageRef) -> None:
+        """Prove a push would be allowed: start a blob upload, then cancel it.
+
+        Nothing is written: an upload session holds no data until a PATCH/PUT, and the
+        DELETE ends it (registries also expire abandoned sessions on their own).
+        """
+        path = f"/v2/{ref.repository}/blobs/uploads/"
+        scope = f"repository:{ref.repository}:pull,push"
+        response = self._send("POST", path, scope, {"Content-Length": "0"})
+        if response.status_code in (401, 403):
+            raise self._auth_error(response.status_code, self._credentials() is not None,
+                                   self.push_permission)
+        self._raise_for_status(response, f"a blob upload to {ref.repository}")
+        location = response.headers.get("Location")
+        if location:
+            # Best effort: a session left open costs nothing and expires by itself.
+            with contextlib.suppress(RegistryError):
+                self._send("DELETE", urljoin(self.base_url + path, location), scope, {})
+
     # -- HTTP and auth -------------------------------------------------------------------
 
     def _send(
         self, method: str, path: str, scope: str, headers: dict[str, str]
     ) -> requests.Response:
-        url = self.base_url + path
+        # A path, or a full URL the registry handed back (an upload's Location).
+        url = path if "://" in path else self.base_url + path
         creds = self._credentials() if self._basic_known else None
         cached = None if creds else self._cached_token(scope)
         if creds:
@@ -284,7 +335,7 @@ class Registry(ABC):
             return
         where = where or f"registry {self.host}"
         if status in (401, 403):
-            raise self._auth_error(status, self._credentials() is not None)
+            raise self._auth_error(status, self._credentials() is not None, self.pull_permission)
         if status == 429 or status >= 500:
             raise TransientRegistryError(
                 f"{where} answered {status} {response.reason} for {what}.",
@@ -295,15 +346,18 @@ class Registry(ABC):
             "Check the image name and that this registry speaks the registry v2 API.",
         )
 
-    def _auth_error(self, status: int, had_credentials: bool) -> RegistryError:
+    def _auth_error(
+        self, status: int, had_credentials: bool, permission: str | None = None
+    ) -> RegistryError:
         if had_credentials:
+            needed = permission or f"{self.pull_permission} / {self.push_permission}"
             message = (
                 f"registry {self.host} rejected the configured credentials ({status}): "
-                "they are wrong or lack pull/push access."
+                f"they are wrong or lack {needed}."
             )
         else:
             message = f"registry {self.host} requires credentials ({status}) and none are set."
-        return RegistryError(message, CREDENTIALS_HINT.format(host=self.host))
+        return RegistryError(message, self.credentials_hint())
 
 
 def _basic(creds: tuple[str, str]) -> str:
@@ -322,16 +376,22 @@ def _reason(exc: Exception) -> str:
     return text.split(": ", 1)[-1][:200]
 
 
+#: Backend module and class per ``classify_registry`` kind; imported on first use so a
+#: worker that never meets ECR does not pay for boto3 (nor ACR for azure-identity).
+BACKENDS = {
+    "v2": ("workers.registries.v2", "V2Registry"),
+    "ecr": ("workers.registries.ecr", "ECRRegistry"),
+    "gar": ("workers.registries.gar", "ArtifactRegistry"),
+    "acr": ("workers.registries.acr", "ACRRegistry"),
+}
+
+
 def registry_for(ref: ImageRef, settings: Settings) -> Registry:
-    """The backend that speaks for ``ref``'s registry host.
+    """The backend that speaks for ``ref``'s registry host, picked by the host's shape."""
+    import importlib
 
-    ECR, Artifact Registry and ACR get backends of their own in ``backends`` (each only
-    supplies credentials); until then they are plain v2 registries, authenticated with
-    whatever the settings or docker's config.json hold for their host.
-    """
     from config.references import classify_registry
-    from workers.registries.v2 import V2Registry
 
-    backends: dict[str, type[Registry]] = {"v2": V2Registry}
-    backend = backends.get(classify_registry(ref).kind, V2Registry)
+    module, name = BACKENDS.get(classify_registry(ref).kind, BACKENDS["v2"])
+    backend: type[Registry] = getattr(importlib.import_module(module), name)
     return backend(ref.registry, settings)

@@ -1,0 +1,115 @@
+"""Google Artifact Registry: ``<region>-docker.pkg.dev/<project>/<repository>/<image...>``.
+
+Credentials come from ``google.auth.default()`` (a service account on GKE/GCE, the
+file named by GOOGLE_APPLICATION_CREDENTIALS, or gcloud's application-default login);
+a caller may hand a credentials object instead. The registry login is
+``oauth2accesstoken:<access token>``; the token is refreshed whenever google-auth no
+longer calls it valid — expired, or about to be — not only when there is none yet.
+The tag check is the plain registry v2 HEAD with that login.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from config.errors import RegistryError, TransientRegistryError
+from workers.registries.base import Registry
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+#: The username Artifact Registry expects with an OAuth access token as the password.
+TOKEN_USER = "oauth2accesstoken"
+#: The scope asked of google.auth.default(); Artifact Registry accepts cloud-platform.
+SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
+
+# google.auth.default() reads files and may ask a metadata server: do it once per process.
+# The lock also keeps two threads from refreshing one credentials object at once.
+_default: tuple[Any, str | None] | None = None
+_lock = threading.Lock()
+
+
+def _default_credentials() -> tuple[Any, str | None]:
+    global _default
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    with _lock:
+        if _default is None:
+            try:
+                _default = google.auth.default(scopes=list(SCOPES))
+            except DefaultCredentialsError as exc:
+                raise RegistryError(
+                    f"no Google credentials: google.auth.default() found none ({_first_line(exc)}).",
+                    "Run the workers with a service account (GKE Workload Identity, GCE), set "
+                    "GOOGLE_APPLICATION_CREDENTIALS to a key file, or run "
+                    "'gcloud auth application-default login'.",
+                ) from None
+        return _default
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+class ArtifactRegistry(Registry):
+    """Artifact Registry's docker endpoint, logged in with a Google OAuth access token."""
+
+    pull_permission = "artifactregistry.repositories.downloadArtifacts"
+    push_permission = "artifactregistry.repositories.uploadArtifacts"
+
+    def __init__(self, host: str, settings: Settings, credentials: Any = None) -> None:
+        super().__init__(host, settings)
+        #: A google.auth credentials object; None means google.auth.default().
+        self._google = credentials
+
+    def _google_credentials(self) -> Any:
+        return self._google if self._google is not None else _default_credentials()[0]
+
+    def credentials_hint(self) -> str:
+        return ("Grant the workers' Google identity roles/artifactregistry.writer (it holds "
+                f"{self.pull_permission} and {self.push_permission}) on the repository.")
+
+    def credentials(self) -> tuple[str, str]:
+        return TOKEN_USER, self._access_token()
+
+    def _access_token(self) -> str:
+        import google.auth.transport.requests
+        from google.auth.exceptions import RefreshError, TransportError
+
+        creds = self._google_credentials()
+        with _lock:
+            # ``valid`` is False once the token is within google-auth's refresh window of
+            # its expiry, so a token never reaches the registry about to die.
+            if not creds.valid:
+                try:
+                    creds.refresh(google.auth.transport.requests.Request())
+                except TransportError as exc:
+                    raise TransientRegistryError(
+                        f"Google's token endpoint could not be reached ({_first_line(exc)}).",
+                        "buildq retries.") from None
+                except RefreshError as exc:
+                    raise RegistryError(
+                        f"refreshing the Google credentials failed ({_first_line(exc)}).",
+                        "Check that the service account or login behind google.auth.default() "
+                        "is still valid (gcloud auth application-default login).") from None
+            token = creds.token
+        if not token:
+            raise RegistryError("the Google credentials gave no access token.",
+                                "Check GOOGLE_APPLICATION_CREDENTIALS or the workers' service account.")
+        return str(token)
+
+    def identity(self) -> str:
+        creds = self._google_credentials()
+        # Touch the token endpoint so "credentials resolve" means they work, not just exist.
+        self._access_token()
+        email = getattr(creds, "service_account_email", None)
+        if email and email != "default":
+            who = f"service account {email}"
+        elif getattr(creds, "client_id", None):
+            who = f"authorized user (OAuth client {creds.client_id})"
+        else:
+            who = type(creds).__name__
+        project = None if self._google is not None else _default_credentials()[1]
+        return who + (f", project {project}" if project else "")
