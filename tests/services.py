@@ -441,3 +441,212 @@ def ensure_python_base_image(scratch: Path) -> str:
                    capture_output=True, timeout=300)
     tar.unlink()
     return PYTHON_BASE_IMAGE
+
+
+# --- cloud registry login stand-ins (registry token auth, Google OAuth) ---------------------
+
+
+class TokenSigner:
+    """Signs registry bearer tokens (RS256 JWTs) that a ``auth: token`` registry trusts.
+
+    The certificate is written to ``bundle`` for the registry's ``rootcertbundle``; each
+    token carries it in ``x5c``, which is how docker-registry finds the signing key.
+    """
+
+    def __init__(self, directory: Path, issuer: str, service: str) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.issuer, self.service = issuer, service
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(self.key, hashes.SHA256()))
+        self.bundle = directory / f"{issuer}-root.pem"
+        self.bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        import base64
+
+        self._x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
+
+    def registry_token(self, subject: str, scopes: list[str], allowed: set[str],
+                       lifetime: int = 300) -> str:
+        """A token granting, per requested scope, only the actions in ``allowed``."""
+        import uuid
+
+        import jwt
+
+        access = []
+        for scope in scopes:
+            for item in scope.split():
+                kind, _, rest = item.partition(":")
+                name, _, actions = rest.rpartition(":")
+                granted = [a for a in actions.split(",") if a in allowed]
+                access.append({"type": kind, "name": name, "actions": granted})
+        now = int(time.time())
+        claims = {"iss": self.issuer, "sub": subject, "aud": self.service, "iat": now,
+                  "nbf": now - 10, "exp": now + lifetime, "jti": uuid.uuid4().hex,
+                  "access": access}
+        return str(jwt.encode(claims, self.key, algorithm="RS256", headers={"x5c": self._x5c}))
+
+
+class HTTPStandIn:
+    """A small threaded HTTP server on 127.0.0.1 whose ``route`` answers every request."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                status, headers, payload = outer.route(self.command, self.path,
+                                                       dict(self.headers), body)
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_HEAD = _any
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def route(self, method: str, path: str, headers: dict[str, str],
+              body: bytes) -> tuple[int, dict[str, str], bytes]:
+        raise NotImplementedError
+
+    @staticmethod
+    def json(status: int, data: object) -> tuple[int, dict[str, str], bytes]:
+        import json
+
+        return status, {"Content-Type": "application/json"}, json.dumps(data).encode()
+
+    @staticmethod
+    def basic(headers: dict[str, str]) -> tuple[str, str] | None:
+        import base64
+
+        header = headers.get("Authorization", "")
+        if not header.startswith("Basic "):
+            return None
+        user, sep, password = base64.b64decode(header[6:]).decode().partition(":")
+        return (user, password) if sep else None
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class GoogleStandIn(HTTPStandIn):
+    """Google's OAuth token endpoint plus Artifact Registry's registry token service.
+
+    ``POST /token`` (refresh_token grant, as google-auth sends it) issues short-lived access
+    tokens; ``GET /v2/token`` (the registry's realm) accepts only Basic
+    ``oauth2accesstoken:<an access token it issued that has not expired>``, as Artifact
+    Registry does, and grants the actions in ``allowed``.
+    """
+
+    def __init__(self, directory: Path, token_prefix: str = "ya29.standin-") -> None:
+        super().__init__()
+        self.signer = TokenSigner(directory, "gar-standin-issuer", "gar-standin")
+        self.refresh_token = f"1//standin-refresh-{os.urandom(8).hex()}"
+        self.token_prefix = token_prefix
+        self.lifetime = 3600
+        self.allowed = {"pull", "push"}
+        #: access token → expiry (epoch seconds)
+        self.issued: dict[str, float] = {}
+        self.refreshes = 0
+        self.registry_logins: list[str] = []
+        self.service_accounts: dict[str, object] = {}
+
+    @property
+    def realm(self) -> str:
+        return f"{self.url}/v2/token"
+
+    def service_account_file(self, path: Path, project: str = "my-proj",
+                             email: str = "builder@my-proj.iam.gserviceaccount.com") -> Path:
+        """A service-account key file whose ``token_uri`` is this endpoint.
+
+        (google-auth pins authorized-user files to Google's real token URI; key files
+        keep theirs, so google.auth.default() really signs a JWT and refreshes here.)
+        """
+        import json
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.service_accounts[email] = key.public_key()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+        path.write_text(json.dumps({
+            "type": "service_account", "project_id": project, "private_key_id": "standin-key",
+            "private_key": pem, "client_email": email, "client_id": "1234567890",
+            "token_uri": f"{self.url}/token"}))
+        return path
+
+    def _grant_ok(self, form: dict[str, str]) -> bool:
+        if form.get("grant_type") == "refresh_token":
+            return form.get("refresh_token") == self.refresh_token
+        if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            import jwt
+
+            try:
+                email = jwt.decode(form.get("assertion", ""),
+                                   options={"verify_signature": False})["iss"]
+                # google-auth addresses the assertion to Google's token URI whatever the
+                # file's token_uri says, which is what Google checks too.
+                jwt.decode(form["assertion"], self.service_accounts[email],  # type: ignore[arg-type]
+                           algorithms=["RS256"], audience="https://oauth2.googleapis.com/token")
+            except (jwt.PyJWTError, KeyError):
+                return False
+            return True
+        return False
+
+    def route(self, method: str, path: str, headers: dict[str, str],
+              body: bytes) -> tuple[int, dict[str, str], bytes]:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(path)
+        if method == "POST" and parts.path == "/token":
+            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+            if not self._grant_ok(form):
+                return self.json(400, {"error": "invalid_grant"})
+            self.refreshes += 1
+            token = f"{self.token_prefix}{os.urandom(12).hex()}"
+            self.issued[token] = time.time() + self.lifetime
+            return self.json(200, {"access_token": token, "expires_in": self.lifetime,
+                                   "token_type": "Bearer"})
+        if method == "GET" and parts.path == "/v2/token":
+            login = self.basic(headers)
+            if login is None or login[0] != "oauth2accesstoken" or \
+                    self.issued.get(login[1], 0) <= time.time():
+                return self.json(401, {"errors": [{"code": "UNAUTHORIZED"}]})
+            self.registry_logins.append(login[1])
+            query = parse_qs(parts.query)
+            token = self.signer.registry_token("gar-user", query.get("scope", []), self.allowed)
+            return self.json(200, {"token": token, "expires_in": 300})
+        return self.json(404, {})
+
+
+def start_gar_registry(root: Path, google: GoogleStandIn) -> RegistryServer:
+    """A token-auth registry whose realm is ``google``'s registry token service."""
+    return start_token_registry(root, realm=google.realm, service=google.signer.service,
+                                issuer=google.signer.issuer, rootcertbundle=google.signer.bundle)

@@ -98,14 +98,15 @@ class ECRRegistry(Registry):
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
-            if code in _DENIED_CODES:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            # AWS answers AccessDeniedException (400); some stand-ins only a bare 403.
+            if code in _DENIED_CODES or status == 403 or code == "403":
                 raise RegistryError(
                     f"AWS denied {action} on {what} in {self.region} ({code}): the credentials "
                     f"boto3 found lack the IAM permission {action}.",
                     f"Allow {action} on arn:aws:ecr:{self.region}:{self.account}:repository/* "
                     "in the IAM policy of the role or user the workers run as.",
                 ) from None
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code in _TRANSIENT_CODES or status >= 500:
                 raise TransientRegistryError(
                     f"the ECR API in {self.region} answered {code or status} to {action}.",
