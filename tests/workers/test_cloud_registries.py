@@ -316,6 +316,7 @@ def test_ecr_chain_builds_then_skips_with_equal_digests(
     launch = tmp_path / "launch-config.yaml"
     launch.write_text(f"environment:\n  type: aws\n  region: {REGION}\n"
                       f"builder:\n  type: docker\n  destination: {ECR_HOST}/{repo}\n")
+    (tmp_path / "cluster").mkdir()
     cluster = make_cluster(tmp_path / "cluster", ecr_registry, lease=6)
     cluster.env.update(AWS_ENV)
     cluster.env.update({"BUILDQ_ECR_ENDPOINT_URL": moto_server.endpoint,
