@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -662,6 +663,7 @@ def _check_builder(
         )
     if builder.kaniko_config is not None:
         _check_kaniko_config(builder.kaniko_config, problems)
+    _check_generated_dockerfile(builder, problems)
     for key, value in (
         ("builder.secret-name", builder.secret_name),
         ("builder.secret-key", builder.secret_key),
@@ -669,6 +671,77 @@ def _check_builder(
         if value == "":
             problems.add(key, "an empty string", "a name", f"Fill in {key} or remove it.")
     return dest
+
+
+def _check_base_image(key: str, image: str, problems: _Problems) -> None:
+    # "{python}" stands for a version; check the reference as it will be written.
+    try:
+        parse_image_ref(image.replace("{python}", "3.12"))
+    except ConfigError as exc:
+        problems.add(key, _show(image), "an image reference like python:{python}-slim",
+                     exc.hint or "")
+
+
+def _index_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be written into a generated Dockerfile, or None."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a malformed port
+    except ValueError:
+        return "not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http(s):// URL"
+    if parts.username is not None or parts.password is not None:
+        return "credentials"
+    return None
+
+
+def _check_generated_dockerfile(builder: BuilderConfig, problems: _Problems) -> None:
+    """Keys used only when buildq writes the Dockerfile of a project that has none."""
+    if builder.base_image is not None:
+        _check_base_image("builder.base-image", builder.base_image, problems)
+    if builder.accelerator is not None and builder.accelerator.base_image is not None:
+        _check_base_image("builder.accelerator.base-image", builder.accelerator.base_image,
+                          problems)
+    if builder.entrypoint is not None:
+        entry = builder.entrypoint
+        try:
+            argv = shlex.split(entry) if isinstance(entry, str) else list(entry)
+        except ValueError as exc:
+            argv = []
+            problems.add("builder.entrypoint", _show(entry), "a command line that splits into "
+                         f"arguments ({exc})", "Balance its quotes.")
+        if not argv or not argv[0]:
+            problems.add("builder.entrypoint", _show(entry), "a command such as 'python train.py'",
+                         "Give the command the image runs, or remove the key.")
+    pip = builder.pip
+    if pip is None:
+        return
+    urls = [("builder.pip.index-url", pip.index_url)] + [
+        (f"builder.pip.extra-index-urls[{i}]", u) for i, u in enumerate(pip.extra_index_urls or [])
+    ]
+    for key, url in urls:
+        if url is None:
+            continue
+        flaw = _index_url_problem(url)
+        if flaw == "credentials":
+            # Never echo the value: it holds a password or token.
+            problems.add(key, "a URL with credentials in it", "an index URL without user:password@",
+                         "A generated Dockerfile ends up in the image's history, so buildq will "
+                         "not write credentials into it: use an index that the build hosts reach "
+                         "without them, put the wheels in the project (builder.pip.wheels), or "
+                         "write your own Dockerfile with a build secret.")
+        elif flaw:
+            # A URL with an '@' may hold a secret even when it does not parse: not shown.
+            found = "a URL with '@' in it" if "@" in url else _show(url)
+            problems.add(key, found, "an http(s):// index URL such as "
+                         "https://pypi.example.com/simple", "Correct the URL.")
+    if pip.wheels is not None:
+        parts = [p for p in pip.wheels.replace("\\", "/").split("/") if p not in ("", ".")]
+        if pip.wheels.startswith("/") or ".." in parts or not parts:
+            problems.add("builder.pip.wheels", _show(pip.wheels),
+                         "a directory inside the project, e.g. wheels",
+                         "The build only sees the project: give the path relative to its root.")
 
 
 def _check_legacy(

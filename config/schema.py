@@ -40,6 +40,23 @@ class Environment(_Section):
     project: str | None = None
 
 
+class AcceleratorConfig(_Section):
+    """What GPU jobs are built on when buildq writes their Dockerfile."""
+
+    #: A CUDA image with Python 3; may contain ``{python}`` for the project's version.
+    base_image: str | None = Field(default=None, alias="base-image")
+
+
+class PipConfig(_Section):
+    """Where generated Dockerfiles install Python packages from (no credentials: they
+    would be baked into image history)."""
+
+    index_url: str | None = Field(default=None, alias="index-url")
+    extra_index_urls: list[str] | None = Field(default=None, alias="extra-index-urls")
+    #: A directory of wheels inside the project; alone it means ``--no-index``.
+    wheels: str | None = None
+
+
 class BuilderConfig(_Section):
     """How images are built and where they are pushed."""
 
@@ -58,6 +75,13 @@ class BuilderConfig(_Section):
     secret_key: str | None = Field(default=None, alias="secret-key")
     #: Kept apart from the destination so cache layers never mix with release images.
     cache_repo: str | None = Field(default=None, alias="cache-repo")
+    #: Base of generated Dockerfiles (projects without one); may contain ``{python}``.
+    base_image: str | None = Field(default=None, alias="base-image")
+    accelerator: AcceleratorConfig | None = None
+    #: Command of generated Dockerfiles when the request gives none: a shell-like string
+    #: (split with shlex) or an argv list.
+    entrypoint: str | list[str] | None = None
+    pip: PipConfig | None = None
 
 
 class LegacyRegistry(_Section):

@@ -4,6 +4,10 @@ One walker decides what is in the context (``.dockerignore`` applied, the Docker
 and ignore file always in, symlinks leaving the root refused); the source hash and
 the tarball both consume it, so the tag always names exactly what was sent.
 
+A generated Dockerfile (``BuildInputs.dockerfile_text``) is virtual: it is hashed and
+packed under ``BuildInputs.dockerfile`` like a real one, but never written into the
+user's directory, and a file of that name in the tree is left out in its favour.
+
 File modes are reduced to "executable or not" (0755/0644, directories 0755) in the
 hash *and* in the tarball: the umask of a checkout must not change the tag, and the
 image must not differ from what the tag promises.
@@ -12,6 +16,7 @@ image must not differ from what the tag promises.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import re
 import stat
@@ -78,6 +83,8 @@ class BuildInputs:
     build_args: tuple[tuple[str, str], ...] = ()
     target: str | None = None
     platform: str | None = None
+    #: The text of a Dockerfile buildq generated for this build (not a file of the tree).
+    dockerfile_text: str | None = None
 
     @classmethod
     def create(
@@ -86,6 +93,7 @@ class BuildInputs:
         build_args: Mapping[str, str] | None,
         target: str | None,
         platform: str | None,
+        dockerfile_text: str | None = None,
     ) -> BuildInputs:
         path = _clean_relative(dockerfile or "Dockerfile")
         args = tuple(sorted((str(k), str(v)) for k, v in (build_args or {}).items()))
@@ -93,7 +101,7 @@ class BuildInputs:
             if not key or "=" in key or any(c.isspace() for c in key):
                 raise InputError(f"build arg name {key!r} is not valid.",
                                  "Names are non-empty and contain no '=' or spaces.")
-        return cls(path, args, target or None, (platform or "").strip() or None)
+        return cls(path, args, target or None, (platform or "").strip() or None, dockerfile_text)
 
 
 def _clean_relative(path: str) -> str:
@@ -125,6 +133,8 @@ class _Walker:
         if not os.path.isdir(self.root):
             raise SourceError(f"context root {str(root)!r} is not a directory.")
         ignore_rel, patterns = _ignore_patterns(self.root, inputs.dockerfile)
+        # A generated Dockerfile replaces anything of its name: the build must see one file.
+        self.virtual = inputs.dockerfile if inputs.dockerfile_text is not None else None
         # Docker sends these even when ignored: the builder needs them.
         self.forced = {inputs.dockerfile, ignore_rel}
         self.forced_dirs = {
@@ -146,6 +156,8 @@ class _Walker:
         return self._walk(self.root, "", [])
 
     def _excluded(self, rel: str) -> bool:
+        if self.virtual is not None and (rel == self.virtual or rel.startswith(self.virtual + "/")):
+            return True
         if self.matcher is None or rel in self.forced:
             return False
         return bool(self.matcher.matches(rel))
@@ -178,7 +190,7 @@ class _Walker:
                     pending.clear()
                     yield entry
                     yield from self._walk(child.path, rel, pending)
-                elif self._may_hold_included(rel):
+                elif self._may_hold_included(rel) and rel != self.virtual:
                     # Announced only if something inside turns out to be included.
                     pending.append(entry)
                     yield from self._walk(child.path, rel, pending)
@@ -231,6 +243,11 @@ def _ignore_patterns(root: str, dockerfile: str) -> tuple[str, list[str]]:
 
 
 def _dockerfile_bytes(root: Path, inputs: BuildInputs) -> bytes:
+    if inputs.dockerfile_text is not None:
+        data = _encode(inputs.dockerfile_text)
+        if len(data) > MAX_DOCKERFILE:
+            raise SourceError(f"the generated Dockerfile is larger than {MAX_DOCKERFILE} bytes.")
+        return data
     real_root = os.path.realpath(root)
     path = os.path.realpath(os.path.join(real_root, inputs.dockerfile))
     if not path.startswith(real_root + os.sep):
@@ -433,13 +450,18 @@ class _CountingWriter:
         self.out.flush()
 
 
-def write_context(root: Path, inputs: BuildInputs, out: BinaryIO) -> int:
+def write_context(root: Path, inputs: BuildInputs, out: BinaryIO, *,
+                  require_dockerfile: bool = True) -> int:
     """Stream a deterministic ``.tar.gz`` of the context into ``out``; returns bytes written.
 
     Same walk as ``source_hash``; times, owners and the gzip header are fixed, so the
-    same context always gives the same bytes.
+    same context always gives the same bytes. A generated Dockerfile goes in last.
+    ``require_dockerfile=False`` packs a source that may still get a generated one
+    where it is built.
     """
-    _dockerfile_bytes(root, inputs)  # fail before writing anything if it is missing
+    dockerfile: bytes | None = None
+    if require_dockerfile or inputs.dockerfile_text is not None:
+        dockerfile = _dockerfile_bytes(root, inputs)  # fail before writing anything if missing
     counter = _CountingWriter(out)
     # gzip's header carries a timestamp and a file name; both pinned here.
     with _GzipFile(filename="", mode="wb", fileobj=counter,
@@ -466,4 +488,12 @@ def write_context(root: Path, inputs: BuildInputs, out: BinaryIO) -> int:
                         tar.addfile(info, f)
                 except OSError as exc:
                     raise SourceError(f"cannot pack {entry.rel!r}: {exc}.") from None
+        if inputs.dockerfile_text is not None and dockerfile is not None:
+            info = tarfile.TarInfo(inputs.dockerfile)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = _MODE_PLAIN
+            info.size = len(dockerfile)
+            tar.addfile(info, io.BytesIO(dockerfile))
     return counter.written
