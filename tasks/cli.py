@@ -78,10 +78,20 @@ def with_build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the request id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on the last line.")
+@click.option("--entrypoint", metavar="COMMAND",
+              help="For a project without a Dockerfile: the command its image runs.")
+@click.option("--python", metavar="VERSION",
+              help="For a project without a Dockerfile: the Python version of its base image.")
+@click.option("--gpu", is_flag=True,
+              help="For a project without a Dockerfile: build on builder.accelerator.base-image.")
 def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
           build_args: tuple[str, ...], target: str | None, platform: str | None,
-          builder: str | None, config_path: str | None, no_wait: bool, as_json: bool) -> None:
-    """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists."""
+          builder: str | None, config_path: str | None, no_wait: bool, as_json: bool,
+          entrypoint: str | None, python: str | None, gpu: bool) -> None:
+    """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists.
+
+    A Python project without a Dockerfile gets a generated one (see `buildq dockerfile`).
+    """
     from config import load_config
     from tasks.connection import check_redis
 
@@ -92,7 +102,7 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     kwargs: dict[str, Any] = {
         "destination": destination, "ref": ref, "dockerfile": dockerfile,
         "build_args": _build_args(build_args), "target": target, "platform": platform,
-        "builder": builder,
+        "builder": builder, "entrypoint": entrypoint, "python": python, "gpu": gpu,
     }
     if settings.embedded:
         kwargs["config"] = config_path
@@ -121,7 +131,9 @@ def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> st
         inputs = BuildInputs.create(kwargs["dockerfile"], kwargs["build_args"], kwargs["target"],
                                     kwargs["platform"])
         with store.writer(key) as out:
-            size = write_context(Path(spec.location), inputs, out)
+            # Without a named Dockerfile the worker may generate one: ship the bare source.
+            size = write_context(Path(spec.location), inputs, out,
+                                 require_dockerfile=bool(kwargs["dockerfile"]))
     else:
         with open(spec.location, "rb") as stream:
             size = store.upload(key, stream)
@@ -428,6 +440,72 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
                             dockerfile=dockerfile or "Dockerfile", build_args=args, target=target,
                             platform=platform, labels={HASH_LABEL: digest})
     click.echo(yaml.safe_dump(render_job(request, cfg, settings), sort_keys=False).rstrip())
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
+def doctor(config_path: str | None) -> None:
+    """Check config, credentials, registry, context store and builder; exit 1 if any fails."""
+    from workers.doctor import run_doctor
+
+    sys.exit(run_doctor(_settings(), config_path, sys.stdout))
+
+
+@cli.command("dockerfile")
+@click.argument("source")
+@click.option("--ref", help="Git branch, tag or commit.")
+@click.option("--entrypoint", metavar="COMMAND", help="The command the image runs.")
+@click.option("--python", metavar="VERSION", help="Python version of the base image.")
+@click.option("--gpu", is_flag=True, help="Build on builder.accelerator.base-image.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
+@click.option("--save", is_flag=True,
+              help="Write it into SOURCE (a directory) as Dockerfile instead of printing it.")
+def dockerfile_command(source: str, ref: str | None, entrypoint: str | None, python: str | None,
+                       gpu: bool, config_path: str | None, save: bool) -> None:
+    """Print the Dockerfile a build of SOURCE would use (generated when it has none)."""
+    import tempfile
+
+    from config import load_config
+    from workers.dockerfile import DOCKERFILE, PythonOptions, generate, has_dockerfile
+    from workers.sources import fetch_source, parse_source
+
+    cfg = load_config(config_path, env_path=_settings().config_path)
+    options = PythonOptions.create(cfg, entrypoint=entrypoint, python=python, gpu=gpu)
+    spec = parse_source(source, ref)
+    if spec.kind == "image":
+        raise InputError("an image source needs no build, so it has no Dockerfile.",
+                         "Give a directory, archive or git URL.")
+    if save and spec.kind != "directory":
+        raise InputError(f"--save writes into a local directory, and {source} is a {spec.kind}.",
+                         "Run it on a checkout of the project, or drop --save and redirect the output.")
+    with tempfile.TemporaryDirectory(prefix="buildq-dockerfile-") as scratch:
+        fetched = fetch_source(spec, Path(scratch))
+        try:
+            root = fetched.root
+            if has_dockerfile(root):
+                if save:
+                    raise InputError(f"{source} already has a Dockerfile; buildq never overwrites it.",
+                                     "Builds use that Dockerfile as it is; delete it first to "
+                                     "save a generated one.")
+                click.echo(f"# {source} has its own Dockerfile; builds use it unchanged.", err=True)
+                click.echo((root / DOCKERFILE).read_text(encoding="utf-8", errors="replace"), nl=False)
+                return
+            text = generate(root, options)
+            if not save:
+                click.echo(text, nl=False)
+                return
+            try:
+                # "x": created only if still absent, so a racing editor's file is never replaced.
+                with open(root / DOCKERFILE, "x", encoding="utf-8", newline="\n") as f:
+                    f.write(text)
+            except FileExistsError:
+                raise InputError(f"{source} already has a Dockerfile; buildq never overwrites it.",
+                                 "Delete it first to save a generated one.") from None
+            click.echo(f"wrote {root / DOCKERFILE}", err=True)
+        finally:
+            fetched.cleanup()
 
 
 def main() -> None:
