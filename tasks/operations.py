@@ -25,6 +25,7 @@ from tasks.records import remember_request
 from tasks.state import BuildState
 from workers.builders import Builder, BuildRequest, engine_available
 from workers.context import BuildInputs, image_tag, source_hash, write_context
+from workers.dockerfile import PythonOptions, check_python, dockerfile_for, parse_entrypoint
 from workers.registries import registry_for
 from workers.sources import SourceSpec, fetch_source, parse_source
 from workers.stores import ContextStore, split_store_url, store_for_url
@@ -77,12 +78,17 @@ def _pool_alive(settings: Settings, pool: str) -> bool:
 def new_request(request_id: str, source: str, settings: Settings, *, destination: str | None,
                 ref: str | None, dockerfile: str | None, build_args: dict[str, str] | None,
                 target: str | None, platform: str | None, builder: str | None,
-                config: str | dict[str, Any] | None) -> BuildState:
+                config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
+                python: str | None = None, gpu: bool = False) -> BuildState:
     """The state of a fresh request; input errors become a failed state, never an exception."""
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
-                       platform=platform)
+                       platform=platform, gpu=bool(gpu))
     try:
+        # Checked here so a bad option fails the request before any work; used at "hash".
+        argv = parse_entrypoint(entrypoint, "--entrypoint")
+        state.entrypoint = list(argv) if argv is not None else None
+        state.python = check_python(python)
         cfg = resolve_config(config, settings)
         state.config = cfg.to_mapping()
         spec = parse_source(source, ref)
@@ -148,7 +154,17 @@ def _resolve_image(state: BuildState, spec: SourceSpec, settings: Settings) -> s
 
 
 def _inputs(state: BuildState) -> BuildInputs:
-    return BuildInputs.create(state.dockerfile, state.build_args, state.target, state.platform)
+    return BuildInputs.create(state.dockerfile, state.build_args, state.target, state.platform,
+                              state.generated_dockerfile)
+
+
+def _generate_dockerfile(state: BuildState, root: Path) -> None:
+    """Write the Dockerfile of a project that has none into the state (not the tree)."""
+    if state.generated_dockerfile is not None:
+        return
+    options = PythonOptions.create(config_from_mapping(state.config), entrypoint=state.entrypoint,
+                                   python=state.python, gpu=state.gpu)
+    state.generated_dockerfile = dockerfile_for(root, state.dockerfile, options)
 
 
 def _ensure_tree(state: BuildState, settings: Settings) -> Path:
@@ -174,6 +190,7 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     client = _client(settings)
     try:
         root = _ensure_tree(state, settings)
+        _generate_dockerfile(state, root)
         state.source_hash = source_hash(root, _inputs(state))
     except BaseException:
         _drop_tree(state)
@@ -187,7 +204,8 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     lease = Lease(client, state.source_hash, state.token, settings.lock_lease, state.request_id)
     pending = {k: v for k, v in state.to_dict().items()
                if k in ("request_id", "source", "destination", "dockerfile", "build_args",
-                        "target", "platform", "builder", "config", "created_at")}
+                        "target", "platform", "builder", "config", "created_at", "entrypoint",
+                        "python", "gpu")}
     if not lease.acquire(pending):
         # Another request is building this very hash: it will hand us its record.
         _drop_tree(state)

@@ -24,6 +24,12 @@ class BuildState:
     target: str | None = None
     platform: str | None = None
     builder: str | None = None
+    #: Options of a Dockerfile buildq generates for a Python project that has none.
+    entrypoint: list[str] | None = None
+    python: str | None = None
+    gpu: bool = False
+    #: That Dockerfile's text, once the hash stage has written it (hashed and packed as is).
+    generated_dockerfile: str | None = None
     #: The validated launch-config as W&B-keyed mapping (never a secret in it).
     config: dict[str, Any] = field(default_factory=dict)
     #: A token handed over by the watchdog: this chain continues a dead holder's build.
