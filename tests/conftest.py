@@ -107,3 +107,101 @@ def kube_standin(docker_engine: str) -> Iterator[object]:
     server = KubeStandIn().start()
     yield server
     server.stop()
+
+
+# --- cloud registry stand-ins (tests/workers/test_cloud_registries.py, test_doctor.py) ----
+
+#: The logical cloud hosts the stand-ins answer for (through Settings.registry_endpoints).
+ECR_ACCOUNT, ECR_REGION = "123456789012", "us-east-1"
+ECR_HOST = f"{ECR_ACCOUNT}.dkr.ecr.{ECR_REGION}.amazonaws.com"
+GAR_HOST = "us-central1-docker.pkg.dev"
+ACR_NAME = "buildqstandin"
+ACR_HOST = f"{ACR_NAME}.azurecr.io"
+#: Dummy AWS credentials for boto3's default chain (moto checks no signatures).
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIASTANDIN0000DUMMY", "AWS_SECRET_ACCESS_KEY": "dummy-secret",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null",
+           "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+
+
+def moto_ecr_password(moto: services.StandIn) -> str:
+    """The password moto's GetAuthorizationToken hands out for the stand-in account."""
+    import base64
+
+    import boto3
+
+    api = boto3.client("ecr", endpoint_url=moto.endpoint, region_name=ECR_REGION,
+                       aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+                       aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+    data = api.get_authorization_token(registryIds=[ECR_ACCOUNT])["authorizationData"][0]
+    return base64.b64decode(data["authorizationToken"]).decode().partition(":")[2]
+
+
+@pytest.fixture(scope="session")
+def ecr_registry(tmp_path_factory: pytest.TempPathFactory,
+                 moto_server: services.StandIn) -> Iterator[services.RegistryServer]:
+    """ECR's registry side: htpasswd user AWS with moto's token as the password."""
+    server = services.start_htpasswd_registry(tmp_path_factory.mktemp("ecr-registry"),
+                                              {"AWS": moto_ecr_password(moto_server)})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def google(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.GoogleStandIn]:
+    server = services.GoogleStandIn(tmp_path_factory.mktemp("google"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gar_registry(tmp_path_factory: pytest.TempPathFactory,
+                 google: services.GoogleStandIn) -> Iterator[services.RegistryServer]:
+    server = services.start_gar_registry(tmp_path_factory.mktemp("gar-registry"), google)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def acr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from tests.acr_standin import ACRStandIn
+
+    server = ACRStandIn(tmp_path_factory.mktemp("acr"), ACR_NAME)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def acr_registry(tmp_path_factory: pytest.TempPathFactory,
+                 acr: object) -> Iterator[services.RegistryServer]:
+    from tests.acr_standin import ACRStandIn, start_acr_registry
+
+    assert isinstance(acr, ACRStandIn)
+    server = start_acr_registry(tmp_path_factory.mktemp("acr-registry"), acr)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cloud_logins() -> Iterator[None]:
+    # Registry logins are cached process-wide by design; each test starts without any.
+    def clear() -> None:
+        import sys
+
+        base = sys.modules.get("workers.registries.base")
+        if base is not None:
+            base._tokens.clear()
+        for name, attrs in (("workers.registries.ecr", ("_logins",)),
+                            ("workers.registries.acr", ("_refresh_tokens",))):
+            module = sys.modules.get(name)
+            for attr in attrs if module is not None else ():
+                getattr(module, attr).clear()
+        gar = sys.modules.get("workers.registries.gar")
+        if gar is not None:
+            gar._default = None  # type: ignore[attr-defined]
+        acr_module = sys.modules.get("workers.registries.acr")
+        if acr_module is not None:
+            acr_module._default_credential = None  # type: ignore[attr-defined]
+
+    clear()
+    yield
+    clear()

@@ -14,10 +14,8 @@ The cloud hosts are reached through ``Settings.registry_endpoints``.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -35,44 +33,28 @@ from config.errors import RegistryError
 from config.references import parse_destination
 from config.settings import Settings
 from tests import services
-from tests.acr_standin import ACRStandIn, StandInCredential, start_acr_registry
+from tests.acr_standin import ACRStandIn, StandInCredential
+from tests.conftest import (
+    ACR_HOST,
+    AWS_ENV,
+    ECR_ACCOUNT,
+    ECR_HOST,
+    ECR_REGION,
+    GAR_HOST,
+    moto_ecr_password,
+)
 from workers.builders.docker import DockerBuilder
-from workers.registries import acr as acr_module
-from workers.registries import base as registry_base
 from workers.registries import ecr as ecr_module
-from workers.registries import gar as gar_module
 from workers.registries import registry_for
 from workers.registries.acr import REFRESH_TOKEN_USER, ACRRegistry
 from workers.registries.ecr import ECRRegistry
 from workers.registries.gar import ArtifactRegistry
 
-ACCOUNT, REGION = "123456789012", "us-east-1"
-ECR_HOST = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
-GAR_HOST = "us-central1-docker.pkg.dev"
-ACR_NAME = "buildqstandin"
-ACR_HOST = f"{ACR_NAME}.azurecr.io"
+ACCOUNT, REGION = ECR_ACCOUNT, ECR_REGION
 REPO = Path(__file__).resolve().parents[2]
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIASTANDIN0000DUMMY", "AWS_SECRET_ACCESS_KEY": "dummy-secret",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null",
-           "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
 
 
 # -- helpers and stand-ins ----------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _fresh_caches() -> Iterator[None]:
-    # Logins are cached process-wide by design; every test starts without any.
-    def clear() -> None:
-        registry_base._tokens.clear()
-        ecr_module._logins.clear()
-        acr_module._refresh_tokens.clear()
-        gar_module._default = None
-        acr_module._default_credential = None
-
-    clear()
-    yield
-    clear()
 
 
 @pytest.fixture
@@ -85,11 +67,6 @@ def ecr_api(moto: services.StandIn, **keys: str) -> Any:
     return boto3.client("ecr", endpoint_url=moto.endpoint, region_name=REGION,
                         aws_access_key_id=keys.get("id", AWS_ENV["AWS_ACCESS_KEY_ID"]),
                         aws_secret_access_key=keys.get("secret", "dummy-secret"))
-
-
-def moto_ecr_password(moto: services.StandIn) -> str:
-    data = ecr_api(moto).get_authorization_token(registryIds=[ACCOUNT])["authorizationData"][0]
-    return base64.b64decode(data["authorizationToken"]).decode().partition(":")[2]
 
 
 def mirror_to_ecr(moto: services.StandIn, registry: services.RegistryServer, repository: str,
@@ -117,61 +94,12 @@ def push_as(image: str, base_image: str, builder: DockerBuilder,
         client.api.remove_image(image)
 
 
-@pytest.fixture(scope="module")
-def ecr_registry(tmp_path_factory: pytest.TempPathFactory,
-                 moto_server: services.StandIn) -> Iterator[services.RegistryServer]:
-    old = {k: os.environ.get(k) for k in AWS_ENV}
-    os.environ.update(AWS_ENV)
-    try:
-        password = moto_ecr_password(moto_server)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    server = services.start_htpasswd_registry(tmp_path_factory.mktemp("ecr-registry"),
-                                              {"AWS": password})
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def ecr_settings(tmp_path: Path, moto_server: services.StandIn,
                  ecr_registry: services.RegistryServer) -> Settings:
     return Settings(workdir=tmp_path / "work", docker_config_dir=tmp_path / "docker",
                     ecr_endpoint_url=moto_server.endpoint,
                     registry_endpoints={ECR_HOST: ecr_registry.host})
-
-
-@pytest.fixture(scope="module")
-def google(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.GoogleStandIn]:
-    server = services.GoogleStandIn(tmp_path_factory.mktemp("google"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def gar_registry(tmp_path_factory: pytest.TempPathFactory,
-                 google: services.GoogleStandIn) -> Iterator[services.RegistryServer]:
-    server = services.start_gar_registry(tmp_path_factory.mktemp("gar-registry"), google)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def acr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ACRStandIn]:
-    server = ACRStandIn(tmp_path_factory.mktemp("acr"), ACR_NAME)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def acr_registry(tmp_path_factory: pytest.TempPathFactory,
-                 acr: ACRStandIn) -> Iterator[services.RegistryServer]:
-    server = start_acr_registry(tmp_path_factory.mktemp("acr-registry"), acr)
-    yield server
-    server.stop()
 
 
 def google_credentials(google: services.GoogleStandIn, expired_token: str | None = None) -> Any:
