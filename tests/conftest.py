@@ -205,3 +205,16 @@ def _fresh_cloud_logins() -> Iterator[None]:
     clear()
     yield
     clear()
+
+
+# --- a Python base for generated Dockerfiles (tests/tasks/test_generated_dockerfile.py) ----
+
+
+@pytest.fixture(scope="session")
+def python_base_image(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Debian bookworm with python3, pip and venv, made with mmdebstrap once per engine.
+
+    Stands in for the official python image (nothing can be pulled) through
+    ``builder.base-image``; kept by name, so later sessions reuse it.
+    """
+    return services.ensure_python_base_image(tmp_path_factory.mktemp("python-base"))
