@@ -207,6 +207,58 @@ def _fresh_cloud_logins() -> Iterator[None]:
     clear()
 
 
+@pytest.fixture(scope="session")
+def moto_with_iam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.StandIn]:
+    """A moto server that enforces IAM policies after its first four (setup) calls."""
+    import sys
+
+    root = tmp_path_factory.mktemp("moto-iam")
+    port = services.free_port()
+    server = services.StandIn("moto-iam", port, [sys.executable, "-m", "moto.server", "-H",
+                                                 "127.0.0.1", "-p", str(port)], root,
+                              env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    try:
+        server.start(services.moto_ready(server))
+    except RuntimeError as exc:
+        pytest.skip(f"moto server could not start: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_iam_admin(moto_with_iam: services.StandIn) -> dict[str, str]:
+    """Keys of an allow-everything user, made with three of the four unchecked calls."""
+    import json
+
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=moto_with_iam.endpoint, region_name=ECR_REGION,
+                       aws_access_key_id="AKIASETUP", aws_secret_access_key="setup")
+    iam.create_user(UserName="admin")
+    key = iam.create_access_key(UserName="admin")["AccessKey"]
+    iam.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    return {"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+
+
+def moto_iam_user(moto_with_iam: services.StandIn, admin: dict[str, str], name: str,
+                  actions: list[str]) -> dict[str, str]:
+    """A user of ``moto_with_iam`` allowed exactly ``actions`` on every resource."""
+    import json
+
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=moto_with_iam.endpoint, region_name=ECR_REGION,
+                       aws_access_key_id=admin["id"], aws_secret_access_key=admin["secret"])
+    iam.create_user(UserName=name)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    iam.put_user_policy(UserName=name, PolicyName="only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+    return {"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+
+
 # --- a Python base for generated Dockerfiles (tests/tasks/test_generated_dockerfile.py) ----
 
 

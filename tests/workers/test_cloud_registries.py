@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from tests.conftest import (
     ECR_REGION,
     GAR_HOST,
     moto_ecr_password,
+    moto_iam_user,
 )
 from workers.builders.docker import DockerBuilder
 from workers.registries import ecr as ecr_module
@@ -193,44 +193,24 @@ def test_ecr_digest_comes_from_describe_images_after_a_push(
                    for t in i.tags)
 
 
-@pytest.fixture(scope="module")
-def moto_with_iam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.StandIn]:
-    """A moto server that enforces IAM after the first few (setup) calls."""
-    root = tmp_path_factory.mktemp("moto-iam")
-    port = services.free_port()
-    server = services.StandIn("moto-iam", port, [sys.executable, "-m", "moto.server", "-H",
-                                                 "127.0.0.1", "-p", str(port)], root,
-                              env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
-    try:
-        server.start(services.moto_ready(server))
-    except RuntimeError:
-        pytest.skip("moto server could not start")
-    yield server
-    server.stop()
-
-
 def test_ecr_access_denied_names_the_missing_action(
-        moto_with_iam: services.StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    iam = boto3.client("iam", endpoint_url=moto_with_iam.endpoint, region_name=REGION,
-                       aws_access_key_id="AKIAADMIN", aws_secret_access_key="x")
-    iam.create_user(UserName="pusher")
-    key = iam.create_access_key(UserName="pusher")["AccessKey"]
-    iam.put_user_policy(UserName="pusher", PolicyName="no-describe", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
-            "ecr:GetAuthorizationToken", "ecr:CreateRepository"]}]}))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        moto_with_iam: services.StandIn, moto_iam_admin: dict[str, str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    key = moto_iam_user(moto_with_iam, moto_iam_admin, f"pusher-{uuid.uuid4().hex[:6]}",
+                        ["ecr:GetAuthorizationToken", "ecr:CreateRepository"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["secret"])
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    ecr_api(moto_with_iam, id=key["AccessKeyId"], secret=key["SecretAccessKey"]) \
-        .create_repository(repositoryName="team/app")
+    repo = f"team/denied-{uuid.uuid4().hex[:6]}"
+    ecr_api(moto_with_iam, **key).create_repository(repositoryName=repo)
     settings = Settings(workdir=tmp_path, ecr_endpoint_url=moto_with_iam.endpoint)
     ecr = ECRRegistry(ECR_HOST, settings)
     assert ecr.credentials()[0] == "AWS"
     with pytest.raises(RegistryError) as caught:
-        ecr.manifest_digest(parse_destination(f"{ECR_HOST}/team/app"), "v1")
+        ecr.manifest_digest(parse_destination(f"{ECR_HOST}/{repo}"), "v1")
     assert "ecr:DescribeImages" in caught.value.message
     assert "IAM policy" in (caught.value.hint or "")
-    assert key["SecretAccessKey"] not in str(caught.value)
+    assert key["secret"] not in str(caught.value)
 
 
 def test_ecr_chain_builds_then_skips_with_equal_digests(

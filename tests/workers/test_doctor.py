@@ -1,0 +1,286 @@
+"""``buildq doctor`` against the real stand-ins: every check runs for real.
+
+All PASS for ECR (moto + htpasswd registry), Artifact Registry (Google token endpoint +
+token registry) and ACR (exchange stand-in + token registry, managed identity endpoint);
+then one thing broken at a time — a registry identity that may only pull, a store that
+refuses writes, no Docker Engine, a service account without ``create jobs.batch`` — and
+the matching row FAILs naming the permission. The CLI's exit codes are checked on the
+installed command path (``python -m tasks.cli doctor``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import boto3
+import pytest
+
+from config.settings import Settings
+from tests import services
+from tests.acr_standin import ACRStandIn
+from tests.conftest import (
+    ACR_HOST,
+    AWS_ENV,
+    ECR_HOST,
+    ECR_REGION,
+    GAR_HOST,
+    moto_iam_user,
+)
+from workers.doctor import Check, Doctor, failed, render
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rows(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def write_config(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def base_settings(tmp_path: Path) -> Settings:
+    return Settings(workdir=tmp_path / "work", docker_config_dir=tmp_path / "docker",
+                    context_store=(tmp_path / "contexts").as_uri())
+
+
+@pytest.fixture
+def acr_env(monkeypatch: pytest.MonkeyPatch, acr: ACRStandIn) -> None:
+    for name in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
+                 "AZURE_FEDERATED_TOKEN_FILE", "MSI_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IDENTITY_ENDPOINT", acr.msi_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", acr.identity_header)
+
+
+@pytest.fixture
+def acr_role(acr: ACRStandIn) -> Iterator[ACRStandIn]:
+    """The managed identity's role on the stand-in registry; AcrPush unless a test lowers it."""
+    acr.roles["managed-identity"] = "AcrPush"
+    yield acr
+    acr.roles["managed-identity"] = "AcrPush"
+
+
+# -- all PASS --------------------------------------------------------------------------------
+
+
+def test_ecr_all_pass(tmp_path: Path, base_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                      moto_server: services.StandIn, ecr_registry: services.RegistryServer,
+                      docker_engine: str) -> None:
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    repo = f"team/doctor-{uuid.uuid4().hex[:6]}"
+    boto3.client("ecr", endpoint_url=moto_server.endpoint, region_name=ECR_REGION) \
+        .create_repository(repositoryName=repo)
+    config = write_config(tmp_path / "launch.yaml", f"environment:\n  type: aws\n  region: "
+                          f"{ECR_REGION}\nbuilder:\n  type: docker\n  destination: {ECR_HOST}/{repo}\n")
+    settings = replace(base_settings, ecr_endpoint_url=moto_server.endpoint,
+                       registry_endpoints={ECR_HOST: ecr_registry.host})
+    checks = Doctor(settings, config).run()
+    assert [c.status for c in checks] == ["PASS"] * 7, checks
+    found = rows(checks)
+    assert "…UMMY" in found["registry credentials"].detail
+    assert "dummy-secret" not in str(checks)
+    assert "ecr:DescribeImages" in found["tag check"].detail
+    assert f"via {ecr_registry.host}" in found["registry login"].detail
+
+
+def test_gar_all_pass(tmp_path: Path, base_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                      google: services.GoogleStandIn, gar_registry: services.RegistryServer,
+                      docker_engine: str) -> None:
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS",
+                       str(google.service_account_file(tmp_path / "key.json")))
+    config = write_config(tmp_path / "launch.yaml", "environment:\n  type: gcp\n  region: "
+                          "us-central1\n  project: my-proj\nbuilder:\n  type: docker\n"
+                          f"  destination: {GAR_HOST}/my-proj/images/app\n")
+    settings = replace(base_settings, registry_endpoints={GAR_HOST: gar_registry.host})
+    checks = Doctor(settings, config).run()
+    assert [c.status for c in checks] == ["PASS"] * 7, checks
+    assert "builder@my-proj.iam.gserviceaccount.com" in rows(checks)["registry credentials"].detail
+    assert "PRIVATE KEY" not in str(checks)
+
+
+def test_acr_all_pass_through_the_cli_exits_zero(
+        tmp_path: Path, acr_env: None, acr_role: ACRStandIn,
+        acr_registry: services.RegistryServer, docker_engine: str) -> None:
+    config = write_config(tmp_path / "launch.yaml", "environment:\n  type: azure\nbuilder:\n"
+                          f"  type: docker\n  destination: https://{ACR_HOST}/team/app\n")
+    env = {**os.environ, "BUILDQ_REGISTRY_ENDPOINTS": f"{ACR_HOST}={acr_registry.host}",
+           "BUILDQ_CONTEXT_STORE": (tmp_path / "contexts").as_uri(), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "doctor", "--config", config],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 7 and all(line.startswith("PASS") for line in lines), done.stdout
+    assert "managed-identity" in done.stdout
+    assert "\x1b[" not in done.stdout  # plain text when not on a terminal
+
+
+# -- one thing broken at a time ------------------------------------------------------------
+
+
+def test_registry_identity_that_may_only_pull_fails_the_push_row_naming_acrpush(
+        tmp_path: Path, base_settings: Settings, acr_env: None, acr_role: ACRStandIn,
+        acr_registry: services.RegistryServer, docker_engine: str) -> None:
+    acr_role.roles["managed-identity"] = "AcrPull"
+    config = write_config(tmp_path / "launch.yaml", "environment:\n  type: azure\nbuilder:\n"
+                          f"  type: docker\n  destination: {ACR_HOST}/team/app\n")
+    env = {**os.environ, "BUILDQ_REGISTRY_ENDPOINTS": f"{ACR_HOST}={acr_registry.host}",
+           "BUILDQ_CONTEXT_STORE": (tmp_path / "contexts").as_uri(), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "doctor", "--config", config],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    push = [line for line in done.stdout.splitlines() if "push permitted" in line]
+    assert push and push[0].startswith("FAIL") and "AcrPush" in push[0], done.stdout
+    assert "fix: needs AcrPush" in done.stdout
+    tag = [line for line in done.stdout.splitlines() if "tag check" in line]
+    assert tag[0].startswith("PASS")
+
+
+def test_gar_pull_only_fails_the_push_row_naming_upload_artifacts(
+        tmp_path: Path, base_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        google: services.GoogleStandIn, gar_registry: services.RegistryServer,
+        docker_engine: str) -> None:
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS",
+                       str(google.service_account_file(tmp_path / "key.json")))
+    config = write_config(tmp_path / "launch.yaml", "builder:\n  type: docker\n"
+                          f"  destination: {GAR_HOST}/my-proj/images/app\n")
+    google.allowed = {"pull"}
+    try:
+        checks = Doctor(replace(base_settings, registry_endpoints={GAR_HOST: gar_registry.host}),
+                        config).run()
+    finally:
+        google.allowed = {"pull", "push"}
+    push = rows(checks)["push permitted"]
+    assert push.status == "FAIL"
+    assert "artifactregistry.repositories.uploadArtifacts" in push.fix
+    assert failed(checks)
+
+
+def test_store_that_refuses_writes_fails_naming_s3_putobject(
+        tmp_path: Path, base_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        moto_with_iam: services.StandIn, moto_iam_admin: dict[str, str],
+        registry: services.RegistryServer, docker_engine: str) -> None:
+    bucket = f"ctx-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=moto_with_iam.endpoint, region_name=ECR_REGION,
+                 aws_access_key_id=moto_iam_admin["id"],
+                 aws_secret_access_key=moto_iam_admin["secret"]).create_bucket(Bucket=bucket)
+    reader = moto_iam_user(moto_with_iam, moto_iam_admin, f"reader-{bucket}",
+                           ["s3:ListBucket", "s3:GetObject"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", reader["id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", reader["secret"])
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    config = write_config(tmp_path / "launch.yaml", "builder:\n  type: docker\n"
+                          f"  destination: {registry.host}/team/app\n"
+                          f"  build-context-store: s3://{bucket}/contexts\n")
+    settings = replace(base_settings, s3_endpoint_url=moto_with_iam.endpoint)
+    checks = Doctor(settings, config).run()
+    store = rows(checks)["context store"]
+    assert store.status == "FAIL", checks
+    assert store.detail.startswith("write of a probe object")
+    assert "needs s3:PutObject" in store.fix
+    assert reader["secret"] not in str(checks)
+    assert [c.name for c in checks if c.status == "FAIL"] == ["context store"]
+
+
+def test_unreachable_docker_engine_fails_and_exits_one(
+        tmp_path: Path, registry: services.RegistryServer) -> None:
+    config = write_config(tmp_path / "launch.yaml", "builder:\n  type: docker\n"
+                          f"  destination: {registry.host}/team/app\n")
+    env = {**os.environ, "DOCKER_HOST": f"tcp://127.0.0.1:{services.free_port()}",
+           "BUILDQ_CONTEXT_STORE": (tmp_path / "contexts").as_uri(), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "doctor", "--config", config],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    engine = [line for line in done.stdout.splitlines() if "Docker Engine" in line]
+    assert engine[0].startswith("FAIL") and "Connection refused" in engine[0], done.stdout
+    assert sum(line.startswith("PASS") for line in done.stdout.splitlines()) == 6
+
+
+def test_invalid_config_fails_first_and_skips_what_needs_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "launch.yaml", "environment:\n  type: aws\n")
+    env = {**os.environ, "BUILDQ_CONTEXT_STORE": (tmp_path / "contexts").as_uri(),
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "doctor", "--config", config],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("FAIL") and "environment.region" in first
+    assert "SKIP  registry credentials" in done.stdout
+
+
+class KubeAuthStandIn(services.HTTPStandIn):
+    """The SelfSubjectAccessReview endpoint of a Kubernetes API server, with a fixed RBAC."""
+
+    def __init__(self, allowed: set[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.allowed = allowed
+        self.reviews: list[dict[str, str]] = []
+
+    def route(self, method: str, path: str, headers: dict[str, str],
+              body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if method != "POST" or path != "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
+            return self.json(404, {"kind": "Status", "code": 404})
+        review = json.loads(body)
+        attrs = review["spec"]["resourceAttributes"]
+        self.reviews.append(attrs)
+        resource = attrs["resource"] + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
+        ok = (attrs["verb"], resource, attrs.get("group", "")) in self.allowed
+        review["status"] = {"allowed": ok}
+        return self.json(201, review)
+
+
+KANIKO_RBAC = {("create", "jobs", "batch"), ("get", "jobs", "batch"), ("watch", "jobs", "batch"),
+               ("delete", "jobs", "batch"), ("list", "pods", ""), ("get", "pods/log", "")}
+
+
+@pytest.mark.parametrize("granted", [KANIKO_RBAC, KANIKO_RBAC - {("create", "jobs", "batch")}])
+def test_kaniko_pool_rbac_via_self_subject_access_review(
+        tmp_path: Path, base_settings: Settings, registry: services.RegistryServer,
+        granted: set[tuple[str, str, str]]) -> None:
+    from kubernetes import client
+
+    api = KubeAuthStandIn(granted)
+    try:
+        config = write_config(tmp_path / "launch.yaml", "builder:\n  type: kaniko\n"
+                              f"  destination: {registry.host}/team/app\n"
+                              f"  build-context-store: {(tmp_path / 'ctx').as_uri()}\n"
+                              "  kaniko-config:\n    metadata:\n      namespace: builds\n")
+        configuration = client.Configuration()
+        configuration.host = api.url
+        checks = Doctor(base_settings, config, kube_client=client.ApiClient(configuration)).run()
+    finally:
+        api.stop()
+    kube = rows(checks)["Kubernetes API"]
+    assert {r["namespace"] for r in api.reviews} == {"builds"}
+    if granted == KANIKO_RBAC:
+        assert kube.status == "PASS" and not failed(checks), checks
+    else:
+        assert kube.status == "FAIL"
+        assert "create jobs.batch" in kube.detail and "needs create jobs.batch" in kube.fix
+        assert "Docker Engine" not in rows(checks)
+
+
+def test_table_on_a_terminal_and_plain_lines_otherwise() -> None:
+    checks = [Check("config valid", "PASS", "x.yaml"),
+              Check("push permitted", "FAIL", "denied [push]", "needs AcrPush. Grant it."),
+              Check("builder", "SKIP", "noop")]
+    plain = io.StringIO()
+    render(checks, plain, tty=False)
+    assert plain.getvalue().splitlines()[1].startswith("FAIL  push permitted  denied [push]")
+    assert "fix: needs AcrPush" in plain.getvalue()
+    table = io.StringIO()
+    render(checks, table, tty=True)
+    text = table.getvalue()
+    assert "┃" in text or "│" in text
+    assert "denied [push]" in text and "needs AcrPush" in text
