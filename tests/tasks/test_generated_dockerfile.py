@@ -274,3 +274,11 @@ def test_uploaded_context_carries_the_printed_dockerfile(tmp_path: Path) -> None
         assert member is not None
         assert member.read().decode() == printed
     assert not (app / "Dockerfile").exists()
+
+
+def test_help_documents_the_default_python() -> None:
+    from workers.dockerfile import DEFAULT_PYTHON
+
+    done = _cli("dockerfile", "--help")
+    assert done.returncode == 0
+    assert f"else {DEFAULT_PYTHON}" in " ".join(done.stdout.split())
