@@ -61,8 +61,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         # A stage past its soft limit fails its build with a record (and cleans up);
         # the hard limit only catches a stage that ignores it.
-        "task_soft_time_limit": int(settings.build_timeout + 60),
-        "task_time_limit": int(settings.build_timeout + 300),
+        # A docker-pool task builds and then pushes, so it may take two build timeouts.
+        "task_soft_time_limit": int(2 * settings.build_timeout + 60),
+        "task_time_limit": int(2 * settings.build_timeout + 300),
     }
     if settings.embedded:
         base.update(broker_url="memory://", result_backend="cache+memory://",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,24 @@ def choose_builder(requested: str | None, cfg: LaunchConfig, settings: Settings)
             raise ConfigError(f"builder {choice!r} is not one of docker, kaniko, noop.",
                               "Pass --builder docker|kaniko|noop or fix builder.type.")
         return choice
-    if engine_available() or (not settings.embedded and _pool_alive(settings, "docker")):
-        return "docker"
-    return "noop"
+    return "docker" if _docker_answers(settings) else "noop"
+
+
+#: How long a control host trusts its last look for a Docker Engine or docker pool.
+DOCKER_PROBE_SECONDS = 10.0
+_docker_probe: tuple[float, bool] | None = None
+
+
+def _docker_answers(settings: Settings) -> bool:
+    # The probe (an engine ping, then a presence read) costs more than a cache-hit build
+    # itself, and its answer changes only when hosts come and go.
+    global _docker_probe
+    now = time.monotonic()
+    if _docker_probe is not None and now - _docker_probe[0] < DOCKER_PROBE_SECONDS:
+        return _docker_probe[1]
+    answer = engine_available() or (not settings.embedded and _pool_alive(settings, "docker"))
+    _docker_probe = (now, answer)
+    return answer
 
 
 def _pool_alive(settings: Settings, pool: str) -> bool:

@@ -23,7 +23,7 @@ from celery.utils.nodenames import worker_direct
 from config.errors import BuildqError
 from config.settings import Settings
 from tasks import operations
-from tasks.app import app, settings
+from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
 from tasks.lock import Lease
@@ -55,79 +55,122 @@ class StageTask(Task):
         return self.run_state(BuildState.from_dict(state_data))
 
     def run_state(self, state: BuildState) -> Any:
+        """Run this task's stage, then every following stage this worker's pool serves.
+
+        A hop through the broker costs a queue round trip, so the chain only hops when
+        the next stage belongs to another pool (control → docker or kaniko) or must wait
+        out a retry; ``record`` runs wherever the chain ends.
+        """
         cfg = settings()
         client = redis_client(cfg)
-        lease: Lease | None = None
-        if state.token and state.source_hash:
-            lease = Lease(client, state.source_hash, state.token, cfg.lock_lease, state.request_id)
-            if not lease.extend():
-                # Someone else holds this hash now (we were redelivered after a takeover)
-                # or the build already finished; that holder answers our request.
-                log.info("stage %s dropped: lock for %s held elsewhere", self.stage_name,
-                         state.source_hash[:12])
-                raise Ignore()
-        emit(client, state.request_id, "stage", stage=self.stage_name, state="started")
-        started = time.monotonic()
-        retries = self.request.retries or 0
+        stage = self.stage_name
+        # A stage handed over for a retry carries its count in the state.
+        retries = state.retries
         while True:
+            lease = self._lease(state, cfg, client, stage)
+            emit(client, state.request_id, "stage", stage=stage, state="started")
+            started = time.monotonic()
             try:
-                next_stage = self._attempt(state, cfg, lease)
+                next_stage = self._attempt(stage, state, cfg, lease)
             except BuildqError as exc:
-                if exc.transient and retries < cfg.max_retries:
-                    countdown = _backoff(cfg, retries)
-                    emit(client, state.request_id, "retry", stage=self.stage_name, error=str(exc),
-                         countdown=f"{countdown:.1f}")
-                    if lease is not None:
-                        lease.extend(extra_seconds=countdown)
-                    if self.request.is_eager:
-                        # In-process there is no broker to carry a delayed retry: wait here.
-                        time.sleep(countdown)
-                        retries += 1
-                        continue
-                    raise self.retry(countdown=countdown, exc=exc) from None
-                state.fail(str(exc), exc.kind)
-                next_stage = "record"
-            except SoftTimeLimitExceeded:
-                state.fail(f"stage {self.stage_name} ran past its time limit and was stopped.",
-                           "timeout")
-                next_stage = "record"
-            except (Ignore, self.MaxRetriesExceededError):
-                raise
-            except Exception as exc:
-                log.error("internal error in stage %s:\n%s", self.stage_name, traceback.format_exc())
-                state.fail(f"internal error in stage {self.stage_name}: {type(exc).__name__}: {exc}. "
-                           "The worker's log has the details; please report it.", "internal")
-                next_stage = "record"
-            break
+                if retries >= cfg.max_retries:
+                    state.fail(str(exc), exc.kind)
+                    next_stage = "record"
+                    self._add_time(stage, state, client, started)
+                    stage, retries = next_stage, 0
+                    continue
+                countdown = _backoff(cfg, retries)
+                emit(client, state.request_id, "retry", stage=stage, error=str(exc),
+                     countdown=f"{countdown:.1f}")
+                if lease is not None:
+                    lease.extend(extra_seconds=countdown)
+                self._add_time(stage, state, client, started, retries=True)
+                if self.request.is_eager:
+                    # In-process there is no broker to carry a delayed retry: wait here.
+                    time.sleep(countdown)
+                    retries += 1
+                    continue
+                # A broker-side retry frees this worker slot for the wait; the state carries
+                # the count, and the stages already done in this task are not repeated.
+                state.retries = retries + 1
+                return self._hand_over(stage, state, countdown=countdown)
+            self._add_time(stage, state, client, started)
+            if not next_stage:
+                return self.finish(state, client)
+            if not self._runs_here(stage, next_stage, state):
+                state.retries = 0
+                return self._hand_over(next_stage, state)
+            stage, retries = next_stage, 0
+
+    def _lease(self, state: BuildState, cfg: Settings, client: Any, stage: str) -> Lease | None:
+        if not (state.token and state.source_hash):
+            return None
+        lease = Lease(client, state.source_hash, state.token, cfg.lock_lease, state.request_id)
+        if not lease.extend():
+            # Someone else holds this hash now (we were redelivered after a takeover)
+            # or the build already finished; that holder answers our request.
+            log.info("stage %s dropped: lock for %s held elsewhere", stage, state.source_hash[:12])
+            raise Ignore()
+        return lease
+
+    def _add_time(self, stage: str, state: BuildState, client: Any, started: float,
+                  retries: bool = False) -> None:
         elapsed = time.monotonic() - started
-        state.stages[self.stage_name] = state.stages.get(self.stage_name, 0.0) + elapsed
-        emit(client, state.request_id, "stage", stage=self.stage_name, state="done",
+        state.stages[stage] = state.stages.get(stage, 0.0) + elapsed
+        if retries:
+            return
+        emit(client, state.request_id, "stage", stage=stage, state="done",
              seconds=f"{elapsed:.3f}", status=state.status or "")
-        metrics.stage_finished(self.stage_name, elapsed, state, self.request.id)
-        if not next_stage:
-            return self.finish(state, client)
-        signature = STAGES[next_stage].s(state.to_dict())
+        metrics.stage_finished(stage, elapsed, state, self.request.id)
+
+    def _runs_here(self, stage: str, next_stage: str, state: BuildState) -> bool:
+        if self.request.is_eager or next_stage == "record":
+            return True
+        return _queue_of(next_stage, state) == _queue_of(stage, state)
+
+    def _hand_over(self, next_stage: str, state: BuildState, countdown: float = 0.0) -> Any:
+        """Replace this task with ``next_stage`` (same task id, so the caller keeps waiting)."""
+        task = resume if next_stage == "fetch" else STAGES[next_stage]
+        signature = task.s(state.to_dict())
         # The chain keeps the request's task id, so Flower shows one row per request: name it
         # after the request and its current stage rather than the bare stage task.
         signature.set(shadow=f"buildq.build_image:{next_stage}")
-        if next_stage == "push" and state.builder == "kaniko":
-            # Kaniko pushed already; the in-cluster pool verifies, no engine needed.
-            signature.set(queue="kaniko")
-        elif next_stage in _SAME_HOST and self.request.hostname and not self.request.is_eager:
-            # The fetched tree / built image lives on this host: keep the next stage here.
+        if countdown:
+            signature.set(countdown=countdown)
+        queue = _queue_of(next_stage, state)
+        if next_stage in _SAME_HOST and self.request.hostname:
+            # The fetched tree / built image lives on this host: keep the stage here.
             signature.set(queue=worker_direct(self.request.hostname))
+        elif queue != ROUTES[STAGES[next_stage].name]:
+            signature.set(queue=queue)
         return self.replace(signature)
 
-    def _attempt(self, state: BuildState, cfg: Settings, lease: Lease | None) -> str:
-        if state.done and self.stage_name != "record":
-            return "record"
-        if lease is None:
-            return self.body(state, cfg)
-        with lease.heartbeat():
-            next_stage = self.body(state, cfg)
-        if lease.lost.is_set():
-            raise Ignore()
-        return next_stage
+    def _attempt(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None) -> str:
+        """One stage body; a user-facing error or a crash becomes a failed state."""
+        try:
+            if state.done and stage != "record":
+                return "record"
+            body = STAGES[stage].body
+            if lease is None:
+                return body(state, cfg)
+            with lease.heartbeat():
+                next_stage = body(state, cfg)
+            if lease.lost.is_set():
+                raise Ignore()
+            return next_stage
+        except BuildqError as exc:
+            if exc.transient:
+                raise
+            state.fail(str(exc), exc.kind)
+        except SoftTimeLimitExceeded:
+            state.fail(f"stage {stage} ran past its time limit and was stopped.", "timeout")
+        except Ignore:
+            raise
+        except Exception as exc:
+            log.error("internal error in stage %s:\n%s", stage, traceback.format_exc())
+            state.fail(f"internal error in stage {stage}: {type(exc).__name__}: {exc}. "
+                       "The worker's log has the details; please report it.", "internal")
+        return "record"
 
     def finish(self, state: BuildState, client: Any) -> dict[str, Any]:
         """Write the record, answer every request waiting on this hash, release the lock."""
@@ -155,6 +198,13 @@ class StageTask(Task):
 
 #: Stages that must run on the host of the stage before them.
 _SAME_HOST = {"hash", "exists", "upload", "push"}
+
+
+def _queue_of(stage: str, state: BuildState) -> str:
+    if stage == "push" and state.builder == "kaniko":
+        # Kaniko pushed already; the in-cluster pool verifies, no engine needed.
+        return "kaniko"
+    return ROUTES[STAGES[stage].name]
 
 STAGES: dict[str, StageTask] = {}
 

@@ -49,6 +49,8 @@ class BuildState:
     error: str | None = None
     error_kind: str | None = None
     stages: dict[str, float] = field(default_factory=dict)
+    #: Retries already spent on the stage this state is handed to.
+    retries: int = 0
     created_at: float = field(default_factory=time.time)
 
     @property
