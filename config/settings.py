@@ -85,6 +85,9 @@ class Settings:
     max_retries: int = 5
     #: S3-compatible endpoint for context stores (MinIO, moto); None means AWS itself.
     s3_endpoint_url: str | None = None
+    #: Cloud Storage endpoint (gcp-storage-emulator in tests), reached anonymously;
+    #: None means Google itself with google.auth.default() credentials.
+    gcs_endpoint_url: str | None = None
     #: ECR API endpoint override (moto in tests); None means AWS itself.
     ecr_endpoint_url: str | None = None
     #: Blob endpoint standing in for https://<account>.blob.core.windows.net (Azurite).
@@ -134,6 +137,9 @@ class Settings:
             retry_base=_number(env, "BUILDQ_RETRY_BASE", 2.0),
             max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", 5, strict=False)),
             s3_endpoint_url=env.get("BUILDQ_S3_ENDPOINT_URL") or None,
+            # STORAGE_EMULATOR_HOST is the name Google's own clients (and kaniko's) honour.
+            gcs_endpoint_url=(env.get("BUILDQ_GCS_ENDPOINT_URL") or env.get("STORAGE_EMULATOR_HOST")
+                              or None),
             ecr_endpoint_url=env.get("BUILDQ_ECR_ENDPOINT_URL") or None,
             azure_blob_endpoint=env.get("BUILDQ_AZURE_BLOB_ENDPOINT") or None,
             azure_storage_key=env.get("BUILDQ_AZURE_STORAGE_KEY") or None,

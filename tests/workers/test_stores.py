@@ -105,14 +105,17 @@ def s3_case(server: services.StandIn, create: bool = True) -> Case:
 
 
 def gcs_case(server: services.StandIn, monkeypatch: pytest.MonkeyPatch, create: bool = True) -> Case:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.endpoint)
+    # The store must find the emulator through its settings alone, not the environment.
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     bucket = _bucket()
     if create:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(bucket)
-    return Case("gcs", GCSStore(f"gs://{bucket}/builds", Settings()), list)
+        storage.Client(project="test", credentials=AnonymousCredentials(),
+                       client_options={"api_endpoint": server.endpoint}).create_bucket(bucket)
+    return Case("gcs", GCSStore(f"gs://{bucket}/builds", Settings(gcs_endpoint_url=server.endpoint)),
+                list)
 
 
 def azure_settings(server: services.StandIn, key: str = services.AZURITE_KEY) -> Settings:
@@ -383,21 +386,29 @@ def test_azure_token_for_another_audience_is_refused(azurite_https: services.Sta
 
 
 def test_store_for_url_picks_the_backend_and_keeps_settings() -> None:
-    settings = Settings(s3_endpoint_url="http://127.0.0.1:1", azure_storage_key="c2VjcmV0")
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:1", azure_storage_key="c2VjcmV0",
+                        gcs_endpoint_url="http://127.0.0.1:2")
     s3 = store_for_url("s3://bucket/some/prefix/", settings)
     assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix")
     assert s3.endpoint_url == "http://127.0.0.1:1"
     assert s3.uri("k.tar.gz") == "s3://bucket/some/prefix/k.tar.gz"
     gcs = store_for_url("gs://bucket", settings)
     assert isinstance(gcs, GCSStore) and gcs.uri("k") == "gs://bucket/k"
+    assert gcs.client._connection.API_BASE_URL == "http://127.0.0.1:2"
     azure = store_for_url("https://acct.blob.core.windows.net/ctr/p", settings)
     assert isinstance(azure, AzureBlobStore)
     assert (azure.account, azure.container, azure.prefix) == ("acct", "ctr", "p")
     assert azure.account_url == "https://acct.blob.core.windows.net"
     assert azure.uri("k") == "https://acct.blob.core.windows.net/ctr/p/k"
     assert "c2VjcmV0" not in repr(azure)
-    # Existing callers pass no settings: they come from the environment.
+    # Existing callers pass no settings: they come from the environment, where the
+    # emulator variable Google's clients know is honoured too.
     assert isinstance(store_for_url("s3://bucket/p"), S3Store)
+    assert Settings.from_env({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:3"}).gcs_endpoint_url \
+        == "http://127.0.0.1:3"
+    assert Settings.from_env({"BUILDQ_GCS_ENDPOINT_URL": "http://127.0.0.1:4",
+                              "STORAGE_EMULATOR_HOST": "http://127.0.0.1:3"}).gcs_endpoint_url \
+        == "http://127.0.0.1:4"
 
 
 @pytest.mark.parametrize("url", ["https://example.com/ctr", "ftp://host/x", "https://acct.blob.core.windows.net/",
@@ -463,9 +474,10 @@ def test_part_pipeline_failure_surfaces_on_the_next_write() -> None:
 def test_env_is_left_to_the_libraries() -> None:
     # The stores read no settings from the environment except what the SDKs read.
     import workers.stores.azure as azure_module
+    import workers.stores.gcs as gcs_module
     import workers.stores.s3 as s3_module
 
-    for module in (azure_module, s3_module):
+    for module in (azure_module, gcs_module, s3_module):
         assert "os.environ" not in Path(module.__file__ or "").read_text()
     assert os.environ.get("AWS_ACCESS_KEY_ID") == "testing"
 

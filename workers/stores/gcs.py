@@ -1,9 +1,9 @@
 """A Google Cloud Storage context store: ``gs://bucket/prefix``.
 
 Credentials come from ``google.auth.default()`` (workload identity, a key file in
-GOOGLE_APPLICATION_CREDENTIALS, gcloud's user login). When STORAGE_EMULATOR_HOST is set
-(the variable the client library itself honours) the client talks to that emulator
-anonymously.
+GOOGLE_APPLICATION_CREDENTIALS, gcloud's user login). ``Settings.gcs_endpoint_url``
+(BUILDQ_GCS_ENDPOINT_URL, or the STORAGE_EMULATOR_HOST Google's clients honour) points
+the client at an emulator, which it then talks to anonymously.
 
 Writes go through a resumable upload, one chunk at a time, fed from a worker thread so
 compression and upload overlap; memory holds a few chunks at most.
@@ -12,7 +12,6 @@ compression and upload overlap; memory holds a few chunks at most.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -70,11 +69,13 @@ class GCSStore(ContextStore):
                 from google.cloud import storage
 
                 with self._mapped("open", ""):
-                    if os.environ.get("STORAGE_EMULATOR_HOST"):
+                    endpoint = self._settings.gcs_endpoint_url
+                    if endpoint:
                         from google.auth.credentials import AnonymousCredentials
 
-                        self._client = storage.Client(project=EMULATOR_PROJECT,
-                                                      credentials=AnonymousCredentials())
+                        self._client = storage.Client(
+                            project=EMULATOR_PROJECT, credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": endpoint.rstrip("/")})
                     else:
                         import google.auth
 
