@@ -15,6 +15,9 @@ from config.errors import ConfigError
 
 #: Where the launch agent looks for its config when neither --config nor BUILDQ_CONFIG is given.
 DEFAULT_CONFIG_PATH = Path("~/.config/wandb/launch-config.yaml")
+#: Default limits on an archive source (see ``Settings.max_archive_bytes``).
+DEFAULT_MAX_ARCHIVE_BYTES = 10 * 1024**3
+DEFAULT_MAX_ARCHIVE_MEMBERS = 500_000
 
 
 def _data_home(env: Mapping[str, str]) -> Path:
@@ -37,6 +40,22 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
     if value < minimum or (strict and value == minimum):
         raise ConfigError(f"environment variable {name}={raw!r} is too small.",
                           f"Use a number above {minimum:g}" + ("." if strict else " or equal to it."))
+    return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    """A positive whole number (a size in bytes, a count) from the environment."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not a whole number.",
+                          f"Set {name} to a positive integer, e.g. {name}={default}.") from None
+    if value < 1:
+        raise ConfigError(f"environment variable {name}={raw!r} is too small.",
+                          f"Set {name} to a positive integer, e.g. {name}={default}.")
     return value
 
 
@@ -102,6 +121,11 @@ class Settings:
     create_repositories: bool = False
     #: Flower login(s), ``user:password[,user:password]`` (BUILDQ_FLOWER_BASIC_AUTH).
     flower_basic_auth: str | None = field(default=None, repr=False)
+    #: Cap on the unpacked size of an archive source: a small .tar.gz can expand to fill
+    #: the build host's disk, so it is refused before that (BUILDQ_MAX_ARCHIVE_BYTES).
+    max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+    #: Cap on an archive's member count: millions of empty files exhaust inodes, not bytes.
+    max_archive_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS
 
     @property
     def embedded(self) -> bool:
@@ -147,4 +171,7 @@ class Settings:
             kube_namespace=env.get("BUILDQ_KUBE_NAMESPACE") or "default",
             create_repositories=env.get("BUILDQ_CREATE_REPOSITORIES", "").lower() in ("1", "true", "yes"),
             flower_basic_auth=env.get("BUILDQ_FLOWER_BASIC_AUTH") or None,
+            max_archive_bytes=_count(env, "BUILDQ_MAX_ARCHIVE_BYTES", DEFAULT_MAX_ARCHIVE_BYTES),
+            max_archive_members=_count(env, "BUILDQ_MAX_ARCHIVE_MEMBERS",
+                                       DEFAULT_MAX_ARCHIVE_MEMBERS),
         )

@@ -273,7 +273,7 @@ def hash_command(source: str, ref: str | None, dockerfile: str | None,
     if spec.kind == "image":
         raise InputError("an image source has no source hash.", "Give a directory, archive or git URL.")
     with tempfile.TemporaryDirectory(prefix="buildq-hash-") as scratch:
-        fetched = fetch_source(spec, Path(scratch))
+        fetched = fetch_source(spec, Path(scratch), _settings())
         try:
             digest = source_hash(fetched.root, inputs)
         finally:
@@ -429,7 +429,7 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
     if spec.kind == "image":
         raise InputError("an image source needs no build.", "Give a directory, archive or git URL.")
     with tempfile.TemporaryDirectory(prefix="buildq-kaniko-job-") as scratch:
-        fetched = fetch_source(spec, Path(scratch))
+        fetched = fetch_source(spec, Path(scratch), settings)
         try:
             digest = source_hash(fetched.root, inputs)
         finally:
@@ -473,7 +473,8 @@ def dockerfile_command(source: str, ref: str | None, entrypoint: str | None, pyt
     from workers.dockerfile import DOCKERFILE, PythonOptions, generate, has_dockerfile
     from workers.sources import fetch_source, parse_source
 
-    cfg = load_config(config_path, env_path=_settings().config_path)
+    settings = _settings()
+    cfg = load_config(config_path, env_path=settings.config_path)
     options = PythonOptions.create(cfg, entrypoint=entrypoint, python=python, gpu=gpu)
     spec = parse_source(source, ref)
     if spec.kind == "image":
@@ -483,7 +484,7 @@ def dockerfile_command(source: str, ref: str | None, entrypoint: str | None, pyt
         raise InputError(f"--save writes into a local directory, and {source} is a {spec.kind}.",
                          "Run it on a checkout of the project, or drop --save and redirect the output.")
     with tempfile.TemporaryDirectory(prefix="buildq-dockerfile-") as scratch:
-        fetched = fetch_source(spec, Path(scratch))
+        fetched = fetch_source(spec, Path(scratch), settings)
         try:
             root = fetched.root
             if has_dockerfile(root):

@@ -147,7 +147,7 @@ def fetch(state: BuildState, settings: Settings) -> str:
     if spec.kind == "image":
         return _resolve_image(state, spec, settings)
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    fetched = fetch_source(spec, settings.workdir)
+    fetched = fetch_source(spec, settings.workdir, settings)
     state.workdir = str(fetched.root)
     state.owned = fetched.owned
     state.commit = fetched.commit
@@ -191,7 +191,7 @@ def _ensure_tree(state: BuildState, settings: Settings) -> Path:
     if state.commit:
         spec = SourceSpec(spec.kind, spec.location, state.commit)
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    fetched = fetch_source(spec, settings.workdir)
+    fetched = fetch_source(spec, settings.workdir, settings)
     state.workdir, state.owned = str(fetched.root), fetched.owned
     return fetched.root
 
