@@ -17,14 +17,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from config.errors import ConfigError, SourceError
-from workers.sources.base import FetchedSource, SourceSpec, remove_tree
+from config.settings import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS
+from workers.sources.base import (
+    MAX_COMPONENT_BYTES,
+    MAX_PATH_BYTES,
+    MAX_PATH_DEPTH,
+    FetchedSource,
+    SourceSpec,
+    remove_tree,
+)
 
-#: Default cap on the total uncompressed size of an archive's files.
-MAX_BYTES = 10 * 1024**3
-#: Default cap on the number of members: millions of empty files exhaust inodes, not bytes.
-MAX_MEMBERS = 500_000
+#: Default cap on the total uncompressed size of an archive's files (BUILDQ_MAX_ARCHIVE_BYTES).
+MAX_BYTES = DEFAULT_MAX_ARCHIVE_BYTES
+#: Default cap on the number of members (BUILDQ_MAX_ARCHIVE_MEMBERS): millions of empty
+#: files exhaust inodes, not bytes.
+MAX_MEMBERS = DEFAULT_MAX_ARCHIVE_MEMBERS
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class _Refused(Exception):
@@ -79,13 +89,13 @@ def _extract(stream: BinaryIO, dest: Path, location: str, max_bytes: int, max_me
                 count += 1
                 if count > max_members:
                     raise SourceError(f"archive {location!r} has more than {max_members} members.",
-                                      "Pack only the build context.")
-                # repr() escapes newlines and control characters for the message.
-                shown = member.name
+                                      "Pack only the build context, or raise "
+                                      "BUILDQ_MAX_ARCHIVE_MEMBERS on the build hosts.")
+                shown = _shown(member.name)
                 try:
                     name = _check_member(member, dest)
                 except _Refused as why:
-                    raise SourceError(f"archive {location!r}: member {shown!r} {why}.",
+                    raise SourceError(f"archive {location!r}: member {shown} {why}.",
                                       "The archive was not unpacked.") from None
                 if name is None:
                     continue
@@ -93,14 +103,15 @@ def _extract(stream: BinaryIO, dest: Path, location: str, max_bytes: int, max_me
                     total += member.size
                     if total > max_bytes:
                         raise SourceError(
-                            f"archive {location!r}: member {shown!r} takes the unpacked size "
+                            f"archive {location!r}: member {shown} takes the unpacked size "
                             f"over the limit of {max_bytes} bytes.",
-                            "Pack only the build context, or raise the limit.")
+                            "Pack only the build context, or raise BUILDQ_MAX_ARCHIVE_BYTES "
+                            "on the build hosts.")
                 member.name = name
                 try:
                     tar.extract(member, dest, filter="data")
                 except tarfile.FilterError as exc:
-                    raise SourceError(f"archive {location!r}: member {shown!r} refused: {exc}.",
+                    raise SourceError(f"archive {location!r}: member {shown} refused: {exc}.",
                                       "The archive was not unpacked.") from None
     except SourceError:
         raise
@@ -109,16 +120,37 @@ def _extract(stream: BinaryIO, dest: Path, location: str, max_bytes: int, max_me
                           "Create it with tar -czf context.tar.gz -C DIR .") from None
 
 
+def _shown(name: str, limit: int = 120) -> str:
+    """The name as a message can hold it: escaped, and its middle cut when it is long."""
+    if len(name) > limit:
+        name = f"{name[:limit // 2]}...{name[-limit // 2:]}"
+    # repr() escapes newlines and control characters; undecodable bytes, which tarfile
+    # hands over as lone surrogates, are shown as the bytes the user wrote (\xe9).
+    return re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", repr(name))
+
+
 def _check_member(member: tarfile.TarInfo, dest: Path) -> str | None:
     """The member's safe relative name, None to skip it, or ``_Refused``."""
     raw = member.name
     if _CONTROL.search(raw) or _CONTROL.search(member.linkname or ""):
         raise _Refused("has a control character (such as a newline) in its name or link")
+    if _SURROGATE.search(raw) or _SURROGATE.search(member.linkname or ""):
+        # tarfile decodes undecodable bytes to lone surrogates; such a name cannot be
+        # shown, logged or put in a record faithfully.
+        raise _Refused("has a name that is not valid UTF-8")
     if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
         raise _Refused("has an absolute path")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise _Refused("has a '..' component that leaves the archive")
+    # Checked before anything is created: deeper trees overflow Python's recursion in
+    # makedirs, and longer names fail with ENAMETOOLONG halfway through the unpacking.
+    if len(parts) > MAX_PATH_DEPTH:
+        raise _Refused(f"is nested {len(parts)} directories deep, more than {MAX_PATH_DEPTH}")
+    if any(len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
+        raise _Refused(f"has a path component longer than {MAX_COMPONENT_BYTES} bytes")
+    if len(raw.encode()) > MAX_PATH_BYTES:
+        raise _Refused(f"has a path longer than {MAX_PATH_BYTES} bytes")
     if not parts:
         return None  # "./" itself: the destination exists already
     name = "/".join(parts)
