@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from blake3 import blake3
 
 from config.errors import InputError, SourceError
+from workers.sources.base import MAX_PATH_DEPTH
 
 if TYPE_CHECKING:
     from docker.utils.build import PatternMatcher
@@ -183,7 +184,14 @@ class _Walker:
             except OSError as exc:
                 raise SourceError(f"cannot read {rel!r} in the context: {exc.strerror}.") from None
             excluded = self._excluded(rel)
+            if not excluded:
+                _check_name(rel)
             if stat.S_ISDIR(st.st_mode):
+                if rel.count("/") + 1 > MAX_PATH_DEPTH:
+                    # The walk recurses per directory: deeper would overflow Python's stack.
+                    raise SourceError(f"{_shown(rel)} in the context is nested more than "
+                                      f"{MAX_PATH_DEPTH} directories deep.",
+                                      "Flatten that tree or add it to .dockerignore.")
                 entry = _Entry(rel, child.path, "d", _MODE_EXEC, 0, "")
                 if not excluded:
                     yield from pending
@@ -221,6 +229,29 @@ class _Walker:
             raise SourceError(f"symlink {rel!r} -> {target!r} points outside the build context.",
                               "Replace it with the file itself or add it to .dockerignore.")
         return target
+
+
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def _shown(rel: str, limit: int = 120) -> str:
+    """A path as a message can hold it: escaped, its middle cut when it is long."""
+    if len(rel) > limit:
+        rel = f"{rel[:limit // 2]}...{rel[-limit // 2:]}"
+    # os.scandir hands undecodable bytes over as lone surrogates: show the bytes (\xe9).
+    return re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", repr(rel))
+
+
+def _check_name(rel: str) -> None:
+    """Refuse names the build could not show or log faithfully.
+
+    The same rule holds for archives, and ``buildq build DIR`` with remote workers ships
+    the directory as one: a name must fail the same way in both modes, and early.
+    """
+    if _UNSAFE_NAME.search(rel):
+        raise SourceError(f"{_shown(rel)} in the context has a control character (such as a "
+                          "newline) or bytes that are not UTF-8 in its name.",
+                          "Rename it or add it to .dockerignore.")
 
 
 def _ignore_patterns(root: str, dockerfile: str) -> tuple[str, list[str]]:
