@@ -15,8 +15,11 @@ the kaniko pool uses, over real HTTP, to the real ``kubernetes`` client:
 
 Its job controller makes one pod per Job, enforces ``activeDeadlineSeconds`` and sets
 the Job's Complete/Failed conditions. Its kubelet does what the kaniko container's args
-say with real tools: reads ``--context`` (``tar://`` path, ``s3://`` via the pod's
-``S3_ENDPOINT``), builds it with the Docker Engine (network none), pushes every
+say with real tools: reads ``--context`` as kaniko would, with the pod's env only
+(``tar://`` path; ``s3://`` via ``S3_ENDPOINT``/``S3_FORCE_PATH_STYLE``; ``gs://`` via
+``STORAGE_EMULATOR_HOST``; ``https://<account>.blob.core.windows.net/...`` with the
+``AZURE_STORAGE_ACCESS_KEY`` the Job takes from a Secret, at the stand-in endpoint in
+``BUILDQ_AZURE_BLOB_ENDPOINT``), builds it with the Docker Engine (network none), pushes every
 ``--destination`` to the registry, streams the build output as the pod log and writes
 the pushed digest to the container's termination message (``--digest-file``).
 
@@ -47,6 +50,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlsplit
 
 DOCKER_SOCKET = "unix:///var/run/docker.sock"
+AZURE_BLOB_SUFFIX = ".blob.core.windows.net"
 #: How many lines / bytes FallbackToLogsOnError copies into the termination message.
 FALLBACK_LINES, FALLBACK_BYTES = 80, 2048
 
@@ -141,6 +145,8 @@ class KubeStandIn:
         self.faults: list[_Fault] = []
         self.delay = 0.0
         self.outcomes: deque[str] = deque()
+        #: The environment each container ran with, Secret references resolved.
+        self.kubelet_env: list[dict[str, str]] = []
         self.kubelet = kubelet or Kubelet()
         self.closing = False
         self.threads: list[threading.Thread] = []
@@ -202,6 +208,7 @@ class KubeStandIn:
             self.requests.clear()
             self.faults.clear()
             self.outcomes.clear()
+            self.kubelet_env.clear()
             self.delay = 0.0
 
     def list(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
@@ -383,6 +390,8 @@ class KubeStandIn:
                 set_state({"waiting": {"reason": "CreateContainerConfigError", "message": exc.message}},
                           "Pending")
         if outcome != "pull" and env is not None:
+            with self.cond:
+                self.kubelet_env.append(dict(env))
             set_state({"running": {"startedAt": _now()}}, "Running")
             worker = threading.Thread(
                 target=self._execute, args=(outcome, namespace, pod_name, container, env, result),
@@ -578,7 +587,47 @@ class Kubelet:
             body.seek(0)
             yield body
             return
+        if parts.scheme == "gs":
+            yield self._read_gcs(parts.netloc, parts.path.lstrip("/"), env)
+            return
+        if parts.scheme == "https" and (parts.hostname or "").endswith(AZURE_BLOB_SUFFIX):
+            yield self._read_azure(parts.hostname or "", parts.path.lstrip("/"), env)
+            return
         raise ValueError(f"the stand-in kubelet cannot read context {uri}")
+
+    @staticmethod
+    def _read_gcs(bucket: str, name: str, env: dict[str, str]) -> BinaryIO:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        endpoint = env.get("STORAGE_EMULATOR_HOST")
+        if not endpoint:
+            # There is no real Cloud Storage here: only the emulator the Job names.
+            raise ValueError("gs:// context without STORAGE_EMULATOR_HOST in the pod's env")
+        client = storage.Client(project="standin", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": endpoint})
+        body = io.BytesIO()
+        client.bucket(bucket).blob(name).download_to_file(body)
+        body.seek(0)
+        return body
+
+    @staticmethod
+    def _read_azure(host: str, path: str, env: dict[str, str]) -> BinaryIO:
+        from azure.storage.blob import BlobClient
+
+        key = env.get("AZURE_STORAGE_ACCESS_KEY")
+        if not key:
+            # What kaniko says when the Job gives it no account key.
+            raise ValueError("AZURE_STORAGE_ACCESS_KEY environment variable is not set")
+        account = host[: -len(AZURE_BLOB_SUFFIX)]
+        container, _, blob = path.partition("/")
+        endpoint = env.get("BUILDQ_AZURE_BLOB_ENDPOINT") or f"https://{host}"
+        client = BlobClient(endpoint, container, blob,
+                            credential={"account_name": account, "account_key": key})
+        body = io.BytesIO()
+        client.download_blob().readinto(body)
+        body.seek(0)
+        return body
 
     def run_kaniko(self, args: list[str], env: dict[str, str],
                    say: Callable[[str], None]) -> dict[str, Any]:

@@ -1,63 +1,168 @@
-"""The chain with ``builder: kaniko``: real control and kaniko workers, the Kubernetes API
-stand-in (reached by the kaniko worker through a kubeconfig), its docker kubelet, a
-real registry and a file:// context store the kubelet reads as a ``tar://`` context."""
+"""The chain with ``builder: kaniko``, end to end, for each cloud context store.
+
+Real control and kaniko workers (their own Redis), the Kubernetes API stand-in reached
+by the kaniko worker through a kubeconfig, its docker kubelet, a real registry, and the
+storage stand-ins: moto (S3), gcp-storage-emulator (GCS) and Azurite (Azure Blob). The
+workers find the stores and the registry only through their BUILDQ_* environment; the
+kubelet reads each context only through what the Job's own env says, as kaniko would.
+
+The destination is a logical registry host mapped to the real registry by
+BUILDQ_REGISTRY_ENDPOINTS, so every push also proves the Job honours that mapping.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
+import redis
 
+from config.settings import Settings
 from tasks import build_image
+from tests import services
+from tests.conftest import AWS_ENV
 from tests.k8s_standin import KubeStandIn
-from tests.tasks.conftest import Cluster
+from tests.tasks.conftest import Cluster, make_cluster, use_cluster
 
 NAMESPACE = "buildq-kaniko"
+#: The name users give the registry; BUILDQ_REGISTRY_ENDPOINTS maps it to the real one.
+LOGICAL_REGISTRY = "registry.buildq.test"
+AZURE_HOST = f"{services.AZURITE_ACCOUNT}.blob.core.windows.net"
+K8S_VERSION = "1.33.0"
+STORES = ("s3", "gcs", "azure")
 
 
 @dataclasses.dataclass
-class KanikoPool:
+class Store:
+    """A context store the workers use, and an independent client to look inside it."""
+
+    url: str
+    exists: Callable[[str], bool]
+    #: What the Job's env must carry for kaniko to read this store.
+    job_env: dict[str, str]
+
+
+@dataclasses.dataclass
+class KanikoCluster:
     cluster: Cluster
     standin: KubeStandIn
-    store: Path
+    stores: dict[str, Store]
 
-    def config(self, repository: str) -> dict[str, Any]:
-        return {"builder": {"type": "kaniko",
-                            "destination": f"{self.cluster.registry.host}/{repository}",
-                            "build-context-store": self.store.as_uri()}}
+    @property
+    def registry(self) -> services.RegistryServer:
+        return self.cluster.registry
+
+    def config(self, repository: str, store: str) -> dict[str, Any]:
+        return {"builder": {"type": "kaniko", "destination": f"{LOGICAL_REGISTRY}/{repository}",
+                            "build-context-store": self.stores[store].url}}
+
+
+def _s3(moto: services.StandIn) -> Store:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket = f"ctx-{uuid.uuid4().hex[:10]}"
+    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
+                      aws_access_key_id="standin", aws_secret_access_key="standin")
+    s3.create_bucket(Bucket=bucket)
+
+    def exists(key: str) -> bool:
+        try:
+            s3.head_object(Bucket=bucket, Key=f"kaniko/{key}")
+            return True
+        except ClientError:
+            return False
+
+    return Store(f"s3://{bucket}/kaniko", exists,
+                 {"S3_ENDPOINT": moto.endpoint, "S3_FORCE_PATH_STYLE": "true"})
+
+
+def _gcs(emulator: services.StandIn) -> Store:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project="standin", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": emulator.endpoint})
+    bucket = client.create_bucket(f"ctx-{uuid.uuid4().hex[:10]}")
+    return Store(f"gs://{bucket.name}/kaniko", lambda key: bool(bucket.blob(f"kaniko/{key}").exists()),
+                 {"STORAGE_EMULATOR_HOST": emulator.endpoint})
+
+
+def _azure(azurite: services.StandIn) -> Store:
+    from azure.storage.blob import BlobServiceClient
+
+    service = BlobServiceClient(f"{azurite.endpoint}/{services.AZURITE_ACCOUNT}", credential={
+        "account_name": services.AZURITE_ACCOUNT, "account_key": services.AZURITE_KEY})
+    container = service.create_container(f"ctx-{uuid.uuid4().hex[:10]}")
+    return Store(f"https://{AZURE_HOST}/{container.container_name}/kaniko",
+                 lambda key: bool(container.get_blob_client(f"kaniko/{key}").exists()),
+                 {"AZURE_STORAGE_ACCESS_KEY": services.AZURITE_KEY,
+                  "BUILDQ_AZURE_BLOB_ENDPOINT": f"{azurite.endpoint}/{services.AZURITE_ACCOUNT}"})
+
+
+def _point_app_at(settings: Settings) -> None:
+    from tasks.app import app, configure
+
+    configure(settings)
+    # Connections cached for the previous broker must not be reused.
+    app._pool = None
+    app._local = threading.local()
+    app.amqp._producer_pool = None
 
 
 @pytest.fixture(scope="module")
-def kaniko_pool(cluster: Cluster, kube_standin: KubeStandIn,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[KanikoPool]:
-    root = tmp_path_factory.mktemp("kaniko-pool")
-    kubeconfig = kube_standin.kubeconfig(root / "kubeconfig", NAMESPACE)
-    store = root / "contexts"
-    store.mkdir()
-    # The kaniko worker finds the API through KUBECONFIG, as it would outside a cluster.
-    env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "BUILDQ_KUBE_NAMESPACE": NAMESPACE}
-    proc = dataclasses.replace(cluster, env=env).start_worker("kaniko", concurrency=2)
+def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
+                   registry: services.RegistryServer, kube_standin: KubeStandIn,
+                   moto_server: services.StandIn, gcs_emulator: services.StandIn,
+                   azurite: services.StandIn) -> Iterator[KanikoCluster]:
+    from tasks import app as app_module
+
+    root = tmp_path_factory.mktemp("kaniko-cluster")
+    stores = {"s3": _s3(moto_server), "gcs": _gcs(gcs_emulator), "azure": _azure(azurite)}
+    cluster = make_cluster(root, registry, lease=6)
+    # Control (uploads) and kaniko (dispatches, verifies, records, deletes the context)
+    # workers both reach the stores through these settings, as deployed workers would.
+    cluster.env.update(AWS_ENV)
+    cluster.env.update({
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "BUILDQ_S3_ENDPOINT_URL": moto_server.endpoint,
+        "BUILDQ_GCS_ENDPOINT_URL": gcs_emulator.endpoint,
+        "BUILDQ_AZURE_BLOB_ENDPOINT": f"{azurite.endpoint}/{services.AZURITE_ACCOUNT}",
+        "BUILDQ_AZURE_STORAGE_KEY": services.AZURITE_KEY,
+        "BUILDQ_REGISTRY_ENDPOINTS": f"{LOGICAL_REGISTRY}={registry.host}",
+        "KUBECONFIG": str(kube_standin.kubeconfig(root / "kubeconfig", NAMESPACE)),
+        "BUILDQ_KUBE_NAMESPACE": NAMESPACE,
+    })
+    cluster.env.pop("STORAGE_EMULATOR_HOST", None)
+    # The Job takes the Azure account key from a Secret in its own namespace.
+    if kube_standin.get("secrets", NAMESPACE, "azure-storage-access-key") is None:
+        kube_standin.put_secret(NAMESPACE, "azure-storage-access-key",
+                                {"AZURE_STORAGE_ACCESS_KEY": services.AZURITE_KEY})
+    previous = app_module._settings
     try:
-        yield KanikoPool(cluster, kube_standin, store)
+        cluster.start_worker("control", concurrency=2)
+        cluster.start_worker("kaniko", concurrency=2)
+        use_cluster(cluster)
+        yield KanikoCluster(cluster, kube_standin, stores)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        cluster.workers.pop(proc.pid, None)
+        cluster.stop_all()
+        cluster.redis.stop()
+        if previous is not None:
+            _point_app_at(previous)
 
 
 @pytest.fixture
-def pool(kaniko_pool: KanikoPool) -> Iterator[KanikoPool]:
-    kaniko_pool.standin.reset()
-    yield kaniko_pool
-    kaniko_pool.standin.reset()
+def kc(kaniko_cluster: KanikoCluster) -> Iterator[KanikoCluster]:
+    kaniko_cluster.standin.reset()
+    yield kaniko_cluster
+    kaniko_cluster.standin.reset()
 
 
 def _app(tmp_path: Path, base: str, extra: str = "") -> Path:
@@ -68,47 +173,124 @@ def _app(tmp_path: Path, base: str, extra: str = "") -> Path:
     return root
 
 
-def _nothing_left(pool: KanikoPool) -> None:
-    assert pool.standin.list("jobs") == []
-    assert pool.standin.list("pods") == []
-    assert list(pool.store.glob("*.tar.gz")) == []
+def _repo(name: str) -> str:
+    return f"kaniko/{name}-{uuid.uuid4().hex[:6]}"
 
 
-def test_kaniko_build_end_to_end(pool: KanikoPool, tmp_path: Path, base_image: str) -> None:
+def _nothing_left(kc: KanikoCluster, store: str, source_hash: str) -> None:
+    assert kc.standin.list("jobs") == []
+    assert kc.standin.list("pods") == []
+    assert not kc.stores[store].exists(f"{source_hash}.tar.gz")
+
+
+def _log_lines(kc: KanikoCluster, source_hash: str) -> list[str]:
+    client: redis.Redis = kc.cluster.client()
+    return [fields.get("line", "") for _, fields in client.xrange(f"buildq:log:{source_hash}")]
+
+
+def _args(job: dict[str, Any]) -> list[str]:
+    return list(job["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_kaniko_chain_end_to_end(kc: KanikoCluster, store: str, tmp_path: Path,
+                                 base_image: str) -> None:
     app = _app(tmp_path, base_image, "RUN echo from-the-kaniko-pod\n")
-    record = build_image.delay(str(app), builder="kaniko",
-                               config=pool.config("kaniko/e2e")).get(timeout=180)
-    assert record["status"] == "built", record
-    assert record["digest"] == pool.cluster.registry.digest("kaniko/e2e", record["tag"])
+    repo = _repo(store)
+    config = kc.config(repo, store)
+    # Identical requests at once: one lock holder, one Job, one record for all.
+    results = [build_image.delay(str(app), builder="kaniko", config=config) for _ in range(3)]
+    with ThreadPoolExecutor(3) as threads:
+        records = list(threads.map(lambda r: r.get(timeout=240), results))
+    assert {r["status"] for r in records} == {"built"}, records
+    record = next(r for r in records if not r["attached"])
+    tag, source_hash = record["tag"], record["source_hash"]
+    assert record["image"] == f"{LOGICAL_REGISTRY}/{repo}:{tag}"
+    # The digest is the registry's own Docker-Content-Digest, for every request.
+    assert {r["digest"] for r in records} == {kc.registry.digest(repo, tag)}
     assert {"upload", "kaniko", "push"} <= set(record["stages"])
-    (create,) = pool.standin.requests_for("POST")
+
+    (create,) = kc.standin.requests_for("POST")
     assert create.status == 201 and create.path == f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"
-    assert create.body["metadata"]["annotations"]["buildq/source-hash"] == record["source_hash"]
-    _nothing_left(pool)
-    # The pod's log went into the build log.
-    logs = pool.cluster.client().xrange(f"buildq:log:{record['source_hash']}")
-    assert any("from-the-kaniko-pod" in fields.get("line", "") for _, fields in logs)
+    job = create.body
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    args = _args(job)
+    # Kaniko read the context from this store, and pushed to the mapped endpoint.
+    assert f"--context={kc.stores[store].url}/{source_hash}.tar.gz" in args
+    assert f"--destination={kc.registry.host}/{repo}:{tag}" in args
+    assert f"--insecure-registry={kc.registry.host}" in args
+    # The kubelet ran the Job with exactly this env, Secrets resolved.
+    assert kc.standin.kubelet_env and kc.standin.kubelet_env[-1].items() >= kc.stores[store].job_env.items()
+    env = job["spec"]["template"]["spec"]["containers"][0].get("env") or []
+    assert services.AZURITE_KEY not in str(job)
+    if store == "azure":
+        assert {"name": "AZURE_STORAGE_ACCESS_KEY", "valueFrom": {"secretKeyRef": {
+            "name": "azure-storage-access-key", "key": "AZURE_STORAGE_ACCESS_KEY"}}} in env
+
+    _nothing_left(kc, store, source_hash)
+    assert any("from-the-kaniko-pod" in line for line in _log_lines(kc, source_hash))
+
+    # Built once: the same request now finds the image and costs no Job.
+    again = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=120)
+    assert again["status"] == "skipped", again
+    assert again["digest"] == record["digest"] and again["image"] == record["image"]
+    assert len(kc.standin.requests_for("POST")) == 1
+    _nothing_left(kc, store, source_hash)
 
 
-def test_failed_kaniko_build_is_recorded_and_cleaned_up(pool: KanikoPool, tmp_path: Path,
-                                                        base_image: str) -> None:
-    app = _app(tmp_path, base_image, "RUN echo doomed && false\n")
+def test_failing_run_step_is_recorded_and_everything_is_deleted(
+        kc: KanikoCluster, tmp_path: Path, base_image: str) -> None:
+    app = _app(tmp_path, base_image, "RUN echo doomed-step && false\n")
+    repo = _repo("failing")
     record = build_image.delay(str(app), builder="kaniko",
-                               config=pool.config("kaniko/failing")).get(timeout=180)
+                               config=kc.config(repo, "s3")).get(timeout=180)
     assert record["status"] == "failed", record
-    assert "kaniko exited with code 1" in record["error"] and "doomed" in record["error"]
-    _nothing_left(pool)
+    assert record["error_kind"] == "build"
+    assert "kaniko exited with code 1" in record["error"] and "doomed-step" in record["error"]
+    assert len(kc.standin.requests_for("POST")) == 1
+    assert [r.body for r in kc.standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
+    assert kc.registry.digest(repo, record["tag"]) is None
+    _nothing_left(kc, "s3", record["source_hash"])
 
 
-def test_ten_identical_requests_create_one_job(pool: KanikoPool, tmp_path: Path,
+def test_revoked_build_deletes_the_job_and_the_context(
+        kc: KanikoCluster, tmp_path: Path, base_image: str) -> None:
+    app = _app(tmp_path, base_image)
+    repo = _repo("revoked")
+    config = kc.config(repo, "gcs")
+    kc.standin.plan("hang")
+    result = build_image.delay(str(app), builder="kaniko", config=config)
+    services.wait_for(lambda: any(p["status"]["phase"] == "Running" for p in kc.standin.list("pods")),
+                      120, "the kaniko pod")
+    (job,) = kc.standin.list("jobs")
+    source_hash = job["metadata"]["annotations"]["buildq/source-hash"]
+    assert kc.stores["gcs"].exists(f"{source_hash}.tar.gz")  # uploaded, in use
+
+    result.revoke(terminate=True)  # SIGTERM to the pool process running the kaniko stage
+    services.wait_for(lambda: not kc.standin.list("jobs") and not kc.standin.list("pods")
+                      and not kc.stores["gcs"].exists(f"{source_hash}.tar.gz"),
+                      60, "the Job, its pods and the context to be deleted")
+    assert [r.body for r in kc.standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
+    services.wait_for(lambda: any("cancelled" in line for line in _log_lines(kc, source_hash)),
+                      30, "the cancellation in the build log")
+
+    # The lock went with the build: the same source builds at once, in a new Job.
+    record = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=180)
+    assert record["status"] == "built", record
+    assert record["digest"] == kc.registry.digest(repo, record["tag"])
+    assert len(kc.standin.requests_for("POST")) == 2
+    _nothing_left(kc, "gcs", source_hash)
+
+
+def test_ten_identical_requests_create_one_job(kc: KanikoCluster, tmp_path: Path,
                                                base_image: str) -> None:
     app = _app(tmp_path, base_image, "RUN sleep 2\n")
-    config = pool.config("kaniko/ten")
+    config = kc.config(_repo("ten"), "s3")
     results = [build_image.delay(str(app), builder="kaniko", config=config) for _ in range(10)]
     with ThreadPoolExecutor(10) as threads:
         records = list(threads.map(lambda r: r.get(timeout=240), results))
     assert {r["status"] for r in records} == {"built"}
     assert len({r["digest"] for r in records}) == 1
-    creates = pool.standin.requests_for("POST")
+    creates = kc.standin.requests_for("POST")
     assert len(creates) == 1 and creates[0].status == 201
-    _nothing_left(pool)
+    _nothing_left(kc, "s3", records[0]["source_hash"])

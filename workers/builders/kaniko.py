@@ -17,12 +17,14 @@ import json
 import logging
 import queue
 import re
+import signal
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -59,6 +61,8 @@ DOCKER_CONFIG_DIR = "/kaniko/.docker"
 GCP_SECRET_DIR = "/secret"
 #: The Secret (and key) holding the Azure storage key when the config names none.
 AZURE_KEY_SECRET = ("azure-storage-access-key", "AZURE_STORAGE_ACCESS_KEY")
+#: Job env carrying ``Settings.azure_blob_endpoint`` to a stand-in kubelet (see _credentials).
+AZURE_ENDPOINT_ENV = "BUILDQ_AZURE_BLOB_ENDPOINT"
 #: Label and annotation keys put on Jobs and pods.
 HASH_LABEL = "buildq/source-hash"
 IMAGE_ANNOTATION = "buildq/image"
@@ -259,11 +263,19 @@ def _credentials(request: KanikoRequest, cfg: LaunchConfig, settings: Settings) 
     if scheme == "s3" and settings.s3_endpoint_url:
         wiring.env += [{"name": "S3_ENDPOINT", "value": settings.s3_endpoint_url},
                        {"name": "S3_FORCE_PATH_STYLE", "value": "true"}]
+    if scheme == "gs" and settings.gcs_endpoint_url:
+        # kaniko's Go storage client honours the same emulator variable as ours.
+        wiring.env.append({"name": "STORAGE_EMULATOR_HOST", "value": settings.gcs_endpoint_url})
     if scheme == "https" and host.endswith(".blob.core.windows.net"):
         secret, key = ((builder.secret_name, builder.secret_key or AZURE_KEY_SECRET[1])
                        if env_type == "azure" and builder.secret_name else AZURE_KEY_SECRET)
         wiring.env.append({"name": "AZURE_STORAGE_ACCESS_KEY",
                            "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+        if settings.azure_blob_endpoint:
+            # Kaniko itself reaches the account by the context URL and has no override;
+            # a blob endpoint is only ever set for a stand-in (Azurite), whose kubelet
+            # reads this. Harmless to a real kaniko, which ignores the variable.
+            wiring.env.append({"name": AZURE_ENDPOINT_ENV, "value": settings.azure_blob_endpoint})
     if env_type == "azure":
         # acr-env and the blob client read the federated token workload identity injects.
         wiring.labels["azure.workload.identity/use"] = "true"
@@ -278,8 +290,10 @@ def _credentials(request: KanikoRequest, cfg: LaunchConfig, settings: Settings) 
 
     helper = _CRED_HELPERS.get(kind)
     if helper:
+        # Keyed on the host kaniko pushes to, which an endpoint mapping may change.
+        pushed_host = settings.registry_endpoints.get(dest.registry, dest.registry)
         wiring.annotations[DOCKER_CONFIG_ANNOTATION] = json.dumps(
-            {"credHelpers": {dest.registry: helper}}, sort_keys=True)
+            {"credHelpers": {pushed_host: helper}}, sort_keys=True)
         wiring.volumes.append({"name": "docker-config", "downwardAPI": {"items": [{
             "path": "config.json",
             "fieldRef": {"fieldPath": f"metadata.annotations['{DOCKER_CONFIG_ANNOTATION}']"},
@@ -308,6 +322,18 @@ def kaniko_context(uri: str) -> str:
     return uri
 
 
+def reached_as(reference: str, settings: Settings) -> str:
+    """``reference`` named after the endpoint its registry is really reached at.
+
+    Kaniko pushes to the host a ``--destination`` names, like the engine does, so a
+    registry mapped by ``Settings.registry_endpoints`` (BUILDQ_REGISTRY_ENDPOINTS) is
+    written with its endpoint; the record keeps the name the user configured.
+    """
+    host, sep, rest = reference.partition("/")
+    endpoint = settings.registry_endpoints.get(host)
+    return f"{endpoint}{sep}{rest}" if endpoint and sep else reference
+
+
 def cache_repo(request: KanikoRequest, cfg: LaunchConfig) -> str:
     """Where kaniko caches layers: ``builder.cache-repo``, else ``<destination>-cache``."""
     dest = parse_image_ref(request.image).name
@@ -329,9 +355,9 @@ def default_args(request: KanikoRequest, cfg: LaunchConfig,
     args: list[tuple[str, str]] = [
         ("--context", kaniko_context(request.context_uri)),
         ("--dockerfile", request.dockerfile),
-        ("--destination", request.image),
+        ("--destination", reached_as(request.image, settings)),
         ("--cache", "true"),
-        ("--cache-repo", cache_repo(request, cfg)),
+        ("--cache-repo", reached_as(cache_repo(request, cfg), settings)),
         ("--snapshot-mode", "redo"),
         ("--compressed-caching", "false"),
         # The digest lands in the pod status, where the dispatcher reads it.
@@ -344,8 +370,13 @@ def default_args(request: KanikoRequest, cfg: LaunchConfig,
         args.append(("--custom-platform", request.platform))
     args += [("--label", f"{k}={v}") for k, v in sorted(request.labels.items())]
     registry = parse_image_ref(request.image).registry
-    if _is_loopback(registry) or registry in settings.insecure_registries:
-        args.append(("--insecure-registry", registry))
+    endpoint = settings.registry_endpoints.get(registry)
+    for host in dict.fromkeys(h for h in (registry, endpoint) if h):
+        if _is_loopback(host) or host in settings.insecure_registries:
+            args.append(("--insecure-registry", host))
+    for host, mapped in sorted(settings.registry_endpoints.items()):
+        # Base images named after a mapped registry are pulled from its endpoint too.
+        args.append(("--registry-map", f"{host}={mapped}"))
     return args
 
 
@@ -449,6 +480,61 @@ def render_job(request: KanikoRequest, cfg: LaunchConfig, settings: Settings,
 
 
 # --------------------------------------------------------------------------- dispatch
+
+
+class KanikoCancelledError(BuildError):
+    """The worker was told to stop this build (Celery's ``revoke(terminate=True)``)."""
+
+    kind = "cancelled"
+
+
+class _CancelOnTerminate:
+    """While armed, SIGTERM raises :class:`KanikoCancelledError` in the dispatching thread.
+
+    Celery's ``revoke(terminate=True)`` sends SIGTERM to the pool process, whose default
+    action would end it on the spot: the Job would run on and the uploaded context stay
+    until the deadline and TTL. Raised as an exception instead, the dispatcher deletes
+    the Job and the stage records a failed build, whose record stage deletes the context.
+    Once disarmed (cleanup running) a SIGTERM is only remembered, and raised afterwards,
+    so it cannot cut the deletion short.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.armed = False
+        self.pending = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.armed:
+            self.armed = False
+            raise self.error()
+        self.pending = True
+
+    def error(self) -> KanikoCancelledError:
+        return KanikoCancelledError(
+            f"the build was cancelled (SIGTERM) while the Kaniko Job {self.where} ran; "
+            "the Job and its pods were deleted.")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_CancelOnTerminate]:
+        # Signal handlers can only be set from the main thread (a prefork pool process);
+        # elsewhere (threads, tests) the process's own SIGTERM handling stands.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            self._installed = True
+            self.armed = True
+        try:
+            yield self
+        finally:
+            self.armed = False
+            if self._installed:
+                signal.signal(signal.SIGTERM, self._previous)
+                self._installed = False
+
+    def disarm(self) -> None:
+        self.armed = False
 
 
 @dataclass
@@ -623,6 +709,8 @@ class _Follow:
         """The pod as it ended: read again, since its last event may still be in flight."""
         try:
             pods = self.kube.list_pods(self.namespace, f"controller-uid={self.uid}")
+        except KanikoCancelledError:
+            raise
         except BuildqError:
             pods = []
         ended = [p for p in pods if "terminated" in self._container_state(p)]
@@ -704,20 +792,32 @@ class KanikoDispatcher:
         name = manifest["metadata"]["name"]
         api_client = self._api_client if self._api_client is not None else new_api_client()
         kube = Kube(api_client)
-        try:
-            job = self._create_or_adopt(kube, namespace, manifest, request, say)
-            return _Follow(kube, namespace, job, manifest, say).run()
-        finally:
+        with _CancelOnTerminate(f"{namespace}/{name}").installed() as cancel:
             try:
-                kube.delete_job(namespace, name)
-            except BuildqError as exc:
-                # Never mask the build's own outcome; ttlSecondsAfterFinished is the backstop.
-                log_line = f"[could not delete Job {namespace}/{name}: {exc.message}]"
-                say(log_line)
-                logging.getLogger("buildq.kaniko").warning(log_line)
-            if self._api_client is None:
-                with contextlib.suppress(Exception):
-                    api_client.close()
+                job = self._create_or_adopt(kube, namespace, manifest, request, say)
+                digest = _Follow(kube, namespace, job, manifest, say).run()
+            except KanikoCancelledError:
+                say(f"[cancelled: deleting Job {namespace}/{name}]")
+                raise
+            finally:
+                cancel.disarm()
+                self._delete(kube, namespace, name, say)
+                if self._api_client is None:
+                    with contextlib.suppress(Exception):
+                        api_client.close()
+            if cancel.pending:
+                raise cancel.error()
+        return digest
+
+    @staticmethod
+    def _delete(kube: Kube, namespace: str, name: str, say: Callable[[str], None]) -> None:
+        try:
+            kube.delete_job(namespace, name)
+        except BuildqError as exc:
+            # Never mask the build's own outcome; ttlSecondsAfterFinished is the backstop.
+            log_line = f"[could not delete Job {namespace}/{name}: {exc.message}]"
+            say(log_line)
+            log.warning(log_line)
 
     def _create_or_adopt(self, kube: Kube, namespace: str, manifest: dict[str, Any],
                          request: KanikoRequest, say: Callable[[str], None]) -> dict[str, Any]:
