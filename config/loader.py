@@ -87,6 +87,15 @@ _AZURE_ACCOUNT_RE = re.compile(r"^([a-z0-9]{3,24})\.blob\.core\.windows\.net$")
 _AZURE_CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
 #: Kaniko flags buildq sets per build; a fixed value in kaniko-config would break tagging.
 _RESERVED_KANIKO_FLAGS = ("--destination", "--context", "--digest-file")
+#: Kaniko's boolean flags: written bare they mean "=true"; every other flag needs a value.
+KANIKO_BOOLEAN_FLAGS = frozenset({
+    "--cache", "--cache-copy-layers", "--cache-run-layers", "--cleanup", "--compressed-caching",
+    "--force", "--ignore-var-run", "--insecure", "--insecure-pull", "--log-timestamp",
+    "--no-push", "--no-push-cache", "--push-ignore-immutable-tag-errors", "--reproducible",
+    "--single-snapshot", "--skip-default-registry-fallback", "--skip-push-permission-check",
+    "--skip-tls-verify", "--skip-tls-verify-pull", "--skip-unused-stages", "--use-new-run",
+    "--preserve-context",
+})
 
 StoreKind = Literal["s3", "gs", "azure", "file"]
 _STORE_EXAMPLES: dict[StoreKind, str] = {
@@ -539,42 +548,69 @@ def _check_store(url: str, env: Environment | None, problems: _Problems) -> None
         problems.add(key, _show(url), flaw, "Fill in the missing part of the URL.")
 
 
+def _kaniko_section(value: Any, path: str, problems: _Problems) -> Mapping[str, Any]:
+    """One level of the Job spec; anything but a mapping is reported and read as empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.add(path, _show(value), "a mapping",
+                     "kaniko-config is a Kubernetes Job spec: metadata, spec, spec.template, "
+                     "spec.template.spec ...")
+        return {}
+    return value
+
+
 def _check_kaniko_config(spec: Mapping[str, Any], problems: _Problems) -> None:
-    template = spec.get("spec", {})
-    pod = template.get("template", {}) if isinstance(template, Mapping) else {}
-    pod_spec = pod.get("spec", {}) if isinstance(pod, Mapping) else {}
-    containers = pod_spec.get("containers", []) if isinstance(pod_spec, Mapping) else []
+    # The same rules the kaniko dispatcher applies when it renders the Job; checked here
+    # too, so `buildq build` and `config check` refuse the config before anything is queued.
+    base = "builder.kaniko-config"
+    _kaniko_section(spec.get("metadata"), f"{base}.metadata", problems)
+    job = _kaniko_section(spec.get("spec"), f"{base}.spec", problems)
+    pod = _kaniko_section(job.get("template"), f"{base}.spec.template", problems)
+    pod_spec = _kaniko_section(pod.get("spec"), f"{base}.spec.template.spec", problems)
+    restart = pod_spec.get("restartPolicy", "Never")
+    if restart != "Never":
+        problems.add(f"{base}.spec.template.spec.restartPolicy", _show(restart), "Never",
+                     "A restarted kaniko would build on a dirty filesystem; remove the key.")
+    containers = pod_spec.get("containers") or []
+    where = f"{base}.spec.template.spec.containers"
     if not isinstance(containers, list):
-        problems.add(
-            "builder.kaniko-config.spec.template.spec.containers",
-            _show(containers),
-            "a list of containers",
-            "Start each container with '- args: [...]'.",
-        )
+        problems.add(where, _show(containers), "a list of containers",
+                     "Start each container with '- args: [...]'.")
         return
+    if len(containers) > 1:
+        problems.add(where, f"{len(containers)} containers", "exactly one container",
+                     "The kaniko Job runs one container: keep a single entry (its args, env, "
+                     "resources and volumeMounts are merged into it); sidecars are not "
+                     "supported.")
     for i, container in enumerate(containers):
-        base = f"builder.kaniko-config.spec.template.spec.containers[{i}].args"
-        args = container.get("args", []) if isinstance(container, Mapping) else []
-        if not isinstance(args, list):
-            problems.add(base, _show(args), "a list of strings", "Write args as a YAML list.")
+        if not isinstance(container, Mapping):
+            problems.add(f"{where}[{i}]", _show(container), "a mapping",
+                         "Write the container as 'name: ..., args: [...]'.")
             continue
-        for j, arg in enumerate(args):
-            if not isinstance(arg, str) or not arg.startswith("--"):
-                problems.add(
-                    f"{base}[{j}]",
-                    _show(arg),
-                    'a flag written "--key=value"',
-                    'Quote each flag, e.g. "--cache=false".',
-                )
-            elif arg.split("=", 1)[0] in _RESERVED_KANIKO_FLAGS:
-                flag = arg.split("=", 1)[0]
-                problems.add(
-                    f"{base}[{j}]",
-                    _show(arg),
-                    f"no {flag} flag (buildq sets it for each build)",
-                    f"Remove {flag}; set builder.destination or "
-                    "builder.build-context-store instead.",
-                )
+        _check_kaniko_args(container.get("args"), f"{where}[{i}].args", problems)
+
+
+def _check_kaniko_args(args: Any, path: str, problems: _Problems) -> None:
+    if args is None:
+        return
+    if not isinstance(args, list):
+        problems.add(path, _show(args), "a list of strings", "Write args as a YAML list.")
+        return
+    for j, arg in enumerate(args):
+        flag = arg.split("=", 1)[0] if isinstance(arg, str) else ""
+        if not isinstance(arg, str) or not arg.startswith("--"):
+            problems.add(f"{path}[{j}]", _show(arg), 'a flag written "--key=value"',
+                         'Quote each flag, e.g. "--cache=false".')
+        elif flag in _RESERVED_KANIKO_FLAGS:
+            problems.add(f"{path}[{j}]", _show(arg),
+                         f"no {flag} flag (buildq sets it for each build)",
+                         f"Remove {flag}; set builder.destination or "
+                         "builder.build-context-store instead.")
+        elif "=" not in arg and flag not in KANIKO_BOOLEAN_FLAGS:
+            # "--verbosity", "debug" as two items would pass "debug" as a positional argument.
+            problems.add(f"{path}[{j}]", _show(arg), f'"{flag}=<value>" (only boolean flags '
+                         "may be written bare)", f'Write it as "{flag}=<value>" in one list item.')
 
 
 def _check_builder(

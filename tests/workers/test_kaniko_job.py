@@ -59,6 +59,13 @@ def cfg(builder: dict[str, Any] | None = None, **top: Any) -> LaunchConfig:
     return config_from_mapping(data)
 
 
+def unchecked_cfg(builder: dict[str, Any]) -> LaunchConfig:
+    """A config the loader would refuse, to test render_job's own guard behind it."""
+    return LaunchConfig.model_validate(
+        {"builder": {"type": "kaniko", "destination": "registry.example.com/team/app",
+                     "build-context-store": "s3://contexts-bucket/ctx", **builder}})
+
+
 def request(**kw: Any) -> KanikoRequest:
     base: dict[str, Any] = dict(image=f"registry.example.com/team/app:{HASH[:24]}",
                                 context_uri=f"s3://contexts-bucket/ctx/{HASH}.tar.gz", source_hash=HASH,
@@ -143,13 +150,13 @@ def test_merge_args_rules() -> None:
 def test_two_containers_is_a_clear_error() -> None:
     kaniko = {"spec": {"template": {"spec": {"containers": [{"name": "a"}, {"name": "b"}]}}}}
     with pytest.raises(ConfigError, match="2 containers; the kaniko Job runs exactly one"):
-        render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS)
+        render_job(request(), unchecked_cfg({"kaniko-config": kaniko}), SETTINGS)
 
 
 def test_arg_without_value_is_a_clear_error() -> None:
     kaniko = {"spec": {"template": {"spec": {"containers": [{"args": ["--cache-ttl"]}]}}}}
     with pytest.raises(ConfigError, match=r"'--cache-ttl' needs a value.*--cache-ttl=<value>"):
-        render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS)
+        render_job(request(), unchecked_cfg({"kaniko-config": kaniko}), SETTINGS)
 
 
 def test_owned_flags_and_restart_policy_are_refused() -> None:
@@ -157,7 +164,7 @@ def test_owned_flags_and_restart_policy_are_refused() -> None:
         merge_args([], ["--digest-file=/tmp/x"])
     kaniko = {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}
     with pytest.raises(ConfigError, match="restartPolicy: Never"):
-        render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS)
+        render_job(request(), unchecked_cfg({"kaniko-config": kaniko}), SETTINGS)
 
 
 def test_kaniko_config_deep_merge() -> None:
