@@ -120,6 +120,9 @@ class KanikoRequest:
     platform: str | None = None
     #: Image labels (``--label``).
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: Names of secret build args: kaniko reads each value from the Job's env, which takes
+    #: it from the Kubernetes Secret named by BUILDQ_BUILD_SECRETS_SECRET (key = name).
+    secrets: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- arguments
@@ -364,6 +367,8 @@ def default_args(request: KanikoRequest, cfg: LaunchConfig,
         ("--digest-file", "/dev/termination-log"),
     ]
     args += [("--build-arg", f"{k}={v}") for k, v in sorted(request.build_args.items())]
+    # A value-less --build-arg makes kaniko take the value from its environment.
+    args += [("--build-arg", name) for name in request.secrets]
     if request.target:
         args.append(("--target", request.target))
     if request.platform:
@@ -406,6 +411,17 @@ def _user_container(spec: Mapping[str, Any]) -> dict[str, Any]:
     return dict(containers[0]) if containers else {}
 
 
+def _secret_env(request: KanikoRequest, settings: Settings,
+                taken: set[str]) -> list[dict[str, Any]]:
+    """Env entries that hand kaniko each secret build arg by reference, never by value."""
+    clash = sorted(taken.intersection(request.secrets))
+    if clash:
+        raise ConfigError(f"secret build arg {clash[0]} has the name of an environment variable "
+                          "the kaniko container needs.", "Rename the ARG and the secret.")
+    return [{"name": name, "valueFrom": {"secretKeyRef": {
+        "name": settings.build_secrets_secret, "key": name}}} for name in request.secrets]
+
+
 def render_job(request: KanikoRequest, cfg: LaunchConfig, settings: Settings,
                namespace: str | None = None) -> dict[str, Any]:
     """The batch/v1 Job manifest that builds and pushes ``request``."""
@@ -420,6 +436,7 @@ def render_job(request: KanikoRequest, cfg: LaunchConfig, settings: Settings,
     user_pod.pop("containers", None)
 
     wiring = _credentials(request, cfg, settings)
+    wiring.env += _secret_env(request, settings, {item["name"] for item in wiring.env})
     # Label values stop at 63 characters: the label holds the tag, the annotation the hash.
     labels = {**MANAGED_LABELS, HASH_LABEL: request.source_hash[:24]}
     annotations = {HASH_LABEL: request.source_hash, IMAGE_ANNOTATION: request.image}
