@@ -24,7 +24,7 @@ import struct
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +86,8 @@ class BuildInputs:
     platform: str | None = None
     #: The text of a Dockerfile buildq generated for this build (not a file of the tree).
     dockerfile_text: str | None = None
+    #: Names of secret build args (sorted); their values are never hashed, nor known here.
+    secrets: tuple[str, ...] = ()
 
     @classmethod
     def create(
@@ -95,14 +97,18 @@ class BuildInputs:
         target: str | None,
         platform: str | None,
         dockerfile_text: str | None = None,
+        secrets: Iterable[str] | None = None,
     ) -> BuildInputs:
+        from workers.secrets import check_names
+
         path = _clean_relative(dockerfile or "Dockerfile")
         args = tuple(sorted((str(k), str(v)) for k, v in (build_args or {}).items()))
         for key, _ in args:
             if not key or "=" in key or any(c.isspace() for c in key):
                 raise InputError(f"build arg name {key!r} is not valid.",
                                  "Names are non-empty and contain no '=' or spaces.")
-        return cls(path, args, target or None, (platform or "").strip() or None, dockerfile_text)
+        return cls(path, args, target or None, (platform or "").strip() or None, dockerfile_text,
+                   check_names(secrets, build_args))
 
 
 def _clean_relative(path: str) -> str:
@@ -113,7 +119,8 @@ def _clean_relative(path: str) -> str:
     return "/".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs several times more, once per file.
+@dataclass(slots=True)
 class _Entry:
     """One thing in the context, in walk order."""
 
@@ -376,6 +383,10 @@ def _digest_file(entry: _Entry) -> bytes:
     return hasher.digest()
 
 
+_ENTRY_HEAD = struct.Struct(">cHQ")
+_SIZE = struct.Struct(">Q")
+
+
 def _field(data: bytes) -> bytes:
     return struct.pack(">Q", len(data)) + data
 
@@ -436,14 +447,24 @@ def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> 
     hasher = blake3(HASH_VERSION)
     workers = threads if threads is not None else DEFAULT_THREADS
     count = 0
+    # Per entry: kind, mode, then the length-prefixed path; a file adds its size and digest,
+    # a symlink its length-prefixed target. Gathered and fed in slabs: one update per
+    # entry costs more than the hashing on a warm tree of small files.
+    parts: list[bytes] = []
     for entry, digest in _hashed_entries(iter(_Walker(root, inputs)), workers):
         count += 1
-        hasher.update(entry.kind.encode() + struct.pack(">H", entry.mode))
-        hasher.update(_field(_encode(entry.rel)))
+        rel = _encode(entry.rel)
+        parts.append(_ENTRY_HEAD.pack(entry.kind.encode(), entry.mode, len(rel)))
+        parts.append(rel)
         if entry.kind == "f":
-            hasher.update(struct.pack(">Q", entry.size) + digest)
+            parts.append(_SIZE.pack(entry.size))
+            parts.append(digest)
         elif entry.kind == "l":
-            hasher.update(_field(_encode(entry.target)))
+            parts.append(_field(_encode(entry.target)))
+        if len(parts) >= 4096:
+            hasher.update(b"".join(parts))
+            parts.clear()
+    hasher.update(b"".join(parts))
     # The entry count closes the file list so no input field can pose as an entry.
     hasher.update(b"\x00end" + struct.pack(">Q", count))
     hasher.update(_field(_encode(inputs.dockerfile)) + _field(dockerfile))
@@ -452,6 +473,13 @@ def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> 
         hasher.update(_field(_encode(key)) + _field(_encode(value)))
     for optional in (inputs.target, inputs.platform):
         hasher.update(b"\x00" if optional is None else b"\x01" + _field(_encode(optional)))
+    if inputs.secrets:
+        # Names only (a rotated value keeps the tag). Appended only when present, so the
+        # tags of builds without secrets stay what they were; the fields above are
+        # self-delimiting, so no input without secrets can end the way this does.
+        hasher.update(b"\x00secrets" + struct.pack(">Q", len(inputs.secrets)))
+        for name in inputs.secrets:
+            hasher.update(_field(_encode(name)))
     return hasher.hexdigest()
 
 
