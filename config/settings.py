@@ -15,6 +15,8 @@ from config.errors import ConfigError
 
 #: Where the launch agent looks for its config when neither --config nor BUILDQ_CONFIG is given.
 DEFAULT_CONFIG_PATH = Path("~/.config/wandb/launch-config.yaml")
+#: Environment variables holding secret build-arg values: BUILDQ_SECRET_<NAME>.
+SECRET_ENV_PREFIX = "BUILDQ_SECRET_"
 #: Default limits on an archive source (see ``Settings.max_archive_bytes``).
 DEFAULT_MAX_ARCHIVE_BYTES = 10 * 1024**3
 DEFAULT_MAX_ARCHIVE_MEMBERS = 500_000
@@ -121,6 +123,12 @@ class Settings:
     create_repositories: bool = False
     #: Flower login(s), ``user:password[,user:password]`` (BUILDQ_FLOWER_BASIC_AUTH).
     flower_basic_auth: str | None = field(default=None, repr=False)
+    #: Values of secret build args on this worker, from BUILDQ_SECRET_<NAME> (the name's key).
+    build_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Directory of secret build-arg files ``<dir>/<NAME>`` (a mounted Kubernetes Secret).
+    secrets_dir: Path | None = None
+    #: Kubernetes Secret whose keys (one per secret build arg name) kaniko Jobs read.
+    build_secrets_secret: str = "buildq-build-secrets"
     #: Cap on the unpacked size of an archive source: a small .tar.gz can expand to fill
     #: the build host's disk, so it is refused before that (BUILDQ_MAX_ARCHIVE_BYTES).
     max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES

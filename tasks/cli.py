@@ -58,6 +58,9 @@ build_options: list[Callable[[Any], Any]] = [
                  help="A build argument; repeatable."),
     click.option("--target", help="Multi-stage target to build."),
     click.option("--platform", help="Target platform, e.g. linux/amd64."),
+    click.option("--secret", "secrets", multiple=True, metavar="NAME",
+                 help="A secret build arg, by name only; repeatable. Each worker that builds "
+                      "reads its value from BUILDQ_SECRET_NAME or BUILDQ_SECRETS_DIR/NAME."),
 ]
 
 
@@ -86,8 +89,9 @@ def with_build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="For a project without a Dockerfile: build on builder.accelerator.base-image.")
 def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
           build_args: tuple[str, ...], target: str | None, platform: str | None,
-          builder: str | None, config_path: str | None, no_wait: bool, as_json: bool,
-          entrypoint: str | None, python: str | None, gpu: bool) -> None:
+          secrets: tuple[str, ...], builder: str | None, config_path: str | None,
+          no_wait: bool, as_json: bool, entrypoint: str | None, python: str | None,
+          gpu: bool) -> None:
     """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists.
 
     A Python project without a Dockerfile gets a generated one (see `buildq dockerfile`).
@@ -103,6 +107,7 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
         "destination": destination, "ref": ref, "dockerfile": dockerfile,
         "build_args": _build_args(build_args), "target": target, "platform": platform,
         "builder": builder, "entrypoint": entrypoint, "python": python, "gpu": gpu,
+        "secrets": list(secrets),
     }
     if settings.embedded:
         kwargs["config"] = config_path
@@ -261,14 +266,15 @@ def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
 @click.option("--full", is_flag=True, help="Print the full source hash, not the tag.")
 def hash_command(source: str, ref: str | None, dockerfile: str | None,
                  build_args: tuple[str, ...], target: str | None, platform: str | None,
-                 full: bool) -> None:
+                 secrets: tuple[str, ...], full: bool) -> None:
     """Print the tag SOURCE would get."""
     import tempfile
 
     from workers.context import BuildInputs, image_tag, source_hash
     from workers.sources import fetch_source, parse_source
 
-    inputs = BuildInputs.create(dockerfile, _build_args(build_args), target, platform)
+    inputs = BuildInputs.create(dockerfile, _build_args(build_args), target, platform,
+                                secrets=secrets)
     spec = parse_source(source, ref)
     if spec.kind == "image":
         raise InputError("an image source has no source hash.", "Give a directory, archive or git URL.")
@@ -401,7 +407,7 @@ def config_check(config_path: str | None) -> None:
               help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
 def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
                build_args: tuple[str, ...], target: str | None, platform: str | None,
-               config_path: str | None) -> None:
+               secrets: tuple[str, ...], config_path: str | None) -> None:
     """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it."""
     import tempfile
 
@@ -424,7 +430,7 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
                          "Set both in the launch-config (or pass --destination).")
     args = _build_args(build_args)
     platform = platform or cfg.builder.platform
-    inputs = BuildInputs.create(dockerfile, args, target, platform)
+    inputs = BuildInputs.create(dockerfile, args, target, platform, secrets=secrets)
     spec = parse_source(source, ref)
     if spec.kind == "image":
         raise InputError("an image source needs no build.", "Give a directory, archive or git URL.")
@@ -438,7 +444,8 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
     request = KanikoRequest(image=dest.with_tag(image_tag(digest)),
                             context_uri=store.uri(f"{digest}.tar.gz"), source_hash=digest,
                             dockerfile=dockerfile or "Dockerfile", build_args=args, target=target,
-                            platform=platform, labels={HASH_LABEL: digest})
+                            platform=platform, labels={HASH_LABEL: digest},
+                            secrets=inputs.secrets)
     click.echo(yaml.safe_dump(render_job(request, cfg, settings), sort_keys=False).rstrip())
 
 

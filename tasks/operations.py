@@ -28,6 +28,7 @@ from workers.builders import Builder, BuildRequest, engine_available
 from workers.context import BuildInputs, image_tag, source_hash, write_context
 from workers.dockerfile import PythonOptions, check_python, dockerfile_for, parse_entrypoint
 from workers.registries import registry_for
+from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
 from workers.stores import ContextStore, split_store_url, store_for_url
 
@@ -95,13 +96,15 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 ref: str | None, dockerfile: str | None, build_args: dict[str, str] | None,
                 target: str | None, platform: str | None, builder: str | None,
                 config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
-                python: str | None = None, gpu: bool = False) -> BuildState:
+                python: str | None = None, gpu: bool = False,
+                secrets: list[str] | None = None) -> BuildState:
     """The state of a fresh request; input errors become a failed state, never an exception."""
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
                        platform=platform, gpu=bool(gpu))
     try:
         # Checked here so a bad option fails the request before any work; used at "hash".
+        state.secrets = list(check_names(secrets, state.build_args))
         argv = parse_entrypoint(entrypoint, "--entrypoint")
         state.entrypoint = list(argv) if argv is not None else None
         state.python = check_python(python)
@@ -171,7 +174,7 @@ def _resolve_image(state: BuildState, spec: SourceSpec, settings: Settings) -> s
 
 def _inputs(state: BuildState) -> BuildInputs:
     return BuildInputs.create(state.dockerfile, state.build_args, state.target, state.platform,
-                              state.generated_dockerfile)
+                              state.generated_dockerfile, state.secrets)
 
 
 def _generate_dockerfile(state: BuildState, root: Path) -> None:
@@ -221,7 +224,7 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     pending = {k: v for k, v in state.to_dict().items()
                if k in ("request_id", "source", "destination", "dockerfile", "build_args",
                         "target", "platform", "builder", "config", "created_at", "entrypoint",
-                        "python", "gpu")}
+                        "python", "gpu", "secrets")}
     if not lease.acquire(pending):
         # Another request is building this very hash: it will hand us its record.
         _drop_tree(state)
@@ -285,6 +288,8 @@ def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
         labels={HASH_LABEL: state.source_hash},
         network_mode=settings.network_mode,
         timeout=settings.build_timeout,
+        # Looked up here, on the host that builds; the state only ever holds the names.
+        secrets=lookup(state.secrets, settings, "docker"),
     )
 
 
@@ -313,6 +318,7 @@ def kaniko(state: BuildState, settings: Settings) -> str:
         target=state.target,
         platform=state.platform,
         labels={HASH_LABEL: state.source_hash},
+        secrets=tuple(state.secrets),
     )
     writer = LogWriter(_client(settings), state.source_hash)
     try:

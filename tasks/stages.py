@@ -229,19 +229,20 @@ class _BuildImage(StageTask):
             dockerfile: str | None = None, build_args: dict[str, str] | None = None,
             target: str | None = None, platform: str | None = None, builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
-            python: str | None = None, gpu: bool = False) -> Any:
+            python: str | None = None, gpu: bool = False, secrets: list[str] | None = None) -> Any:
         state = operations.new_request(
             self.request.id or operations.new_request_id(), source, settings(),
             destination=destination, ref=ref, dockerfile=dockerfile, build_args=build_args,
             target=target, platform=platform, builder=builder, config=config,
-            entrypoint=entrypoint, python=python, gpu=gpu)
+            entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets)
         return self.run_state(state)
 
 
 #: ``build_image(source, *, destination, ref, dockerfile, build_args, target, platform,
-#: builder, config, entrypoint, python, gpu)``: ``.delay(...)`` returns an AsyncResult whose
-#: ``.get()`` is the record. The last three shape the Dockerfile generated for a Python
-#: project that has none (see workers/dockerfile.py).
+#: builder, config, entrypoint, python, gpu, secrets)``: ``.delay(...)`` returns an AsyncResult
+#: whose ``.get()`` is the record. entrypoint, python and gpu shape the Dockerfile generated
+#: for a Python project that has none (see workers/dockerfile.py); ``secrets`` names secret
+#: build args, whose values the building worker looks up (see workers/secrets.py).
 build_image = _stage("fetch", operations.fetch, _BuildImage, "buildq.build_image")
 #: The same first stage for a prepared state: how the watchdog restarts an orphaned build.
 resume = _stage("fetch", operations.fetch, task_name="buildq.resume")

@@ -21,6 +21,8 @@ class BuildState:
     destination: str | None = None
     dockerfile: str | None = None
     build_args: dict[str, str] = field(default_factory=dict)
+    #: Names of secret build args; each worker that builds looks their values up itself.
+    secrets: list[str] = field(default_factory=list)
     target: str | None = None
     platform: str | None = None
     builder: str | None = None

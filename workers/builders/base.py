@@ -37,6 +37,8 @@ class BuildRequest:
     network_mode: str | None = None
     #: Wall-clock seconds, upload of the context included, before the build is cancelled.
     timeout: float = 3600.0
+    #: Secret build args, name → value, looked up on this worker; never logged or shown.
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 class Builder(ABC):

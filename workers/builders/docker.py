@@ -8,8 +8,10 @@ which makes the engine cancel the build and remove its intermediate container.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
+import tarfile
 import threading
 import time
 from collections import deque
@@ -29,6 +31,7 @@ from config.errors import (
     TransientRegistryError,
 )
 from workers.builders.base import Builder, BuildRequest, EngineUnavailableError, LogFn
+from workers.secrets import Masker, ScrubReport, scrub_saved_image
 
 #: Output lines kept to quote in the error when a step fails.
 TAIL_LINES = 8
@@ -204,6 +207,73 @@ class DockerBuilder(Builder):
     # -- build ---------------------------------------------------------------------------
 
     def build(self, request: BuildRequest, log: LogFn) -> str:
+        if not request.secrets:
+            return self._build(request, log)
+        masker = Masker(request.secrets.values())
+        with masker.active():
+            try:
+                image_id = self._build(request, lambda line: log(masker.mask(line)))
+                return self._scrub(request, image_id, masker, log)
+            except BuildqError as exc:
+                # Error messages quote the engine and the step's output: either may echo a value.
+                raise masker.error(exc) from None
+            except Exception as exc:
+                raise BuildError(
+                    f"the build of {request.image} failed unexpectedly: {type(exc).__name__}: "
+                    f"{masker.mask(str(exc))}.",
+                    "The worker's log has the details; please report it.") from None
+
+    def _scrub(self, request: BuildRequest, image_id: str, masker: Masker, log: LogFn) -> str:
+        """Re-load the built image with its config cleaned of the secret build-arg values.
+
+        The legacy builder records ``|1 NAME=value`` in every RUN step's history entry and
+        container config; ``docker save`` → rewrite → ``docker load`` re-tags ``request.image``
+        with a config that has ``***`` instead. Layers stream through, never held in memory.
+        """
+        api = docker.APIClient(version=self._client.api.api_version,
+                               timeout=int(request.timeout + READ_SLACK), **self._client_kwargs)
+        loader = docker.APIClient(version=self._client.api.api_version,
+                                  timeout=int(request.timeout + READ_SLACK), **self._client_kwargs)
+        report = ScrubReport()
+        try:
+            saved = api.get_image(image_id, chunk_size=1 << 20)
+            body = scrub_saved_image(saved, masker, request.image, report)
+            for item in loader.load_image(body):
+                error = item.get("errorDetail") or ({"message": item["error"]} if "error" in item
+                                                    else None)
+                if error:
+                    raise BuildError(
+                        f"the Docker Engine refused the cleaned image of {request.image}: "
+                        f"{error.get('message') or item.get('error')}.",
+                        "Build again; if it persists, the engine cannot load its own saved images.")
+        except (APIError, requests.RequestException, urllib3.exceptions.HTTPError,
+                DockerException, OSError, tarfile.TarError) as exc:
+            if isinstance(report.error, BuildqError):
+                raise report.error from None
+            raise BuildError(
+                f"cleaning the secret build args out of {request.image} failed: {_short(exc)}.",
+                "Check that dockerd is running on the build host; build again.") from None
+        finally:
+            api.close()
+            loader.close()
+        if isinstance(report.error, BaseException):
+            raise report.error
+        try:
+            info = self._client.api.inspect_image(request.image)
+            history = self._client.api.history(request.image)
+        except (APIError, requests.RequestException, DockerException) as exc:
+            raise self._engine_lost(exc) from None
+        # The loaded image is what gets pushed: refuse to go on if a value is still in it.
+        if masker.found_in(json.dumps(info)) or masker.found_in(json.dumps(history)):
+            raise BuildError(f"a secret build arg's value is still in the config of "
+                             f"{request.image} after cleaning; it will not be pushed.",
+                             "Do not copy the secret into ENV, LABEL or other instructions "
+                             "that store it in the image config.")
+        if report.config_changed:
+            log(f"secret build args masked in the image config of {request.image}")
+        return str(info["Id"])
+
+    def _build(self, request: BuildRequest, log: LogFn) -> str:
         deadline = time.monotonic() + request.timeout
         # A client of its own per build: the watchdog's response hook must see only this
         # build's connection, and a concurrent build on the shared client must not be shut.
@@ -222,7 +292,9 @@ class DockerBuilder(Builder):
                     forcerm=True,
                     tag=request.image,
                     dockerfile=request.dockerfile,
-                    buildargs=dict(request.build_args),
+                    # Secret values can only reach the legacy builder as build args; _scrub
+                    # takes them back out of the image config.
+                    buildargs={**request.build_args, **request.secrets},
                     target=request.target,
                     platform=request.platform,
                     labels=dict(request.labels) or None,
