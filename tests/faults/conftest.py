@@ -1,0 +1,266 @@
+"""A buildq cluster for fault injection: its own Redis (append-only, restartable on the
+same port), its own registry (stoppable), real workers started through
+tests/faults/gated_worker.py so a test can hold a chain at a chosen stage, and checks
+for everything a fault could leave behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from config.settings import Settings
+from tasks.lock import PENDING_INDEX, lock_key, pending_key
+from tests import services
+from tests.tasks.conftest import REPO, Cluster, use_cluster
+
+#: The lock lease of the fault cluster, seconds (as tests/tasks uses).
+LEASE = 6.0
+#: Retry schedule of the fault cluster: full-jitter backoff from 1 s, six retries, so a
+#: transient fault is retried for 31.5 s to 63 s in all before the build fails.
+RETRY_BASE, MAX_RETRIES = 1.0, 6
+#: How many workers of each pool every test starts with.
+POOLS = {"control": 2, "docker": 2}
+
+
+def retry_budget() -> float:
+    """The most the backoff of one stage can add up to (each pause is at most base * 2**n)."""
+    return sum(RETRY_BASE * 2 ** n for n in range(MAX_RETRIES))
+
+
+@dataclass
+class FaultCluster(Cluster):
+    def start_worker(self, pool: str, concurrency: int = 1,
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"worker-{pool}-{len(self.workers)}-{uuid.uuid4().hex[:4]}.log",  # noqa: SIM115
+                   "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.gated_worker", "worker", pool, "--concurrency",
+             str(concurrency), "--loglevel", "INFO"],
+            env={**self.env, **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.workers[proc.pid] = (pool, proc)
+        client = redis.Redis.from_url(self.redis.url)
+        services.wait_for(
+            lambda: any(f"-{proc.pid}-".encode() in k
+                        for k in client.scan_iter(match=f"buildq:pool:{pool}:*")),
+            30, f"{pool} worker")
+        return proc
+
+    def pool_of(self, pid: int) -> str:
+        return self.workers[pid][0]
+
+    def alive(self, pool: str) -> list[subprocess.Popen[bytes]]:
+        return [p for name, p in self.workers.values() if name == pool and p.poll() is None]
+
+    def top_up(self) -> None:
+        """Back to the standard pools: replace what a test killed or stopped."""
+        for pid, (_, proc) in list(self.workers.items()):
+            if proc.poll() is not None:
+                self.workers.pop(pid)
+        for pool, count in POOLS.items():
+            for _ in range(count - len(self.alive(pool))):
+                self.start_worker(pool)
+
+    def kill_group(self, pgid: int) -> None:
+        """SIGKILL a worker, its pool processes and whatever they run (git, uploads)."""
+        os.killpg(pgid, signal.SIGKILL)
+        proc = self.workers.pop(pgid)[1]
+        proc.wait(10)
+
+    def restart_redis(self) -> None:
+        """Stop Redis cleanly (it writes its append-only file) and start it on the same port."""
+        self.redis.stop()
+        self.redis = services.start_redis(self.redis.directory, appendonly=True,
+                                          port=self.redis.port)
+
+    def restart_registry(self) -> None:
+        self.registry.start()
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def contexts(self) -> Path:
+        return self.root / "contexts"
+
+
+class Gates:
+    """Hold a chain at a stage event (see tests/faults/gated_worker.py)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def arm(self, stage: str, event: str = "started") -> None:
+        self.client.set(f"buildq:fault:arm:{stage}:{event}", "1")
+
+    def wait_held(self, stage: str, event: str = "started", timeout: float = 120) -> int:
+        """Wait until a chain is held there; returns the process group of its worker."""
+        key = f"buildq:fault:held:{stage}:{event}"
+        services.wait_for(lambda: self.client.exists(key), timeout, f"a chain held at {stage}:{event}")
+        return int(str(self.client.get(key)).split()[0])
+
+    def release(self, stage: str, event: str = "started") -> None:
+        self.client.delete(f"buildq:fault:held:{stage}:{event}")
+
+    def clear(self) -> None:
+        for key in self.client.scan_iter(match="buildq:fault:*"):
+            self.client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def fault_cluster(tmp_path_factory: pytest.TempPathFactory,
+                  docker_engine: str) -> Iterator[FaultCluster]:
+    root = tmp_path_factory.mktemp("faults")
+    (root / "redis").mkdir()
+    red = services.start_redis(root / "redis", appendonly=True)
+    # A registry of its own: tests stop it, and the session's shared one must stay up.
+    registry = services.start_registry(root / "registry")
+    env = {
+        **os.environ,
+        "BUILDQ_REDIS_URL": red.url,
+        "BUILDQ_LOCK_LEASE": str(LEASE),
+        "BUILDQ_WORKDIR": str(root / "work"),
+        "BUILDQ_CONTEXT_STORE": (root / "contexts").as_uri(),
+        "BUILDQ_NETWORK_MODE": "none",
+        "BUILDQ_RETRY_BASE": str(RETRY_BASE),
+        "BUILDQ_MAX_RETRIES": str(MAX_RETRIES),
+        "HOME": str(root / "home"),
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("BUILDQ_CONFIG", None)
+    (root / "work").mkdir()
+    (root / "contexts").mkdir()
+    cluster = FaultCluster(red, registry, root, env)
+    cluster.top_up()
+    use_cluster(cluster)
+    yield cluster
+    cluster.stop_all()
+    cluster.redis.stop()
+    registry.stop()
+
+
+@pytest.fixture
+def faults(fault_cluster: FaultCluster) -> Iterator[FaultCluster]:
+    """The cluster with its standard pools, gates cleared; restored after the test."""
+    import tasks.app
+
+    # Other suites' clusters share this process's Celery app: hand it back afterwards.
+    previous = tasks.app.settings()
+    use_cluster(fault_cluster)
+    Gates(fault_cluster.client()).clear()
+    fault_cluster.top_up()
+    yield fault_cluster
+    Gates(fault_cluster.client()).clear()
+    if fault_cluster.registry.process is None:
+        fault_cluster.restart_registry()
+    fault_cluster.top_up()
+    _use_settings(previous)
+
+
+def _use_settings(settings: Settings) -> None:
+    from tasks.app import configure
+
+    configure(settings)
+    from tasks.app import app
+
+    app._pool = None
+    app._local = threading.local()
+    app.amqp._producer_pool = None
+
+
+@pytest.fixture
+def gates(faults: FaultCluster) -> Gates:
+    return Gates(faults.client())
+
+
+# --- sources and what a build must not leave behind ---------------------------------------
+
+
+def git_app(tmp_path: Path, base: str, extra: str = "") -> str:
+    """A bare git repository (file://): fetching it makes a temp clone in the workdir."""
+    work = tmp_path / f"app-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    (work / "Dockerfile").write_text(f"FROM {base}\nCOPY msg.txt /msg.txt\n{extra}")
+    (work / "msg.txt").write_text(f"fault {uuid.uuid4()}\n")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", "-b", "main", str(work)], check=True)
+    subprocess.run([*git, "-C", str(work), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-qm", "app"], check=True)
+    bare = tmp_path / f"{work.name}.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    return bare.as_uri()
+
+
+def events(client: redis.Redis, request_id: str) -> list[dict[str, str]]:
+    return [dict(fields) for _, fields in client.xrange(f"buildq:events:{request_id}")]
+
+
+def stage_count(client: redis.Redis, request_id: str, stage: str, state: str = "done") -> int:
+    return sum(1 for e in events(client, request_id)
+               if e.get("kind") == "stage" and e.get("stage") == stage and e.get("state") == state)
+
+
+def wait_quiet(cluster: FaultCluster, timeout: float = 30) -> None:
+    """Wait until no buildq task runs or waits anywhere (queues empty, nothing active)."""
+    from tasks.app import app
+
+    def quiet() -> bool:
+        client = cluster.client()
+        if any(client.llen(q) for q in ("control", "docker", "kaniko")):
+            return False
+        active = app.control.inspect(timeout=1).active() or {}
+        return not any(active.values())
+
+    services.wait_for(quiet, timeout, "an idle cluster")
+
+
+def assert_nothing_left(cluster: FaultCluster, record: dict[str, Any],
+                        store_objects: list[str] | None = None) -> None:
+    """No lock, no waiters, no scratch dirs, no contexts (``store_objects``: another store's)."""
+    client = cluster.client()
+    source_hash = record["source_hash"]
+    assert client.get(lock_key(source_hash)) is None
+    assert not client.exists(pending_key(source_hash))
+    assert not client.sismember(PENDING_INDEX, source_hash)
+    assert sorted(p.name for p in cluster.workdir.iterdir()) == []
+    assert sorted(p.name for p in cluster.contexts.iterdir()) == []
+    assert store_objects in (None, [])
+    # The record stored under the hash is this build's.
+    stored = json.loads(str(client.get(f"buildq:record:{source_hash}")))
+    assert stored["status"] == record["status"] and stored["digest"] == record["digest"]
+
+
+def assert_one_image(cluster: FaultCluster, repository: str, record: dict[str, Any]) -> None:
+    assert record["status"] in ("built", "skipped"), record["error"]
+    assert cluster.registry.tags(repository) == [record["tag"]]
+    assert cluster.registry.digest(repository, record["tag"]) == record["digest"]
+
+
+def lock_ttl(cluster: FaultCluster, source_hash: str) -> float:
+    """Seconds left on the lock's lease (-2 gone, -1 no expiry: never acceptable)."""
+    ms = int(cluster.client().pttl(lock_key(source_hash)))
+    return ms / 1000 if ms >= 0 else float(ms)
+
+
+def watch_lock(cluster: FaultCluster, source_hash: str, seconds: float) -> list[float]:
+    """Sample the lock's remaining lease for ``seconds``."""
+    seen = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        seen.append(lock_ttl(cluster, source_hash))
+        time.sleep(0.2)
+    return seen
