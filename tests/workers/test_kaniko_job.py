@@ -298,6 +298,51 @@ def test_other_registry_mounts_the_dockerconfigjson_secret() -> None:
         {"key": ".dockerconfigjson", "path": "config.json"}]}}
 
 
+def test_store_endpoints_reach_the_job_env() -> None:
+    """Emulator endpoints travel to kaniko as env (GCS: the variable Go's client honours)."""
+    settings = Settings(gcs_endpoint_url="http://127.0.0.1:9023",
+                        azure_blob_endpoint="http://127.0.0.1:10000/acct1",
+                        azure_storage_key=SECRET_VALUES[1])
+    gs = validated(render_job(request(context_uri=f"gs://ctx-bucket/p/{HASH}.tar.gz"),
+                              cfg({"build-context-store": "gs://ctx-bucket/p"}), settings))
+    assert container(gs)["env"] == [{"name": "STORAGE_EMULATOR_HOST", "value": "http://127.0.0.1:9023"}]
+    az = validated(render_job(
+        request(context_uri=f"https://acct1.blob.core.windows.net/ctx/{HASH}.tar.gz"),
+        cfg({"build-context-store": "https://acct1.blob.core.windows.net/ctx"}), settings))
+    env = {e["name"]: e for e in container(az)["env"]}
+    assert env["BUILDQ_AZURE_BLOB_ENDPOINT"]["value"] == "http://127.0.0.1:10000/acct1"
+    assert "value" not in env["AZURE_STORAGE_ACCESS_KEY"]  # a Secret reference only
+    # Without an override nothing about endpoints is added.
+    plain = validated(render_job(request(context_uri=f"gs://ctx-bucket/p/{HASH}.tar.gz"),
+                                 cfg({"build-context-store": "gs://ctx-bucket/p"}), SETTINGS))
+    assert "env" not in container(plain)
+
+
+def test_registry_endpoint_mapping_and_insecure_registries() -> None:
+    settings = Settings(registry_endpoints={"registry.example.com": "127.0.0.1:5999"})
+    m = validated(render_job(request(), cfg(), settings))
+    assert args_of(m, "--destination") == [f"127.0.0.1:5999/team/app:{HASH[:24]}"]
+    assert args_of(m, "--cache-repo") == ["127.0.0.1:5999/team/app-cache"]
+    # A loopback endpoint is plain HTTP; the logical host is never contacted.
+    assert args_of(m, "--insecure-registry") == ["127.0.0.1:5999"]
+    assert args_of(m, "--registry-map") == ["registry.example.com=127.0.0.1:5999"]
+    # The Job still names the image as the user configured it.
+    assert m["metadata"]["annotations"]["buildq/image"] == f"registry.example.com/team/app:{HASH[:24]}"
+
+    insecure = Settings(insecure_registries=("registry.example.com",))
+    m = validated(render_job(request(), cfg(), insecure))
+    assert args_of(m, "--destination") == [f"registry.example.com/team/app:{HASH[:24]}"]
+    assert args_of(m, "--insecure-registry") == ["registry.example.com"]
+    assert args_of(validated(render_job(request(), cfg(), SETTINGS)), "--insecure-registry") == []
+
+    # A cloud registry's credential helper is keyed on the host kaniko really pushes to.
+    ecr = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+    mapped = Settings(registry_endpoints={ecr: "ecr.internal:443"})
+    m = validated(render_job(request(image=f"{ecr}/app:{HASH[:24]}"), cfg({"destination": f"{ecr}/app"},
+                             environment={"type": "aws", "region": "us-east-1"}), mapped))
+    assert _docker_config(m) == {"credHelpers": {"ecr.internal:443": "ecr-login"}}
+
+
 # --------------------------------------------------------------------------- dispatcher
 
 
@@ -496,6 +541,38 @@ def test_soft_time_limit_still_deletes_the_job(
         timer.join(30)
         signal.signal(signal.SIGUSR1, previous)
     assert [r.body for r in standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
+    _nothing_left(standin)
+
+
+def test_sigterm_cancels_the_build_and_deletes_the_job(
+        standin: KubeStandIn, registry: services.RegistryServer, store: Path, base_image: str) -> None:
+    """Celery's revoke(terminate=True) is a SIGTERM to the pool process running the stage."""
+    from workers.builders.kaniko import KanikoCancelledError
+
+    config, req = _setup(registry, store, base_image)
+    standin.plan("hang")
+    # Stands in for the prefork child's default SIGTERM action, which would end the process.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def terminate_once_running() -> None:
+        services.wait_for(lambda: any(p["status"]["phase"] == "Running" for p in standin.list("pods")),
+                          30, "the kaniko pod")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Thread(target=terminate_once_running, daemon=True)
+    timer.start()
+    lines: list[str] = []
+    try:
+        with pytest.raises(KanikoCancelledError) as err:
+            KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lines.append)
+        # Only while the Job runs: afterwards SIGTERM is the process's own business again.
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        timer.join(30)
+        signal.signal(signal.SIGTERM, previous)
+    assert err.value.kind == "cancelled" and "cancelled (SIGTERM)" in err.value.message
+    assert [r.body for r in standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
+    assert any("cancelled" in line for line in lines)
     _nothing_left(standin)
 
 
