@@ -182,4 +182,8 @@ class Settings:
             max_archive_bytes=_count(env, "BUILDQ_MAX_ARCHIVE_BYTES", DEFAULT_MAX_ARCHIVE_BYTES),
             max_archive_members=_count(env, "BUILDQ_MAX_ARCHIVE_MEMBERS",
                                        DEFAULT_MAX_ARCHIVE_MEMBERS),
+            build_secrets={k[len(SECRET_ENV_PREFIX):]: v for k, v in env.items()
+                           if k.startswith(SECRET_ENV_PREFIX) and len(k) > len(SECRET_ENV_PREFIX)},
+            secrets_dir=Path(env["BUILDQ_SECRETS_DIR"]) if env.get("BUILDQ_SECRETS_DIR") else None,
+            build_secrets_secret=env.get("BUILDQ_BUILD_SECRETS_SECRET") or "buildq-build-secrets",
         )
