@@ -386,12 +386,32 @@ BACKENDS = {
 }
 
 
+#: How long a worker thread keeps talking to a registry through one backend instance:
+#: its connection, tokens and credentials. Credentials rotated on disk are read again
+#: after this.
+REUSE_SECONDS = 300.0
+_reused = threading.local()
+
+
 def registry_for(ref: ImageRef, settings: Settings) -> Registry:
-    """The backend that speaks for ``ref``'s registry host, picked by the host's shape."""
+    """The backend that speaks for ``ref``'s registry host, picked by the host's shape.
+
+    Reused per thread for a while: a fresh instance pays a new connection, a credentials
+    read and a token round trip, which is most of a cache-hit request's registry time.
+    """
     import importlib
 
     from config.references import classify_registry
 
     module, name = BACKENDS.get(classify_registry(ref).kind, BACKENDS["v2"])
+    cache: dict[tuple[str, str, int], tuple[float, Registry]] = _reused.__dict__.setdefault(
+        "instances", {})
+    key = (name, ref.registry, id(settings))
+    now = time.monotonic()
+    hit = cache.get(key)
+    if hit is not None and now - hit[0] < REUSE_SECONDS and hit[1].settings is settings:
+        return hit[1]
     backend: type[Registry] = getattr(importlib.import_module(module), name)
-    return backend(ref.registry, settings)
+    registry = backend(ref.registry, settings)
+    cache[key] = (now, registry)
+    return registry
