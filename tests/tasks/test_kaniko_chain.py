@@ -13,6 +13,7 @@ BUILDQ_REGISTRY_ENDPOINTS, so every push also proves the Job honours that mappin
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ import redis
 
 from config.settings import Settings
 from tasks import build_image
+from tasks.events import events_key
 from tests import services
 from tests.conftest import AWS_ENV
 from tests.k8s_standin import KubeStandIn
@@ -54,6 +56,8 @@ class KanikoCluster:
     cluster: Cluster
     standin: KubeStandIn
     stores: dict[str, Store]
+    #: This module's own moto (S3), which a test stops to take the store down.
+    moto: services.StandIn
 
     @property
     def registry(self) -> services.RegistryServer:
@@ -64,13 +68,18 @@ class KanikoCluster:
                             "build-context-store": self.stores[store].url}}
 
 
-def _s3(moto: services.StandIn) -> Store:
+def _s3_client(moto: services.StandIn) -> Any:
     import boto3
+
+    return boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
+                        aws_access_key_id="standin", aws_secret_access_key="standin")
+
+
+def _s3(moto: services.StandIn) -> Store:
     from botocore.exceptions import ClientError
 
     bucket = f"ctx-{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
-                      aws_access_key_id="standin", aws_secret_access_key="standin")
+    s3 = _s3_client(moto)
     s3.create_bucket(Bucket=bucket)
 
     def exists(key: str) -> bool:
@@ -120,11 +129,15 @@ def _point_app_at(settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
                    registry: services.RegistryServer, kube_standin: KubeStandIn,
-                   moto_server: services.StandIn, gcs_emulator: services.StandIn,
+                   gcs_emulator: services.StandIn,
                    azurite: services.StandIn) -> Iterator[KanikoCluster]:
     from tasks import app as app_module
 
     root = tmp_path_factory.mktemp("kaniko-cluster")
+    try:
+        moto_server = services.start_moto(root / "moto")
+    except ImportError as exc:
+        pytest.skip(f"storage stand-in unavailable: {exc}")
     stores = {"s3": _s3(moto_server), "gcs": _gcs(gcs_emulator), "azure": _azure(azurite)}
     cluster = make_cluster(root, registry, lease=6)
     # Control (uploads) and kaniko (dispatches, verifies, records, deletes the context)
@@ -150,10 +163,11 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
         cluster.start_worker("control", concurrency=2)
         cluster.start_worker("kaniko", concurrency=2)
         use_cluster(cluster)
-        yield KanikoCluster(cluster, kube_standin, stores)
+        yield KanikoCluster(cluster, kube_standin, stores, moto_server)
     finally:
         cluster.stop_all()
         cluster.redis.stop()
+        moto_server.stop()
         if previous is not None:
             _point_app_at(previous)
 
@@ -162,6 +176,10 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
 def kc(kaniko_cluster: KanikoCluster) -> Iterator[KanikoCluster]:
     kaniko_cluster.standin.reset()
     yield kaniko_cluster
+    # Every Job the workers sent passes the real schema, and carries no secret value.
+    for create in kaniko_cluster.standin.requests_for("POST"):
+        kubernetes_validate.validate(create.body, K8S_VERSION, strict=True)
+        assert services.AZURITE_KEY not in json.dumps(create.body)
     kaniko_cluster.standin.reset()
 
 
@@ -228,7 +246,9 @@ def test_kaniko_chain_end_to_end(kc: KanikoCluster, store: str, tmp_path: Path,
             "name": "azure-storage-access-key", "key": "AZURE_STORAGE_ACCESS_KEY"}}} in env
 
     _nothing_left(kc, store, source_hash)
-    assert any("from-the-kaniko-pod" in line for line in _log_lines(kc, source_hash))
+    lines = _log_lines(kc, source_hash)
+    assert any("from-the-kaniko-pod" in line for line in lines)
+    assert not any(services.AZURITE_KEY in text for text in [json.dumps(records), *lines])
 
     # Built once: the same request now finds the image and costs no Job.
     again = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=120)
@@ -250,6 +270,61 @@ def test_failing_run_step_is_recorded_and_everything_is_deleted(
     assert len(kc.standin.requests_for("POST")) == 1
     assert [r.body for r in kc.standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
     assert kc.registry.digest(repo, record["tag"]) is None
+    _nothing_left(kc, "s3", record["source_hash"])
+
+
+@pytest.mark.parametrize(("outcome", "kaniko_config", "expected"), [
+    ("exit", None, "kaniko exited with code 1"),
+    ("oom", None, "ran out of memory (OOMKilled"),
+    ("hang", {"spec": {"activeDeadlineSeconds": 2}}, "(DeadlineExceeded)"),
+    ("pull", None, "cannot start: ImagePullBackOff"),
+], ids=["exit", "oom", "deadline", "image-pull"])
+def test_job_failures_give_a_clear_record_and_leave_nothing(
+        kc: KanikoCluster, outcome: str, kaniko_config: dict[str, Any] | None, expected: str,
+        tmp_path: Path, base_image: str) -> None:
+    app = _app(tmp_path, base_image)
+    config = kc.config(_repo(outcome), "azure")
+    if kaniko_config:
+        config["builder"]["kaniko-config"] = kaniko_config
+    kc.standin.plan(outcome)
+    record = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=180)
+    assert record["status"] == "failed", record
+    assert expected in record["error"] and record["error_kind"] == "build", record
+    assert len(kc.standin.requests_for("POST")) == 1
+    _nothing_left(kc, "azure", record["source_hash"])
+
+
+def test_api_server_500s_then_recovers(kc: KanikoCluster, tmp_path: Path, base_image: str) -> None:
+    app = _app(tmp_path, base_image)
+    repo = _repo("api-500")
+    kc.standin.fail_next(2, 500, method="POST", path_contains="/jobs")
+    record = build_image.delay(str(app), builder="kaniko",
+                               config=kc.config(repo, "gcs")).get(timeout=180)
+    assert record["status"] == "built", record
+    assert record["digest"] == kc.registry.digest(repo, record["tag"])
+    assert [r.status for r in kc.standin.requests_for("POST")] == [500, 500, 201]
+    _nothing_left(kc, "gcs", record["source_hash"])
+
+
+def test_store_down_is_retried_then_a_clear_record(kc: KanikoCluster, tmp_path: Path,
+                                                   base_image: str) -> None:
+    app = _app(tmp_path, base_image)
+    store = kc.stores["s3"]
+    kc.moto.stop()
+    try:
+        result = build_image.delay(str(app), builder="kaniko", config=kc.config(_repo("down"), "s3"))
+        record = result.get(timeout=180)
+    finally:
+        kc.moto.start(services.moto_ready(kc.moto))
+        # moto keeps its buckets in memory: give the restarted one the same bucket back.
+        _s3_client(kc.moto).create_bucket(Bucket=store.url.split("/")[2])
+    assert record["status"] == "failed", record
+    assert record["error_kind"] == "context-store"
+    assert f"cannot reach {kc.moto.endpoint}" in record["error"]
+    events = kc.cluster.client().xrange(events_key(record["id"]))
+    assert [f for _, f in events if f.get("kind") == "retry"], "the chain never retried"
+    # No Job was ever created, and nothing is left behind.
+    assert kc.standin.requests_for("POST") == []
     _nothing_left(kc, "s3", record["source_hash"])
 
 
