@@ -61,8 +61,11 @@ def check_names(names: Iterable[str] | None,
     seen: set[str] = set()
     for name in names:
         if not isinstance(name, str) or not NAME_RE.match(name):
+            # NAME=value is a value given where only a name belongs: never repeat the value.
+            shown = f"{name.partition('=')[0]}=..." if isinstance(name, str) and "=" in name \
+                else repr(name)[:80]
             raise InputError(
-                f"secret name {name!r} is not valid.",
+                f"secret name {shown} is not valid.",
                 "A secret is named like a build arg or environment variable: letters, digits "
                 "and '_', not starting with a digit (e.g. --secret PIP_TOKEN); pass its name, "
                 "never its value.")

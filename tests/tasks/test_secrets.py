@@ -1,4 +1,4 @@
-"""Registry secrets live only in worker memory.
+"""Registry secrets and secret build args live only in worker memory.
 
 Two full builds on real workers: one to a registry behind htpasswd with a distinctive
 password (BUILDQ_REGISTRY_PASSWORD), one to the Artifact Registry stand-in with
@@ -6,17 +6,30 @@ distinctive Google access tokens (minted by google-auth from a service-account k
 the worker). Afterwards neither secret — nor its Basic-auth encoding — appears in any
 Redis key (broker messages, results, records, event and log streams), the build logs,
 the workers' logs, or Flower's task API.
+
+Secret build args (``--secret NAME``): a real build on each pool whose RUN step uses the
+value (it writes its length into the image, which the tests read back from the registry),
+then the value is looked for in every place it could leak: the record, ``buildq status`` /
+``history``, every Redis key (Celery task metas with their extended args included),
+Flower's task API and task page, the workers' logs and command lines, the Kaniko Job
+manifest, and the pushed image's config blob and ``docker history``.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
+import io
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +37,14 @@ import pytest
 import redis
 import requests
 
+from config.errors import InputError
+from config.settings import Settings
 from tests import services
 from tests.conftest import GAR_HOST
+from tests.k8s_standin import Kubelet, KubeStandIn
 from tests.tasks.conftest import Cluster, make_cluster
+from workers.context import BuildInputs, source_hash
+from workers.secrets import Masker, MissingSecretError, check_names, lookup
 
 REPO = Path(__file__).resolve().parents[2]
 USER = "ci-bot"
@@ -155,3 +173,356 @@ def test_registry_password_and_tokens_appear_nowhere_after_full_builds(
             except OSError:
                 continue
             assert not leaks(cmdline, secrets)
+
+
+# --------------------------------------------------------------------------- secret build args
+
+SECRET_DOCKERFILE = """FROM {base}
+ARG PIP_TOKEN
+ARG NPM_TOKEN
+COPY msg.txt /msg.txt
+RUN echo ${{#PIP_TOKEN}} ${{#NPM_TOKEN}} > /secret-lengths && echo "using $PIP_TOKEN and $NPM_TOKEN"
+"""
+
+
+def forms_of(*values: str) -> list[bytes]:
+    """A value as it could leak: raw, and base64 (as in a Basic header or a Secret's data)."""
+    return [f for v in values for f in (v.encode(), base64.b64encode(v.encode()))]
+
+
+@contextlib.contextmanager
+def running_flower(cluster: Cluster, log_path: Path) -> Iterator[tuple[str, tuple[str, str]]]:
+    port = services.free_port()
+    login = ("watcher", f"flower-{uuid.uuid4().hex[:8]}")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "flower", "--port", str(port), "--address",
+             "127.0.0.1"], env={**cluster.env, "BUILDQ_FLOWER_BASIC_AUTH": ":".join(login)},
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            services.wait_for(lambda: requests.get(f"{url}/healthcheck", timeout=1).ok, 30,
+                              "flower")
+            yield url, login
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+
+
+def registry_image(registry_url: str, repository: str, tag: str,
+                   auth: tuple[str, str] | None = None) -> tuple[bytes, dict[str, bytes]]:
+    """The pushed image's config blob and the files of its layers, from the registry's API."""
+    accept = ("application/vnd.docker.distribution.manifest.v2+json, "
+              "application/vnd.oci.image.manifest.v1+json")
+    manifest = requests.get(f"{registry_url}/v2/{repository}/manifests/{tag}", auth=auth,
+                            headers={"Accept": accept}, timeout=10)
+    manifest.raise_for_status()
+    body = manifest.json()
+
+    def blob(digest: str) -> bytes:
+        r = requests.get(f"{registry_url}/v2/{repository}/blobs/{digest}", auth=auth, timeout=30)
+        r.raise_for_status()
+        return r.content
+
+    files: dict[str, bytes] = {}
+    for layer in body["layers"]:
+        with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"])), mode="r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.size < 1 << 16:
+                    files[member.name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    return blob(body["config"]["digest"]), files
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, timeout=240)
+
+
+def scan_processes(secrets: list[bytes]) -> int:
+    """Asserts no command line holds a secret; returns how many command lines were read."""
+    read = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            read += 1
+            assert not leaks(cmdline, secrets), f"secret on the command line of pid {pid}"
+    return read
+
+
+def assert_redis_clean(cluster: Cluster, secrets: list[bytes], request_id: str,
+                       names: list[str]) -> None:
+    found = {key: leaks(value, secrets) for key, value in every_value(
+        redis.Redis.from_url(cluster.redis.url))}
+    assert not {k: v for k, v in found.items() if v}, "secret in Redis"
+    assert any(k.startswith(b"buildq:log:") for k in found), "no build log was scanned"
+    # The task meta (result_extended) keeps the last stage's argument, the build state: it
+    # names the secrets, and it was among the values scanned above.
+    meta = redis.Redis.from_url(cluster.redis.url).get(f"celery-task-meta-{request_id}")
+    assert meta is not None, "the request's task meta was not in Redis"
+    (state,) = json.loads(meta)["args"]
+    assert state["secrets"] == sorted(names)
+
+
+@pytest.fixture
+def build_secrets(tmp_path: Path) -> tuple[str, str, Path]:
+    """Two distinctive values: one for the environment, one for a secrets directory."""
+    pip_token = f"pip-{uuid.uuid4().hex}-never-shown"
+    npm_token = f"npm-{uuid.uuid4().hex}-never-shown"
+    secrets_dir = tmp_path / "mounted-secret"
+    secrets_dir.mkdir()
+    # Written with a newline, as `echo > file` would: the value is the line.
+    (secrets_dir / "NPM_TOKEN").write_text(npm_token + "\n")
+    return pip_token, npm_token, secrets_dir
+
+
+def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_pool(
+        cluster_with_secrets: tuple[Cluster, str, services.RegistryServer], tmp_path: Path,
+        base_image: str, build_secrets: tuple[str, str, Path]) -> None:
+    cluster, password, registry = cluster_with_secrets
+    pip_token, npm_token, secrets_dir = build_secrets
+    cluster.env.update({"BUILDQ_SECRET_PIP_TOKEN": pip_token,
+                        "BUILDQ_SECRETS_DIR": str(secrets_dir)})
+    # The client holds no secret of any kind: only the workers do.
+    client_env = {k: v for k, v in cluster.env.items()
+                  if k not in ("BUILDQ_REGISTRY_PASSWORD", "BUILDQ_SECRET_PIP_TOKEN",
+                               "BUILDQ_SECRETS_DIR", "GOOGLE_APPLICATION_CREDENTIALS")}
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "Dockerfile").write_text(SECRET_DOCKERFILE.format(base=base_image))
+    (app / "msg.txt").write_text(f"secret arg {uuid.uuid4()}\n")
+    repository = "team/secret-arg"
+
+    with running_flower(cluster, tmp_path / "flower.log") as (flower_url, flower_login):
+        cluster.start_worker("control")
+        docker_worker = cluster.start_worker("docker")
+        done = cli(client_env, "build", str(app), "--destination", f"{registry.host}/{repository}",
+                   "--builder", "docker", "--secret", "PIP_TOKEN", "--secret", "NPM_TOKEN",
+                   "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        record = json.loads(done.stdout.strip().splitlines()[-1])
+        assert record["status"] == "built", record
+
+        def flower_task() -> dict[str, Any]:
+            r = requests.get(f"{flower_url}/api/task/info/{record['id']}", auth=flower_login,
+                             timeout=5)
+            return dict(r.json()) if r.ok else {}
+
+        services.wait_for(lambda: flower_task().get("state") == "SUCCESS", 30, "flower task")
+        flower_pages = [
+            requests.get(f"{flower_url}/api/tasks", auth=flower_login, timeout=5).content,
+            requests.get(f"{flower_url}/api/task/info/{record['id']}", auth=flower_login,
+                         timeout=5).content,
+            requests.get(f"{flower_url}/task/{record['id']}", auth=flower_login,
+                         timeout=5).content,
+        ]
+        environ = Path(f"/proc/{docker_worker.pid}/environ").read_bytes()
+
+    secrets = [*forms_of(pip_token, npm_token, password),
+               base64.b64encode(f"{USER}:{password}".encode())]
+
+    # The values did reach the build: the RUN step wrote their lengths into the image.
+    auth = (USER, password)
+    config_blob, files = registry_image(registry.url, repository, record["tag"], auth)
+    assert files["secret-lengths"] == f"{len(pip_token)} {len(npm_token)}\n".encode()
+    assert pip_token.encode() in environ, "the docker worker never held the value"
+
+    # The pushed config blob: history and container_config carry the mask, not the value.
+    assert not leaks(config_blob, secrets), "secret in the pushed image config"
+    history = [h.get("created_by", "") for h in json.loads(config_blob)["history"]]
+    assert any("NPM_TOKEN=*** PIP_TOKEN=***" in line for line in history), history
+    # docker history of the image as tagged on the build host, which is what was pushed.
+    local = subprocess.run(["docker", "history", "--no-trunc", record["image"]],
+                           capture_output=True, timeout=60)
+    assert local.returncode == 0, local.stderr
+    assert b"PIP_TOKEN=***" in local.stdout and not leaks(local.stdout, secrets)
+    inspect = subprocess.run(["docker", "image", "inspect", record["image"]],
+                             capture_output=True, timeout=60)
+    assert inspect.returncode == 0 and not leaks(inspect.stdout, secrets)
+
+    # The record, and what `buildq status` / `history` print of it.
+    assert not leaks(json.dumps(record).encode(), secrets), "secret in the record"
+    assert not leaks(done.stdout + done.stderr, secrets), "secret in the CLI's output"
+    for args in (("status", record["id"]), ("history",), ("history", "--json")):
+        shown = cli(client_env, *args)
+        assert shown.returncode == 0, shown.stderr
+        assert record["tag"].encode() in shown.stdout, args
+        assert not leaks(shown.stdout + shown.stderr, secrets), f"secret in buildq {args[0]}"
+
+    # Redis: broker messages, task metas with their arguments, records, events, build logs.
+    assert_redis_clean(cluster, secrets, record["id"], ["PIP_TOKEN", "NPM_TOKEN"])
+    log_lines = [fields[b"line"] for _, fields in redis.Redis.from_url(cluster.redis.url).xrange(
+        f"buildq:log:{record['source_hash']}") if b"line" in fields]
+    # The RUN step printed both values; the log has that line, masked.
+    assert b"using *** and ***" in log_lines, log_lines
+
+    # Flower: the task list, the task's API record and its HTML page show names only.
+    for page in flower_pages:
+        assert not leaks(page, secrets), "secret in Flower"
+    assert b"PIP_TOKEN" in flower_pages[1] and b"PIP_TOKEN" in flower_pages[2]
+
+    # Worker logs, Flower's own log, and every process's command line.
+    worker_logs = sorted(cluster.root.glob("worker-*.log"))
+    assert any(record["id"].encode() in log.read_bytes() for log in worker_logs)
+    for log in [*worker_logs, tmp_path / "flower.log"]:
+        assert not leaks(log.read_bytes(), secrets), f"secret in {log.name}"
+    assert scan_processes(secrets) > 5
+
+
+def test_missing_secret_is_a_failed_record_naming_it_and_the_fix(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    from tasks import build_image
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "Dockerfile").write_text(f"FROM {base_image}\nARG ABSENT_TOKEN\nRUN true\n")
+    record = build_image.delay(str(app), destination=f"{cluster.registry.host}/secret/missing",
+                               builder="docker", secrets=["ABSENT_TOKEN"]).get(timeout=120)
+    assert record["status"] == "failed", record
+    assert record["error_kind"] == "secret"
+    error = record["error"]
+    for expected in ("ABSENT_TOKEN", "docker-pool worker", "BUILDQ_SECRET_ABSENT_TOKEN",
+                     "BUILDQ_SECRETS_DIR"):
+        assert expected in error, error
+    assert "Traceback" not in error
+    assert cluster.registry.digest("secret/missing", record["tag"]) is None
+
+
+# --------------------------------------------------------------------------- kaniko pool
+
+NAMESPACE = "buildq-secrets"
+
+
+class EnvBuildArgKubelet(Kubelet):
+    """Kaniko takes a value-less ``--build-arg=NAME`` from its environment; so does this one.
+
+    The shared stand-in's kubelet expects NAME=VALUE; this does kaniko's lookup first.
+    """
+
+    def run_kaniko(self, args: list[str], env: dict[str, str],
+                   say: Callable[[str], None]) -> dict[str, Any]:
+        resolved = []
+        for arg in args:
+            key, _, value = arg.partition("=")
+            if key == "--build-arg" and "=" not in value:
+                if value not in env:
+                    say(f"error: build arg {value} has no value in the environment")
+                    return {"code": 1}
+                arg = f"--build-arg={value}={env[value]}"
+            resolved.append(arg)
+        return super().run_kaniko(resolved, env, say)
+
+
+@pytest.fixture
+def kaniko_secrets(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[KubeStandIn, Path]]:
+    standin = KubeStandIn(kubelet=EnvBuildArgKubelet()).start()
+    kubeconfig = standin.kubeconfig(tmp_path / "kubeconfig", NAMESPACE)
+    store = tmp_path / "contexts"
+    store.mkdir()
+    env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "BUILDQ_KUBE_NAMESPACE": NAMESPACE,
+           "BUILDQ_BUILD_SECRETS_SECRET": "team-build-secrets"}
+    proc = dataclasses.replace(cluster, env=env).start_worker("kaniko")
+    try:
+        yield standin, store
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        cluster.workers.pop(proc.pid, None)
+        standin.stop()
+
+
+def test_secret_build_arg_reaches_kaniko_by_reference_only(
+        cluster: Cluster, kaniko_secrets: tuple[KubeStandIn, Path], tmp_path: Path,
+        base_image: str) -> None:
+    from tasks import build_image
+
+    standin, store = kaniko_secrets
+    value = f"kaniko-{uuid.uuid4().hex}-never-shown"
+    standin.put_secret(NAMESPACE, "team-build-secrets", {"PIP_TOKEN": value})
+    app = tmp_path / "app"
+    app.mkdir()
+    # Kaniko does not echo build args; this RUN step does not print the value either.
+    (app / "Dockerfile").write_text(
+        f"FROM {base_image}\nARG PIP_TOKEN\nCOPY msg.txt /msg.txt\n"
+        "RUN echo ${#PIP_TOKEN} > /secret-length\n")
+    (app / "msg.txt").write_text(f"kaniko secret {uuid.uuid4()}\n")
+    config = {"builder": {"type": "kaniko", "destination": f"{cluster.registry.host}/kaniko/secret",
+                          "build-context-store": store.as_uri()}}
+    result = build_image.delay(str(app), builder="kaniko", config=config, secrets=["PIP_TOKEN"])
+    record = result.get(timeout=180)
+    assert record["status"] == "built", record
+    secrets = forms_of(value)
+
+    # The value reached the build, through the pod's environment only.
+    _, files = registry_image(cluster.registry.url, "kaniko/secret", record["tag"])
+    assert files["secret-length"] == f"{len(value)}\n".encode()
+    assert any(env.get("PIP_TOKEN") == value for env in standin.kubelet_env)
+
+    # The Job manifest, as sent to the API and as the API stored it: a reference.
+    (create,) = standin.requests_for("POST")
+    stored = [obj for (kind, _, _), obj in standin.objects.items() if kind == "jobs"]
+    for job in [create.body, *stored]:
+        assert not leaks(json.dumps(job).encode(), secrets), "secret in the Job manifest"
+    container = create.body["spec"]["template"]["spec"]["containers"][0]
+    assert "--build-arg=PIP_TOKEN" in container["args"]
+    assert {"name": "PIP_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "team-build-secrets", "key": "PIP_TOKEN"}}} in container["env"]
+
+    assert not leaks(json.dumps(record).encode(), secrets), "secret in the record"
+    assert_redis_clean(cluster, secrets, record["id"], ["PIP_TOKEN"])
+    for log in sorted(cluster.root.glob("worker-*.log")):
+        assert not leaks(log.read_bytes(), secrets), f"secret in {log.name}"
+    assert scan_processes(secrets) > 5
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_secret_names_count_in_the_source_hash(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nARG A\n")
+    plain = source_hash(tmp_path, BuildInputs.create(None, {}, None, None))
+    assert plain == source_hash(tmp_path, BuildInputs.create(None, {}, None, None, secrets=[]))
+    one = source_hash(tmp_path, BuildInputs.create(None, {}, None, None, secrets=["A"]))
+    both = source_hash(tmp_path, BuildInputs.create(None, {}, None, None, secrets=["B", "A"]))
+    assert len({plain, one, both}) == 3
+    assert both == source_hash(tmp_path, BuildInputs.create(None, {}, None, None,
+                                                            secrets=["A", "B", "A"]))
+    # A secret is not a build arg of the same name (whose value would be in the request).
+    assert one != source_hash(tmp_path, BuildInputs.create(None, {"A": ""}, None, None))
+
+
+@pytest.mark.parametrize("names, build_args, message", [
+    (["pip-token"], {}, "not valid"),
+    (["1ST"], {}, "not valid"),
+    (["PIP_TOKEN=abc"], {}, "not valid"),
+    (["PIP_TOKEN"], {"PIP_TOKEN": "x"}, "both as a build arg and as a secret"),
+])
+def test_bad_secret_names_are_refused(names: list[str], build_args: dict[str, str],
+                                      message: str) -> None:
+    with pytest.raises(InputError, match=message) as info:
+        check_names(names, build_args)
+    # A value typed where a name belongs (NAME=value) is not echoed into the record.
+    assert "abc" not in str(info.value)
+
+
+def test_lookup_prefers_the_environment_then_the_secrets_dir(tmp_path: Path) -> None:
+    (tmp_path / "B").write_text("from-file\n")
+    settings = Settings.from_env({"BUILDQ_SECRET_A": "from-env", "BUILDQ_SECRETS_DIR": str(tmp_path)})
+    assert lookup(["A", "B"], settings, "docker") == {"A": "from-env", "B": "from-file"}
+    assert "from-env" not in repr(settings)
+    with pytest.raises(MissingSecretError, match="secret build arg C has no value on docker-pool"):
+        lookup(["C"], settings, "docker")
+
+
+def test_http_debug_logs_mask_active_values(caplog: pytest.LogCaptureFixture) -> None:
+    masker = Masker(["tok/en value"])
+    logger = logging.getLogger("urllib3.connectionpool")
+    with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"), masker.active():
+        logger.debug('"POST /build?buildargs=%s HTTP/1.1" 200', "%7B%22A%22%3A%22tok%2Fen%20value%22%7D")
+        logger.debug("raw %s", "tok/en value")
+    logger.debug("after %s", "tok/en value")
+    text = caplog.text
+    assert "tok" not in text and text.count("***") == 2, text
