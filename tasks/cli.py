@@ -64,10 +64,51 @@ build_options: list[Callable[[Any], Any]] = [
 ]
 
 
+#: Options of the Dockerfile generated for a Python project that has none.
+python_options: list[Callable[[Any], Any]] = [
+    click.option("--entrypoint", metavar="COMMAND",
+                 help="For a project without a Dockerfile: the command its image runs."),
+    click.option("--python", metavar="VERSION",
+                 help="For a project without a Dockerfile: the Python version of its base image."),
+    click.option("--gpu", is_flag=True,
+                 help="For a project without a Dockerfile: build on builder.accelerator.base-image."),
+    click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                 help="Launch-config YAML (default: $BUILDQ_CONFIG, then "
+                      "~/.config/wandb/launch-config.yaml)."),
+]
+
+
 def with_build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(build_options):
+    for option in reversed(build_options + python_options):
         fn = option(fn)
     return fn
+
+
+def _hash_local(source: str, ref: str | None, cfg: Any, settings: Any, *, dockerfile: str | None,
+                build_args: dict[str, str], target: str | None, platform: str | None,
+                secrets: tuple[str, ...], entrypoint: str | None, python: str | None,
+                gpu: bool) -> tuple[str, Any]:
+    """The source hash a build of SOURCE gets (as the chain's hash stage computes it)."""
+    import tempfile
+
+    from workers.context import BuildInputs, source_hash
+    from workers.dockerfile import PythonOptions, dockerfile_for
+    from workers.sources import fetch_source, parse_source
+
+    options = PythonOptions.create(cfg, entrypoint=entrypoint, python=python, gpu=gpu)
+    spec = parse_source(source, ref)
+    if spec.kind == "image":
+        raise InputError("an image source needs no build, so it has no source hash.",
+                         "Give a directory, archive or git URL.")
+    with tempfile.TemporaryDirectory(prefix="buildq-hash-") as scratch:
+        fetched = fetch_source(spec, Path(scratch), settings)
+        try:
+            generated = dockerfile_for(fetched.root, dockerfile, options)
+            inputs = BuildInputs.create(dockerfile, build_args, target,
+                                        platform or cfg.builder.platform, generated, secrets)
+            return source_hash(fetched.root, inputs), inputs
+        finally:
+            fetched.cleanup()
 
 
 @cli.command()
@@ -77,21 +118,12 @@ def with_build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @with_build_options
 @click.option("--builder", type=click.Choice(["docker", "kaniko", "noop"]),
               help="Override builder.type.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the request id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on the last line.")
-@click.option("--entrypoint", metavar="COMMAND",
-              help="For a project without a Dockerfile: the command its image runs.")
-@click.option("--python", metavar="VERSION",
-              help="For a project without a Dockerfile: the Python version of its base image.")
-@click.option("--gpu", is_flag=True,
-              help="For a project without a Dockerfile: build on builder.accelerator.base-image.")
 def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
           build_args: tuple[str, ...], target: str | None, platform: str | None,
-          secrets: tuple[str, ...], builder: str | None, config_path: str | None,
-          no_wait: bool, as_json: bool, entrypoint: str | None, python: str | None,
-          gpu: bool) -> None:
+          secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
+          config_path: str | None, builder: str | None, no_wait: bool, as_json: bool) -> None:
     """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists.
 
     A Python project without a Dockerfile gets a generated one (see `buildq dockerfile`).
@@ -266,24 +298,17 @@ def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
 @click.option("--full", is_flag=True, help="Print the full source hash, not the tag.")
 def hash_command(source: str, ref: str | None, dockerfile: str | None,
                  build_args: tuple[str, ...], target: str | None, platform: str | None,
-                 secrets: tuple[str, ...], full: bool) -> None:
-    """Print the tag SOURCE would get."""
-    import tempfile
+                 secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
+                 config_path: str | None, full: bool) -> None:
+    """Print the tag SOURCE would get (the same options as build give the same tag)."""
+    from config import load_config
+    from workers.context import image_tag
 
-    from workers.context import BuildInputs, image_tag, source_hash
-    from workers.sources import fetch_source, parse_source
-
-    inputs = BuildInputs.create(dockerfile, _build_args(build_args), target, platform,
-                                secrets=secrets)
-    spec = parse_source(source, ref)
-    if spec.kind == "image":
-        raise InputError("an image source has no source hash.", "Give a directory, archive or git URL.")
-    with tempfile.TemporaryDirectory(prefix="buildq-hash-") as scratch:
-        fetched = fetch_source(spec, Path(scratch), _settings())
-        try:
-            digest = source_hash(fetched.root, inputs)
-        finally:
-            fetched.cleanup()
+    settings = _settings()
+    cfg = load_config(config_path, env_path=settings.config_path)
+    digest, _ = _hash_local(source, ref, cfg, settings, dockerfile=dockerfile,
+                            build_args=_build_args(build_args), target=target, platform=platform,
+                            secrets=secrets, entrypoint=entrypoint, python=python, gpu=gpu)
     click.echo(digest if full else image_tag(digest))
 
 
@@ -403,21 +428,17 @@ def config_check(config_path: str | None) -> None:
 @click.option("--destination", help="Registry repository to push to, without a tag.")
 @click.option("--ref", help="Git branch, tag or commit.")
 @with_build_options
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
 def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
                build_args: tuple[str, ...], target: str | None, platform: str | None,
-               secrets: tuple[str, ...], config_path: str | None) -> None:
+               secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
+               config_path: str | None) -> None:
     """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it."""
-    import tempfile
-
     import yaml
 
     from config import load_config
     from tasks.operations import HASH_LABEL, with_destination
     from workers.builders.kaniko import KanikoRequest, render_job
-    from workers.context import BuildInputs, image_tag, source_hash
-    from workers.sources import fetch_source, parse_source
+    from workers.context import image_tag
     from workers.stores import store_for_url
 
     settings = _settings()
@@ -429,22 +450,14 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
         raise InputError("a kaniko Job needs builder.destination and builder.build-context-store.",
                          "Set both in the launch-config (or pass --destination).")
     args = _build_args(build_args)
-    platform = platform or cfg.builder.platform
-    inputs = BuildInputs.create(dockerfile, args, target, platform, secrets=secrets)
-    spec = parse_source(source, ref)
-    if spec.kind == "image":
-        raise InputError("an image source needs no build.", "Give a directory, archive or git URL.")
-    with tempfile.TemporaryDirectory(prefix="buildq-kaniko-job-") as scratch:
-        fetched = fetch_source(spec, Path(scratch), settings)
-        try:
-            digest = source_hash(fetched.root, inputs)
-        finally:
-            fetched.cleanup()
+    digest, inputs = _hash_local(source, ref, cfg, settings, dockerfile=dockerfile, build_args=args,
+                                 target=target, platform=platform, secrets=secrets,
+                                 entrypoint=entrypoint, python=python, gpu=gpu)
     store = store_for_url(cfg.builder.build_context_store, settings)
     request = KanikoRequest(image=dest.with_tag(image_tag(digest)),
                             context_uri=store.uri(f"{digest}.tar.gz"), source_hash=digest,
-                            dockerfile=dockerfile or "Dockerfile", build_args=args, target=target,
-                            platform=platform, labels={HASH_LABEL: digest},
+                            dockerfile=inputs.dockerfile, build_args=args, target=target,
+                            platform=inputs.platform, labels={HASH_LABEL: digest},
                             secrets=inputs.secrets)
     click.echo(yaml.safe_dump(render_job(request, cfg, settings), sort_keys=False).rstrip())
 

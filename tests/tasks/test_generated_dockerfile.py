@@ -160,6 +160,19 @@ def test_cli_build_of_a_local_project_ships_it_without_a_dockerfile(
     direct = build_image.delay(str(app), destination=dest, config=_config(python_base_image),
                                entrypoint="python train.py").get(timeout=120)
     assert direct["status"] == "skipped" and direct["tag"] == record["tag"]
+    # `buildq hash` with the same options predicts that tag; other options change it.
+    hashed = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "hash", str(app), "--config", str(config),
+         "--entrypoint", "python train.py"],
+        env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert hashed.returncode == 0, hashed.stderr
+    assert hashed.stdout.strip() == record["tag"]
+    other = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "hash", str(app), "--config", str(config),
+         "--entrypoint", "python other.py"],
+        env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() != record["tag"]
 
 
 def test_nothing_to_start_fails_the_request_with_what_to_add(
