@@ -304,6 +304,15 @@ def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_poo
         assert done.returncode == 0, done.stdout + done.stderr
         record = json.loads(done.stdout.strip().splitlines()[-1])
         assert record["status"] == "built", record
+        # A failing step that prints the value: its error quotes the step's output.
+        (app / "Dockerfile").write_text(SECRET_DOCKERFILE.format(base=base_image)
+                                        + 'RUN echo "failing with $PIP_TOKEN" && false\n')
+        failing = cli(client_env, "build", str(app), "--destination",
+                      f"{registry.host}/{repository}", "--builder", "docker", "--secret",
+                      "PIP_TOKEN", "--secret", "NPM_TOKEN", "--json")
+        assert failing.returncode == 1, failing.stdout + failing.stderr
+        failed = json.loads(failing.stdout.strip().splitlines()[-1])
+        assert failed["status"] == "failed" and "failing with ***" in failed["error"], failed
 
         def flower_task() -> dict[str, Any]:
             r = requests.get(f"{flower_url}/api/task/info/{record['id']}", auth=flower_login,
@@ -343,12 +352,16 @@ def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_poo
     assert inspect.returncode == 0 and not leaks(inspect.stdout, secrets)
 
     # The record, and what `buildq status` / `history` print of it.
-    assert not leaks(json.dumps(record).encode(), secrets), "secret in the record"
-    assert not leaks(done.stdout + done.stderr, secrets), "secret in the CLI's output"
-    for args in (("status", record["id"]), ("history",), ("history", "--json")):
+    for shown_record in (record, failed):
+        assert not leaks(json.dumps(shown_record).encode(), secrets), "secret in the record"
+    for output in (done, failing):
+        assert not leaks(output.stdout + output.stderr, secrets), "secret in the CLI's output"
+    for args, tag in ((("status", record["id"]), record["tag"]),
+                      (("status", failed["id"]), failed["tag"]),
+                      (("history",), record["tag"]), (("history", "--json"), failed["tag"])):
         shown = cli(client_env, *args)
         assert shown.returncode == 0, shown.stderr
-        assert record["tag"].encode() in shown.stdout, args
+        assert tag.encode() in shown.stdout, args
         assert not leaks(shown.stdout + shown.stderr, secrets), f"secret in buildq {args[0]}"
 
     # Redis: broker messages, task metas with their arguments, records, events, build logs.
