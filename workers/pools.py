@@ -90,18 +90,27 @@ def restart_orphans(client: Any, settings: Settings) -> int:
         resume.apply_async(args=[state.to_dict()])
         metrics.takeover()
         restarted += 1
+    for data in reclaim_orphans(client, settings.lock_lease):
+        # Died while fetching or hashing, before the lock could keep it.
+        log.warning("request %s was lost with its worker before it took a lock; restarting it",
+                    data.get("request_id"))
+        resume.apply_async(args=[data])
+        metrics.takeover()
+        restarted += 1
     return restarted
 
 
 def sweep_workdir(settings: Settings) -> None:
-    """Remove scratch dirs older than any build may run (their stage is long gone)."""
+    """Remove scratch dirs whose makers were killed, or older than any build may run."""
+    from workers.sources.base import scratch_orphaned
+
     root = settings.workdir
     if not root.is_dir():
         return
     horizon = time.time() - settings.build_timeout * 2
     for entry in root.iterdir():
         try:
-            if entry.is_dir() and entry.stat().st_mtime < horizon:
+            if entry.is_dir() and (entry.stat().st_mtime < horizon or scratch_orphaned(entry)):
                 shutil.rmtree(entry, ignore_errors=True)
         except FileNotFoundError:
             continue

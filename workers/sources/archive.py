@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from workers.sources.base import (
     FetchedSource,
     SourceSpec,
     remove_tree,
+    scratch_dir,
 )
 
 #: Default cap on the total uncompressed size of an archive's files (BUILDQ_MAX_ARCHIVE_BYTES).
@@ -45,7 +45,7 @@ def fetch_archive(
     spec: SourceSpec, workdir: Path, max_bytes: int = MAX_BYTES, max_members: int = MAX_MEMBERS
 ) -> FetchedSource:
     """Unpack the archive into a new temp dir under ``workdir``; nothing is left on failure."""
-    dest = Path(tempfile.mkdtemp(prefix="buildq-archive-", dir=workdir)).resolve()
+    dest = scratch_dir(workdir, "archive")
     try:
         with _open_archive(spec.location) as stream:
             _extract(stream, dest, spec.location, max_bytes, max_members)

@@ -8,8 +8,11 @@ run commands on a build host.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
+import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +98,51 @@ class FetchedSource:
         """Delete the checkout if we made it. Never raises: it runs in ``finally`` blocks."""
         if self.owned:
             remove_tree(self.root)
+
+
+#: Scratch dirs are ``buildq-<kind>-<host>.<pid>.<parent pid>-<random>``: the processes
+#: that made one (a pool process and its worker) are in its name, so a sweeper on the
+#: same host can tell when a killed worker left it behind (see :func:`scratch_orphaned`).
+_SCRATCH_NAME = re.compile(r"^buildq-[a-z]+-(?P<host>[A-Za-z0-9_]+)\.(?P<pid>\d+)\.(?P<ppid>\d+)-")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+def scratch_dir(workdir: Path, kind: str) -> Path:
+    """A new temp dir under ``workdir`` for one fetched source, named after its makers."""
+    owner = f"{_host_tag()}.{os.getpid()}.{os.getppid()}"
+    return Path(tempfile.mkdtemp(prefix=f"buildq-{kind}-{owner}-", dir=workdir)).resolve()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # A zombie has exited; only its exit status waits to be collected.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def scratch_orphaned(path: Path) -> bool:
+    """True when ``path`` is a scratch dir made on this host by processes that all exited.
+
+    Its makers clean up after themselves whenever they can; this finds what a SIGKILL
+    (or an OOM kill) of the whole worker left. Any doubt (another host, a live pid, a
+    name we did not make) keeps the dir.
+    """
+    match = _SCRATCH_NAME.match(path.name)
+    if match is None or match["host"] != _host_tag():
+        return False
+    pids = {int(match["pid"]), int(match["ppid"])}
+    return not any(pid <= 1 or _process_alive(pid) for pid in pids)
 
 
 def remove_tree(path: Path) -> None:

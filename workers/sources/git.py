@@ -9,11 +9,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 
 from config.errors import SourceError
-from workers.sources.base import FetchedSource, SourceSpec, check_git_url, check_ref, remove_tree
+from workers.sources.base import (
+    FetchedSource,
+    SourceSpec,
+    check_git_url,
+    check_ref,
+    remove_tree,
+    scratch_dir,
+)
 
 #: Seconds one git command may run before the fetch is abandoned.
 GIT_TIMEOUT = 900
@@ -40,7 +46,7 @@ def fetch_git(spec: SourceSpec, workdir: Path, timeout: float = GIT_TIMEOUT) -> 
     check_git_url(spec.location)
     if spec.ref is not None:
         check_ref(spec.ref)
-    dest = Path(tempfile.mkdtemp(prefix="buildq-git-", dir=workdir)).resolve()
+    dest = scratch_dir(workdir, "git")
     try:
         commit = _checkout(spec.location, spec.ref, dest, timeout)
         remove_tree(dest / ".git")
