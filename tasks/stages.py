@@ -22,7 +22,7 @@ from celery.utils.nodenames import worker_direct
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import operations
+from tasks import inflight, operations
 from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
@@ -104,6 +104,9 @@ class StageTask(Task):
 
     def _lease(self, state: BuildState, cfg: Settings, client: Any, stage: str) -> Lease | None:
         if not (state.token and state.source_hash):
+            if not (state.source_hash or state.done or self.request.is_eager):
+                # Before the lock only the broker knows this request: register it first.
+                inflight.register(client, state, cfg.lock_lease)
             return None
         lease = Lease(client, state.source_hash, state.token, cfg.lock_lease, state.request_id)
         if not lease.extend():
@@ -152,7 +155,11 @@ class StageTask(Task):
                 return "record"
             body = STAGES[stage].body
             if lease is None:
-                return body(state, cfg)
+                if state.source_hash or state.done or self.request.is_eager:
+                    return body(state, cfg)
+                # Fetch and hash, before the lock: restartable should this worker die.
+                with inflight.tracked(redis_client(cfg), state, cfg.lock_lease):
+                    return body(state, cfg)
             with lease.heartbeat():
                 next_stage = body(state, cfg)
             if lease.lost.is_set():

@@ -71,7 +71,9 @@ class Watchdog(threading.Thread):
 
 
 def restart_orphans(client: Any, settings: Settings) -> int:
-    """Give each hash whose holder died to one of its waiters; returns how many restarted."""
+    """Give each hash whose holder died to one of its waiters, and restart each request
+    lost before it took a lock; returns how many restarted."""
+    from tasks.inflight import reclaim_orphans
     from tasks.lock import orphaned_hashes, take_over
     from tasks.stages import resume
     from tasks.state import BuildState

@@ -1,0 +1,102 @@
+"""Requests that hold no lock yet: restartable if the worker fetching or hashing them dies.
+
+From the hash stage on, a request is in its source hash's pending map and the lock's
+takeover restarts it when its holder dies (see :mod:`tasks.lock`). Before that (fetch,
+and hash until it takes the lock) only the broker knows it, and an unacked task of a
+SIGKILLed worker comes back only after the visibility timeout (hours, by design), or
+never, when it sat in the dead worker's own queue. So those stages register the
+request here under a short lease that a heartbeat renews; a control worker's watchdog
+restarts (from fetch) any request whose lease ran out. A restarted request that turns
+out to be alive after all meets itself at the lock, which lets one build run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from typing import Any
+
+import redis
+
+from tasks.lock import PREFIX
+from tasks.state import BuildState
+
+#: Hash of request id → the request's state as it entered the chain.
+INFLIGHT = f"{PREFIX}:inflight"
+
+
+def lease_key(request_id: str) -> str:
+    return f"{PREFIX}:inflight:lease:{request_id}"
+
+
+def register(client: redis.Redis, state: BuildState, lease_seconds: float) -> None:
+    """Make the request restartable (idempotent; renews its lease)."""
+    lease_ms = int(lease_seconds * 1000)
+    # The state of the first stage is what a restart needs: no host's scratch dir in it.
+    first = {**state.to_dict(), "workdir": None, "owned": False}
+    pipe = client.pipeline(transaction=True)
+    pipe.hsetnx(INFLIGHT, state.request_id, json.dumps(first))
+    pipe.set(lease_key(state.request_id), "1", px=lease_ms)
+    pipe.execute()
+
+
+def forget(client: redis.Redis, request_id: str) -> None:
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(INFLIGHT, request_id)
+    pipe.delete(lease_key(request_id))
+    pipe.execute()
+
+
+@contextmanager
+def tracked(client: redis.Redis, state: BuildState, lease_seconds: float) -> Iterator[None]:
+    """Keep ``state`` restartable while a stage before the lock works on it.
+
+    Afterwards the entry goes once the request is in a pending map (it has a hash), done,
+    or failed; else (fetch handed it to hash) it stays, with a fresh lease for the next stage.
+    """
+    lease_ms = int(lease_seconds * 1000)
+    register(client, state, lease_seconds)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_seconds / 3):
+            try:
+                client.set(lease_key(state.request_id), "1", px=lease_ms)
+            except redis.RedisError:
+                continue  # a blip must not kill the stage; the next beat tries again
+
+    thread = threading.Thread(target=beat, name=f"inflight-{state.request_id[:8]}", daemon=True)
+    thread.start()
+    keep = False
+    try:
+        yield
+        keep = not (state.source_hash or state.done)
+    finally:
+        # An error (a failed record follows), an attach (Ignore) or a hash: the request
+        # is accounted for elsewhere now.
+        stop.set()
+        thread.join(timeout=5)
+        try:
+            if keep:
+                client.set(lease_key(state.request_id), "1", px=lease_ms)
+            else:
+                forget(client, state.request_id)
+        except redis.RedisError:
+            pass  # the watchdog restarts it if need be; the lock keeps that to one build
+
+
+def reclaim_orphans(client: redis.Redis, lease_seconds: float) -> list[dict[str, Any]]:
+    """Take the requests whose lease ran out: their states, each handed to one caller only."""
+    script = client.register_script(files("tasks").joinpath("reclaim.lua").read_text())
+    states = []
+    for request_id in client.hkeys(INFLIGHT):
+        if client.exists(lease_key(str(request_id))):
+            continue
+        raw = script(keys=[INFLIGHT, lease_key(str(request_id))],
+                     args=[str(request_id), int(lease_seconds * 1000)])
+        if raw:
+            states.append(dict(json.loads(str(raw))))
+    return states
