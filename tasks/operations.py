@@ -368,6 +368,11 @@ def record(state: BuildState, settings: Settings) -> str:
     leftovers = []
     if state.context_key and state.context_store:
         leftovers.append((state.context_store, state.context_key))
+    elif state.source_hash and state.builder in ("docker", "kaniko"):
+        # Ended before its upload (skipped, failed): a holder killed after uploading may
+        # have left this hash's context, and only the lock's current holder can remove it.
+        leftovers.append((state.context_store or settings.context_store,
+                          f"{state.source_hash}.tar.gz"))
     location = str(state.source.get("location") or "")
     if state.source.get("kind") == "archive" and location.rpartition("/")[2].startswith(UPLOAD_PREFIX):
         leftovers.append(split_store_url(location))
