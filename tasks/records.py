@@ -15,6 +15,7 @@ import redis
 
 from tasks.lock import HISTORY, PREFIX, record_key
 from tasks.state import BuildState
+from workers.sources.base import redact_credentials
 
 #: Records of requests that failed before their source had a hash.
 _REQUEST_RECORD = f"{PREFIX}:record:request:"
@@ -30,6 +31,9 @@ def log_key(source_hash: str) -> str:
 
 def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
     source = dict(state.source)
+    if isinstance(source.get("location"), str):
+        # A refused source may still hold the token the user pasted into its URL.
+        source["location"] = redact_credentials(source["location"])
     if state.commit:
         source["commit"] = state.commit
     return {

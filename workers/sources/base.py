@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from config.errors import SourceError
 
@@ -51,6 +51,31 @@ _HEX_COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 _REF_HINT = "Give a branch, tag or commit SHA such as main, v1.2.0 or 3f2c1ab."
+_GIT_URL_HINT = "Give an https://, ssh:// or git:// URL, or user@host:path."
+_SOURCE_HINT = ("Give a directory, a .tar/.tar.gz/.tgz archive (path or s3://, gs://, https://, "
+                "file:// URL), a git URL or image:<reference>.")
+
+
+def redact_credentials(url: str) -> str:
+    """``url`` with any password or http(s) user (often a token) replaced by ``***``.
+
+    Used for every message and record that repeats a source, so a token pasted into a
+    URL is refused without being written to logs, records or Redis.
+    """
+    if "://" not in url or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        secret = parts.password is not None or (
+            bool(parts.username) and parts.scheme in ("http", "https"))
+    except ValueError:
+        secret = True  # unparsable: cut everything up to the last '@' before the path
+    if not secret:
+        return url
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    host = authority.rpartition("@")[2]
+    return urlunsplit((scheme, f"***@{host}", "", "", "")) + slash + path
 
 
 def _is_archive_name(path: str) -> bool:
@@ -78,9 +103,9 @@ class SourceSpec:
             raise SourceError(f"unknown source kind {kind!r}.",
                               "Expected one of: directory, archive, git, image.")
         if not isinstance(location, str) or not location:
-            raise SourceError("the source has no location.")
+            raise SourceError("the source has no location.", _SOURCE_HINT)
         if ref is not None and not isinstance(ref, str):
-            raise SourceError(f"the source ref {ref!r} is not a string.")
+            raise SourceError(f"the source ref {ref!r} is not a string.", _REF_HINT)
         spec = cls(cast(SourceKind, kind), location, ref)
         check_spec(spec)
         return spec
@@ -185,9 +210,10 @@ def check_ref(ref: str) -> None:
 
 def check_git_url(url: str) -> None:
     """Refuse URLs that would make git run a command or read an option."""
-    shown = url
+    shown = redact_credentials(url)
     if _CONTROL.search(url) or " " in url.split("://", 1)[0]:
-        raise SourceError(f"git URL {shown!r} contains control characters or spaces.")
+        raise SourceError(f"git URL {shown!r} contains control characters or spaces.",
+                          _GIT_URL_HINT)
     if url.startswith("-"):
         raise SourceError(f"git URL {shown!r} begins with '-', which git would read as an option.",
                           "Give an https://, ssh:// or git:// URL.")
@@ -198,7 +224,8 @@ def check_git_url(url: str) -> None:
     scp = _SCP_LIKE.match(url)
     if scp and "://" not in url:
         if scp["path"].startswith("-"):
-            raise SourceError(f"git URL {shown!r} has a path that begins with '-'.")
+            raise SourceError(f"git URL {shown!r} has a path that begins with '-'.",
+                              "git would read it as an option; " + _GIT_URL_HINT)
         return
     parts = urlsplit(url)
     if parts.scheme not in GIT_SCHEMES:
@@ -207,48 +234,57 @@ def check_git_url(url: str) -> None:
                           "Use https://, http://, ssh://, git://, file:// or user@host:path.")
     if (parts.hostname or "").startswith("-") or (parts.username or "").startswith("-"):
         # ssh would read "-oProxyCommand=..." as an option.
-        raise SourceError(f"git URL {shown!r} has a host or user that begins with '-'.")
+        raise SourceError(f"git URL {shown!r} has a host or user that begins with '-'.",
+                          "ssh would read it as an option; " + _GIT_URL_HINT)
     if parts.password is not None or (parts.username and parts.scheme in ("http", "https")):
         # A token in the URL ends up in process listings, logs and build records.
         raise SourceError(f"git URL {shown!r} carries credentials.",
                           "Remove them from the URL and configure a git credential helper "
                           "or an ssh key on the build hosts.")
     if parts.scheme == "file" and not parts.path.startswith("/"):
-        raise SourceError(f"git URL {shown!r} needs an absolute path (file:///path/to/repo).")
+        raise SourceError(f"git URL {shown!r} needs an absolute path.",
+                          "Write it as file:///path/to/repo.")
     if parts.scheme != "file" and not parts.hostname:
-        raise SourceError(f"git URL {shown!r} names no host.")
+        raise SourceError(f"git URL {shown!r} names no host.", _GIT_URL_HINT)
 
 
 def check_spec(spec: SourceSpec) -> None:
     """The syntactic checks that hold wherever the spec is used (no filesystem access)."""
+    shown = redact_credentials(spec.location)
     if _CONTROL.search(spec.location):
-        raise SourceError(f"source {spec.location!r} contains control characters.")
+        raise SourceError(f"source {shown!r} contains control characters.", _SOURCE_HINT)
     if spec.location.startswith("-"):
-        raise SourceError(f"source {spec.location!r} begins with '-'.",
+        raise SourceError(f"source {shown!r} begins with '-'.",
                           "Give an absolute path, a URL or image:<reference>.")
     if spec.ref is not None and spec.kind != "git":
-        raise SourceError(f"a ref ({spec.ref!r}) only applies to git sources, not to {spec.kind}.")
+        raise SourceError(f"a ref ({spec.ref!r}) only applies to git sources, not to {spec.kind}.",
+                          "Drop --ref: it picks a branch, tag or commit of a git repository.")
     if spec.kind == "git":
         check_git_url(spec.location)
         if spec.ref is not None:
             check_ref(spec.ref)
     elif spec.kind == "directory":
         if not spec.location.startswith("/"):
-            raise SourceError(f"directory source {spec.location!r} is not an absolute path.")
+            raise SourceError(f"directory source {shown!r} is not an absolute path.",
+                              "Paths sent to workers must be absolute.")
     elif spec.kind == "archive":
         if _TRANSPORT.match(spec.location):
-            raise SourceError(f"archive source {spec.location!r} uses a '<name>::' transport.")
+            raise SourceError(f"archive source {shown!r} uses a '<name>::' transport.",
+                              _SOURCE_HINT)
         scheme = urlsplit(spec.location).scheme if "://" in spec.location else ""
         if scheme and scheme not in ARCHIVE_SCHEMES:
-            raise SourceError(f"archive source {spec.location!r} has an unsupported scheme.",
+            raise SourceError(f"archive source {shown!r} has an unsupported scheme.",
                               "Use s3://, gs://, https:// or file:// (or a local path).")
         if not scheme and not spec.location.startswith("/"):
-            raise SourceError(f"archive source {spec.location!r} is not an absolute path.")
+            raise SourceError(f"archive source {shown!r} is not an absolute path.",
+                              "Paths sent to workers must be absolute.")
         if not _is_archive_name(urlsplit(spec.location).path if scheme else spec.location):
-            raise SourceError(f"archive source {spec.location!r} does not end with "
-                              ".tar, .tar.gz or .tgz.")
+            raise SourceError(f"archive source {shown!r} does not end with "
+                              ".tar, .tar.gz or .tgz.", "Pack the context with tar -czf "
+                              "context.tar.gz -C DIR . and name the file so.")
     elif spec.kind == "image" and (not spec.location or any(c.isspace() for c in spec.location)):
-        raise SourceError(f"image reference {spec.location!r} is empty or contains spaces.")
+        raise SourceError(f"image reference {shown!r} is empty or contains spaces.",
+                          "Write image:<registry>/<repository>:<tag>.")
 
 
 def parse_source(source: str, ref: str | None = None) -> SourceSpec:
@@ -258,9 +294,9 @@ def parse_source(source: str, ref: str | None = None) -> SourceSpec:
     """
     if ref is not None:
         check_ref(ref)
-    shown = source
+    shown = redact_credentials(source)
     if _CONTROL.search(source):
-        raise SourceError(f"source {shown!r} contains control characters.")
+        raise SourceError(f"source {shown!r} contains control characters.", _SOURCE_HINT)
     if not source.strip():
         raise SourceError("the source is empty.", "Give a directory, an archive, a git URL or "
                           "image:<reference>.")
@@ -292,15 +328,18 @@ def _parse_url(source: str, ref: str | None) -> SourceSpec:
     scheme = parts.scheme.lower()
     if _is_archive_name(parts.path):
         if scheme not in ARCHIVE_SCHEMES:
-            raise SourceError(f"archive URL {source!r} has an unsupported scheme {scheme!r}.",
+            raise SourceError(f"archive URL {redact_credentials(source)!r} has an unsupported "
+                              f"scheme {scheme!r}.",
                               "Archives are read from s3://, gs://, https:// or file:// stores.")
         return SourceSpec("archive", source, ref)
     if scheme in GIT_SCHEMES:
         return SourceSpec("git", source, ref)
     if scheme in ARCHIVE_SCHEMES:
-        raise SourceError(f"{source!r} does not name a .tar, .tar.gz or .tgz archive.",
+        raise SourceError(f"{redact_credentials(source)!r} does not name a .tar, .tar.gz or "
+                          ".tgz archive.",
                           f"A {scheme}:// source must be an archive of the build context.")
-    raise SourceError(f"source {source!r} has an unsupported scheme {scheme!r}.",
+    raise SourceError(f"source {redact_credentials(source)!r} has an unsupported scheme "
+                      f"{scheme!r}.",
                       "Use a local path, an archive URL (s3://, gs://, https://, file://), "
                       "a git URL or image:<reference>.")
 
@@ -313,10 +352,11 @@ def _parse_local(source: str, ref: str | None) -> SourceSpec:
         raise SourceError(f"source path {str(path)!r} does not exist.",
                           "Check the path, or give a URL or image:<reference>.") from None
     except OSError as exc:
-        raise SourceError(f"source path {str(path)!r} cannot be read: {exc.strerror}.") from None
+        raise SourceError(f"source path {str(path)!r} cannot be read: {exc.strerror}.",
+                          "Make it readable by the user running buildq.") from None
     if resolved.is_dir():
         return SourceSpec("directory", str(resolved), ref)
     if resolved.is_file() and _is_archive_name(resolved.name):
         return SourceSpec("archive", str(resolved), ref)
     raise SourceError(f"source path {str(path)!r} is neither a directory nor a "
-                      ".tar, .tar.gz or .tgz archive.")
+                      ".tar, .tar.gz or .tgz archive.", _SOURCE_HINT)
