@@ -237,12 +237,15 @@ def _parse_yaml(text: str, origin: str) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         # Only PyYAML's problem text: its snippet of the line could hold an api_key.
         problem = exc.problem or exc.context or "syntax error"
-        hint = (
-            "YAML indents with spaces only; replace the tab with spaces."
-            if "\\t" in problem or "\t" in problem
-            else "Check the indentation and quoting at that spot; values holding ': ' or ' #' "
-            "need quotes."
-        )
+        twice = re.match(r"key ('.*') appears twice", problem)
+        if "\\t" in problem or "\t" in problem:
+            hint = "YAML indents with spaces only; replace the tab with spaces."
+        elif twice:
+            # YAML would keep only the last one; which one was meant is the user's call.
+            hint = f"Keep one of the two {twice.group(1)} keys and delete the other."
+        else:
+            hint = ("Check the indentation and quoting at that spot; values holding ': ' or "
+                    "' #' need quotes.")
         raise ConfigError(
             f"{origin}: {where}: the file is not valid YAML ({problem}).", hint
         ) from None
@@ -351,6 +354,11 @@ def _translate(section: str, exc: ValidationError, data: Any, problems: _Problem
             problems.add(path, found, "a string", "Quote the value, e.g. '123'.")
         elif kind in {"dict_type", "model_type", "model_attributes_type"}:
             problems.add(path, found, "a mapping", f"Indent the keys of {path} below it.")
+        elif kind == "list_type":
+            item = err.get("input")
+            example = f"'- {item}'" if isinstance(item, str) else "'- <item>'"
+            problems.add(path, found, "a list",
+                         f"Write each item on its own line below the key, like {example}.")
         elif kind == "invalid-json-value":
             problems.add(
                 path,
@@ -359,7 +367,9 @@ def _translate(section: str, exc: ValidationError, data: Any, problems: _Problem
                 "Quote the value so YAML does not read it as a date or other type.",
             )
         else:
-            problems.add(path, found, "a valid value", f"Correct {path}.")
+            # pydantic's own words say which type it wanted ("Input should be a valid integer").
+            wanted = str(err.get("msg", "")).removeprefix("Input should be ").rstrip(".")
+            problems.add(path, found, wanted or "a valid value", f"Correct {path}.")
 
 
 def _validate_section(
@@ -545,7 +555,8 @@ def _check_store(url: str, env: Environment | None, problems: _Problems) -> None
         )
         problems.add(key, _show(url), f"{expected} ({where})", hint)
     elif flaw:
-        problems.add(key, _show(url), flaw, "Fill in the missing part of the URL.")
+        problems.add(key, _show(url), flaw, f"Correct the URL to that form, e.g. "
+                     f"{_STORE_EXAMPLES[kind]}.")
 
 
 def _kaniko_section(value: Any, path: str, problems: _Problems) -> Mapping[str, Any]:
