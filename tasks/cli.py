@@ -539,9 +539,16 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # The same two lines as every other refusal: what is wrong, then how to fix it
+        # (click's own form puts the usage first and the problem after a blank line).
+        command = exc.ctx.command_path if exc.ctx else "buildq"
+        click.secho(f"error: {exc.format_message()}", fg="red", err=True)
+        click.echo(f"hint: see '{command} --help' for the options and arguments.", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 
