@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -340,21 +342,66 @@ def test_revoked_build_deletes_the_job_and_the_context(
     (job,) = kc.standin.list("jobs")
     source_hash = job["metadata"]["annotations"]["buildq/source-hash"]
     assert kc.stores["gcs"].exists(f"{source_hash}.tar.gz")  # uploaded, in use
+    # A second request for the same source waits on the running build.
+    waiter = build_image.delay(str(app), builder="kaniko", config=config)
+    services.wait_for(lambda: any(f.get("kind") == "attached" for _, f in
+                                  kc.cluster.client().xrange(events_key(waiter.id))),
+                      60, "the second request to attach")
+    (main,) = [pid for pid, (pool, _) in kc.cluster.workers.items() if pool == "kaniko"]
+    processes = set(_children(main))
 
     result.revoke(terminate=True)  # SIGTERM to the pool process running the kaniko stage
-    services.wait_for(lambda: not kc.standin.list("jobs") and not kc.standin.list("pods")
-                      and not kc.stores["gcs"].exists(f"{source_hash}.tar.gz"),
-                      60, "the Job, its pods and the context to be deleted")
+    record = waiter.get(timeout=120)
+    assert record["status"] == "failed" and record["error_kind"] == "cancelled", record
+    assert "cancelled (SIGTERM)" in record["error"]
     assert [r.body for r in kc.standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]
-    services.wait_for(lambda: any("cancelled" in line for line in _log_lines(kc, source_hash)),
-                      30, "the cancellation in the build log")
+    _nothing_left(kc, "gcs", source_hash)
+    # The pool process ended once the record was written, as the pool expects of a
+    # terminated job's process, and was replaced.
+    services.wait_for(lambda: processes - set(_children(main)), 30, "the pool process to exit")
+    services.wait_for(lambda: len(_children(main)) >= len(processes), 30, "a replacement")
 
     # The lock went with the build: the same source builds at once, in a new Job.
-    record = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=180)
-    assert record["status"] == "built", record
-    assert record["digest"] == kc.registry.digest(repo, record["tag"])
+    again = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=180)
+    assert again["status"] == "built", again
+    assert again["digest"] == kc.registry.digest(repo, again["tag"])
     assert len(kc.standin.requests_for("POST")) == 2
     _nothing_left(kc, "gcs", source_hash)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command may hold spaces and parentheses: fields follow the last ")".
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_killed_pool_process_build_is_taken_over_and_adopts_the_job(
+        kc: KanikoCluster, tmp_path: Path, base_image: str) -> None:
+    """The pool process dispatching a Job dies: the build is taken over, and the new
+    holder adopts the running Job (409 on create) instead of starting a second one."""
+    app = _app(tmp_path, base_image, "RUN sleep 15\n")
+    repo = _repo("adopted")
+    result = build_image.delay(str(app), builder="kaniko", config=kc.config(repo, "azure"))
+    services.wait_for(lambda: any(p["status"]["phase"] == "Running" for p in kc.standin.list("pods")),
+                      120, "the kaniko pod")
+    (main,) = [pid for pid, (pool, _) in kc.cluster.workers.items() if pool == "kaniko"]
+    children = _children(main)
+    assert children, "the kaniko worker has no pool processes"
+    for child in children:  # the one dispatching is among them; the idle one is replaced
+        os.kill(child, signal.SIGKILL)
+
+    record = result.get(timeout=180)
+    assert record["status"] == "built", record
+    assert record["digest"] == kc.registry.digest(repo, record["tag"])
+    assert [r.status for r in kc.standin.requests_for("POST")] == [201, 409]
+    _nothing_left(kc, "azure", record["source_hash"])
 
 
 def test_ten_identical_requests_create_one_job(kc: KanikoCluster, tmp_path: Path,

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import queue
 import re
 import signal
@@ -505,6 +506,33 @@ class KanikoCancelledError(BuildError):
     kind = "cancelled"
 
 
+def _leave_after_task() -> None:
+    """Die by the deferred SIGTERM once the current Celery task has finished.
+
+    The prefork pool marks a process it sends SIGTERM as terminating and reports its
+    next death as that job's termination: a process that lived on would one day have
+    an unrelated build reported as revoked (and never redelivered) when it dies. So
+    after the failed record is written and the lock released, the process ends as
+    asked. Outside a worker's pool (in-process builds, direct calls) nothing changes.
+    """
+    try:
+        from celery import current_task
+        from celery.signals import task_postrun
+    except ImportError:
+        return
+    task = current_task
+    if task is None or task.request.is_eager or not task.request.id:
+        return
+    wanted = task.request.id
+
+    def leave(task_id: str | None = None, **_: Any) -> None:
+        if task_id == wanted:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    task_postrun.connect(leave, weak=False)
+
+
 class _CancelOnTerminate:
     """While armed, SIGTERM raises :class:`KanikoCancelledError` in the dispatching thread.
 
@@ -513,7 +541,8 @@ class _CancelOnTerminate:
     until the deadline and TTL. Raised as an exception instead, the dispatcher deletes
     the Job and the stage records a failed build, whose record stage deletes the context.
     Once disarmed (cleanup running) a SIGTERM is only remembered, and raised afterwards,
-    so it cannot cut the deletion short.
+    so it cannot cut the deletion short. Either way the pool process then ends when the
+    task is done (see :func:`_leave_after_task`).
     """
 
     def __init__(self, where: str) -> None:
@@ -524,6 +553,7 @@ class _CancelOnTerminate:
         self._installed = False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        _leave_after_task()
         if self.armed:
             self.armed = False
             raise self.error()
