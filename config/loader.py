@@ -256,7 +256,7 @@ def _parse_yaml(text: str, origin: str) -> Any:
         ) from None
 
 
-def _read(path: Path, source: str) -> LaunchConfig:
+def _read(path: Path, source: str, destination_given: bool = False) -> LaunchConfig:
     origin = str(path)
     if not path.exists():
         raise ConfigError(
@@ -283,25 +283,30 @@ def _read(path: Path, source: str) -> LaunchConfig:
             f"{origin}: byte {exc.start} is not UTF-8 text.",
             "Save the file as UTF-8.",
         ) from None
-    return config_from_mapping(_parse_yaml(text, origin), origin=origin)
+    return config_from_mapping(_parse_yaml(text, origin), origin=origin,
+                               destination_given=destination_given)
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, *, env_path: str | None = None
+    path: str | os.PathLike[str] | None = None, *, env_path: str | None = None,
+    destination_given: bool = False,
 ) -> LaunchConfig:
     """Load the launch-config the way the W&B agent finds it.
 
     Order: ``path`` (--config), then ``env_path`` (BUILDQ_CONFIG), then
     ``~/.config/wandb/launch-config.yaml`` if present, else the defaults. A path
     the user named explicitly must exist; only the default path may be absent.
+    ``destination_given``: the request names its own destination (``--destination``),
+    so a config without one is complete; the destination itself is checked when it is
+    applied (``tasks.operations.with_destination``).
     """
     if path is not None and os.fspath(path) != "":
-        return _read(Path(os.fspath(path)).expanduser(), "--config")
+        return _read(Path(os.fspath(path)).expanduser(), "--config", destination_given)
     if env_path:
-        return _read(Path(env_path).expanduser(), "BUILDQ_CONFIG")
+        return _read(Path(env_path).expanduser(), "BUILDQ_CONFIG", destination_given)
     default = DEFAULT_CONFIG_PATH.expanduser()
     if default.exists():
-        return _read(default, "the default path")
+        return _read(default, "the default path", destination_given)
     return LaunchConfig(origin="<defaults>")
 
 
@@ -625,7 +630,8 @@ def _check_kaniko_args(args: Any, path: str, problems: _Problems) -> None:
 
 
 def _check_builder(
-    builder: BuilderConfig, env: Environment | None, problems: _Problems
+    builder: BuilderConfig, env: Environment | None, problems: _Problems,
+    destination_given: bool = False,
 ) -> ImageRef | None:
     dest: ImageRef | None = None
     for key, text in (("builder.destination", builder.destination), ("builder.uri", builder.uri)):
@@ -646,7 +652,7 @@ def _check_builder(
             )
         dest = dest or ref
     if builder.type == "kaniko":
-        if not builder.destination and not builder.uri:
+        if not builder.destination and not builder.uri and not destination_given:
             problems.add(
                 "builder.destination",
                 "nothing",
@@ -845,8 +851,12 @@ def _check_legacy(
     )
 
 
-def config_from_mapping(data: Mapping[str, Any], origin: str = "<inline>") -> LaunchConfig:
-    """Validate an already parsed config; every problem is reported in one ConfigError."""
+def config_from_mapping(data: Mapping[str, Any], origin: str = "<inline>", *,
+                        destination_given: bool = False) -> LaunchConfig:
+    """Validate an already parsed config; every problem is reported in one ConfigError.
+
+    ``destination_given`` as for :func:`load_config`.
+    """
     if data is None:
         return LaunchConfig(origin=origin)
     if not isinstance(data, Mapping):
@@ -879,7 +889,7 @@ def config_from_mapping(data: Mapping[str, Any], origin: str = "<inline>") -> La
     if env is not None:
         _check_environment(env, problems)
     if "builder" in sections or "builder" not in data:
-        _check_builder(builder, env, problems)
+        _check_builder(builder, env, problems, destination_given)
     if "registry" in sections:
         _check_legacy(
             LegacyRegistry.model_validate(sections["registry"]), builder, env, problems, warnings

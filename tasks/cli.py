@@ -132,7 +132,8 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     from tasks.connection import check_redis
 
     settings = _settings()
-    cfg = load_config(config_path, env_path=settings.config_path)
+    cfg = load_config(config_path, env_path=settings.config_path,
+                      destination_given=bool(destination))
     for warning in cfg.warnings:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     kwargs: dict[str, Any] = {
@@ -442,7 +443,8 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
     from workers.stores import store_for_url
 
     settings = _settings()
-    cfg = load_config(config_path, env_path=settings.config_path)
+    cfg = load_config(config_path, env_path=settings.config_path,
+                      destination_given=bool(destination))
     if destination:
         cfg = with_destination(cfg, destination)
     dest = cfg.destination()

@@ -42,10 +42,12 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def resolve_config(config: str | dict[str, Any] | None, settings: Settings) -> LaunchConfig:
+def resolve_config(config: str | dict[str, Any] | None, settings: Settings,
+                   destination_given: bool = False) -> LaunchConfig:
     if isinstance(config, dict):
-        return config_from_mapping(config, origin="<build_image config>")
-    return load_config(config, env_path=settings.config_path)
+        return config_from_mapping(config, origin="<build_image config>",
+                                   destination_given=destination_given)
+    return load_config(config, env_path=settings.config_path, destination_given=destination_given)
 
 
 def with_destination(cfg: LaunchConfig, destination: str) -> LaunchConfig:
@@ -108,7 +110,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
         argv = parse_entrypoint(entrypoint, "--entrypoint")
         state.entrypoint = list(argv) if argv is not None else None
         state.python = check_python(python)
-        cfg = resolve_config(config, settings)
+        cfg = resolve_config(config, settings, bool(destination))
         state.config = cfg.to_mapping()
         spec = parse_source(source, ref)
         state.source = spec.to_dict()

@@ -185,3 +185,28 @@ def test_the_config_check_knows_kaniko_boolean_flags_as_the_dispatcher_does() ->
     from workers.builders.kaniko import BOOLEAN_FLAGS
 
     assert KANIKO_BOOLEAN_FLAGS == BOOLEAN_FLAGS
+
+
+def test_a_command_line_destination_completes_a_kaniko_config(tmp_path: Path) -> None:
+    # The corpus's kaniko-without-destination case is refused only because nothing names a
+    # destination; --destination (or build_image(destination=...)) must satisfy the rule.
+    from config.settings import Settings
+    from tasks.operations import new_request
+
+    cfg = tmp_path / "kaniko.yaml"
+    cfg.write_text("builder:\n  type: kaniko\n  build-context-store: s3://contexts/ctx\n")
+    app = make_app(tmp_path / "src", "local/busybox:base")
+    env = embedded_env(tmp_path)
+    run = run_buildq(["kaniko-job", str(app), "--destination", "registry.example.com/team/app",
+                      "--config", str(cfg)], env, timeout=60)
+    assert run.code == 0, run
+    assert "--destination=registry.example.com/team/app:" in run.stdout, run
+
+    settings = Settings.from_env(env)
+    for config in (str(cfg), {"builder": {"type": "kaniko",
+                                          "build-context-store": "s3://contexts/ctx"}}):
+        state = new_request("r", str(app), settings, destination="registry.example.com/team/app",
+                            ref=None, dockerfile=None, build_args=None, target=None, platform=None,
+                            builder=None, config=config)
+        assert state.error is None, state.error
+        assert (state.builder, state.destination) == ("kaniko", "registry.example.com/team/app")
