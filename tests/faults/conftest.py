@@ -24,6 +24,8 @@ import redis
 from config.settings import Settings
 from tasks.lock import PENDING_INDEX, lock_key, pending_key
 from tests import services
+from tests.conftest import AWS_ENV
+from tests.faults.proxy import FaultProxy
 from tests.tasks.conftest import REPO, Cluster, use_cluster
 
 #: The lock lease of the fault cluster, seconds (as tests/tasks uses).
@@ -40,8 +42,30 @@ def retry_budget() -> float:
     return sum(RETRY_BASE * 2 ** n for n in range(MAX_RETRIES))
 
 
+#: The S3 bucket and prefix of the fault cluster's context store (moto).
+BUCKET, PREFIX = "buildq-faults", "contexts"
+
+
+def s3(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+
+
 @dataclass
 class FaultCluster(Cluster):
+    store_proxy: FaultProxy | None = None
+    s3_endpoint: str = ""
+
+    def store_objects(self) -> list[str]:
+        """Objects and unfinished multipart uploads in the context store (moto, directly)."""
+        client = s3(self.s3_endpoint)
+        listed = client.list_objects_v2(Bucket=BUCKET).get("Contents") or []
+        uploads = client.list_multipart_uploads(Bucket=BUCKET).get("Uploads") or []
+        return sorted([o["Key"] for o in listed] + [f"multipart:{u['Key']}" for u in uploads])
+
     def start_worker(self, pool: str, concurrency: int = 1,
                      env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.root / f"worker-{pool}-{len(self.workers)}-{uuid.uuid4().hex[:4]}.log",  # noqa: SIM115
@@ -93,9 +117,6 @@ class FaultCluster(Cluster):
     def workdir(self) -> Path:
         return self.root / "work"
 
-    @property
-    def contexts(self) -> Path:
-        return self.root / "contexts"
 
 
 class Gates:
@@ -122,19 +143,24 @@ class Gates:
 
 
 @pytest.fixture(scope="session")
-def fault_cluster(tmp_path_factory: pytest.TempPathFactory,
-                  docker_engine: str) -> Iterator[FaultCluster]:
+def fault_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
+                  moto_server: services.StandIn) -> Iterator[FaultCluster]:
     root = tmp_path_factory.mktemp("faults")
     (root / "redis").mkdir()
     red = services.start_redis(root / "redis", appendonly=True)
     # A registry of its own: tests stop it, and the session's shared one must stay up.
     registry = services.start_registry(root / "registry")
+    # Contexts go to moto's S3 through a proxy a test can take down.
+    store_proxy = FaultProxy("127.0.0.1", moto_server.port)
+    s3(moto_server.endpoint).create_bucket(Bucket=BUCKET)
     env = {
         **os.environ,
+        **AWS_ENV,
         "BUILDQ_REDIS_URL": red.url,
         "BUILDQ_LOCK_LEASE": str(LEASE),
         "BUILDQ_WORKDIR": str(root / "work"),
-        "BUILDQ_CONTEXT_STORE": (root / "contexts").as_uri(),
+        "BUILDQ_CONTEXT_STORE": f"s3://{BUCKET}/{PREFIX}",
+        "BUILDQ_S3_ENDPOINT_URL": store_proxy.endpoint,
         "BUILDQ_NETWORK_MODE": "none",
         "BUILDQ_RETRY_BASE": str(RETRY_BASE),
         "BUILDQ_MAX_RETRIES": str(MAX_RETRIES),
@@ -143,14 +169,16 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory,
     }
     env.pop("BUILDQ_CONFIG", None)
     (root / "work").mkdir()
-    (root / "contexts").mkdir()
     cluster = FaultCluster(red, registry, root, env)
+    cluster.store_proxy = store_proxy
+    cluster.s3_endpoint = moto_server.endpoint
     cluster.top_up()
     use_cluster(cluster)
     yield cluster
     cluster.stop_all()
     cluster.redis.stop()
     registry.stop()
+    store_proxy.close()
 
 
 @pytest.fixture
@@ -163,6 +191,8 @@ def faults(fault_cluster: FaultCluster) -> Iterator[FaultCluster]:
     use_cluster(fault_cluster)
     Gates(fault_cluster.client()).clear()
     fault_cluster.top_up()
+    # Whatever a failed test left running must not take this test's gates.
+    wait_quiet(fault_cluster, timeout=180)
     yield fault_cluster
     Gates(fault_cluster.client()).clear()
     if fault_cluster.registry.process is None:
@@ -206,7 +236,8 @@ def git_app(tmp_path: Path, base: str, extra: str = "") -> str:
 
 
 def events(client: redis.Redis, request_id: str) -> list[dict[str, str]]:
-    return [dict(fields) for _, fields in client.xrange(f"buildq:events:{request_id}")]
+    entries: Any = client.xrange(f"buildq:events:{request_id}")
+    return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
 
 
 def stage_count(client: redis.Redis, request_id: str, stage: str, state: str = "done") -> int:
@@ -228,17 +259,15 @@ def wait_quiet(cluster: FaultCluster, timeout: float = 30) -> None:
     services.wait_for(quiet, timeout, "an idle cluster")
 
 
-def assert_nothing_left(cluster: FaultCluster, record: dict[str, Any],
-                        store_objects: list[str] | None = None) -> None:
-    """No lock, no waiters, no scratch dirs, no contexts (``store_objects``: another store's)."""
+def assert_nothing_left(cluster: FaultCluster, record: dict[str, Any]) -> None:
+    """No lock, no waiters, no scratch dirs, no contexts, no unfinished uploads."""
     client = cluster.client()
     source_hash = record["source_hash"]
     assert client.get(lock_key(source_hash)) is None
     assert not client.exists(pending_key(source_hash))
     assert not client.sismember(PENDING_INDEX, source_hash)
     assert sorted(p.name for p in cluster.workdir.iterdir()) == []
-    assert sorted(p.name for p in cluster.contexts.iterdir()) == []
-    assert store_objects in (None, [])
+    assert cluster.store_objects() == []
     # The record stored under the hash is this build's.
     stored = json.loads(str(client.get(f"buildq:record:{source_hash}")))
     assert stored["status"] == record["status"] and stored["digest"] == record["digest"]

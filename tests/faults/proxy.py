@@ -25,6 +25,8 @@ class FaultProxy:
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
         self.accepted = 0
+        #: Connections turned away while down: proof a client tried during the fault.
+        self.refused = 0
         self.closing = False
         threading.Thread(target=self._accept, daemon=True, name="fault-proxy").start()
 
@@ -58,6 +60,7 @@ class FaultProxy:
             except OSError:
                 return
             if self.mode == "down":
+                self.refused += 1
                 _reset(client)
                 continue
             self.accepted += 1
