@@ -520,10 +520,10 @@ def _leave_after_task() -> None:
         from celery.signals import task_postrun
     except ImportError:
         return
-    task = current_task
-    if task is None or task.request.is_eager or not task.request.id:
+    # A proxy: false when no task runs in this thread.
+    if not current_task or current_task.request.is_eager or not current_task.request.id:
         return
-    wanted = task.request.id
+    wanted = current_task.request.id
 
     def leave(task_id: str | None = None, **_: Any) -> None:
         if task_id == wanted:
