@@ -404,6 +404,23 @@ def test_killed_pool_process_build_is_taken_over_and_adopts_the_job(
     _nothing_left(kc, "azure", record["source_hash"])
 
 
+def test_skipped_build_deletes_a_context_left_by_a_dead_holder(
+        kc: KanikoCluster, tmp_path: Path, base_image: str) -> None:
+    app = _app(tmp_path, base_image)
+    config = kc.config(_repo("leftover"), "s3")
+    first = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=180)
+    assert first["status"] == "built", first
+    # What a holder killed after its Job pushed leaves behind (its Job ends by TTL); the
+    # build that takes over finds the image and must still delete the upload.
+    key = f"{first['source_hash']}.tar.gz"
+    bucket = kc.stores["s3"].url.split("/")[2]
+    _s3_client(kc.moto).put_object(Bucket=bucket, Key=f"kaniko/{key}", Body=b"orphaned upload")
+    assert kc.stores["s3"].exists(key)
+    again = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=120)
+    assert again["status"] == "skipped", again
+    assert not kc.stores["s3"].exists(key)
+
+
 def test_ten_identical_requests_create_one_job(kc: KanikoCluster, tmp_path: Path,
                                                base_image: str) -> None:
     app = _app(tmp_path, base_image, "RUN sleep 2\n")
