@@ -145,12 +145,25 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     if settings.embedded:
         kwargs["config"] = config_path
         _report(_run_embedded(source, kwargs, settings, as_json), as_json)
+    _check_options(cfg, destination, entrypoint, python)
     check_redis(settings)
     kwargs["config"] = cfg.to_mapping()
     source = _ship_local_source(source, kwargs, settings)
     record = _run_remote(source, kwargs, settings, no_wait, as_json)
     if record is not None:
         _report(record, as_json)
+
+
+def _check_options(cfg: Any, destination: str | None, entrypoint: str | None,
+                   python: str | None) -> None:
+    """Refuse bad options here rather than after a queue trip and a worker's fetch."""
+    from tasks.operations import with_destination
+    from workers.dockerfile import check_python, parse_entrypoint
+
+    if destination:
+        with_destination(cfg, destination)
+    parse_entrypoint(entrypoint, "--entrypoint")
+    check_python(python)
 
 
 def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> str:

@@ -107,3 +107,23 @@ def test_unreachable_redis_is_a_clear_error(cluster: Cluster, tmp_path: Path, ba
     assert done.returncode == 2
     assert "cannot reach Redis" in done.stderr and url in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bad_options_are_refused_before_anything_is_queued(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    app = _app(tmp_path, base_image)
+    client = cluster.client()
+    queued_before = client.llen("control")
+    cases = [
+        (["--destination", f"{cluster.registry.host}/Team/App"], "lowercase"),
+        (["--destination", f"{cluster.registry.host}/x", "--entrypoint", "python 'unclosed"],
+         "--entrypoint"),
+        (["--destination", f"{cluster.registry.host}/x", "--python", "three"], "--python"),
+    ]
+    for options, named in cases:
+        done = buildq(cluster, "build", str(app), *options, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert named in done.stderr and "Traceback" not in done.stderr
+        assert "request " not in done.stderr and "uploaded" not in done.stderr
+    assert client.llen("control") == queued_before
+    assert not list((cluster.root / "contexts").rglob("buildq-upload-*"))
