@@ -638,7 +638,14 @@ class Kubelet:
         if not destinations and flags.get("--no-push") != ["true"]:
             say("error: you must provide --destination, or use --no-push")
             return {"code": 1}
-        build_args = dict(a.split("=", 1) for a in flags.get("--build-arg", []))
+        build_args: dict[str, str] = {}
+        for item in flags.get("--build-arg", []):
+            name, sep, value = item.partition("=")
+            if sep:
+                build_args[name] = value
+            elif name in env:
+                # As kaniko does: a build arg written without a value takes the container's.
+                build_args[name] = env[name]
         labels = dict(a.split("=", 1) for a in flags.get("--label", []))
         target = (flags.get("--target") or [None])[-1]
         dockerfile = (flags.get("--dockerfile") or ["Dockerfile"])[-1]

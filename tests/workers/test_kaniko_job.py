@@ -544,6 +544,19 @@ def test_soft_time_limit_still_deletes_the_job(
     _nothing_left(standin)
 
 
+def test_value_less_build_arg_takes_the_container_env(
+        standin: KubeStandIn, registry: services.RegistryServer, store: Path, base_image: str) -> None:
+    """As kaniko does: ``--build-arg=NAME`` reads NAME from the container's environment."""
+    kaniko = {"spec": {"template": {"spec": {"containers": [{
+        "env": [{"name": "GREETING", "value": "from-the-env"}],
+        "args": ["--build-arg=GREETING"]}]}}}}
+    config, req = _setup(registry, store, base_image,
+                         'ARG GREETING\nRUN test "$GREETING" = from-the-env\n', kaniko)
+    digest = KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
+    assert digest == registry.digest("kaniko/job", req.source_hash[:24])
+    _nothing_left(standin)
+
+
 def test_sigterm_cancels_the_build_and_deletes_the_job(
         standin: KubeStandIn, registry: services.RegistryServer, store: Path, base_image: str) -> None:
     """Celery's revoke(terminate=True) is a SIGTERM to the pool process running the stage."""
