@@ -176,7 +176,7 @@ def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> st
     spec = parse_source(source, kwargs.get("ref"))
     if spec.kind not in ("directory", "archive") or "://" in spec.location:
         return source
-    store = store_for_url(settings.context_store)
+    store = store_for_url(settings.context_store, settings)
     key = f"sources/{UPLOAD_PREFIX}{uuid.uuid4().hex}.tar.gz"
     if spec.kind == "directory":
         inputs = BuildInputs.create(kwargs["dockerfile"], kwargs["build_args"], kwargs["target"],

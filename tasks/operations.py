@@ -251,7 +251,7 @@ def exists(state: BuildState, settings: Settings) -> str:
 
 def context_store(state: BuildState, settings: Settings) -> ContextStore:
     url = state.context_store or settings.context_store
-    return store_for_url(url)
+    return store_for_url(url, settings)
 
 
 def upload(state: BuildState, settings: Settings) -> str:
@@ -381,7 +381,7 @@ def record(state: BuildState, settings: Settings) -> str:
     for store_url, key in leftovers:
         # A leftover object must not fail the record.
         with contextlib.suppress(Exception):
-            store_for_url(store_url).delete(key)
+            store_for_url(store_url, settings).delete(key)
     return ""
 
 
