@@ -207,6 +207,11 @@ class Kube:
             self._call("delete", "jobs.batch", namespace, self.batch.delete_namespaced_job,
                        name, namespace, propagation_policy="Background")
 
+    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        data = self._call("list", "jobs.batch", namespace, self.batch.list_namespaced_job,
+                          namespace, label_selector=selector)
+        return list(data.get("items") or [])
+
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         data = self._call("list", "pods", namespace, self.core.list_namespaced_pod, namespace,
                           label_selector=selector)

@@ -47,6 +47,13 @@ class Watchdog(threading.Thread):
         self.hostname = hostname
         self.stopping = threading.Event()
         self.interval = max(0.5, min(10.0, settings.lock_lease / 3))
+        self.kube: Any = None
+        self.last_job_sweep = time.monotonic()
+        if pool == "kaniko":
+            # Imported here, before the pool forks: a fork while this thread held the
+            # import lock (kubernetes takes a while to import) would deadlock the child.
+            import workers.builders.kaniko
+            import workers.kube  # noqa: F401
 
     def run(self) -> None:
         from tasks.connection import redis_client
@@ -68,6 +75,14 @@ class Watchdog(threading.Thread):
         if self.pool == "control":
             restart_orphans(client, self.settings)
             sweep_workdir(self.settings)
+        if self.pool == "kaniko" and time.monotonic() - self.last_job_sweep >= self.settings.lock_lease:
+            # One list request per lease is plenty: orphaned Jobs are rare.
+            self.last_job_sweep = time.monotonic()
+            if self.kube is None:
+                from workers.kube import Kube, new_api_client
+
+                self.kube = Kube(new_api_client())
+            sweep_kaniko_jobs(client, self.settings, self.kube)
 
 
 def restart_orphans(client: Any, settings: Settings) -> int:
@@ -100,6 +115,42 @@ def restart_orphans(client: Any, settings: Settings) -> int:
         metrics.takeover()
         restarted += 1
     return restarted
+
+
+def sweep_kaniko_jobs(client: Any, settings: Settings, kube: Any) -> int:
+    """Delete finished Kaniko Jobs whose build nobody holds; returns how many.
+
+    A dispatcher deletes its Job whatever happens, unless its worker is killed first.
+    The chain that takes over adopts a Job that still runs; one that already pushed
+    makes it skip the build instead, and that Job (with its pod) would wait for
+    ttlSecondsAfterFinished. Only Jobs in the pool's default namespace are swept.
+    """
+    from datetime import UTC, datetime
+
+    from tasks.lock import lock_key
+    from workers.builders.kaniko import HASH_LABEL
+
+    namespace = settings.kube_namespace
+    swept = 0
+    for job in kube.list_jobs(namespace, "app.kubernetes.io/managed-by=buildq"):
+        meta = job.get("metadata") or {}
+        source_hash = (meta.get("annotations") or {}).get(HASH_LABEL)
+        ended = [c for c in (job.get("status") or {}).get("conditions") or []
+                 if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")]
+        if not source_hash or not ended or client.exists(lock_key(source_hash)):
+            continue
+        try:
+            at = datetime.strptime(str(ended[0].get("lastTransitionTime")), "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            continue
+        # A holder that lost its lock a moment ago may still be reading the Job's verdict.
+        if (datetime.now(UTC).replace(tzinfo=None) - at).total_seconds() < settings.lock_lease:
+            continue
+        log.warning("deleting Kaniko Job %s/%s: it finished and no build holds %s",
+                    namespace, meta.get("name"), source_hash[:12])
+        kube.delete_job(namespace, str(meta.get("name")))
+        swept += 1
+    return swept
 
 
 def sweep_workdir(settings: Settings) -> None:
