@@ -17,6 +17,7 @@ from tasks import build_image
 from tests import services
 from tests.faults.conftest import (
     BUCKET,
+    LEASE,
     PREFIX,
     FaultCluster,
     assert_nothing_left,
@@ -169,5 +170,28 @@ def test_kubernetes_api_dropping_failing_and_stalling_the_watch_is_survived(
     # before the stage's retry creates the next: never two kaniko builds at once.
     kaniko.assert_one_job_at_a_time()
     wait_quiet(faults)
+    kaniko.assert_no_jobs()
+    assert_nothing_left(faults, record)
+
+
+def test_kaniko_worker_killed_after_its_job_pushed_leaves_no_job(
+        kaniko: KanikoPool, tmp_path: Path, base_image: str) -> None:
+    faults = kaniko.cluster
+    source = git_app(tmp_path, base_image, "RUN echo ran-the-short-kaniko-build && sleep 2\n")
+    result = build_image.delay(source, builder="kaniko",
+                               config=kaniko.config("faults/kaniko-pushed"))
+    _wait(lambda: kaniko.standin.list("jobs", NAMESPACE), 90, "a kaniko Job")
+    faults.kill_group(kaniko.worker_pid())
+    # The Job finishes and pushes before the lease runs out: the successor finds the image.
+    kaniko.start_worker()
+
+    record = result.get(timeout=180)
+    assert record["status"] in ("built", "skipped"), record["error"]
+    assert_one_image(faults, "faults/kaniko-pushed", record)
+    wait_quiet(faults)
+    # Nobody watches the dead worker's Job: the kaniko pool's watchdog deletes it once it
+    # has been finished, unclaimed, for a lease (it looks once per lease).
+    _wait(lambda: not kaniko.standin.list("jobs", NAMESPACE), 4 * LEASE + 5,
+          "the orphaned Job deleted")
     kaniko.assert_no_jobs()
     assert_nothing_left(faults, record)
