@@ -20,6 +20,7 @@ from tests.faults.conftest import (
     LEASE,
     PREFIX,
     FaultCluster,
+    Gates,
     assert_nothing_left,
     assert_one_image,
     events,
@@ -193,5 +194,25 @@ def test_kaniko_worker_killed_after_its_job_pushed_leaves_no_job(
     # has been finished, unclaimed, for a lease (it looks once per lease).
     _wait(lambda: not kaniko.standin.list("jobs", NAMESPACE), 4 * LEASE + 5,
           "the orphaned Job deleted")
+    kaniko.assert_no_jobs()
+    assert_nothing_left(faults, record)
+
+
+def test_kaniko_worker_killed_as_it_dispatches_builds_once(
+        kaniko: KanikoPool, gates: Gates, tmp_path: Path, base_image: str) -> None:
+    faults = kaniko.cluster
+    gates.arm("kaniko")
+    source = git_app(tmp_path, base_image, "RUN echo ran-the-dispatched-build\n")
+    result = build_image.delay(source, builder="kaniko",
+                               config=kaniko.config("faults/kaniko-dispatch"))
+    faults.kill_group(gates.wait_held("kaniko"))
+    gates.release("kaniko")
+    kaniko.start_worker()
+
+    record = result.get(timeout=180)
+    assert record["status"] == "built", record["error"]
+    assert_one_image(faults, "faults/kaniko-dispatch", record)
+    assert kaniko.job_creates() == [201]
+    wait_quiet(faults)
     kaniko.assert_no_jobs()
     assert_nothing_left(faults, record)
