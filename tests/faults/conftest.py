@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pytest
 import redis
 
 from config.settings import Settings
+from tasks.inflight import INFLIGHT
 from tasks.lock import PENDING_INDEX, lock_key, pending_key
 from tests import services
 from tests.conftest import AWS_ENV
@@ -82,9 +82,6 @@ class FaultCluster(Cluster):
                         for k in client.scan_iter(match=f"buildq:pool:{pool}:*")),
             30, f"{pool} worker")
         return proc
-
-    def pool_of(self, pid: int) -> str:
-        return self.workers[pid][0]
 
     def alive(self, pool: str) -> list[subprocess.Popen[bytes]]:
         return [p for name, p in self.workers.values() if name == pool and p.poll() is None]
@@ -240,11 +237,6 @@ def events(client: redis.Redis, request_id: str) -> list[dict[str, str]]:
     return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
 
 
-def stage_count(client: redis.Redis, request_id: str, stage: str, state: str = "done") -> int:
-    return sum(1 for e in events(client, request_id)
-               if e.get("kind") == "stage" and e.get("stage") == stage and e.get("state") == state)
-
-
 def wait_quiet(cluster: FaultCluster, timeout: float = 30) -> None:
     """Wait until no buildq task runs or waits anywhere (queues empty, nothing active)."""
     from tasks.app import app
@@ -266,6 +258,7 @@ def assert_nothing_left(cluster: FaultCluster, record: dict[str, Any]) -> None:
     assert client.get(lock_key(source_hash)) is None
     assert not client.exists(pending_key(source_hash))
     assert not client.sismember(PENDING_INDEX, source_hash)
+    assert not client.hexists(INFLIGHT, record["id"])
     assert sorted(p.name for p in cluster.workdir.iterdir()) == []
     assert cluster.store_objects() == []
     # The record stored under the hash is this build's.
@@ -277,19 +270,3 @@ def assert_one_image(cluster: FaultCluster, repository: str, record: dict[str, A
     assert record["status"] in ("built", "skipped"), record["error"]
     assert cluster.registry.tags(repository) == [record["tag"]]
     assert cluster.registry.digest(repository, record["tag"]) == record["digest"]
-
-
-def lock_ttl(cluster: FaultCluster, source_hash: str) -> float:
-    """Seconds left on the lock's lease (-2 gone, -1 no expiry: never acceptable)."""
-    ms = int(cluster.client().pttl(lock_key(source_hash)))
-    return ms / 1000 if ms >= 0 else float(ms)
-
-
-def watch_lock(cluster: FaultCluster, source_hash: str, seconds: float) -> list[float]:
-    """Sample the lock's remaining lease for ``seconds``."""
-    seen = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        seen.append(lock_ttl(cluster, source_hash))
-        time.sleep(0.2)
-    return seen

@@ -60,7 +60,12 @@ class KanikoPool:
                    for s in (pod.get("status") or {}).get("containerStatuses") or [])
 
     def job_creates(self) -> list[int]:
-        return [r.status for r in self.standin.requests_for("POST") if "/jobs" in r.path]
+        return [r.status for r in self.requests("POST") if "/jobs" in r.path]
+
+    def requests(self, method: str) -> list[Any]:
+        """Every ``method`` request the stand-in saw, in order."""
+        with self.standin.cond:
+            return [r for r in self.standin.requests if r.method == method]
 
     def assert_one_job_at_a_time(self) -> None:
         with self.standin.cond:
@@ -156,7 +161,7 @@ def test_kubernetes_api_dropping_failing_and_stalling_the_watch_is_survived(
     # ... comes back answering 500 to the next requests ...
     kaniko.standin.fail_next(3, 500, method="GET")
     kaniko.api.up()
-    _wait(lambda: sum(r.status == 500 for r in kaniko.standin.requests_for("GET", "")) >= 3,
+    _wait(lambda: sum(r.status == 500 for r in kaniko.requests("GET")) >= 3,
           30, "the 500s answered")
     # ... then hangs: connections stay open and nothing flows.
     kaniko.api.stall()

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,8 +58,8 @@ def test_build_longer_than_the_lease_keeps_its_lock_and_runs_once(
 
     # While it builds, the lock stays with the first holder, never past one lease ahead,
     # and requests arriving meanwhile (one per lease) wait for it.
-    later = []
-    ttls = []
+    later: list[Any] = []
+    ttls: list[float] = []
     while not first.ready():
         if len(later) < 3 and time.monotonic() % LEASE < 0.2:
             later.append(build_image.delay(source, destination=dest))
