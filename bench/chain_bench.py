@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,11 +32,12 @@ import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    BenchResult,
     Cluster,
     Row,
     exit_on_sigterm,
@@ -46,7 +46,6 @@ from common import (
     percentile,
     remove_images,
     table,
-    write_json,
 )
 
 from tests.services import BASE_IMAGE
@@ -197,7 +196,9 @@ def concurrent(cluster: Cluster, root: Path, requests: int, sleep: int) -> dict[
     engine_builds = None
     if len(owners) == 1:
         client = redis.Redis.from_url(cluster.redis.url, decode_responses=True)
-        lines = [f.get("line", "") for _, f in client.xrange(log_key(owners[0]["source_hash"]))]
+        # redis-py types xrange for every client flavour; this one decodes to str.
+        entries = cast(list[tuple[str, dict[str, str]]], client.xrange(log_key(owners[0]["source_hash"])))
+        lines = [f.get("line", "") for _, f in entries]
         client.close()
         engine_builds = sum(f"RUN sleep {sleep}" in line for line in lines)
     _log(f"{requests} identical requests: wall {wall_s:.2f} s (sent in {sent_s * 1000:.0f} ms); "
@@ -248,13 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="buildq-chain-bench-"))
     baseline_tag = f"buildq-bench-baseline:{uuid.uuid4().hex[:12]}"
     cluster: Cluster | None = None
-    result: dict[str, Any] = {
-        "bench": "chain", "quick": quick, "started_at": time.time(),
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                 "load_avg_at_start": os.getloadavg()},
-        "workers": {"control": {"count": 1, "concurrency": 2},
-                    "docker": {"count": 2, "concurrency": 1}},
-    }
+    result = BenchResult(
+        "chain", "The chain: cache-hit latency and N identical concurrent requests",
+        baseline=("for a cache hit, `docker build` (classic builder, network none) of the same context "
+                  "with every layer cached, median of "
+                  f"{docker_reps} runs after a warm-up; for {requests} identical requests, one buildq "
+                  "build of a fresh source of the same shape."),
+        method=(f"own Redis, registry and workers (1 control worker, concurrency 2; 2 docker workers, "
+                f"concurrency 1); a {files:,}-file / {mb} MiB context (`COPY . /app`) built once, then "
+                f"{n} sequential `build_image.delay(...).get()` round trips, all `skipped`; then "
+                f"{requests} `build_image.delay()` at once of a fresh source with `RUN sleep {sleep}`, "
+                "wall time from the first send to the last answer."),
+        quick=quick,
+        params={"files": files, "mb": mb, "n": n, "docker_reps": docker_reps, "requests": requests,
+                "sleep": sleep, "workers": {"control": {"count": 1, "concurrency": 2},
+                                            "docker": {"count": 2, "concurrency": 1}}})
     try:
         _log(f"starting Redis, registry and workers under {root}")
         t0 = time.perf_counter()
@@ -268,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         _log(f"setup or run error; worker logs under {root}" if args.keep else
              "setup or run error (rerun with --keep to keep the worker logs)")
-        result["error"] = traceback.format_exc()
-        write_json("chain.json", result)
+        result.write(error=traceback.format_exc())
         return 2
     finally:
         if cluster is not None:
@@ -287,20 +295,25 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     single_plus = conc["single_build_s"] + 2.0
+    docker_label = "docker build, every layer cached (median)"
+    single_label = "one buildq build of a fresh source"
     rows = [
-        Row("cache hit: median round trip", hit["median_ms"], "ms",
-            hit["docker_cached_median_ms"], "< 100 ms and >= 10x docker",
-            hit["median_ms"] < 100 and hit["docker_cached_median_ms"] >= 10 * hit["median_ms"]),
-        Row("cache hit: p90 round trip", hit["p90_ms"], "ms", hit["docker_cached_median_ms"]),
+        # The two cache-hit targets get a row each, so a miss says which one.
+        Row(f"cache hit ({files:,} files / {mb} MiB): median round trip", hit["median_ms"], "ms",
+            hit["docker_cached_median_ms"], "< 100 ms", hit["median_ms"] < 100, docker_label),
+        Row("  the same median against the cached docker build", hit["median_ms"], "ms",
+            hit["docker_cached_median_ms"], ">= 10x faster than docker",
+            hit["docker_cached_median_ms"] >= 10 * hit["median_ms"], docker_label),
+        Row("  p90 round trip", hit["p90_ms"], "ms", hit["docker_cached_median_ms"],
+            baseline_label=docker_label),
         Row(f"{requests} identical requests: wall", conc["wall_s"], "s",
-            conc["single_build_s"], f"<= single + 2 s ({single_plus:.1f} s)",
-            conc["wall_s"] <= single_plus),
+            conc["single_build_s"], "<= single build + 2 s", conc["wall_s"] <= single_plus,
+            single_label),
         Row("  builds by an owner (not attached)", conc["built_owner"], "", None, "== 1",
             conc["built_owner"] == 1),
-        Row("  attached / skipped / failed",
-            conc["attached"], "", None,
-            f"{conc['attached']}/{conc['skipped']}/{conc['failed']}, failed == 0",
-            conc["failed"] == 0),
+        Row("  requests attached or skipped", conc["attached"] + conc["skipped"], "", None,
+            f"== {requests - 1}", conc["attached"] + conc["skipped"] == requests - 1),
+        Row("  failed requests", conc["failed"], "", None, "== 0", conc["failed"] == 0),
         Row("  distinct digests", conc["distinct_digests"], "", None, "== 1",
             conc["distinct_digests"] == 1),
         Row("  docker builds seen in the build log", conc["engine_builds"] or 0, "", None, "== 1",
@@ -334,9 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     broken = [k for k, v in invariants.items() if not v]
     print("invariants: " + ("all hold" if ok else "BROKEN: " + ", ".join(broken)))
 
-    result.update(cache_hit=hit, concurrent=conc, rows=[r.to_dict() for r in rows],
-                  invariants=invariants, ok=ok, finished_at=time.time())
-    path = write_json("chain.json", result)
+    notes = [
+        f"cache-hit stage medians (ms): {_stages_line(hit['stage_median_ms'])}; outside the stages "
+        f"(queue hops, result backend, client): {hit['outside_stages_median_ms']:.1f}",
+        f"cache-hit round trips: median {hit['median_ms']:.1f} ms, p90 {hit['p90_ms']:.1f} ms, max "
+        f"{hit['max_ms']:.1f} ms over {n}; first build of that context {hit['first_build_s']:.2f} s",
+        f"{requests} identical requests: first answer at {conc['first_answer_s']:.2f} s, last at "
+        f"{conc['last_answer_s']:.2f} s; single build {conc['single_build_s']:.2f} s",
+    ]
+    path = result.write(rows, {"cache_hit": hit, "concurrent": conc}, invariants, notes)
     print(f"wrote {path}")
     return 0 if ok else 1
 

@@ -216,40 +216,64 @@ def exit_on_sigterm() -> None:
 
 @dataclass
 class Row:
+    """One figure of a benchmark: buildq's value beside the baseline measured in the same run."""
+
     figure: str
     value: float
     unit: str
     baseline: float | None = None
     target: str = ""
     passed: bool | None = None
+    #: What the baseline is ("tar -cf - DIR | sha256sum"): rows of one benchmark can have
+    #: different baselines, and a bare number in the report would not say which.
+    baseline_label: str = ""
+    #: Throughputs are better when high, times when low. The ratio follows, so that above
+    #: 1 always means buildq did better than the baseline, whatever the unit.
+    higher_is_better: bool = False
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline is None or not self.value:
+        if self.baseline is None:
             return None
-        return self.baseline / self.value
+        num, den = (self.value, self.baseline) if self.higher_is_better else (self.baseline, self.value)
+        if not den:
+            return None
+        return num / den
 
     def to_dict(self) -> dict[str, Any]:
         return {"figure": self.figure, "value": self.value, "unit": self.unit,
-                "baseline": self.baseline, "ratio": self.ratio, "target": self.target,
-                "pass": self.passed}
+                "baseline": self.baseline, "baseline_label": self.baseline_label,
+                "ratio": self.ratio, "higher_is_better": self.higher_is_better,
+                "target": self.target, "pass": self.passed}
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
+def fmt(value: float | None, unit: str = "") -> str:
+    """A figure for a table: thousands separators; one decimal, two below 10 (but not for ms)."""
     if value is None:
         return "-"
     if (isinstance(value, float) and value != int(value)) or unit in ("ms", "s"):
         text = f"{value:,.1f}" if abs(value) < 1000 else f"{value:,.0f}"
+        if abs(value) < 10 and unit not in ("ms",):
+            # Small seconds and megabytes lose too much at one decimal (0.4 s vs 0.44 s).
+            text = f"{value:,.2f}"
     else:
         text = f"{int(value):,}"
     return f"{text} {unit}".strip()
 
 
+def fmt_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
+
+
+def fmt_pass(passed: bool | None) -> str:
+    return "-" if passed is None else ("PASS" if passed else "FAIL")
+
+
 def table(rows: Sequence[Row]) -> str:
-    head = ["figure", "value", "baseline", "ratio (baseline/value)", "target", "pass"]
-    body = [[r.figure, _fmt(r.value, r.unit), _fmt(r.baseline, r.unit),
-             "-" if r.ratio is None else f"{r.ratio:.1f}x", r.target or "-",
-             "-" if r.passed is None else ("PASS" if r.passed else "FAIL")] for r in rows]
+    """Rows as an aligned plain-text table, for a benchmark's own output."""
+    head = ["figure", "buildq", "baseline", "ratio (>1: buildq better)", "target", "pass"]
+    body = [[r.figure, fmt(r.value, r.unit), fmt(r.baseline, r.unit), fmt_ratio(r.ratio),
+             r.target or "-", fmt_pass(r.passed)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
@@ -262,3 +286,45 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
+
+
+def host_snapshot() -> dict[str, Any]:
+    """What the machine was doing when a benchmark started: a busy machine explains a slow figure."""
+    import platform
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_avg_at_start": list(os.getloadavg())}
+
+
+@dataclass
+class BenchResult:
+    """One benchmark's ``bench/out/<name>.json``, the file ``bench/report.py`` reads.
+
+    ``baseline`` and ``method`` are the sentences the report prints under the benchmark's
+    table, so a reader knows what was compared without opening the script.
+    """
+
+    name: str
+    title: str
+    baseline: str
+    method: str
+    quick: bool
+    params: dict[str, Any]
+    started_at: float = field(default_factory=time.time)
+    host: dict[str, Any] = field(default_factory=host_snapshot)
+
+    def write(self, rows: Sequence[Row] = (), figures: dict[str, Any] | None = None,
+              invariants: dict[str, bool] | None = None, notes: Sequence[str] = (),
+              error: str | None = None) -> Path:
+        """Write the JSON; ``ok`` is false on an error or a broken invariant (not a missed target)."""
+        invariants = dict(invariants or {})
+        data = {
+            "bench": self.name, "title": self.title, "baseline": self.baseline,
+            "method": self.method, "quick": self.quick, "params": self.params,
+            "argv": sys.argv[1:], "host": self.host,
+            "started_at": self.started_at, "finished_at": time.time(),
+            "figures": figures or {}, "rows": [r.to_dict() for r in rows],
+            "invariants": invariants, "notes": list(notes), "error": error,
+            "ok": error is None and all(invariants.values()),
+        }
+        return write_json(f"{self.name}.json", data)
