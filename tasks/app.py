@@ -58,6 +58,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
+        # A result written while Redis restarts is retried rather than lost (and with it
+        # the answer a caller waits for).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
         "worker_hijack_root_logger": False,
         # A stage past its soft limit fails its build with a record (and cleans up);
         # the hard limit only catches a stage that ignores it.

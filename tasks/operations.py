@@ -221,8 +221,10 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     remember_request(client, state.request_id, state.source_hash)
     emit(client, state.request_id, "hashed", source_hash=state.source_hash, tag=state.tag,
          image=state.image)
-    state.token = state.token or new_token()
-    lease = Lease(client, state.source_hash, state.token, settings.lock_lease, state.request_id)
+    # The state keeps the token only once the lock is ours, so a stage repeated after a
+    # lost Redis connection never mistakes an unacquired token for a held lock.
+    token = state.token or new_token()
+    lease = Lease(client, state.source_hash, token, settings.lock_lease, state.request_id)
     pending = {k: v for k, v in state.to_dict().items()
                if k in ("request_id", "source", "destination", "dockerfile", "build_args",
                         "target", "platform", "builder", "config", "created_at", "entrypoint",
@@ -234,6 +236,7 @@ def hash_source(state: BuildState, settings: Settings) -> str:
         from celery.exceptions import Ignore
 
         raise Ignore()
+    state.token = token
     return "exists"
 
 

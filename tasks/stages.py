@@ -19,6 +19,9 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.nodenames import worker_direct
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
@@ -32,6 +35,10 @@ from tasks.state import BuildState
 from workers import metrics
 
 log = logging.getLogger("buildq")
+
+#: Errors of a Redis that is restarting or unreachable (kombu's, when handing a stage to the
+#: broker): worth waiting out, not a failure.
+REDIS_TROUBLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
 
 #: A stage body: does its work on the state and names the next stage ("" ends the chain).
 StageBody = Callable[[BuildState, Settings], str]
@@ -66,7 +73,27 @@ class StageTask(Task):
         stage = self.stage_name
         # A stage handed over for a retry carries its count in the state.
         retries = state.retries
+        redis_waits = 0
+        at = [stage, retries]
         while True:
+            try:
+                return self._run_from(at, state, cfg, client)
+            except REDIS_TROUBLE as exc:
+                # Redis is the broker too, so nothing can be handed over while it is away:
+                # wait here and repeat the stage (each stage may run again).
+                if redis_waits >= max(cfg.max_retries, 5):
+                    raise
+                countdown = _backoff(cfg, redis_waits)
+                log.warning("stage %s: Redis unreachable (%s); trying again in %.1fs",
+                            at[0], exc, countdown)
+                time.sleep(countdown)
+                redis_waits += 1
+
+    def _run_from(self, at: list[Any], state: BuildState, cfg: Settings, client: Any) -> Any:
+        """The stage loop from ``at`` = [stage, retries], kept current for a resume."""
+        stage, retries = at
+        while True:
+            at[:] = [stage, retries]
             lease = self._lease(state, cfg, client, stage)
             emit(client, state.request_id, "stage", stage=stage, state="started")
             started = time.monotonic()
@@ -171,7 +198,7 @@ class StageTask(Task):
             state.fail(str(exc), exc.kind)
         except SoftTimeLimitExceeded:
             state.fail(f"stage {stage} ran past its time limit and was stopped.", "timeout")
-        except Ignore:
+        except (Ignore, *REDIS_TROUBLE):
             raise
         except Exception as exc:
             log.error("internal error in stage %s:\n%s", stage, traceback.format_exc())
