@@ -184,14 +184,18 @@ class _Walker:
         except OSError as exc:
             raise SourceError(f"cannot list {rel_dir or '.'!r} in the context: "
                               f"{exc.strerror}.") from None
+        # Per entry work is most of a warm hash: the common case (no .dockerignore, a clean
+        # name) takes no extra call.
+        unfiltered = self.matcher is None and self.virtual is None
+        unsafe = _UNSAFE_NAME.search
         for child in children:
             rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
             try:
                 st = child.stat(follow_symlinks=False)
             except OSError as exc:
                 raise SourceError(f"cannot read {rel!r} in the context: {exc.strerror}.") from None
-            excluded = self._excluded(rel)
-            if not excluded:
+            excluded = False if unfiltered else self._excluded(rel)
+            if not excluded and unsafe(rel):
                 _check_name(rel)
             if stat.S_ISDIR(st.st_mode):
                 if rel.count("/") + 1 > MAX_PATH_DEPTH:
@@ -201,8 +205,9 @@ class _Walker:
                                       "Flatten that tree or add it to .dockerignore.")
                 entry = _Entry(rel, child.path, "d", _MODE_EXEC, 0, "")
                 if not excluded:
-                    yield from pending
-                    pending.clear()
+                    if pending:
+                        yield from pending
+                        pending.clear()
                     yield entry
                     yield from self._walk(child.path, rel, pending)
                 elif self._may_hold_included(rel) and rel != self.virtual:
@@ -225,8 +230,9 @@ class _Walker:
             else:
                 raise SourceError(f"{rel!r} in the context is a device or FIFO.",
                                   "Remove it or add it to .dockerignore.")
-            yield from pending
-            pending.clear()
+            if pending:
+                yield from pending
+                pending.clear()
             yield entry
 
     def _link_target(self, path: str, rel: str) -> str:
