@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from config.loader import KANIKO_BOOLEAN_FLAGS
 from tests import services
 from tests.corpus.recipes import Case, Materialiser, load_cases
 from tests.tasks.test_embedded import REPO, Run, embedded_env, leftovers, make_app, run_buildq
@@ -177,14 +176,6 @@ def test_the_good_build_beside_the_corpus_finished_normally(
     assert record["status"] == "built", record
     assert record["digest"] == registry.digest(good_build.repo, record["tag"]), record
     assert leftovers(good_build.root) == [], leftovers(good_build.root)
-
-
-def test_the_config_check_knows_kaniko_boolean_flags_as_the_dispatcher_does() -> None:
-    # The loader refuses "--flag" without a value unless kaniko reads it as a boolean; a
-    # flag added to one list and not the other would refuse or pass the wrong configs.
-    from workers.builders.kaniko import BOOLEAN_FLAGS
-
-    assert KANIKO_BOOLEAN_FLAGS == BOOLEAN_FLAGS
 
 
 def test_a_command_line_destination_completes_a_kaniko_config(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -66,22 +65,7 @@ class FaultCluster(Cluster):
         uploads = client.list_multipart_uploads(Bucket=BUCKET).get("Uploads") or []
         return sorted([o["Key"] for o in listed] + [f"multipart:{u['Key']}" for u in uploads])
 
-    def start_worker(self, pool: str, concurrency: int = 1,
-                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"worker-{pool}-{len(self.workers)}-{uuid.uuid4().hex[:4]}.log",  # noqa: SIM115
-                   "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.gated_worker", "worker", pool, "--concurrency",
-             str(concurrency), "--loglevel", "INFO"],
-            env={**self.env, **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.workers[proc.pid] = (pool, proc)
-        client = redis.Redis.from_url(self.redis.url)
-        services.wait_for(
-            lambda: any(f"-{proc.pid}-".encode() in k
-                        for k in client.scan_iter(match=f"buildq:pool:{pool}:*")),
-            30, f"{pool} worker")
-        return proc
+    worker_module = "tests.faults.gated_worker"
 
     def alive(self, pool: str) -> list[subprocess.Popen[bytes]]:
         return [p for name, p in self.workers.values() if name == pool and p.poll() is None]

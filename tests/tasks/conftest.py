@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,18 @@ class Cluster:
     env: dict[str, str]
     workers: dict[int, tuple[str, subprocess.Popen[bytes]]] = field(default_factory=dict)
 
-    def start_worker(self, pool: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"worker-{pool}-{len(self.workers)}.log", "ab")  # noqa: SIM115
+    #: The module run as ``python -m MODULE worker POOL`` (the fault suite wraps the CLI).
+    worker_module = "tasks.cli"
+
+    def start_worker(self, pool: str, concurrency: int = 1,
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        name = f"worker-{pool}-{len(self.workers)}-{uuid.uuid4().hex[:4]}.log"
+        log = open(self.root / name, "ab")  # noqa: SIM115 - the worker holds it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "worker", pool, "--concurrency", str(concurrency),
-             "--loglevel", "INFO"],
-            env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", self.worker_module, "worker", pool, "--concurrency",
+             str(concurrency), "--loglevel", "INFO"],
+            env={**self.env, **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         self.workers[proc.pid] = (pool, proc)
         client = redis.Redis.from_url(self.redis.url)
         services.wait_for(

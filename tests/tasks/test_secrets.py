@@ -103,17 +103,7 @@ def test_registry_password_and_tokens_appear_nowhere_after_full_builds(
     marker = f"ya29.SECRET{uuid.uuid4().hex[:12]}-"
     google.token_prefix = marker
 
-    flower_port = services.free_port()
-    flower_login = ("watcher", f"flower-{uuid.uuid4().hex[:8]}")
-    flower_log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115 - closed below
-    flower = subprocess.Popen(
-        [sys.executable, "-m", "tasks.cli", "flower", "--port", str(flower_port), "--address",
-         "127.0.0.1"], env={**cluster.env, "BUILDQ_FLOWER_BASIC_AUTH": ":".join(flower_login)},
-        cwd=REPO, stdout=flower_log, stderr=subprocess.STDOUT, start_new_session=True)
-    flower_url = f"http://127.0.0.1:{flower_port}"
-    try:
-        services.wait_for(lambda: requests.get(f"{flower_url}/healthcheck", timeout=1).ok, 30,
-                          "flower")
+    with running_flower(cluster, tmp_path / "flower.log") as (flower_url, flower_login):
         cluster.start_worker("control")
         cluster.start_worker("docker")
 
@@ -145,10 +135,6 @@ def test_registry_password_and_tokens_appear_nowhere_after_full_builds(
 
         services.wait_for(lambda: len(flower_tasks()) >= 2, 30, "flower task list")
         flower_text = requests.get(f"{flower_url}/api/tasks", auth=flower_login, timeout=5).content
-    finally:
-        os.killpg(flower.pid, 15)
-        flower.wait(15)
-        flower_log.close()
 
     secrets = [password.encode(), marker.encode(),
                base64.b64encode(f"{USER}:{password}".encode()),

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from config.errors import BuildError, BuildqError, ConfigError, TransientError
+from config.loader import KANIKO_BOOLEAN_FLAGS
 from config.references import classify_registry, parse_destination, parse_image_ref
 from config.schema import LaunchConfig
 from config.settings import Settings
@@ -80,15 +81,8 @@ REPEATABLE_FLAGS = frozenset({
     "--insecure-registry", "--skip-tls-verify-registry", "--ignore-path",
     "--registry-certificate", "--registry-client-cert", "--registry-map",
 })
-#: Kaniko's boolean flags: written bare they mean ``=true``. Any other flag needs a value.
-BOOLEAN_FLAGS = frozenset({
-    "--cache", "--cache-copy-layers", "--cache-run-layers", "--cleanup", "--compressed-caching",
-    "--force", "--ignore-var-run", "--insecure", "--insecure-pull", "--log-timestamp",
-    "--no-push", "--no-push-cache", "--push-ignore-immutable-tag-errors", "--reproducible",
-    "--single-snapshot", "--skip-default-registry-fallback", "--skip-push-permission-check",
-    "--skip-tls-verify", "--skip-tls-verify-pull", "--skip-unused-stages", "--use-new-run",
-    "--preserve-context",
-})
+#: Kaniko's boolean flags (written bare they mean ``=true``): the config check's list.
+BOOLEAN_FLAGS = KANIKO_BOOLEAN_FLAGS
 #: Flags buildq must own: the build would read another context or lose its digest.
 OWNED_FLAGS = ("--context", "--digest-file")
 #: Pod waiting reasons after which the container will never start by itself. A first
