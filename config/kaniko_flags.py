@@ -1,0 +1,39 @@
+"""Kaniko's command-line flags as buildq reads them: one table for the config check and
+the Job renderer alike."""
+
+from __future__ import annotations
+
+from config.errors import ConfigError
+
+#: Kaniko's boolean flags: written bare they mean "=true"; every other flag needs a value.
+BOOLEAN_FLAGS = frozenset({
+    "--cache", "--cache-copy-layers", "--cache-run-layers", "--cleanup", "--compressed-caching",
+    "--force", "--ignore-var-run", "--insecure", "--insecure-pull", "--log-timestamp",
+    "--no-push", "--no-push-cache", "--push-ignore-immutable-tag-errors", "--reproducible",
+    "--single-snapshot", "--skip-default-registry-fallback", "--skip-push-permission-check",
+    "--skip-tls-verify", "--skip-tls-verify-pull", "--skip-unused-stages", "--use-new-run",
+    "--preserve-context",
+})
+#: Kaniko flags that may be given many times; every value is kept.
+REPEATABLE_FLAGS = frozenset({
+    "--build-arg", "--destination", "--label", "--annotation", "--registry-mirror",
+    "--insecure-registry", "--skip-tls-verify-registry", "--ignore-path",
+    "--registry-certificate", "--registry-client-cert", "--registry-map",
+})
+#: Flags buildq sets per build: the build would read another context, lose its digest,
+#: or push under a tag that is not its source hash.
+RESERVED_FLAGS = ("--destination", "--context", "--digest-file")
+
+
+def parse_arg(arg: object, where: str = "kaniko-config") -> tuple[str, str]:
+    """``--key=value`` → (``--key``, ``value``); a bare boolean flag means ``true``."""
+    if not isinstance(arg, str) or not arg.startswith("--"):
+        raise ConfigError(f"{where}: container arg {arg!r} is not a flag written --key=value.",
+                          'Quote each flag, e.g. "--cache=false".')
+    key, sep, value = arg.partition("=")
+    if not sep:
+        if key in BOOLEAN_FLAGS:
+            return key, "true"
+        raise ConfigError(f"{where}: container arg {arg!r} needs a value.",
+                          f'Write it as "{key}=<value>" in one list item.')
+    return key, value
