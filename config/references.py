@@ -47,6 +47,15 @@ class ImageRef:
     def with_tag(self, tag: str) -> str:
         return f"{self.name}:{tag}"
 
+    def tagged(self, tag: str) -> ImageRef:
+        """The same repository under ``tag`` (no digest)."""
+        return ImageRef(self.registry, self.repository, tag, None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str | None]) -> ImageRef:
+        """The inverse of ``dataclasses.asdict``: how a reference travels in a task's state."""
+        return cls(str(data["registry"]), str(data["repository"]), data.get("tag"), data.get("digest"))
+
     def __str__(self) -> str:
         text = self.name
         if self.tag:
