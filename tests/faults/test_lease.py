@@ -25,7 +25,7 @@ from tests.faults.conftest import (
 
 pytestmark = pytest.mark.faults
 
-#: How often a control worker's watchdog looks for dead holders (workers/pools.py).
+#: How often a control worker's watchdog looks for dead holders (tasks/cli/pools.py).
 WATCHDOG_INTERVAL = max(0.5, min(10.0, LEASE / 3))
 
 

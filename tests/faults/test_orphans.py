@@ -12,9 +12,9 @@ from pathlib import Path
 import redis
 
 from config.settings import Settings
+from tasks.cli.pools import sweep_workdir
 from tasks.inflight import INFLIGHT, lease_key, reclaim_orphans, register, tracked
 from tasks.state import BuildState
-from workers.pools import sweep_workdir
 from workers.sources.base import scratch_dir, scratch_orphaned
 
 

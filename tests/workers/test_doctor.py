@@ -24,6 +24,7 @@ import boto3
 import pytest
 
 from config.settings import Settings
+from tasks.cli.doctor import Check, Doctor, failed, render
 from tests import services
 from tests.acr_standin import ACRStandIn
 from tests.conftest import (
@@ -34,7 +35,6 @@ from tests.conftest import (
     GAR_HOST,
     moto_iam_user,
 )
-from workers.doctor import Check, Doctor, failed, render
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -338,7 +338,7 @@ def hash_command(source: str, ref: str | None, dockerfile: str | None,
 def worker(pool: str, concurrency: int | None, loglevel: str, hostname: str | None,
            metrics_port: str | None, json_logs: bool) -> None:
     """Start a worker of POOL (needs BUILDQ_REDIS_URL)."""
-    from workers.pools import run_worker
+    from tasks.cli.pools import run_worker
 
     run_worker(pool, _settings(), concurrency, loglevel, metrics_port=metrics_port,
                json_logs=json_logs, hostname=hostname)
@@ -354,7 +354,7 @@ def worker(pool: str, concurrency: int | None, loglevel: str, hostname: str | No
 def flower(port: int, address: str | None, basic_auth: str | None, no_auth: bool,
            flower_args: tuple[str, ...]) -> None:
     """Start Flower for buildq's workers; further arguments go to Flower (e.g. --url-prefix=x)."""
-    from workers.monitor import run_flower
+    from tasks.cli.flower import run_flower
 
     run_flower(_settings(), port=port, address=address, basic_auth=basic_auth, no_auth=no_auth,
                extra=list(flower_args))
@@ -482,7 +482,7 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
               help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")
 def doctor(config_path: str | None) -> None:
     """Check config, credentials, registry, context store and builder; exit 1 if any fails."""
-    from workers.doctor import run_doctor
+    from tasks.cli.doctor import run_doctor
 
     sys.exit(run_doctor(_settings(), config_path, sys.stdout))
 
@@ -567,6 +567,3 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()
