@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import ipaddress
 import re
 import threading
 import time
@@ -31,6 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from config.errors import RegistryError, TransientRegistryError
+from config.names import is_loopback_host
 
 if TYPE_CHECKING:
     from config.references import ImageRef
@@ -104,14 +104,7 @@ def _strip_scheme(host: str) -> str:
 def is_plain_http(host: str, insecure: tuple[str, ...] = ()) -> bool:
     """Loopback registries and the ones listed as insecure speak HTTP; the rest HTTPS."""
     hostname = urlsplit(f"//{host}").hostname or host
-    if host in insecure or hostname in insecure:
-        return True
-    if hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(hostname).is_loopback
-    except ValueError:
-        return False
+    return host in insecure or hostname in insecure or is_loopback_host(host)
 
 
 class Registry(ABC):
