@@ -22,6 +22,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from config import config_from_mapping
 from config.errors import BuildError, ConfigError, TransientError
+from config.names import HASH_LABEL
+from config.references import parse_image_ref
 from config.schema import LaunchConfig
 from config.settings import Settings
 from tests import services
@@ -34,6 +36,7 @@ from workers.builders.kaniko import (
     merge_args,
     render_job,
 )
+from workers.context import BuildInputs
 from workers.kube import KubeForbiddenError
 
 #: The Kubernetes version manifests are validated against (a current release).
@@ -66,12 +69,12 @@ def unchecked_cfg(builder: dict[str, Any]) -> LaunchConfig:
                      "build-context-store": "s3://contexts-bucket/ctx", **builder}})
 
 
-def request(**kw: Any) -> KanikoRequest:
-    base: dict[str, Any] = dict(image=f"registry.example.com/team/app:{HASH[:24]}",
-                                context_uri=f"s3://contexts-bucket/ctx/{HASH}.tar.gz", source_hash=HASH,
-                                labels={"buildq.source-hash": HASH})
-    base.update(kw)
-    return KanikoRequest(**base)
+def request(image: str = f"registry.example.com/team/app:{HASH[:24]}",
+            context_uri: str = f"s3://contexts-bucket/ctx/{HASH}.tar.gz",
+            build_args: dict[str, str] | None = None, **inputs: Any) -> KanikoRequest:
+    return KanikoRequest(image=parse_image_ref(image), context_uri=context_uri, source_hash=HASH,
+                         inputs=BuildInputs(build_args=tuple(sorted((build_args or {}).items())),
+                                            **inputs))
 
 
 def container(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -110,8 +113,8 @@ def test_defaults() -> None:
     assert m["metadata"]["name"] == f"launch-agent-build-{HASH[:24]}"
     assert m["metadata"]["namespace"] == "buildq-default"
     for meta in (m["metadata"], spec["template"]["metadata"]):
-        assert meta["labels"]["buildq/source-hash"] == HASH[:24]
-        assert meta["annotations"]["buildq/source-hash"] == HASH
+        assert meta["labels"][HASH_LABEL] == HASH[:24]
+        assert meta["annotations"][HASH_LABEL] == HASH
 
 
 def test_kaniko_image_key_and_file_context() -> None:
@@ -192,7 +195,7 @@ def test_kaniko_config_deep_merge() -> None:
                              SETTINGS))
     assert m["metadata"]["namespace"] == "builds"
     assert m["metadata"]["labels"]["team"] == "ml"
-    assert m["metadata"]["labels"]["buildq/source-hash"] == HASH[:24]
+    assert m["metadata"]["labels"][HASH_LABEL] == HASH[:24]
     assert m["metadata"]["annotations"]["owner"] == "ml-infra"
     assert m["spec"]["activeDeadlineSeconds"] == 600 and m["spec"]["ttlSecondsAfterFinished"] == 60
     assert m["spec"]["backoffLimit"] == 0
@@ -343,6 +346,15 @@ def test_registry_endpoint_mapping_and_insecure_registries() -> None:
     assert _docker_config(m) == {"credHelpers": {"ecr.internal:443": "ecr-login"}}
 
 
+def test_a_loopback_look_alike_host_is_not_made_insecure() -> None:
+    """Only a literal loopback address (or localhost) is plain HTTP; a name is never guessed."""
+    for host, insecure in (("127.evil.example", []), ("127.0.0.1:5000", ["127.0.0.1:5000"]),
+                           ("localhost:5000", ["localhost:5000"])):
+        m = validated(render_job(request(image=f"{host}/team/app:{HASH[:24]}"),
+                                 cfg({"destination": f"{host}/team/app"}), SETTINGS))
+        assert args_of(m, "--insecure-registry") == insecure, host
+
+
 # --------------------------------------------------------------------------- dispatcher
 
 
@@ -381,9 +393,8 @@ def _setup(registry: services.RegistryServer, store: Path, base: str, steps: str
                                "build-context-store": store.as_uri()}
     if kaniko:
         builder["kaniko-config"] = kaniko
-    return cfg(builder), KanikoRequest(image=f"{registry.host}/kaniko/job:{digest[:24]}",
-                                       context_uri=uri, source_hash=digest,
-                                       labels={"buildq.source-hash": digest})
+    return cfg(builder), KanikoRequest(image=parse_image_ref(f"{registry.host}/kaniko/job:{digest[:24]}"),
+                                       context_uri=uri, source_hash=digest, inputs=BuildInputs())
 
 
 def _nothing_left(standin: KubeStandIn) -> None:
@@ -397,7 +408,7 @@ def test_success_returns_registry_digest_with_consistent_names(
                          kaniko={"metadata": {"namespace": "builds"}})
     lines: list[str] = []
     digest = KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lines.append)
-    assert digest == registry.digest("kaniko/job", req.image.rsplit(":", 1)[1])
+    assert digest == registry.digest("kaniko/job", req.image.tag)
     assert "built-by-standin" in lines  # the pod log was streamed live into ours
     _nothing_left(standin)
 
@@ -478,7 +489,7 @@ def test_conflict_adopts_the_existing_job(
     standin._create("jobs", manifest["metadata"]["namespace"], manifest)
     lines: list[str] = []
     digest = KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lines.append)
-    assert digest == registry.digest("kaniko/job", req.image.rsplit(":", 1)[1])
+    assert digest == registry.digest("kaniko/job", req.image.tag)
     assert [r.status for r in standin.requests_for("POST")] == [409]
     assert any("adopted the existing Job" in line for line in lines)
     _nothing_left(standin)
@@ -490,7 +501,7 @@ def test_api_500_then_recovery(standin: KubeStandIn, registry: services.Registry
     standin.fail_next(2, 500, method="POST")
     standin.fail_next(1, 503, path_contains="/pods")
     digest = KanikoDispatcher(config, SETTINGS, standin.api_client()).run(req, lambda _: None)
-    assert digest == registry.digest("kaniko/job", req.image.rsplit(":", 1)[1])
+    assert digest == registry.digest("kaniko/job", req.image.tag)
     assert [r.status for r in standin.requests_for("POST")] == [500, 500, 201]
     _nothing_left(standin)
 
@@ -610,8 +621,9 @@ def test_s3_context_read_with_the_pods_endpoint_env(
     with store.writer(f"{digest}.tar.gz") as out:
         out.write((local / f"{digest}.tar.gz").read_bytes())
     config = cfg({"destination": f"{registry.host}/kaniko/s3", "build-context-store": store.url})
-    req = KanikoRequest(image=f"{registry.host}/kaniko/s3:{digest[:24]}",
-                        context_uri=store.uri(f"{digest}.tar.gz"), source_hash=digest)
+    req = KanikoRequest(image=parse_image_ref(f"{registry.host}/kaniko/s3:{digest[:24]}"),
+                        context_uri=store.uri(f"{digest}.tar.gz"), source_hash=digest,
+                        inputs=BuildInputs())
     manifest = validated(render_job(req, config, settings))
     assert {e["name"]: e["value"] for e in container(manifest)["env"]} == {
         "S3_ENDPOINT": moto_server.endpoint, "S3_FORCE_PATH_STYLE": "true"}

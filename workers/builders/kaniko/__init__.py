@@ -1,0 +1,42 @@
+"""Kaniko builds as Kubernetes Jobs.
+
+:mod:`.manifest` renders a :class:`KanikoRequest` as a batch/v1 Job and talks to no
+one; :mod:`.follower` watches a created Job to its verdict; :mod:`.dispatcher` ties
+them together. Imports run manifest ← follower ← dispatcher, never back.
+"""
+
+from config.names import HASH_LABEL
+from workers.builders.kaniko.dispatcher import KanikoDispatcher
+from workers.builders.kaniko.follower import KanikoCancelledError
+from workers.builders.kaniko.manifest import (
+    DEFAULT_KANIKO_IMAGE,
+    KanikoRequest,
+    cache_repo,
+    deep_merge,
+    default_args,
+    job_name,
+    kaniko_context,
+    merge_args,
+    reached_as,
+    render_job,
+    resolve_namespace,
+)
+
+# HASH_LABEL's home is config.names; it stays importable here only until the pool's
+# Job sweep imports it from there.
+__all__ = [
+    "DEFAULT_KANIKO_IMAGE",
+    "HASH_LABEL",
+    "KanikoCancelledError",
+    "KanikoDispatcher",
+    "KanikoRequest",
+    "cache_repo",
+    "deep_merge",
+    "default_args",
+    "job_name",
+    "kaniko_context",
+    "merge_args",
+    "reached_as",
+    "render_job",
+    "resolve_namespace",
+]
