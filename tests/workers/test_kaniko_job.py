@@ -170,6 +170,12 @@ def test_owned_flags_and_restart_policy_are_refused() -> None:
         render_job(request(), unchecked_cfg({"kaniko-config": kaniko}), SETTINGS)
 
 
+def test_destination_is_reserved_when_rendering_too() -> None:
+    """A second --destination would push the build under a tag that is not its source hash."""
+    with pytest.raises(ConfigError, match="--destination is set by buildq"):
+        merge_args([], ["--destination=elsewhere.example.com/app:latest"])
+
+
 def test_kaniko_config_deep_merge() -> None:
     kaniko = {
         "metadata": {"namespace": "builds", "labels": {"team": "ml"},

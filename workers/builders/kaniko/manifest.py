@@ -289,9 +289,10 @@ def cache_repo(request: KanikoRequest, cfg: LaunchConfig) -> ImageRef:
 
 def default_args(request: KanikoRequest, cfg: LaunchConfig,
                  settings: Settings) -> list[tuple[str, str]]:
+    inputs = request.inputs
     args: list[tuple[str, str]] = [
         ("--context", kaniko_context(request.context_uri)),
-        ("--dockerfile", request.inputs.dockerfile),
+        ("--dockerfile", inputs.dockerfile),
         ("--destination", reached_as(request.image, settings)),
         ("--cache", "true"),
         ("--cache-repo", reached_as(cache_repo(request, cfg), settings)),
@@ -300,7 +301,6 @@ def default_args(request: KanikoRequest, cfg: LaunchConfig,
         # The digest lands in the pod status, where the dispatcher reads it.
         ("--digest-file", "/dev/termination-log"),
     ]
-    inputs = request.inputs
     args += [("--build-arg", f"{k}={v}") for k, v in sorted(inputs.build_args)]
     # A value-less --build-arg makes kaniko take the value from its environment.
     args += [("--build-arg", name) for name in inputs.secrets]
