@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import LaunchConfig, config_from_mapping, load_config
 from config.errors import BuildError, ConfigError, InputError
-from config.references import parse_destination, parse_image_ref
+from config.names import HASH_LABEL
+from config.references import parse_image_ref
 from config.settings import Settings
 from tasks.app import settings as current_settings
 from tasks.connection import redis_client
@@ -32,8 +34,9 @@ from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
 from workers.stores import ContextStore, split_store_url, store_for_url
 
-#: Label every image carries, so a host's images can be traced to their source.
-HASH_LABEL = "buildq.source-hash"
+if TYPE_CHECKING:
+    from workers.builders.kaniko import KanikoRequest
+
 #: Name prefix of source archives the CLI ships for remote workers; deleted with the build.
 UPLOAD_PREFIX = "buildq-upload-"
 
@@ -94,6 +97,38 @@ def _pool_alive(settings: Settings, pool: str) -> bool:
     return pool_alive(redis_client(settings), pool)
 
 
+def describe_request(request_id: str, source: str, settings: Settings, *, destination: str | None,
+                     ref: str | None, dockerfile: str | None, build_args: dict[str, str] | None,
+                     target: str | None, platform: str | None,
+                     config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
+                     python: str | None = None, gpu: bool = False,
+                     secrets: list[str] | tuple[str, ...] | None = None,
+                     ) -> tuple[BuildState, LaunchConfig, SourceSpec]:
+    """The state of a request with every input of its build checked and filled in.
+
+    Shared by the chain and the CLI's ``hash`` and ``kaniko-job``, so that what a build is
+    made of is decided once. Raises :class:`InputError` for a bad option.
+    """
+    state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
+                       dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
+                       platform=platform, gpu=bool(gpu))
+    # Checked here so a bad option fails the request before any work; used at "hash".
+    state.secrets = list(check_names(secrets, state.build_args))
+    argv = parse_entrypoint(entrypoint, "--entrypoint")
+    state.entrypoint = list(argv) if argv is not None else None
+    state.python = check_python(python)
+    cfg = resolve_config(config, settings, bool(destination))
+    state.config = cfg.to_mapping()
+    spec = parse_source(source, ref)
+    state.source = spec.to_dict()
+    if destination:
+        cfg = with_destination(cfg, destination)
+        state.config = cfg.to_mapping()
+    state.ref = cfg.destination()
+    state.platform = platform or cfg.builder.platform
+    return state, cfg, spec
+
+
 def new_request(request_id: str, source: str, settings: Settings, *, destination: str | None,
                 ref: str | None, dockerfile: str | None, build_args: dict[str, str] | None,
                 target: str | None, platform: str | None, builder: str | None,
@@ -105,42 +140,38 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
                        platform=platform, gpu=bool(gpu))
     try:
-        # Checked here so a bad option fails the request before any work; used at "hash".
-        state.secrets = list(check_names(secrets, state.build_args))
-        argv = parse_entrypoint(entrypoint, "--entrypoint")
-        state.entrypoint = list(argv) if argv is not None else None
-        state.python = check_python(python)
-        cfg = resolve_config(config, settings, bool(destination))
-        state.config = cfg.to_mapping()
-        spec = parse_source(source, ref)
-        state.source = spec.to_dict()
-        if destination:
-            cfg = with_destination(cfg, destination)
-            state.config = cfg.to_mapping()
-        dest = cfg.destination()
+        state, cfg, spec = describe_request(
+            request_id, source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
+            build_args=build_args, target=target, platform=platform, config=config,
+            entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets)
         if spec.kind == "image":
+            state.ref = None
+            state.platform = platform
             state.builder = "noop"
             return state
-        if dest is None:
+        if state.ref is None:
             raise InputError("no destination for the image.",
                              "Pass --destination registry/repository or set builder.destination"
                              " in the launch-config.")
-        state.destination = dest.name
-        state.platform = platform or cfg.builder.platform
         state.builder = choose_builder(builder, cfg, settings)
         if state.builder == "noop":
             raise InputError(
                 f"building is disabled (builder.type: noop) but a {spec.kind} source needs a build.",
                 "Set builder.type to docker (with a Docker Engine) or kaniko, or pass --builder.")
         if state.builder == "kaniko":
-            if not cfg.builder.build_context_store:
-                raise ConfigError("the kaniko builder needs builder.build-context-store.",
-                                  "Set it to s3://bucket/prefix, gs://bucket/prefix or "
-                                  "https://<account>.blob.core.windows.net/<container>/prefix.")
-            state.context_store = cfg.builder.build_context_store
+            state.context_store = kaniko_store(cfg)
     except InputError as exc:
         state.fail(str(exc), exc.kind)
     return state
+
+
+def kaniko_store(cfg: LaunchConfig) -> str:
+    """The context store a kaniko build uploads to; kaniko has no other way to its context."""
+    if not cfg.builder.build_context_store:
+        raise ConfigError("the kaniko builder needs builder.build-context-store.",
+                          "Set it to s3://bucket/prefix, gs://bucket/prefix or "
+                          "https://<account>.blob.core.windows.net/<container>/prefix.")
+    return cfg.builder.build_context_store
 
 
 def _client(settings: Settings) -> Any:
@@ -163,7 +194,7 @@ def _resolve_image(state: BuildState, spec: SourceSpec, settings: Settings) -> s
     """An image job builds nothing: report the digest the registry has for it."""
     ref = parse_image_ref(spec.location)
     state.image = spec.location
-    state.destination = ref.name
+    state.ref = ref
     state.tag = ref.tag
     digest = registry_for(ref, settings).manifest_digest(ref, ref.digest or ref.tag or "latest")
     if digest is None:
@@ -174,9 +205,45 @@ def _resolve_image(state: BuildState, spec: SourceSpec, settings: Settings) -> s
     return "record"
 
 
-def _inputs(state: BuildState) -> BuildInputs:
+def build_inputs(state: BuildState, root: Path | None = None) -> BuildInputs:
+    """The typed inputs of this build: the one place they are assembled.
+
+    The hash stage, the upload, the kaniko dispatch, ``buildq hash`` and ``buildq
+    kaniko-job`` all take them from here, so equal requests hash alike on every path.
+    Given the fetched ``root``, a project without a Dockerfile gets one generated (once:
+    the text stays in the state, so every later stage packs the very bytes hashed).
+    """
+    if root is not None:
+        _generate_dockerfile(state, root)
     return BuildInputs.create(state.dockerfile, state.build_args, state.target, state.platform,
                               state.generated_dockerfile, state.secrets)
+
+
+def hash_elsewhere(state: BuildState, settings: Settings) -> str:
+    """Hash the request's source as the hash stage would, in a scratch copy removed after.
+
+    For ``buildq hash`` and ``buildq kaniko-job``: no lock, no record, nothing queued.
+    """
+    spec = SourceSpec.from_dict(state.source)
+    if spec.kind == "image":
+        raise InputError("an image source needs no build, so it has no source hash.",
+                         "Give a directory, archive or git URL.")
+    with tempfile.TemporaryDirectory(prefix="buildq-hash-") as scratch:
+        fetched = fetch_source(spec, Path(scratch), settings)
+        try:
+            return hash_tree(state, fetched.root)
+        finally:
+            fetched.cleanup()
+
+
+def hash_tree(state: BuildState, root: Path) -> str:
+    """Hash the fetched tree with the build's inputs; the state learns its hash and tag."""
+    state.source_hash = source_hash(root, build_inputs(state, root))
+    state.tag = image_tag(state.source_hash)
+    if state.ref is not None:
+        state.ref = state.ref.tagged(state.tag)
+        state.image = str(state.ref)
+    return state.source_hash
 
 
 def _generate_dockerfile(state: BuildState, root: Path) -> None:
@@ -210,14 +277,11 @@ def _drop_tree(state: BuildState) -> None:
 def hash_source(state: BuildState, settings: Settings) -> str:
     client = _client(settings)
     try:
-        root = _ensure_tree(state, settings)
-        _generate_dockerfile(state, root)
-        state.source_hash = source_hash(root, _inputs(state))
+        hash_tree(state, _ensure_tree(state, settings))
     except BaseException:
         _drop_tree(state)
         raise
-    state.tag = image_tag(state.source_hash)
-    state.image = f"{state.destination}:{state.tag}"
+    assert state.source_hash
     remember_request(client, state.request_id, state.source_hash)
     emit(client, state.request_id, "hashed", source_hash=state.source_hash, tag=state.tag,
          image=state.image)
@@ -226,7 +290,7 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     token = state.token or new_token()
     lease = Lease(client, state.source_hash, token, settings.lock_lease, state.request_id)
     pending = {k: v for k, v in state.to_dict().items()
-               if k in ("request_id", "source", "destination", "dockerfile", "build_args",
+               if k in ("request_id", "source", "ref", "dockerfile", "build_args",
                         "target", "platform", "builder", "config", "created_at", "entrypoint",
                         "python", "gpu", "secrets")}
     if not lease.acquire(pending):
@@ -241,9 +305,8 @@ def hash_source(state: BuildState, settings: Settings) -> str:
 
 
 def exists(state: BuildState, settings: Settings) -> str:
-    assert state.destination and state.tag
-    ref = parse_destination(state.destination)
-    digest = registry_for(ref, settings).manifest_digest(ref, state.tag)
+    assert state.ref and state.tag
+    digest = registry_for(state.ref, settings).manifest_digest(state.ref, state.tag)
     if digest:
         state.digest = digest
         state.status = "skipped"
@@ -266,7 +329,7 @@ def upload(state: BuildState, settings: Settings) -> str:
         if not store.exists(key):
             root = _ensure_tree(state, settings)
             with store.writer(key) as out:
-                state.context_bytes = write_context(root, _inputs(state), out)
+                state.context_bytes = write_context(root, build_inputs(state, root), out)
         state.context_key = key
     finally:
         _drop_tree(state)
@@ -280,16 +343,17 @@ def _docker_builder(settings: Settings) -> Builder:
 
 
 def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
-    assert state.image and state.context_key and state.source_hash
+    assert state.ref and state.context_key and state.source_hash
     store = context_store(state, settings)
     key = state.context_key
+    inputs = build_inputs(state)
     return BuildRequest(
-        image=state.image,
+        image=str(state.ref),
         open_context=lambda: store.reader(key),
-        dockerfile=state.dockerfile or "Dockerfile",
-        build_args=state.build_args,
-        target=state.target,
-        platform=state.platform,
+        dockerfile=inputs.dockerfile,
+        build_args=dict(inputs.build_args),
+        target=inputs.target,
+        platform=inputs.platform,
         labels={HASH_LABEL: state.source_hash},
         network_mode=settings.network_mode,
         timeout=settings.build_timeout,
@@ -308,23 +372,22 @@ def build(state: BuildState, settings: Settings) -> str:
     return "push"
 
 
+def kaniko_request(state: BuildState, settings: Settings) -> KanikoRequest:
+    """What the Kaniko Job of this hashed build is given (the dispatch and ``buildq kaniko-job``)."""
+    from workers.builders.kaniko import KanikoRequest
+
+    assert state.ref and state.ref.tag and state.source_hash
+    key = state.context_key or f"{state.source_hash}.tar.gz"
+    return KanikoRequest(image=state.ref, context_uri=context_store(state, settings).uri(key),
+                         source_hash=state.source_hash, inputs=build_inputs(state))
+
+
 def kaniko(state: BuildState, settings: Settings) -> str:
     """Build and push with a Kaniko Job; the Job and its pods are gone when this returns."""
-    from workers.builders.kaniko import KanikoDispatcher, KanikoRequest
+    from workers.builders.kaniko import KanikoDispatcher
 
-    assert state.image and state.context_key and state.source_hash
-    store = context_store(state, settings)
-    request = KanikoRequest(
-        image=state.image,
-        context_uri=store.uri(state.context_key),
-        source_hash=state.source_hash,
-        dockerfile=state.dockerfile or "Dockerfile",
-        build_args=state.build_args,
-        target=state.target,
-        platform=state.platform,
-        labels={HASH_LABEL: state.source_hash},
-        secrets=tuple(state.secrets),
-    )
+    assert state.context_key and state.source_hash
+    request = kaniko_request(state, settings)
     writer = LogWriter(_client(settings), state.source_hash)
     try:
         state.digest = KanikoDispatcher(config_from_mapping(state.config), settings).run(request, writer)
@@ -335,9 +398,8 @@ def kaniko(state: BuildState, settings: Settings) -> str:
 
 def _verify_pushed(state: BuildState, settings: Settings) -> str:
     """Kaniko pushed the image itself: check the registry has it, with the digest it reported."""
-    assert state.destination and state.tag
-    ref = parse_destination(state.destination)
-    found = registry_for(ref, settings).manifest_digest(ref, state.tag)
+    assert state.ref and state.tag
+    found = registry_for(state.ref, settings).manifest_digest(state.ref, state.tag)
     if found is None:
         raise BuildError(f"the Kaniko Job finished but {state.image} is not in the registry.",
                          "Check the Job's log (buildq logs) for a push error.")
@@ -350,7 +412,7 @@ def _verify_pushed(state: BuildState, settings: Settings) -> str:
 
 
 def push(state: BuildState, settings: Settings) -> str:
-    assert state.image and state.destination and state.source_hash
+    assert state.image and state.ref and state.source_hash
     if state.builder == "kaniko":
         return _verify_pushed(state, settings)
     builder = _docker_builder(settings)
@@ -359,7 +421,7 @@ def push(state: BuildState, settings: Settings) -> str:
         if not builder.has_image(state.image):
             # Redelivered to a host that did not build it: build here first.
             builder.build(_build_request(state, settings), writer)
-        auth = registry_for(parse_destination(state.destination), settings).push_auth()
+        auth = registry_for(state.ref, settings).push_auth()
         state.digest = builder.push(state.image, auth, writer)
     finally:
         writer.flush()

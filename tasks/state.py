@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from config.references import ImageRef
+
 Status = Literal["built", "skipped", "failed"]
 
 
@@ -18,7 +20,8 @@ class BuildState:
     #: The request this chain serves (the task id its caller waits on).
     request_id: str
     source: dict[str, Any]
-    destination: str | None = None
+    #: Where the image goes, parsed once: the repository at first, tagged once hashed.
+    ref: ImageRef | None = None
     dockerfile: str | None = None
     build_args: dict[str, str] = field(default_factory=dict)
     #: Names of secret build args; each worker that builds looks their values up itself.
@@ -60,6 +63,11 @@ class BuildState:
         """Nothing is left to do but write the record."""
         return self.status is not None
 
+    @property
+    def destination(self) -> str | None:
+        """The repository the image goes to, as the record shows it."""
+        return self.ref.name if self.ref else None
+
     def fail(self, message: str, kind: str) -> None:
         self.status = "failed"
         self.error = message
@@ -71,4 +79,6 @@ class BuildState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildState:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("ref"), dict):
+            known["ref"] = ImageRef.from_dict(known["ref"])
         return cls(**known)

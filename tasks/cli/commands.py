@@ -84,31 +84,18 @@ def with_build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _hash_local(source: str, ref: str | None, cfg: Any, settings: Any, *, dockerfile: str | None,
-                build_args: dict[str, str], target: str | None, platform: str | None,
-                secrets: tuple[str, ...], entrypoint: str | None, python: str | None,
-                gpu: bool) -> tuple[str, Any]:
-    """The source hash a build of SOURCE gets (as the chain's hash stage computes it)."""
-    import tempfile
+def _described(source: str, ref: str | None, settings: Any, *, destination: str | None = None,
+               dockerfile: str | None, build_args: tuple[str, ...], target: str | None,
+               platform: str | None, secrets: tuple[str, ...], entrypoint: str | None,
+               python: str | None, gpu: bool, config_path: str | None) -> tuple[Any, Any]:
+    """The request's state and config, as the chain would make them (without queueing)."""
+    from tasks.operations import describe_request
 
-    from workers.context import BuildInputs, source_hash
-    from workers.dockerfile import PythonOptions, dockerfile_for
-    from workers.sources import fetch_source, parse_source
-
-    options = PythonOptions.create(cfg, entrypoint=entrypoint, python=python, gpu=gpu)
-    spec = parse_source(source, ref)
-    if spec.kind == "image":
-        raise InputError("an image source needs no build, so it has no source hash.",
-                         "Give a directory, archive or git URL.")
-    with tempfile.TemporaryDirectory(prefix="buildq-hash-") as scratch:
-        fetched = fetch_source(spec, Path(scratch), settings)
-        try:
-            generated = dockerfile_for(fetched.root, dockerfile, options)
-            inputs = BuildInputs.create(dockerfile, build_args, target,
-                                        platform or cfg.builder.platform, generated, secrets)
-            return source_hash(fetched.root, inputs), inputs
-        finally:
-            fetched.cleanup()
+    state, cfg, _ = describe_request(
+        "local", source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
+        build_args=_build_args(build_args), target=target, platform=platform, config=config_path,
+        entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets)
+    return state, cfg
 
 
 @cli.command()
@@ -315,14 +302,14 @@ def hash_command(source: str, ref: str | None, dockerfile: str | None,
                  secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
                  config_path: str | None, full: bool) -> None:
     """Print the tag SOURCE would get (the same options as build give the same tag)."""
-    from config import load_config
+    from tasks.operations import hash_elsewhere
     from workers.context import image_tag
 
     settings = _settings()
-    cfg = load_config(config_path, env_path=settings.config_path)
-    digest, _ = _hash_local(source, ref, cfg, settings, dockerfile=dockerfile,
-                            build_args=_build_args(build_args), target=target, platform=platform,
-                            secrets=secrets, entrypoint=entrypoint, python=python, gpu=gpu)
+    state, _ = _described(source, ref, settings, dockerfile=dockerfile, build_args=build_args,
+                          target=target, platform=platform, secrets=secrets, entrypoint=entrypoint,
+                          python=python, gpu=gpu, config_path=config_path)
+    digest = hash_elsewhere(state, settings)
     click.echo(digest if full else image_tag(digest))
 
 
@@ -449,31 +436,20 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
     """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it."""
     import yaml
 
-    from config import load_config
-    from tasks.operations import HASH_LABEL, with_destination
-    from workers.builders.kaniko import KanikoRequest, render_job
-    from workers.context import image_tag
-    from workers.stores import store_for_url
+    from tasks.operations import hash_elsewhere, kaniko_request, kaniko_store
+    from workers.builders.kaniko import render_job
 
     settings = _settings()
-    cfg = load_config(config_path, env_path=settings.config_path,
-                      destination_given=bool(destination))
-    if destination:
-        cfg = with_destination(cfg, destination)
-    dest = cfg.destination()
-    if dest is None or not cfg.builder.build_context_store:
+    state, cfg = _described(source, ref, settings, destination=destination, dockerfile=dockerfile,
+                            build_args=build_args, target=target, platform=platform,
+                            secrets=secrets, entrypoint=entrypoint, python=python, gpu=gpu,
+                            config_path=config_path)
+    if state.ref is None or not cfg.builder.build_context_store:
         raise InputError("a kaniko Job needs builder.destination and builder.build-context-store.",
                          "Set both in the launch-config (or pass --destination).")
-    args = _build_args(build_args)
-    digest, inputs = _hash_local(source, ref, cfg, settings, dockerfile=dockerfile, build_args=args,
-                                 target=target, platform=platform, secrets=secrets,
-                                 entrypoint=entrypoint, python=python, gpu=gpu)
-    store = store_for_url(cfg.builder.build_context_store, settings)
-    request = KanikoRequest(image=dest.with_tag(image_tag(digest)),
-                            context_uri=store.uri(f"{digest}.tar.gz"), source_hash=digest,
-                            dockerfile=inputs.dockerfile, build_args=args, target=target,
-                            platform=inputs.platform, labels={HASH_LABEL: digest},
-                            secrets=inputs.secrets)
+    state.context_store = kaniko_store(cfg)
+    hash_elsewhere(state, settings)
+    request = kaniko_request(state, settings)
     click.echo(yaml.safe_dump(render_job(request, cfg, settings), sort_keys=False).rstrip())
 
 

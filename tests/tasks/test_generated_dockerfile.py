@@ -24,7 +24,7 @@ import yaml
 
 from config import config_from_mapping
 from tasks import build_image
-from tasks.operations import _generate_dockerfile, _inputs
+from tasks.operations import build_inputs
 from tasks.state import BuildState
 from tests.tasks.conftest import REPO, Cluster
 from workers.context import write_context
@@ -279,9 +279,8 @@ def test_uploaded_context_carries_the_printed_dockerfile(tmp_path: Path) -> None
     state = BuildState(request_id="r", source={"kind": "directory", "location": str(app)},
                        entrypoint=["python", "train.py"],
                        config=config_from_mapping({}).to_mapping())
-    _generate_dockerfile(state, app)
     out = io.BytesIO()
-    write_context(app, _inputs(state), out)
+    write_context(app, build_inputs(state, app), out)
     with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:gz") as tar:
         member = tar.extractfile(state.dockerfile or DOCKERFILE)
         assert member is not None
