@@ -88,6 +88,8 @@ class BuildInputs:
     dockerfile_text: str | None = None
     #: Names of secret build args (sorted); their values are never hashed, nor known here.
     secrets: tuple[str, ...] = ()
+    #: Base images as written with the digest each resolved to, (image, digest) in order.
+    bases: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def create(
@@ -486,6 +488,12 @@ def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> 
         hasher.update(b"\x00secrets" + struct.pack(">Q", len(inputs.secrets)))
         for name in inputs.secrets:
             hasher.update(_field(_encode(name)))
+    if inputs.bases:
+        # Resolved base images: a moved base tag must give a new hash. Appended only when
+        # present, for the same reason as the secrets above.
+        hasher.update(b"\x00bases" + struct.pack(">Q", len(inputs.bases)))
+        for image, digest in inputs.bases:
+            hasher.update(_field(_encode(image)) + _field(_encode(digest)))
     return hasher.hexdigest()
 
 

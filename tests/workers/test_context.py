@@ -165,6 +165,18 @@ def test_build_arg_target_and_platform_each_change_hash(tree: Path, changed: Bui
     assert source_hash(tree, changed) != source_hash(tree, base)
 
 
+def test_a_resolved_base_digest_changes_hash_and_no_bases_keeps_it(tree: Path) -> None:
+    from dataclasses import replace
+
+    digest = "sha256:" + "a" * 64
+    moved = "sha256:" + "b" * 64
+    with_base = replace(DEFAULT, bases=(("local/busybox:base", digest),))
+    assert source_hash(tree, with_base) != source_hash(tree, DEFAULT)
+    assert source_hash(tree, replace(DEFAULT, bases=(("local/busybox:base", moved),))) \
+        != source_hash(tree, with_base)
+    assert source_hash(tree, replace(DEFAULT, bases=())) == source_hash(tree, DEFAULT)
+
+
 def test_build_arg_value_cannot_pose_as_another_arg(tree: Path) -> None:
     one = BuildInputs.create(None, {"A": "1B2"}, None, None)
     two = BuildInputs.create(None, {"A": "1", "B": "2"}, None, None)
