@@ -158,7 +158,7 @@ def concurrent(cluster: Cluster, root: Path, requests: int, sleep: int) -> dict[
     import redis
 
     from tasks import build_image
-    from tasks.records import log_key
+    from tasks.keys import log_key
 
     assert cluster.registry is not None and cluster.redis is not None
     dest = f"{cluster.registry.host}/bench/concurrent"

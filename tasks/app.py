@@ -30,7 +30,9 @@ POOL_QUEUES: dict[str, tuple[str, ...]] = {
     "kaniko": ("kaniko",),
 }
 
-app = Celery("buildq")
+#: ``include``: a worker imports the stage tasks when it boots, so they are registered
+#: without the entry point importing them for that side effect.
+app = Celery("buildq", include=["tasks.stages"])
 _settings: Settings | None = None
 
 

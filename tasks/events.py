@@ -13,8 +13,7 @@ from typing import Any
 
 import redis
 
-from tasks.lock import PREFIX
-from tasks.records import log_key
+from tasks.keys import events_key, log_key
 
 #: Lines of build log kept per source hash.
 LOG_MAXLEN = 100_000
@@ -22,10 +21,6 @@ LOG_MAXLEN = 100_000
 EVENTS_MAXLEN = 1_000
 #: How long streams live after their last write.
 STREAM_TTL = 7 * 24 * 3600
-
-
-def events_key(request_id: str) -> str:
-    return f"{PREFIX}:events:{request_id}"
 
 
 def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:

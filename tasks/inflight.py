@@ -16,20 +16,13 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.resources import files
 from typing import Any
 
 import redis
 
-from tasks.lock import PREFIX
+from tasks.keys import INFLIGHT, lease_key
+from tasks.scripts import script
 from tasks.state import BuildState
-
-#: Hash of request id → the request's state as it entered the chain.
-INFLIGHT = f"{PREFIX}:inflight"
-
-
-def lease_key(request_id: str) -> str:
-    return f"{PREFIX}:inflight:lease:{request_id}"
 
 
 def register(client: redis.Redis, state: BuildState, lease_seconds: float) -> None:
@@ -90,12 +83,12 @@ def tracked(client: redis.Redis, state: BuildState, lease_seconds: float) -> Ite
 
 def reclaim_orphans(client: redis.Redis, lease_seconds: float) -> list[dict[str, Any]]:
     """Take the requests whose lease ran out: their states, each handed to one caller only."""
-    script = client.register_script(files("tasks").joinpath("reclaim.lua").read_text())
+    reclaim = script(client, "reclaim")
     states = []
     for request_id in client.hkeys(INFLIGHT):
         if client.exists(lease_key(str(request_id))):
             continue
-        raw = script(keys=[INFLIGHT, lease_key(str(request_id))],
+        raw = reclaim(keys=[INFLIGHT, lease_key(str(request_id))],
                      args=[str(request_id), int(lease_seconds * 1000)])
         if raw:
             states.append(dict(json.loads(str(raw))))

@@ -18,39 +18,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any
 
 import redis
 
-#: Prefix of every key buildq writes.
-PREFIX = "buildq"
-#: Set of source hashes that have pending requests (scanned by the watchdog).
-PENDING_INDEX = f"{PREFIX}:pending"
-#: Sorted set of source hashes by the time their last record was written.
-HISTORY = f"{PREFIX}:history"
+from tasks.keys import HISTORY, PENDING_INDEX, lock_key, pending_key, record_key
+from tasks.scripts import script
+
 #: How many hashes the history index keeps.
 HISTORY_SIZE = 10_000
 
 
-def lock_key(source_hash: str) -> str:
-    return f"{PREFIX}:lock:{source_hash}"
-
-
-def pending_key(source_hash: str) -> str:
-    return f"{PREFIX}:pending:{source_hash}"
-
-
-def record_key(source_hash: str) -> str:
-    return f"{PREFIX}:record:{source_hash}"
-
-
 def new_token() -> str:
     return secrets.token_hex(16)
-
-
-def _script(client: redis.Redis, name: str) -> Any:
-    return client.register_script(files("tasks").joinpath(f"{name}.lua").read_text())
 
 
 @dataclass
@@ -70,7 +50,7 @@ class Lease:
 
     def acquire(self, request: dict[str, Any]) -> bool:
         """Hold the lock, or register as a waiter; True when held."""
-        held = _script(self.client, "acquire")(
+        held = script(self.client, "acquire")(
             keys=[lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX],
             args=[self.token, self._lease_ms, self.request_id, json.dumps(request),
                   self.source_hash],
@@ -79,7 +59,7 @@ class Lease:
 
     def extend(self, extra_seconds: float = 0.0) -> bool:
         """Renew (or, for a redelivered stage, retake) the lease; False when another owns it."""
-        held = _script(self.client, "extend")(
+        held = script(self.client, "extend")(
             keys=[lock_key(self.source_hash), pending_key(self.source_hash)],
             args=[self.token, int((self.lease_seconds + extra_seconds) * 1000), self.request_id],
         )
@@ -89,7 +69,7 @@ class Lease:
 
     def finish(self, record: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
         """Store the record and release; returns the pending requests, or None if not ours."""
-        reply = _script(self.client, "finish")(
+        reply = script(self.client, "finish")(
             keys=[lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX,
                   record_key(self.source_hash), HISTORY],
             args=[self.token, json.dumps(record), self.source_hash, time.time(), HISTORY_SIZE],
@@ -135,7 +115,7 @@ def take_over(client: redis.Redis, source_hash: str,
     with that token, which serves them all.
     """
     token = new_token()
-    reply = _script(client, "takeover")(
+    reply = script(client, "takeover")(
         keys=[lock_key(source_hash), pending_key(source_hash), PENDING_INDEX],
         args=[token, int(lease_seconds * 1000), source_hash],
     )

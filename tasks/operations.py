@@ -92,7 +92,7 @@ def _docker_answers(settings: Settings) -> bool:
 
 
 def _pool_alive(settings: Settings, pool: str) -> bool:
-    from workers.presence import pool_alive
+    from tasks.presence import pool_alive
 
     return pool_alive(redis_client(settings), pool)
 

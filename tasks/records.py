@@ -13,20 +13,12 @@ from typing import Any
 
 import redis
 
-from tasks.lock import HISTORY, PREFIX, record_key
+from tasks.keys import HISTORY, log_key, record_key, request_hash_key, request_record_key
 from tasks.state import BuildState
 from workers.sources.base import redact_credentials
 
-#: Records of requests that failed before their source had a hash.
-_REQUEST_RECORD = f"{PREFIX}:record:request:"
-#: Map from request id to source hash.
-_REQUEST_HASH = f"{PREFIX}:request:"
 #: How long request-id look-ups are kept.
 REQUEST_TTL = 30 * 24 * 3600
-
-
-def log_key(source_hash: str) -> str:
-    return f"{PREFIX}:log:{source_hash}"
 
 
 def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
@@ -62,20 +54,20 @@ def for_request(record: dict[str, Any], request_id: str, attached: bool) -> dict
 
 
 def remember_request(client: redis.Redis, request_id: str, source_hash: str) -> None:
-    client.set(_REQUEST_HASH + request_id, source_hash, ex=REQUEST_TTL)
+    client.set(request_hash_key(request_id), source_hash, ex=REQUEST_TTL)
 
 
 def store_unhashed(client: redis.Redis, record: dict[str, Any]) -> None:
     """A record for a request that never reached the lock (bad input, noop builder)."""
-    client.set(_REQUEST_RECORD + record["id"], json.dumps(record), ex=REQUEST_TTL)
+    client.set(request_record_key(record["id"]), json.dumps(record), ex=REQUEST_TTL)
 
 
 def find(client: redis.Redis, ident: str) -> dict[str, Any] | None:
     """A record by request id, by full source hash, or by tag (a hash prefix)."""
-    raw = client.get(_REQUEST_RECORD + ident)
+    raw = client.get(request_record_key(ident))
     if raw:
         return dict(json.loads(str(raw)))
-    source_hash = client.get(_REQUEST_HASH + ident)
+    source_hash = client.get(request_hash_key(ident))
     if source_hash:
         raw = client.get(record_key(str(source_hash)))
         return dict(json.loads(str(raw))) if raw else None

@@ -392,7 +392,8 @@ def history(limit: int, as_json: bool) -> None:
 @click.argument("ident")
 def logs(ident: str) -> None:
     """Print the build log of a request id, source hash or tag."""
-    from tasks.records import find, log_key
+    from tasks.keys import log_key
+    from tasks.records import find
 
     client = _redis()
     found = find(client, ident)

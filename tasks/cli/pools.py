@@ -1,8 +1,10 @@
 """Entry points of the three pools: ``buildq worker control|docker|kaniko``.
 
 Each is a Celery worker bound to its pool's queues, with task events on for
-Flower. Control workers also run the watchdog that restarts builds whose holder
-died (see :mod:`tasks.lock`) and sweeps scratch directories nobody will use again.
+Flower. Beside it runs a watchdog thread that renews the worker's presence; on
+control workers it restarts builds whose holder died and sweeps scratch directories
+nobody will use again, on kaniko workers it sweeps abandoned Jobs. What a tick does is
+the build protocol's (:mod:`tasks.watchdog`); this module only runs it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ import time
 import uuid
 from typing import Any
 
+import redis
+
 from config.errors import ServiceError
 from config.settings import Settings
+from tasks.app import POOL_QUEUES, app, configure
+from tasks.connection import check_redis, redis_client
+from tasks.presence import announce
+from tasks.watchdog import restart_orphans, sweep_kaniko_jobs
 from workers import metrics
+from workers.sources.base import sweep_workdir
 
 log = logging.getLogger("buildq.pool")
 
@@ -56,8 +65,6 @@ class Watchdog(threading.Thread):
             import workers.kube  # noqa: F401
 
     def run(self) -> None:
-        from tasks.connection import redis_client
-
         client = redis_client(self.settings)
         while True:
             try:
@@ -67,9 +74,7 @@ class Watchdog(threading.Thread):
             if self.stopping.wait(self.interval):
                 return
 
-    def tick(self, client: Any) -> None:
-        from workers.presence import announce
-
+    def tick(self, client: redis.Redis) -> None:
         announce(client, self.pool, self.hostname)
         metrics.heartbeat()
         if self.pool == "control":
@@ -83,90 +88,6 @@ class Watchdog(threading.Thread):
 
                 self.kube = Kube(new_api_client())
             sweep_kaniko_jobs(client, self.settings, self.kube)
-
-
-def restart_orphans(client: Any, settings: Settings) -> int:
-    """Give each hash whose holder died to one of its waiters, and restart each request
-    lost before it took a lock; returns how many restarted."""
-    from tasks.inflight import reclaim_orphans
-    from tasks.lock import orphaned_hashes, take_over
-    from tasks.stages import resume
-    from tasks.state import BuildState
-
-    restarted = 0
-    for source_hash in orphaned_hashes(client):
-        claim = take_over(client, source_hash, settings.lock_lease)
-        if claim is None:
-            continue
-        token, pending = claim
-        oldest = min(pending.values(), key=lambda r: float(r.get("created_at", 0)))
-        state = BuildState.from_dict(oldest)
-        state.token = token
-        log.warning("holder of %s is gone; restarting the build for request %s",
-                    source_hash[:12], state.request_id)
-        resume.apply_async(args=[state.to_dict()])
-        metrics.takeover()
-        restarted += 1
-    for data in reclaim_orphans(client, settings.lock_lease):
-        # Died while fetching or hashing, before the lock could keep it.
-        log.warning("request %s was lost with its worker before it took a lock; restarting it",
-                    data.get("request_id"))
-        resume.apply_async(args=[data])
-        metrics.takeover()
-        restarted += 1
-    return restarted
-
-
-def sweep_kaniko_jobs(client: Any, settings: Settings, kube: Any) -> int:
-    """Delete finished Kaniko Jobs whose build nobody holds; returns how many.
-
-    A dispatcher deletes its Job whatever happens, unless its worker is killed first.
-    The chain that takes over adopts a Job that still runs; one that already pushed
-    makes it skip the build instead, and that Job (with its pod) would wait for
-    ttlSecondsAfterFinished. Only Jobs in the pool's default namespace are swept.
-    """
-    from datetime import UTC, datetime
-
-    from tasks.lock import lock_key
-    from workers.builders.kaniko import HASH_LABEL
-
-    namespace = settings.kube_namespace
-    swept = 0
-    for job in kube.list_jobs(namespace, "app.kubernetes.io/managed-by=buildq"):
-        meta = job.get("metadata") or {}
-        source_hash = (meta.get("annotations") or {}).get(HASH_LABEL)
-        ended = [c for c in (job.get("status") or {}).get("conditions") or []
-                 if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")]
-        if not source_hash or not ended or client.exists(lock_key(source_hash)):
-            continue
-        try:
-            at = datetime.strptime(str(ended[0].get("lastTransitionTime")), "%Y-%m-%dT%H:%M:%SZ")
-        except ValueError:
-            continue
-        # A holder that lost its lock a moment ago may still be reading the Job's verdict.
-        if (datetime.now(UTC).replace(tzinfo=None) - at).total_seconds() < settings.lock_lease:
-            continue
-        log.warning("deleting Kaniko Job %s/%s: it finished and no build holds %s",
-                    namespace, meta.get("name"), source_hash[:12])
-        kube.delete_job(namespace, str(meta.get("name")))
-        swept += 1
-    return swept
-
-
-def sweep_workdir(settings: Settings) -> None:
-    """Remove scratch dirs whose makers were killed, or older than any build may run."""
-    from workers.sources.base import scratch_orphaned
-
-    root = settings.workdir
-    if not root.is_dir():
-        return
-    horizon = time.time() - settings.build_timeout * 2
-    for entry in root.iterdir():
-        try:
-            if entry.is_dir() and (entry.stat().st_mtime < horizon or scratch_orphaned(entry)):
-                shutil.rmtree(entry, ignore_errors=True)
-        except FileNotFoundError:
-            continue
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -216,9 +137,6 @@ def _health_limit(settings: Settings) -> float:
 
 def _run_worker(pool: str, settings: Settings, concurrency: int | None, loglevel: str,
                 listen: tuple[str, int] | None, name: str | None, quiet: bool = False) -> None:
-    from tasks.app import POOL_QUEUES, app, configure
-    from tasks.connection import check_redis
-
     if pool not in POOLS:
         raise ServiceError(f"unknown pool {pool!r}.", f"Choose one of {', '.join(POOLS)}.")
     if settings.embedded:
@@ -228,12 +146,8 @@ def _run_worker(pool: str, settings: Settings, concurrency: int | None, loglevel
     check_redis(settings)
     check_pool_can_start(pool)
     configure(settings)
-    import tasks.stages  # noqa: F401 - registers the stage tasks
-
     hostname = worker_hostname(pool, name)
     if listen is not None:
-        from tasks.connection import redis_client
-
         metrics.start_server(listen[1], listen[0], redis_client(settings))
     watchdog = Watchdog(settings, pool, hostname)
     watchdog.start()

@@ -20,8 +20,7 @@ import pytest
 import redis
 
 from config.settings import Settings
-from tasks.inflight import INFLIGHT
-from tasks.lock import PENDING_INDEX, lock_key, pending_key
+from tasks.keys import INFLIGHT, PENDING_INDEX, lock_key, pending_key
 from tests import services
 from tests.conftest import AWS_ENV
 from tests.faults.proxy import FaultProxy

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tasks import build_image
-from tasks.lock import lock_key
+from tasks.keys import lock_key
 from tests.faults.conftest import (
     LEASE,
     FaultCluster,

@@ -12,10 +12,10 @@ from pathlib import Path
 import redis
 
 from config.settings import Settings
-from tasks.cli.pools import sweep_workdir
-from tasks.inflight import INFLIGHT, lease_key, reclaim_orphans, register, tracked
+from tasks.inflight import reclaim_orphans, register, tracked
+from tasks.keys import INFLIGHT, lease_key
 from tasks.state import BuildState
-from workers.sources.base import scratch_dir, scratch_orphaned
+from workers.sources.base import scratch_dir, scratch_orphaned, sweep_workdir
 
 
 def test_sweep_removes_the_scratch_dir_of_a_dead_process_only(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks import build_image
-from tasks.lock import lock_key
+from tasks.keys import lock_key
 from tests.faults.conftest import (
     LEASE,
     FaultCluster,

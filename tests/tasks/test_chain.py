@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tasks import build_image
-from tasks.lock import lock_key
+from tasks.keys import lock_key
 from tests.tasks.conftest import Cluster
 
 

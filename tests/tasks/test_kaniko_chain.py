@@ -29,7 +29,7 @@ import redis
 
 from config.settings import Settings
 from tasks import build_image
-from tasks.events import events_key
+from tasks.keys import events_key
 from tests import services
 from tests.conftest import AWS_ENV
 from tests.k8s_standin import KubeStandIn

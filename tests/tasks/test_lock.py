@@ -8,15 +8,8 @@ import time
 import pytest
 import redis
 
-from tasks.lock import (
-    PENDING_INDEX,
-    Lease,
-    lock_key,
-    new_token,
-    orphaned_hashes,
-    record_key,
-    take_over,
-)
+from tasks.keys import PENDING_INDEX, lock_key, record_key
+from tasks.lock import Lease, new_token, orphaned_hashes, take_over
 
 HASH = "ab" * 32
 

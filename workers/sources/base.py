@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from config.errors import SourceError
+from config.settings import Settings
 
 SourceKind = Literal["directory", "archive", "git", "image"]
 
@@ -168,6 +170,20 @@ def scratch_orphaned(path: Path) -> bool:
         return False
     pids = {int(match["pid"]), int(match["ppid"])}
     return not any(pid <= 1 or _process_alive(pid) for pid in pids)
+
+
+def sweep_workdir(settings: Settings) -> None:
+    """Remove scratch dirs whose makers were killed, or older than any build may run."""
+    root = settings.workdir
+    if not root.is_dir():
+        return
+    horizon = time.time() - settings.build_timeout * 2
+    for entry in root.iterdir():
+        try:
+            if entry.is_dir() and (entry.stat().st_mtime < horizon or scratch_orphaned(entry)):
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            continue
 
 
 def remove_tree(path: Path) -> None:

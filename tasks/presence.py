@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import redis
 
+from tasks.keys import presence_key
+
 #: Seconds a worker's presence key outlives its last renewal.
 PRESENCE_TTL = 30
-
-
-def presence_key(pool: str, hostname: str) -> str:
-    return f"buildq:pool:{pool}:{hostname}"
 
 
 def announce(client: redis.Redis, pool: str, hostname: str) -> None:

@@ -1,0 +1,71 @@
+"""Every Redis key buildq writes, and nothing else: the one table of names.
+
+Two processes agree on a build only through these names (a worker's lock and
+another's takeover, a CLI's ``status`` and a worker's record), so they are spelled
+once, here. The Lua scripts get their keys as ``KEYS[...]`` from callers that take
+them from this module.
+"""
+
+from __future__ import annotations
+
+#: Prefix of every key buildq writes.
+PREFIX = "buildq"
+
+# --- the per-source-hash lock (tasks/lock.py) ---------------------------------------------
+#: Set of source hashes that have pending requests (scanned by the watchdog).
+PENDING_INDEX = f"{PREFIX}:pending"
+#: Sorted set of source hashes by the time their last record was written.
+HISTORY = f"{PREFIX}:history"
+
+
+def lock_key(source_hash: str) -> str:
+    """String: the holder's token, with the lease as its expiry."""
+    return f"{PREFIX}:lock:{source_hash}"
+
+
+def pending_key(source_hash: str) -> str:
+    """Hash: request id → request state, of the requests a hash's build will answer."""
+    return f"{PREFIX}:pending:{source_hash}"
+
+
+def record_key(source_hash: str) -> str:
+    """String: the JSON record of the hash's last build."""
+    return f"{PREFIX}:record:{source_hash}"
+
+
+# --- requests before the lock (tasks/inflight.py) -----------------------------------------
+#: Hash of request id → the request's state as it entered the chain.
+INFLIGHT = f"{PREFIX}:inflight"
+
+
+def lease_key(request_id: str) -> str:
+    """String whose expiry is the in-flight request's lease."""
+    return f"{PREFIX}:inflight:lease:{request_id}"
+
+
+# --- records by request (tasks/records.py) ------------------------------------------------
+def request_record_key(request_id: str) -> str:
+    """String: the record of a request that failed before its source had a hash."""
+    return f"{PREFIX}:record:request:{request_id}"
+
+
+def request_hash_key(request_id: str) -> str:
+    """String: the source hash a request was built (or attached) under."""
+    return f"{PREFIX}:request:{request_id}"
+
+
+# --- progress streams (tasks/events.py) ---------------------------------------------------
+def events_key(request_id: str) -> str:
+    """Stream of a request's stage events."""
+    return f"{PREFIX}:events:{request_id}"
+
+
+def log_key(source_hash: str) -> str:
+    """Stream of the build log lines of a source hash's build."""
+    return f"{PREFIX}:log:{source_hash}"
+
+
+# --- worker presence (tasks/presence.py) --------------------------------------------------
+def presence_key(pool: str, hostname: str) -> str:
+    """String that lives while a worker of ``pool`` runs; ``hostname="*"`` gives the pattern."""
+    return f"{PREFIX}:pool:{pool}:{hostname}"
