@@ -5,7 +5,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # What the lazy attributes below return, for mypy and IDEs.
+    from tasks.app import app as app
+    from tasks.stages import build_image as build_image
 
 __all__ = ["app", "build_image"]
 

@@ -14,10 +14,11 @@ import random
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -242,21 +243,33 @@ def _queue_of(stage: str, state: BuildState) -> str:
 
 STAGES: dict[str, StageTask] = {}
 
+_Task = TypeVar("_Task", bound=StageTask)
 
-def _stage(name: str, body: StageBody, base: type[StageTask] = StageTask,
-           task_name: str | None = None) -> StageTask:
-    task_name = task_name or f"buildq.{name}"
+
+def _register(base: type[_Task], name: str, body: StageBody, task_name: str) -> _Task:
+    """A task of class ``base`` (subclassed per stage, as Celery names tasks by class)."""
     cls = type(f"{task_name.rpartition('.')[2].title()}Stage", (base,), {
         "name": task_name, "stage_name": name, "body": staticmethod(body),
         "__module__": __name__,
     })
-    task: StageTask = app.register_task(cls())
+    task: _Task = app.register_task(cls())
     STAGES.setdefault(name, task)
     return task
 
 
-class _BuildImage(StageTask):
-    """The entry: validates the request, then fetches the source (the chain's first stage)."""
+def _stage(name: str, body: StageBody, task_name: str | None = None) -> StageTask:
+    return _register(StageTask, name, body, task_name or f"buildq.{name}")
+
+
+class BuildImageTask(StageTask):
+    """The entry: validates the request, then fetches the source (the chain's first stage).
+
+    ``build_image.delay(source, destination=..., ...)`` returns an AsyncResult whose
+    ``.get()`` is the record. ``entrypoint``, ``python`` and ``gpu`` shape the Dockerfile
+    generated for a Python project that has none (see workers/dockerfile.py); ``secrets``
+    names secret build args, whose values the building worker looks up (see
+    workers/secrets.py).
+    """
 
     def run(  # type: ignore[override]
             self, source: str, *, destination: str | None = None, ref: str | None = None,
@@ -271,15 +284,28 @@ class _BuildImage(StageTask):
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets)
         return self.run_state(state)
 
+    def delay(
+            self, source: str, *, destination: str | None = None, ref: str | None = None,
+            dockerfile: str | None = None, build_args: dict[str, str] | None = None,
+            target: str | None = None, platform: str | None = None, builder: str | None = None,
+            config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
+            python: str | None = None, gpu: bool = False,
+            secrets: list[str] | None = None) -> AsyncResult:
+        """Queue a build of ``source``; the same parameters as :meth:`run`."""
+        given = {"destination": destination, "ref": ref, "dockerfile": dockerfile,
+                 "build_args": build_args, "target": target, "platform": platform,
+                 "builder": builder, "config": config, "entrypoint": entrypoint,
+                 "python": python, "gpu": gpu, "secrets": secrets}
+        # Only what the caller set travels: the message (and Flower's view of it) stays as
+        # short as an untyped ``delay(source, **options)`` made it.
+        options = {k: v for k, v in given.items() if v is not None and v is not False}
+        return self.apply_async(args=[source], kwargs=options)
 
-#: ``build_image(source, *, destination, ref, dockerfile, build_args, target, platform,
-#: builder, config, entrypoint, python, gpu, secrets)``: ``.delay(...)`` returns an AsyncResult
-#: whose ``.get()`` is the record. entrypoint, python and gpu shape the Dockerfile generated
-#: for a Python project that has none (see workers/dockerfile.py); ``secrets`` names secret
-#: build args, whose values the building worker looks up (see workers/secrets.py).
-build_image = _stage("fetch", operations.fetch, _BuildImage, "buildq.build_image")
+
+#: The entry task: ``from tasks import build_image``.
+build_image = _register(BuildImageTask, "fetch", operations.fetch, "buildq.build_image")
 #: The same first stage for a prepared state: how the watchdog restarts an orphaned build.
-resume = _stage("fetch", operations.fetch, task_name="buildq.resume")
+resume = _stage("fetch", operations.fetch, "buildq.resume")
 hash_source = _stage("hash", operations.hash_source)
 exists = _stage("exists", operations.exists)
 upload = _stage("upload", operations.upload)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 
 from config.errors import ConfigError, ServiceError
+from config.names import is_loopback_host
 from config.settings import Settings
+from tasks.connection import check_redis
 
 #: Flower options ``buildq flower`` owns; passing them through would bypass its checks.
 _OWNED = ("--address", "--port", "--basic_auth", "--basic-auth", "--auth")
@@ -23,15 +24,6 @@ def check_logins(value: str) -> str:
                               "Set BUILDQ_FLOWER_BASIC_AUTH (or --basic-auth) to user:password;"
                               " separate several logins with commas.")
     return value
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def flower_command(settings: Settings, *, port: int, address: str | None, basic_auth: str | None,
@@ -50,7 +42,7 @@ def flower_command(settings: Settings, *, port: int, address: str | None, basic_
     if no_auth:
         if logins and basic_auth:
             raise ConfigError("--no-auth and --basic-auth contradict each other.", "Pass one of them.")
-        if address and not _is_loopback(address):
+        if address and not is_loopback_host(address):
             raise ConfigError(f"--no-auth serves Flower without a login, so it listens on 127.0.0.1,"
                               f" not {address}.", "Drop --address, or set a login with --basic-auth.")
         address = address or "127.0.0.1"
@@ -72,8 +64,6 @@ def flower_command(settings: Settings, *, port: int, address: str | None, basic_
 
 def run_flower(settings: Settings, *, port: int, address: str | None, basic_auth: str | None,
                no_auth: bool, extra: list[str]) -> None:
-    from tasks.connection import check_redis
-
     argv, env = flower_command(settings, port=port, address=address, basic_auth=basic_auth,
                                no_auth=no_auth, extra=extra)
     check_redis(settings)
