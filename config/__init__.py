@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from config.errors import ConfigError
-    from config.loader import AGENT_KEYS, config_from_mapping, load_config
+    from config.loader import config_from_mapping, load_config
     from config.references import (
         ImageRef,
         RegistryKind,
@@ -26,10 +26,11 @@ if TYPE_CHECKING:
         LaunchConfig,
         LegacyRegistry,
     )
+    from config.translating import AGENT_KEYS
 
 _HOMES = {
     "ConfigError": "config.errors",
-    "AGENT_KEYS": "config.loader",
+    "AGENT_KEYS": "config.translating",
     "config_from_mapping": "config.loader",
     "load_config": "config.loader",
     "ImageRef": "config.references",

@@ -25,15 +25,26 @@ REPEATABLE_FLAGS = frozenset({
 RESERVED_FLAGS = ("--destination", "--context", "--digest-file")
 
 
+def split_arg(arg: object) -> tuple[str, str | None] | None:
+    """``--key=value`` → (``--key``, ``value``), a bare boolean flag → (``--key``, ``true``);
+    a bare flag that needs a value → (``--key``, None); None when ``arg`` is no flag."""
+    if not isinstance(arg, str) or not arg.startswith("--"):
+        return None
+    key, sep, value = arg.partition("=")
+    if sep:
+        return key, value
+    # "--verbosity", "debug" as two items would pass "debug" as a positional argument.
+    return key, "true" if key in BOOLEAN_FLAGS else None
+
+
 def parse_arg(arg: object, where: str = "kaniko-config") -> tuple[str, str]:
     """``--key=value`` → (``--key``, ``value``); a bare boolean flag means ``true``."""
-    if not isinstance(arg, str) or not arg.startswith("--"):
+    split = split_arg(arg)
+    if split is None:
         raise ConfigError(f"{where}: container arg {arg!r} is not a flag written --key=value.",
                           'Quote each flag, e.g. "--cache=false".')
-    key, sep, value = arg.partition("=")
-    if not sep:
-        if key in BOOLEAN_FLAGS:
-            return key, "true"
+    key, value = split
+    if value is None:
         raise ConfigError(f"{where}: container arg {arg!r} needs a value.",
                           f'Write it as "{key}=<value>" in one list item.')
     return key, value

@@ -3,7 +3,7 @@
 Field aliases are the W&B launch-agent key names (hyphenated), so a user's
 existing ``launch-config.yaml`` is read as is. The models check shapes and types
 only; rules that span keys (regions that must agree, store schemes that must fit
-the environment) live in :mod:`config.loader`, which reports all of them at once.
+the environment) live in :mod:`config.checking`, and the loader reports all of them at once.
 """
 
 from __future__ import annotations

@@ -161,9 +161,9 @@ def test_duplicate_key_is_refused_with_both_lines(tmp_path: Path) -> None:
 
 def test_yaml_merge_keys_are_not_duplicates() -> None:
     # Anchors and merges are a normal way to share blocks in a config.
-    from config.loader import _parse_yaml
+    from config.reading import parse_yaml
 
-    data = _parse_yaml("base: &b {type: docker}\nbuilder:\n  <<: *b\n  type: noop\n", "x")
+    data = parse_yaml("base: &b {type: docker}\nbuilder:\n  <<: *b\n  type: noop\n", "x")
     assert data["builder"] == {"type": "noop"}
 
 
