@@ -27,7 +27,8 @@ from workers.context import BuildInputs, write_context
 from workers.stores import ContextStore, store_for_url
 from workers.stores.azure import AzureBlobStore
 from workers.stores.gcs import GCSStore
-from workers.stores.s3 import PartPipeline, S3Store
+from workers.stores.s3 import S3Store
+from workers.stores.streaming import PartPipeline
 
 AZURE_URL = f"https://{services.AZURITE_ACCOUNT}.blob.core.windows.net"
 

@@ -20,18 +20,17 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
-from config.errors import ConfigError, ContextStoreError, TransientContextStoreError
-from workers.stores.base import AZURE_BLOB_SUFFIX, ContextStore
-from workers.stores.s3 import MappedReader, PartPipeline, buffered
+from config.errors import ConfigError, ContextStoreError
+from config.names import AZURE_BLOB_SUFFIX, classify_store_url
+from workers.stores.base import ContextStore
+from workers.stores.errors import AZURE, Fault, StoreErrors, Wording
+from workers.stores.streaming import MappedReader, PartPipeline, buffered
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
 #: Size of a staged block (Azure allows 50,000 per blob: 200 GiB at this size).
 BLOCK_SIZE = 4 << 20
-#: Blocks staging or queued at once.
-IN_FLIGHT = 4
-UPLOAD_THREADS = 2
 #: Retries of a failed request inside the SDK (its default waits 15 s, then 18, 24 ...:
 #: too long before the chain's own retry of a transient error takes over).
 RETRY_TOTAL = 3
@@ -50,7 +49,8 @@ class AzureBlobStore(ContextStore):
         parts = urlsplit(self.url)
         host = parts.hostname or ""
         segments = parts.path.strip("/").split("/", 1)
-        if parts.scheme != "https" or not host.endswith(AZURE_BLOB_SUFFIX) or not segments[0]:
+        kind, _ = classify_store_url(self.url)
+        if kind != "azure" or not segments[0]:
             raise ConfigError(f"{url!r} is not an Azure Blob store URL.",
                               "Write it as https://<account>.blob.core.windows.net/<container>/prefix.")
         self.account = host[: -len(AZURE_BLOB_SUFFIX)]
@@ -61,6 +61,16 @@ class AzureBlobStore(ContextStore):
         self._credential = credential
         self._client: Any = None
         self._client_lock = threading.Lock()
+        how = ("the storage account key (BUILDQ_AZURE_STORAGE_KEY)" if self._account_key
+               else "the worker's Azure identity (DefaultAzureCredential)")
+        self._errors = StoreErrors(self, AZURE, Wording(
+            service="Azure Blob Storage", endpoint=self.account_url,
+            container=f"the container {self.container!r}",
+            rejected=lambda _code: how,
+            rejected_hint=f"Check it; an identity also needs the {ROLE} role on the account or container.",
+            denied_hint=lambda _action: f"Grant the worker's identity the {ROLE} role on the storage account "
+                                        "or container.",
+        ))
 
     def __repr__(self) -> str:
         # Never the key: only where the store is.
@@ -96,48 +106,6 @@ class AzureBlobStore(ContextStore):
             raise ContextStoreError(f"invalid object key {key!r} for {self.url}.")
         return self.container_client.get_blob_client(f"{self.prefix}/{key}" if self.prefix else key)
 
-    def _error(self, exc: Exception, action: str, key: str) -> ContextStoreError:
-        from azure.core import exceptions as az
-
-        where = self.uri(key)
-        if isinstance(exc, az.ServiceRequestError | az.ServiceResponseError | az.IncompleteReadError):
-            return TransientContextStoreError(f"cannot reach {self.account_url} to {action} {where}: {exc}.")
-        code = str(getattr(exc, "error_code", "") or "")
-        status = int(getattr(getattr(exc, "response", None), "status_code", 0) or 0)
-        if isinstance(exc, az.HttpResponseError) and (status >= 500 or status == 429
-                                                      or code in ("ServerBusy", "OperationTimedOut")):
-            return TransientContextStoreError(
-                f"Azure Blob Storage answered {code or status} to {action} {where}.")
-        if code == "ContainerNotFound":
-            return ContextStoreError(
-                f"the container {self.container!r} of context store {self.url} does not exist.",
-                "Create it, or fix build-context-store in the launch-config.")
-        if code == "AuthenticationFailed" or (isinstance(exc, az.ClientAuthenticationError)
-                                              and status in (0, 401)):
-            how = ("the storage account key (BUILDQ_AZURE_STORAGE_KEY)" if self._account_key
-                   else "the worker's Azure identity (DefaultAzureCredential)")
-            return ContextStoreError(
-                f"Azure Blob Storage rejected {how} to {action} {where}.",
-                f"Check it; an identity also needs the {ROLE} role on the account or container.")
-        if status == 403 or code.startswith("AuthorizationPermission") or code == "AuthorizationFailure":
-            return ContextStoreError(
-                f"access denied to {action} {where}.",
-                f"Grant the worker's identity the {ROLE} role on the storage account or container.")
-        if isinstance(exc, az.ResourceNotFoundError):
-            return ContextStoreError(f"{where} does not exist.")
-        return ContextStoreError(f"cannot {action} {where}: {code or type(exc).__name__}.")
-
-    @contextlib.contextmanager
-    def _mapped(self, action: str, key: str) -> Iterator[None]:
-        from azure.core.exceptions import AzureError
-
-        try:
-            yield
-        except ContextStoreError:
-            raise
-        except AzureError as exc:
-            raise self._error(exc, action, key) from exc
-
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
         from azure.storage.blob import BlobBlock, ContentSettings
@@ -150,17 +118,16 @@ class AzureBlobStore(ContextStore):
 
         def send(number: int, block: bytes) -> None:
             block_id = base64.b64encode(f"{token}-{number:08d}".encode()).decode()
-            with self._mapped("write", key):
+            with self._errors.mapped("write", key):
                 blob.stage_block(block_id, block, length=len(block))
             ids[number] = block_id
 
         content = ContentSettings(content_type="application/gzip")
-        pipeline: PartPipeline[None] = PartPipeline(send, lambda _n: BLOCK_SIZE, threads=UPLOAD_THREADS,
-                                                    in_flight=IN_FLIGHT)
+        pipeline: PartPipeline[None] = PartPipeline(send, lambda _n: BLOCK_SIZE)
         try:
             yield cast(BinaryIO, pipeline)
             _, whole = pipeline.finish()
-            with self._mapped("write", key):
+            with self._errors.mapped("write", key):
                 if whole is not None:
                     blob.upload_blob(whole, overwrite=True, content_settings=content)
                 else:
@@ -173,20 +140,20 @@ class AzureBlobStore(ContextStore):
 
     @contextlib.contextmanager
     def reader(self, key: str) -> Iterator[BinaryIO]:
-        with self._mapped("read", key):
+        with self._errors.mapped("read", key):
             download = self._blob(key).download_blob(max_concurrency=1)
-        raw = MappedReader(download.read, lambda exc: self._error(exc, "read", key))
+        raw = MappedReader(download.read, self._errors.mapper("read", key))
         with buffered(raw) as out:
             yield out
 
     def exists(self, key: str) -> bool:
         from azure.core.exceptions import ResourceNotFoundError
 
-        with self._mapped("exists", key):
+        with self._errors.mapped("exists", key):
             try:
                 self._blob(key).get_blob_properties()
             except ResourceNotFoundError as exc:
-                if getattr(exc, "error_code", None) == "ContainerNotFound":
+                if self._errors.fault(exc) is Fault.NO_CONTAINER:
                     raise
                 return False
         return True
@@ -194,9 +161,9 @@ class AzureBlobStore(ContextStore):
     def delete(self, key: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError
 
-        with self._mapped("delete", key):
+        with self._errors.mapped("delete", key):
             try:
                 self._blob(key).delete_blob(delete_snapshots="include")
             except ResourceNotFoundError as exc:
-                if getattr(exc, "error_code", None) == "ContainerNotFound":
+                if self._errors.fault(exc) is Fault.NO_CONTAINER:
                     raise

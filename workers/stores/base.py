@@ -1,8 +1,9 @@
-"""The context-store interface and the choice of backend by URL scheme.
+"""The context-store interface.
 
 A store holds objects under keys below its prefix. The chain writes each build
 context once, as ``<prefix>/<source-hash>.tar.gz``, and deletes it when the build
-ends. Backends supply four primitives; streaming and naming live here.
+ends. Backends supply four primitives; streaming and naming live here. Which backend
+serves a URL is decided in ``workers.stores``, so this module imports none of them.
 """
 
 from __future__ import annotations
@@ -10,18 +11,10 @@ from __future__ import annotations
 import shutil
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, BinaryIO
-from urllib.parse import urlsplit
+from typing import BinaryIO
 
 from config.errors import ConfigError
-
-if TYPE_CHECKING:
-    from config.settings import Settings
-
-#: Host suffix of Azure Blob Storage accounts (https://<account>.blob.core.windows.net).
-AZURE_BLOB_SUFFIX = ".blob.core.windows.net"
-#: Chunk size for copies between streams.
-COPY_CHUNK = 1 << 20
+from workers.stores.streaming import COPY_CHUNK
 
 
 class ContextStore(ABC):
@@ -69,38 +62,3 @@ def split_store_url(url: str) -> tuple[str, str]:
         raise ConfigError(f"{url!r} names no object inside a store.",
                           "Give the full object URL, e.g. s3://bucket/path/context.tar.gz.")
     return base, key
-
-
-def store_for_url(url: str, settings: Settings | None = None) -> ContextStore:
-    """The backend for a store URL; each module is imported only when used.
-
-    ``settings`` carries endpoint overrides and the Azure key; without it they are read
-    from the environment by ``Settings.from_env`` (the one place that reads it).
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    if scheme == "file":
-        from workers.stores.file import FileStore
-
-        return FileStore(url)
-    if scheme in ("s3", "gs") or (scheme == "https" and (parts.hostname or "").endswith(AZURE_BLOB_SUFFIX)):
-        if settings is None:
-            from config.settings import Settings
-
-            settings = Settings.from_env()
-        if scheme == "s3":
-            from workers.stores.s3 import S3Store
-
-            return S3Store(url, settings)
-        if scheme == "gs":
-            from workers.stores.gcs import GCSStore
-
-            return GCSStore(url, settings)
-        from workers.stores.azure import AzureBlobStore
-
-        return AzureBlobStore(url, settings)
-    raise ConfigError(
-        f"context store {url!r} has a scheme buildq cannot write to ({scheme or 'none'}).",
-        "Use file:///path for one host, s3://bucket/prefix, gs://bucket/prefix or"
-        " https://<account>.blob.core.windows.net/<container>/prefix.",
-    )

@@ -7,15 +7,19 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from config.errors import ConfigError, ContextStoreError
 from workers.stores.base import ContextStore
 
+if TYPE_CHECKING:
+    from config.settings import Settings
+
 
 class FileStore(ContextStore):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
+        """``settings`` is accepted like every backend's; a local directory needs none of it."""
         super().__init__(url)
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):

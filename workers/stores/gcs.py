@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
-from config.errors import ConfigError, ContextStoreError, TransientContextStoreError
+from config.errors import ConfigError, ContextStoreError
+from config.names import classify_store_url
 from workers.stores.base import ContextStore
-from workers.stores.s3 import MappedReader, PartPipeline, buffered
+from workers.stores.errors import GOOGLE, Fault, StoreErrors, Wording
+from workers.stores.streaming import MappedReader, PartPipeline, buffered
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -44,23 +46,29 @@ _PERMISSION = {
 }
 
 
-def _bucket_missing(exc: Any) -> bool:
-    """Whether a 404 is about the bucket (GCS: "The specified bucket does not exist.")."""
-    message = str(getattr(exc, "message", exc)).lower()
-    return "bucket does not exist" in message or "no such bucket" in message
-
-
 class GCSStore(ContextStore):
     def __init__(self, url: str, settings: Settings) -> None:
         super().__init__(url)
         parts = urlsplit(self.url)
-        if parts.scheme != "gs" or not parts.netloc:
+        kind, _ = classify_store_url(self.url)
+        if kind != "gs" or not parts.netloc:
             raise ConfigError(f"{url!r} is not a GCS store URL.", "Write it as gs://bucket/prefix.")
         self.bucket_name = parts.netloc
         self.prefix = parts.path.strip("/")
         self._settings = settings
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._errors = StoreErrors(self, GOOGLE, Wording(
+            service="Cloud Storage", endpoint="Cloud Storage", container=f"the bucket {self.bucket_name!r}",
+            credentials="Google",
+            credentials_hint="Give the worker workload identity or set GOOGLE_APPLICATION_CREDENTIALS "
+                             "to a key file.",
+            denied_hint=self._denied_hint,
+        ))
+
+    def _denied_hint(self, action: str) -> str:
+        return (f"The worker's service account needs {_PERMISSION[action]} (and storage.buckets.get) "
+                f"on gs://{self.bucket_name}, e.g. roles/storage.objectAdmin.")
 
     @property
     def client(self) -> Any:
@@ -68,7 +76,7 @@ class GCSStore(ContextStore):
             if self._client is None:
                 from google.cloud import storage
 
-                with self._mapped("open", ""):
+                with self._errors.mapped("open", ""):
                     endpoint = self._settings.gcs_endpoint_url
                     if endpoint:
                         from google.auth.credentials import AnonymousCredentials
@@ -96,55 +104,6 @@ class GCSStore(ContextStore):
         name = f"{self.prefix}/{key}" if self.prefix else key
         return self.client.bucket(self.bucket_name).blob(name, chunk_size=CHUNK_SIZE)
 
-    def _error(self, exc: Exception, action: str, key: str) -> ContextStoreError:
-        import requests
-        from google.api_core import exceptions as api
-        from google.auth import exceptions as auth
-
-        where = self.uri(key) if key else self.url
-        if isinstance(exc, auth.DefaultCredentialsError):
-            return ContextStoreError(
-                f"no Google credentials to {action} {where}.",
-                "Give the worker workload identity or set GOOGLE_APPLICATION_CREDENTIALS to a key file.")
-        if isinstance(exc, requests.ConnectionError | requests.Timeout | auth.TransportError
-                      | ConnectionError | TimeoutError | api.RetryError):
-            return TransientContextStoreError(f"cannot reach Cloud Storage to {action} {where}: {exc}.")
-        if isinstance(exc, api.ServerError | api.TooManyRequests):
-            return TransientContextStoreError(f"Cloud Storage answered {exc.code} to {action} {where}.")
-        if isinstance(exc, api.Forbidden | api.Unauthorized):
-            return ContextStoreError(
-                f"access denied to {action} {where}.",
-                f"The worker's service account needs {_PERMISSION[action]} (and storage.buckets.get) "
-                f"on gs://{self.bucket_name}, e.g. roles/storage.objectAdmin.")
-        if isinstance(exc, api.NotFound):
-            if _bucket_missing(exc):
-                return ContextStoreError(
-                    f"the bucket {self.bucket_name!r} of context store {self.url} does not exist.",
-                    "Create it, or fix build-context-store in the launch-config.")
-            return ContextStoreError(f"{where} does not exist.")
-        if isinstance(exc, api.GoogleAPICallError):
-            return ContextStoreError(f"Cloud Storage answered {exc.code} to {action} {where}: {exc.message}.")
-        return ContextStoreError(f"cannot {action} {where}: {exc}.")
-
-    def _is_library_error(self, exc: Exception) -> bool:
-        import requests
-        from google.api_core import exceptions as api
-        from google.auth import exceptions as auth
-
-        return isinstance(exc, api.GoogleAPICallError | api.RetryError | auth.GoogleAuthError
-                          | requests.RequestException | ConnectionError | TimeoutError)
-
-    @contextlib.contextmanager
-    def _mapped(self, action: str, key: str) -> Iterator[None]:
-        try:
-            yield
-        except ContextStoreError:
-            raise
-        except Exception as exc:
-            if self._is_library_error(exc):
-                raise self._error(exc, action, key) from exc
-            raise
-
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
         from google.cloud.storage.fileio import BlobWriter
@@ -164,7 +123,7 @@ class GCSStore(ContextStore):
 
         def send(_number: int, chunk: bytes) -> None:
             # One thread, so chunks reach the resumable upload in order.
-            with self._mapped("write", key):
+            with self._errors.mapped("write", key):
                 upload.write(chunk)
 
         pipeline: PartPipeline[None] = PartPipeline(send, lambda _n: CHUNK_SIZE, threads=1,
@@ -172,7 +131,7 @@ class GCSStore(ContextStore):
         try:
             yield cast(BinaryIO, pipeline)
             _, whole = pipeline.finish()
-            with self._mapped("write", key):
+            with self._errors.mapped("write", key):
                 if whole is not None:
                     # Fits in one chunk: a single-request upload, no resumable session.
                     upload.aborted = True
@@ -188,7 +147,7 @@ class GCSStore(ContextStore):
     @contextlib.contextmanager
     def reader(self, key: str) -> Iterator[BinaryIO]:
         blob = self._blob(key)
-        with self._mapped("read", key):
+        with self._errors.mapped("read", key):
             # Fetches metadata first, so a missing object fails here and not mid-stream.
             blob.reload(retry=self._retry)
             if blob.size == 0:
@@ -197,21 +156,21 @@ class GCSStore(ContextStore):
                     yield empty
                 return
             stream = blob.open("rb", chunk_size=CHUNK_SIZE, retry=self._retry)
-        raw = MappedReader(stream.read, lambda exc: self._error(exc, "read", key), stream.close)
+        raw = MappedReader(stream.read, self._errors.mapper("read", key), stream.close)
         with buffered(raw) as out:
             yield out
 
     def exists(self, key: str) -> bool:
-        with self._mapped("exists", key):
+        with self._errors.mapped("exists", key):
             return bool(self._blob(key).exists(retry=self._retry))
 
     def delete(self, key: str) -> None:
         from google.api_core.exceptions import NotFound
 
-        with self._mapped("delete", key):
+        with self._errors.mapped("delete", key):
             try:
                 self._blob(key).delete(retry=self._retry)
             except NotFound as exc:
                 # A missing object is fine; a missing bucket is a misconfigured store.
-                if _bucket_missing(exc):
+                if self._errors.fault(exc) is Fault.NO_CONTAINER:
                     raise
