@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from importlib.resources import files
-from weakref import WeakKeyDictionary
 
 import redis
 from redis.commands.core import Script
@@ -20,17 +19,21 @@ SOURCES: dict[str, str] = {
     for name in ("acquire", "extend", "finish", "takeover", "reclaim")
 }
 
-# Weak, so a client that goes away (the embedded mode makes one per call) takes its
-# scripts along instead of pinning its connection pool.
-_registered: WeakKeyDictionary[redis.Redis, dict[str, Script]] = WeakKeyDictionary()
+#: Attribute of a client that holds its registered scripts. On the client itself, not in
+#: a WeakKeyDictionary: a ``Script`` refers to its client, so a weak map's entries would
+#: keep their keys alive (and the embedded mode makes a client per call).
+_ATTR = "_buildq_scripts"
 _lock = threading.Lock()
 
 
 def script(client: redis.Redis, name: str) -> Script:
     """The registered script ``name`` for ``client``."""
     with _lock:
-        scripts = _registered.get(client)
+        scripts: dict[str, Script] | None = getattr(client, _ATTR, None)
         if scripts is None:
-            scripts = {n: client.register_script(body) for n, body in SOURCES.items()}
-            _registered[client] = scripts
-        return scripts[name]
+            scripts = {}
+            setattr(client, _ATTR, scripts)
+        found = scripts.get(name)
+        if found is None:
+            found = scripts[name] = client.register_script(SOURCES[name])
+        return found
