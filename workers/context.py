@@ -492,8 +492,8 @@ def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> 
         # Resolved base images: a moved base tag must give a new hash. Appended only when
         # present, for the same reason as the secrets above.
         hasher.update(b"\x00bases" + struct.pack(">Q", len(inputs.bases)))
-        for image, digest in inputs.bases:
-            hasher.update(_field(_encode(image)) + _field(_encode(digest)))
+        for image, base_digest in inputs.bases:
+            hasher.update(_field(_encode(image)) + _field(_encode(base_digest)))
     return hasher.hexdigest()
 
 
