@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from config.errors import ConfigError
-from config.kaniko_flags import RESERVED_FLAGS, split_arg
+from config.kaniko_flags import NOT_A_FLAG_HINT, RESERVED_FLAGS, needs_value_hint, split_arg
 from config.names import STORE_EXAMPLES, StoreKind, classify_store_url, is_dns_label
 from config.problems import Problems, show
 from config.references import (
@@ -225,7 +225,7 @@ def _check_kaniko_args(args: Any, path: str, problems: Problems) -> None:
         split = split_arg(arg)
         if split is None:
             problems.add(f"{path}[{j}]", show(arg), 'a flag written "--key=value"',
-                         'Quote each flag, e.g. "--cache=false".')
+                         NOT_A_FLAG_HINT)
             continue
         flag, value = split
         if flag in RESERVED_FLAGS:
@@ -235,7 +235,7 @@ def _check_kaniko_args(args: Any, path: str, problems: Problems) -> None:
                          "builder.build-context-store instead.")
         elif value is None:
             problems.add(f"{path}[{j}]", show(arg), f'"{flag}=<value>" (only boolean flags '
-                         "may be written bare)", f'Write it as "{flag}=<value>" in one list item.')
+                         "may be written bare)", needs_value_hint(flag))
 
 
 def _check_builder(

@@ -23,6 +23,13 @@ REPEATABLE_FLAGS = frozenset({
 #: Flags buildq sets per build: the build would read another context, lose its digest,
 #: or push under a tag that is not its source hash.
 RESERVED_FLAGS = ("--destination", "--context", "--digest-file")
+#: How to write an item that is not a flag; the config check and the renderer say the same.
+NOT_A_FLAG_HINT = 'Quote each flag, e.g. "--cache=false".'
+
+
+def needs_value_hint(key: str) -> str:
+    """How to write a bare non-boolean flag, for both the config check and the renderer."""
+    return f'Write it as "{key}=<value>" in one list item.'
 
 
 def split_arg(arg: object) -> tuple[str, str | None] | None:
@@ -42,9 +49,9 @@ def parse_arg(arg: object, where: str = "kaniko-config") -> tuple[str, str]:
     split = split_arg(arg)
     if split is None:
         raise ConfigError(f"{where}: container arg {arg!r} is not a flag written --key=value.",
-                          'Quote each flag, e.g. "--cache=false".')
+                          NOT_A_FLAG_HINT)
     key, value = split
     if value is None:
         raise ConfigError(f"{where}: container arg {arg!r} needs a value.",
-                          f'Write it as "{key}=<value>" in one list item.')
+                          needs_value_hint(key))
     return key, value

@@ -27,6 +27,10 @@ def _data_home(env: Mapping[str, str]) -> Path:
     return Path(base) / "buildq"
 
 
+def _default_workdir(env: Mapping[str, str]) -> Path:
+    return _data_home(env) / "work"
+
+
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0,
             strict: bool = True) -> float:
     raw = env.get(name)
@@ -50,14 +54,14 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
+    hint = f"Set {name} to a positive integer, e.g. {name}={default}."
     try:
         value = int(raw.strip())
     except ValueError:
         raise ConfigError(f"environment variable {name}={raw!r} is not a whole number.",
-                          f"Set {name} to a positive integer, e.g. {name}={default}.") from None
+                          hint) from None
     if value < 1:
-        raise ConfigError(f"environment variable {name}={raw!r} is too small.",
-                          f"Set {name} to a positive integer, e.g. {name}={default}.")
+        raise ConfigError(f"environment variable {name}={raw!r} is too small.", hint)
     return value
 
 
@@ -84,7 +88,7 @@ class Settings:
     #: Launch-config path from BUILDQ_CONFIG (the --config option wins over it).
     config_path: str | None = None
     #: Scratch space for fetched sources; every directory made here is removed after use.
-    workdir: Path = field(default_factory=lambda: _data_home(os.environ) / "work")
+    workdir: Path = field(default_factory=lambda: _default_workdir(os.environ))
     #: Default context store for the docker pool when the config names none.
     context_store: str = ""
     #: Lock lease: a holder that stops renewing loses the lock after this long.
@@ -147,27 +151,28 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        data = _data_home(env)
-        workdir = Path(env.get("BUILDQ_WORKDIR") or data / "work")
-        store = env.get("BUILDQ_CONTEXT_STORE") or (data / "contexts").as_uri()
+        workdir = Path(env.get("BUILDQ_WORKDIR") or _default_workdir(env))
+        store = env.get("BUILDQ_CONTEXT_STORE") or (_data_home(env) / "contexts").as_uri()
         docker_config = env.get("DOCKER_CONFIG") or str(Path(env.get("HOME", "/root")) / ".docker")
         insecure = tuple(
             h.strip() for h in env.get("BUILDQ_INSECURE_REGISTRIES", "").split(",") if h.strip()
         )
+        # A field's default is the value of an unset variable: cls.<field> reads it, so
+        # each default is written once, in the field.
         return cls(
             redis_url=env.get("BUILDQ_REDIS_URL") or None,
             config_path=env.get("BUILDQ_CONFIG") or None,
             workdir=workdir,
             context_store=store,
-            lock_lease=_number(env, "BUILDQ_LOCK_LEASE", 60.0),
-            build_timeout=_number(env, "BUILDQ_BUILD_TIMEOUT", 3600.0),
+            lock_lease=_number(env, "BUILDQ_LOCK_LEASE", cls.lock_lease),
+            build_timeout=_number(env, "BUILDQ_BUILD_TIMEOUT", cls.build_timeout),
             network_mode=env.get("BUILDQ_NETWORK_MODE") or None,
             insecure_registries=insecure,
             registry_username=env.get("BUILDQ_REGISTRY_USERNAME") or None,
             registry_password=env.get("BUILDQ_REGISTRY_PASSWORD") or None,
             docker_config_dir=Path(docker_config),
-            retry_base=_number(env, "BUILDQ_RETRY_BASE", 2.0),
-            max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", 5, strict=False)),
+            retry_base=_number(env, "BUILDQ_RETRY_BASE", cls.retry_base),
+            max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", cls.max_retries, strict=False)),
             s3_endpoint_url=env.get("BUILDQ_S3_ENDPOINT_URL") or None,
             # STORAGE_EMULATOR_HOST is the name Google's own clients (and kaniko's) honour.
             gcs_endpoint_url=(env.get("BUILDQ_GCS_ENDPOINT_URL") or env.get("STORAGE_EMULATOR_HOST")
@@ -176,7 +181,7 @@ class Settings:
             azure_blob_endpoint=env.get("BUILDQ_AZURE_BLOB_ENDPOINT") or None,
             azure_storage_key=env.get("BUILDQ_AZURE_STORAGE_KEY") or None,
             registry_endpoints=_pairs(env, "BUILDQ_REGISTRY_ENDPOINTS"),
-            kube_namespace=env.get("BUILDQ_KUBE_NAMESPACE") or "default",
+            kube_namespace=env.get("BUILDQ_KUBE_NAMESPACE") or cls.kube_namespace,
             create_repositories=env.get("BUILDQ_CREATE_REPOSITORIES", "").lower() in ("1", "true", "yes"),
             flower_basic_auth=env.get("BUILDQ_FLOWER_BASIC_AUTH") or None,
             max_archive_bytes=_count(env, "BUILDQ_MAX_ARCHIVE_BYTES", DEFAULT_MAX_ARCHIVE_BYTES),
@@ -185,5 +190,5 @@ class Settings:
             build_secrets={k[len(SECRET_ENV_PREFIX):]: v for k, v in env.items()
                            if k.startswith(SECRET_ENV_PREFIX) and len(k) > len(SECRET_ENV_PREFIX)},
             secrets_dir=Path(env["BUILDQ_SECRETS_DIR"]) if env.get("BUILDQ_SECRETS_DIR") else None,
-            build_secrets_secret=env.get("BUILDQ_BUILD_SECRETS_SECRET") or "buildq-build-secrets",
+            build_secrets_secret=env.get("BUILDQ_BUILD_SECRETS_SECRET") or cls.build_secrets_secret,
         )

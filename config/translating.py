@@ -217,7 +217,7 @@ def translate(data: Mapping[str, Any], problems: Problems, warnings: list[str]) 
             problems.add(
                 str(key),
                 "an unknown top-level key",
-                "environment, builder, registry or a W&B agent key",
+                f"{', '.join(_SECTIONS)} or a W&B agent key",
                 _suggest(str(key), [*_SECTIONS, *sorted(AGENT_KEYS)]),
             )
     return Sections(models, builder_unreadable="builder" in data and "builder" not in models)
