@@ -15,14 +15,10 @@ from typing import Any
 
 from config.checking import check_config
 from config.errors import ConfigError
-from config.kaniko_flags import BOOLEAN_FLAGS
 from config.problems import Problems, show
 from config.reading import find_config, read_config_file
 from config.schema import LaunchConfig
 from config.translating import translate
-
-#: Until ``workers/builders/kaniko.py`` reads the table from :mod:`config.kaniko_flags`.
-KANIKO_BOOLEAN_FLAGS = BOOLEAN_FLAGS
 
 
 def load_config(
