@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -72,13 +73,23 @@ def tracked(client: redis.Redis, state: BuildState, lease_seconds: float) -> Ite
         # is accounted for elsewhere now.
         stop.set()
         thread.join(timeout=5)
-        try:
-            if keep:
-                client.set(lease_key(state.request_id), "1", px=lease_ms)
-            else:
-                forget(client, state.request_id)
-        except redis.RedisError:
-            pass  # the watchdog restarts it if need be; the lock keeps that to one build
+        # Through a short Redis outage: an entry left behind is restarted by the watchdog
+        # once its lease runs out, and that copy is stopped only when it reaches the lock
+        # or sees the request answered. The lease itself bounds how long this waits.
+        deadline = time.monotonic() + lease_seconds / 2
+        pause = 0.1
+        while True:
+            try:
+                if keep:
+                    client.set(lease_key(state.request_id), "1", px=lease_ms)
+                else:
+                    forget(client, state.request_id)
+                break
+            except redis.RedisError:
+                if time.monotonic() + pause > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
 
 def reclaim_orphans(client: redis.Redis, lease_seconds: float) -> list[dict[str, Any]]:

@@ -49,6 +49,12 @@ def request_record_key(request_id: str) -> str:
     return f"{PREFIX}:record:request:{request_id}"
 
 
+def answered_key(request_id: str) -> str:
+    """String set by the one chain that answers the request: a restarted copy of a request
+    that was alive after all finds it and stops, so a request gets one answer."""
+    return f"{PREFIX}:answered:{request_id}"
+
+
 def request_hash_key(request_id: str) -> str:
     """String: the source hash a request was built (or attached) under."""
     return f"{PREFIX}:request:{request_id}"

@@ -24,7 +24,7 @@ from tasks.app import settings as current_settings
 from tasks.connection import redis_client
 from tasks.events import LogWriter, emit
 from tasks.lock import Lease, new_token
-from tasks.records import remember_request
+from tasks.records import answered, remember_request
 from tasks.state import BuildState
 from workers.builders import Builder, BuildRequest, engine_available
 from workers.context import BuildInputs, image_tag, source_hash, write_context
@@ -179,6 +179,11 @@ def _client(settings: Settings) -> Any:
 
 
 def fetch(state: BuildState, settings: Settings) -> str:
+    if answered(_client(settings), state.request_id):
+        # A restarted copy of a request that finished meanwhile: its answer stands.
+        from celery.exceptions import Ignore
+
+        raise Ignore()
     spec = SourceSpec.from_dict(state.source)
     if spec.kind == "image":
         return _resolve_image(state, spec, settings)

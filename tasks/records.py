@@ -13,12 +13,21 @@ from typing import Any
 
 import redis
 
-from tasks.keys import HISTORY, log_key, record_key, request_hash_key, request_record_key
+from tasks.keys import HISTORY, answered_key, log_key, record_key, request_hash_key, request_record_key
 from tasks.state import BuildState
 from workers.sources.base import redact_credentials
 
 #: How long request-id look-ups are kept.
 REQUEST_TTL = 30 * 24 * 3600
+
+
+def claim_answer(client: redis.Redis, request_id: str) -> bool:
+    """Whether this caller is the one to answer ``request_id`` (true once per request)."""
+    return bool(client.set(answered_key(request_id), "1", nx=True, ex=REQUEST_TTL))
+
+
+def answered(client: redis.Redis, request_id: str) -> bool:
+    return bool(client.exists(answered_key(request_id)))
 
 
 def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
 from tasks.lock import Lease
-from tasks.records import for_request, make_record, store_unhashed
+from tasks.records import claim_answer, for_request, make_record, store_unhashed
 from tasks.state import BuildState
 from workers import metrics
 
@@ -212,6 +212,8 @@ class StageTask(Task):
         own_id = self.request.id or state.request_id
         record = make_record(state, attached=own_id != state.request_id)
         if not state.source_hash or not state.token:
+            if not claim_answer(client, state.request_id):
+                raise Ignore()
             store_unhashed(client, record)
             metrics.build_finished(state, None)
             return record
@@ -222,12 +224,18 @@ class StageTask(Task):
             # A successor took the lock while we were stalled: its record stands.
             raise Ignore()
         metrics.build_finished(state, waiting)
-        for request_id in waiting:
-            if request_id != own_id:
-                self.backend.store_result(
-                    request_id, for_request(record, request_id, request_id != state.request_id),
-                    "SUCCESS")
-        emit(client, state.request_id, "done", status=record["status"])
+        # One answer per request: a request restarted while it was alive after all (its
+        # worker lost Redis, not its life) may reach here twice; the first answer stands.
+        requests = {*waiting, state.request_id}
+        first = {request_id for request_id in requests if claim_answer(client, request_id)}
+        for request_id in first - {own_id}:
+            self.backend.store_result(
+                request_id, for_request(record, request_id, request_id != state.request_id),
+                "SUCCESS")
+        if state.request_id in first:
+            emit(client, state.request_id, "done", status=record["status"])
+        if own_id in requests and own_id not in first:
+            raise Ignore()
         return for_request(record, own_id, own_id != state.request_id)
 
 

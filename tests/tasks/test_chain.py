@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tasks import build_image
-from tasks.keys import lock_key
+from tasks.keys import INFLIGHT, events_key, lock_key
 from tests.tasks.conftest import Cluster
 
 
@@ -129,3 +130,33 @@ def test_git_source_by_tag_records_the_commit(
     assert record["source"]["ref"] == "v1"
     # The clone was a scratch dir: it is gone.
     assert not any((cluster.root / "work").iterdir())
+
+
+def test_a_finished_request_restarted_by_the_watchdog_keeps_its_one_answer(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    """A worker that lost Redis as it left the hash stage leaves its in-flight entry behind;
+    the watchdog restarts that request although it finished. The copy must not answer again."""
+    dest = f"{cluster.registry.host}/chain/answered"
+    app = _app(tmp_path, base_image, f"answered {uuid.uuid4()}\n")
+    result = build_image.delay(str(app), destination=dest)
+    first = result.get(timeout=120)
+    assert first["status"] == "built", first
+    client = cluster.client()
+    # What a lost `forget` leaves: the request's first state, and no lease.
+    state = {"request_id": result.id, "source": first["source"], "destination": None,
+             "ref": {"registry": cluster.registry.host, "repository": "chain/answered",
+                     "tag": None, "digest": None},
+             "builder": "docker", "config": {}}
+    client.hset(INFLIGHT, result.id, json.dumps(state))
+
+    deadline = time.monotonic() + 30
+    while client.hexists(INFLIGHT, result.id):
+        assert time.monotonic() < deadline, "the watchdog never took the entry"
+        time.sleep(0.2)
+    time.sleep(1)
+    events = [f for _, f in client.xrange(events_key(result.id))]
+    fetches = [e for e in events if e.get("stage") == "fetch" and e.get("state") == "started"]
+    assert len(fetches) == 2, events  # the request's own chain, then the restarted copy
+    assert [e["kind"] for e in events].count("done") == 1, events
+    again = build_image.AsyncResult(result.id).get(timeout=5)
+    assert again == first
