@@ -33,7 +33,8 @@ from config.schema import (
     legacy_destination,
 )
 
-#: Room left in Kubernetes' 63-character names for the per-build suffix.
+#: Room left in a Kubernetes name (a DNS label, at most MAX_DNS_LABEL characters) for the
+#: per-build suffix.
 MAX_BUILD_JOB_NAME = 40
 
 _AWS_REGION_RE = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-[0-9]+$")
