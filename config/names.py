@@ -59,7 +59,7 @@ STORE_EXAMPLES: dict[StoreKind, str] = {
 AZURE_BLOB_SUFFIX = ".blob.core.windows.net"
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-_AZURE_ACCOUNT_RE = re.compile(r"^([a-z0-9]{3,24})\.blob\.core\.windows\.net$")
+_AZURE_ACCOUNT_RE = re.compile(rf"^([a-z0-9]{{3,24}}){re.escape(AZURE_BLOB_SUFFIX)}$")
 _AZURE_CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
 
 
