@@ -27,6 +27,7 @@ import kubernetes_validate
 import pytest
 import redis
 
+from config.names import HASH_LABEL
 from config.settings import Settings
 from tasks import build_image
 from tasks.keys import events_key
@@ -340,7 +341,7 @@ def test_revoked_build_deletes_the_job_and_the_context(
     services.wait_for(lambda: any(p["status"]["phase"] == "Running" for p in kc.standin.list("pods")),
                       120, "the kaniko pod")
     (job,) = kc.standin.list("jobs")
-    source_hash = job["metadata"]["annotations"]["buildq/source-hash"]
+    source_hash = job["metadata"]["annotations"][HASH_LABEL]
     assert kc.stores["gcs"].exists(f"{source_hash}.tar.gz")  # uploaded, in use
     # A second request for the same source waits on the running build.
     waiter = build_image.delay(str(app), builder="kaniko", config=config)

@@ -5,7 +5,6 @@ one; :mod:`.follower` watches a created Job to its verdict; :mod:`.dispatcher` t
 them together. Imports run manifest ← follower ← dispatcher, never back.
 """
 
-from config.names import HASH_LABEL
 from workers.builders.kaniko.dispatcher import KanikoDispatcher
 from workers.builders.kaniko.follower import KanikoCancelledError
 from workers.builders.kaniko.manifest import (
@@ -22,11 +21,8 @@ from workers.builders.kaniko.manifest import (
     resolve_namespace,
 )
 
-# HASH_LABEL's home is config.names; it stays importable here only until the pool's
-# Job sweep imports it from there.
 __all__ = [
     "DEFAULT_KANIKO_IMAGE",
-    "HASH_LABEL",
     "KanikoCancelledError",
     "KanikoDispatcher",
     "KanikoRequest",
