@@ -2,7 +2,7 @@
 
 A Celery prefork worker runs its tasks in child processes, so counters live in
 prometheus_client's multiprocess mode: every process writes its own mmap files in
-a directory private to this worker (made and removed by :func:`workers.pools.run_worker`),
+a directory private to this worker (made and removed by :func:`tasks.cli.pools.run_worker`),
 and the worker's main process sums them when scraped. Queue depth is read from
 Redis at scrape time, not kept in a process.
 
@@ -109,7 +109,7 @@ def _get() -> dict[str, Any]:
     return _metrics
 
 
-# --- hooks: called from tasks/stages.py and workers/pools.py --------------------------------
+# --- hooks: called from tasks/stages.py and tasks/cli/pools.py ------------------------------
 
 
 def stage_finished(stage: str, seconds: float, state: Any, task_id: str | None) -> None:
