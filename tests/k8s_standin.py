@@ -23,6 +23,10 @@ say with real tools: reads ``--context`` as kaniko would, with the pod's env onl
 ``--destination`` to the registry, streams the build output as the pod log and writes
 the pushed digest to the container's termination message (``--digest-file``).
 
+Every request is recorded (:attr:`KubeStandIn.requests`), with the RBAC permission it
+needs (:meth:`KubeStandIn.accesses`), so a test can hold what the pool really asks
+against the Role that is deployed.
+
 Fault knobs: :meth:`KubeStandIn.fail_next` (N requests answer 500 or another code),
 ``delay`` (seconds added to every request), and :meth:`KubeStandIn.plan` (what the next
 Jobs do: ``build``, ``exit`` (non-zero), ``oom`` (OOMKilled), ``hang`` (runs until its
@@ -59,6 +63,17 @@ _CORE_PATH = re.compile(r"^/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?(?P<kind>pods|s
                         r"(?:/(?P<name>[^/]+)(?:/(?P<sub>log|status))?)?$")
 _GROUPS = {"jobs": ("batch", "Job", "batch/v1"), "pods": ("", "Pod", "v1"),
            "secrets": ("", "Secret", "v1"), "configmaps": ("", "ConfigMap", "v1")}
+#: RBAC verb of each HTTP method on a named object (a collection GET is list or watch).
+_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def role_rules(path: Path) -> set[tuple[str, str, str]]:
+    """(verb, group, resource) of every permission a Role manifest grants, rules expanded."""
+    import yaml
+
+    role = yaml.safe_load(path.read_text())
+    return {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
 
 
 def _now() -> str:
@@ -74,6 +89,22 @@ class Request:
     query: dict[str, str]
     status: int = 0
     body: Any = None
+
+    @property
+    def access(self) -> tuple[str, str, str] | None:
+        """The RBAC permission the request needs: (verb, group, resource), as an API
+        server's authorizer derives it; None for a path the stand-in does not serve."""
+        if m := _JOB_PATH.match(self.path):
+            kind, name, sub = "jobs", m["name"], None
+        elif m := _CORE_PATH.match(self.path):
+            kind, name, sub = m["kind"], m["name"], m["sub"]
+        else:
+            return None
+        if self.method == "GET" and name is None:
+            verb = "watch" if self.query.get("watch") in ("true", "1") else "list"
+        else:
+            verb = _VERBS.get(self.method, self.method.lower())
+        return verb, _GROUPS[kind][0], f"{kind}/{sub}" if sub else kind
 
 
 @dataclass
@@ -224,6 +255,11 @@ class KubeStandIn:
     def requests_for(self, method: str, kind: str = "jobs") -> list[Request]:
         with self.cond:
             return [r for r in self.requests if r.method == method and f"/{kind}" in r.path]
+
+    def accesses(self) -> set[tuple[str, str, str]]:
+        """(verb, group, resource) of every request served since the last :meth:`reset`."""
+        with self.cond:
+            return {access for r in self.requests if (access := r.access) is not None}
 
     def log_of(self, namespace: str, pod: str) -> list[str]:
         with self.cond:

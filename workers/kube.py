@@ -19,6 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +39,46 @@ RETRY_BASE, RETRY_CAP = 0.25, 4.0
 REQUEST_TIMEOUT = 30.0
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Access:
+    """One RBAC permission: ``verb`` on ``resource`` of API ``group`` ("" is the core group).
+
+    A subresource is written as RBAC writes it, ``pods/log``.
+    """
+
+    verb: str
+    group: str
+    resource: str
+
+    @property
+    def resource_name(self) -> str:
+        """``jobs.batch``, ``pods``, ``pods/log``: how kubectl and API errors name it."""
+        base, slash, sub = self.resource.partition("/")
+        return f"{base}.{self.group}{slash}{sub}" if self.group else self.resource
+
+    def __str__(self) -> str:
+        return f"{self.verb} {self.resource_name}"
+
+
+# Every request the kaniko pool sends goes through :class:`Kube`, and each of its methods
+# names one of these; ``buildq doctor`` checks this same table and
+# deploy/kubernetes/role.yaml grants it, so the three cannot drift apart unnoticed (a test
+# replays a kaniko build against the API stand-in and compares what it was asked).
+CREATE_JOBS = Access("create", "batch", "jobs")
+GET_JOBS = Access("get", "batch", "jobs")
+LIST_JOBS = Access("list", "batch", "jobs")
+WATCH_JOBS = Access("watch", "batch", "jobs")
+DELETE_JOBS = Access("delete", "batch", "jobs")
+LIST_PODS = Access("list", "", "pods")
+WATCH_PODS = Access("watch", "", "pods")
+GET_POD_LOG = Access("get", "", "pods/log")
+
+#: What the kaniko pool does through the Kubernetes API, and nothing more.
+KANIKO_ACCESS: tuple[Access, ...] = (
+    CREATE_JOBS, GET_JOBS, LIST_JOBS, WATCH_JOBS, DELETE_JOBS, LIST_PODS, WATCH_PODS, GET_POD_LOG,
+)
 
 
 class KubeUnavailableError(TransientError, ServiceError):
@@ -98,10 +139,11 @@ def _status_of(exc: Exception) -> tuple[int, str, str]:
     return status, reason, message
 
 
-def translate(exc: Exception, verb: str, resource: str, namespace: str) -> Exception:
-    """The buildq error for a failed API call ``verb resource`` (e.g. ``create jobs.batch``)."""
+def translate(exc: Exception, access: Access, namespace: str) -> Exception:
+    """The buildq error for a failed API call that needed ``access``."""
     from kubernetes.client.exceptions import ApiException
 
+    verb, resource = access.verb, access.resource_name
     if isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
         return KubeUnavailableError(
             f"the Kubernetes API server could not be reached to {verb} {resource} "
@@ -119,7 +161,7 @@ def translate(exc: Exception, verb: str, resource: str, namespace: str) -> Excep
         return KubeForbiddenError(
             f"the worker's service account may not {verb} {resource} in namespace "
             f"{namespace!r} (403 Forbidden){detail}.",
-            f"Grant it with a Role in {namespace!r}: rule verbs [{verb.split()[0]}] on "
+            f"Grant it with a Role in {namespace!r}: rule verbs [{verb}] on "
             f"{resource}, bound to the service account the kaniko pool runs as.",
             status, reason)
     if status == 401:
@@ -180,7 +222,7 @@ class Kube:
         self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
 
-    def _call(self, verb: str, resource: str, namespace: str, fn: Callable[..., Any],
+    def _call(self, access: Access, namespace: str, fn: Callable[..., Any],
               *args: Any, **kwargs: Any) -> dict[str, Any]:
         def attempt() -> dict[str, Any]:
             try:
@@ -188,32 +230,31 @@ class Kube:
                           **kwargs)
                 data = resp.data
             except Exception as exc:
-                raise translate(exc, verb, resource, namespace) from exc
+                raise translate(exc, access, namespace) from exc
             return json.loads(data) if data else {}
 
         return retrying(attempt)
 
     def create_job(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
-        return self._call("create", "jobs.batch", namespace, self.batch.create_namespaced_job,
+        return self._call(CREATE_JOBS, namespace, self.batch.create_namespaced_job,
                           namespace, _job_body(manifest))
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any]:
-        return self._call("get", "jobs.batch", namespace, self.batch.read_namespaced_job,
-                          name, namespace)
+        return self._call(GET_JOBS, namespace, self.batch.read_namespaced_job, name, namespace)
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete the Job and, through the garbage collector, its pods; gone already is fine."""
         with contextlib.suppress(KubeNotFoundError):
-            self._call("delete", "jobs.batch", namespace, self.batch.delete_namespaced_job,
+            self._call(DELETE_JOBS, namespace, self.batch.delete_namespaced_job,
                        name, namespace, propagation_policy="Background")
 
     def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        data = self._call("list", "jobs.batch", namespace, self.batch.list_namespaced_job,
+        data = self._call(LIST_JOBS, namespace, self.batch.list_namespaced_job,
                           namespace, label_selector=selector)
         return list(data.get("items") or [])
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        data = self._call("list", "pods", namespace, self.core.list_namespaced_pod, namespace,
+        data = self._call(LIST_PODS, namespace, self.core.list_namespaced_pod, namespace,
                           label_selector=selector)
         return list(data.get("items") or [])
 
@@ -227,8 +268,8 @@ class Kube:
         """
         from kubernetes import watch
 
-        fn = self.batch.list_namespaced_job if kind == "jobs" else self.core.list_namespaced_pod
-        resource = "jobs.batch" if kind == "jobs" else "pods"
+        fn, access = ((self.batch.list_namespaced_job, WATCH_JOBS) if kind == "jobs"
+                      else (self.core.list_namespaced_pod, WATCH_PODS))
         kwargs: dict[str, Any] = {"timeout_seconds": timeout_seconds, "deserialize": False,
                                   "allow_watch_bookmarks": True,
                                   "_request_timeout": (REQUEST_TIMEOUT, timeout_seconds + 15)}
@@ -242,7 +283,7 @@ class Kube:
         try:
             yield from w.stream(fn, namespace, **kwargs)
         except Exception as exc:
-            raise translate(exc, "watch", resource, namespace) from exc
+            raise translate(exc, access, namespace) from exc
         finally:
             w.stop()
 
@@ -256,7 +297,7 @@ class Kube:
                 pod, namespace, container=container, follow=True, _preload_content=False,
                 _request_timeout=(REQUEST_TIMEOUT, read_timeout))
         except Exception as exc:
-            raise translate(exc, "get", "pods/log", namespace) from exc
+            raise translate(exc, GET_POD_LOG, namespace) from exc
 
 
 def _job_body(manifest: dict[str, Any]) -> Any:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from config.references import ImageRef
     from config.schema import LaunchConfig
     from config.settings import Settings
+    from workers.kube import Access
     from workers.registries.base import Registry
 
 Status = Literal["PASS", "FAIL", "SKIP"]
@@ -46,17 +47,6 @@ STORE_PERMISSIONS: dict[str, dict[str, str]] = {
     "file": {op: f"{op} access to the directory" for op in ("exists", "write", "read", "delete")}
     | {"grant": "Make the directory writable by the user the workers run as."},
 }
-
-#: What the kaniko pool does through the Kubernetes API: (verb, resource, group, subresource).
-KANIKO_ACCESS = [
-    ("create", "jobs", "batch", ""),
-    ("get", "jobs", "batch", ""),
-    ("watch", "jobs", "batch", ""),
-    ("delete", "jobs", "batch", ""),
-    ("list", "pods", "", ""),
-    ("get", "pods", "", "log"),
-]
-
 
 @dataclass(frozen=True)
 class Check:
@@ -267,6 +257,9 @@ class Doctor:
 
     def _kube_check(self, namespace: str) -> None:
         name = "Kubernetes API"
+        # The pool's own table: what it asks of the API server is what is checked here.
+        from workers.kube import KANIKO_ACCESS
+
         try:
             api_client = self._kube_client
             if api_client is None:
@@ -276,17 +269,17 @@ class Doctor:
             from kubernetes import client
 
             auth = client.AuthorizationV1Api(api_client)
-            missing = []
-            for verb, resource, group, sub in KANIKO_ACCESS:
+            missing: list[Access] = []
+            for access in KANIKO_ACCESS:
+                resource, _, sub = access.resource.partition("/")
                 body: Any = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-                        "spec": {"resourceAttributes": {"namespace": namespace, "verb": verb,
-                                                        "resource": resource, "group": group,
-                                                        "subresource": sub}}}
+                             "spec": {"resourceAttributes": {
+                                 "namespace": namespace, "verb": access.verb, "resource": resource,
+                                 "group": access.group, "subresource": sub}}}
                 review = auth.create_self_subject_access_review(body)
                 allowed = review.status.allowed if review.status else False
                 if not allowed:
-                    what = f"{resource}.{group}" if group else resource
-                    missing.append(f"{verb} {what}{'/' + sub if sub else ''}")
+                    missing.append(access)
         except BuildqError as exc:
             self._add(_fail(name, exc))
             return
@@ -298,15 +291,23 @@ class Doctor:
             return
         if missing:
             self._add(Check(
-                name, "FAIL", f"the kaniko pool may not {', '.join(missing)} in namespace "
+                name, "FAIL", f"the kaniko pool may not {', '.join(map(str, missing))} in namespace "
                 f"{namespace!r} (SelfSubjectAccessReview)",
-                f"needs {missing[0]}. Grant a Role in {namespace!r} with those verbs on "
-                "jobs.batch, pods and pods/log, bound to the workers' service account "
-                f"(kubectl create role buildq-kaniko -n {namespace} --verb=create,get,watch,"
-                "delete,list --resource=jobs.batch,pods,pods/log)."))
+                f"needs {missing[0]}. Grant a Role in {namespace!r} with the rules "
+                f"{access_rules()} (deploy/kubernetes/role.yaml), bound to the workers' "
+                "service account."))
             return
-        self._add(Check(name, "PASS", f"may create, watch and delete jobs.batch and read pod "
-                                      f"logs in namespace {namespace!r}"))
+        self._add(Check(name, "PASS", f"may {', '.join(map(str, KANIKO_ACCESS))} in namespace "
+                                      f"{namespace!r}"))
+
+
+def access_rules() -> str:
+    """The kaniko pool's table as RBAC rules in words: ``jobs.batch: create, get; pods: list``."""
+    from workers.kube import KANIKO_ACCESS
+
+    resources = dict.fromkeys(a.resource_name for a in KANIKO_ACCESS)
+    return "; ".join(f"{r}: {', '.join(a.verb for a in KANIKO_ACCESS if a.resource_name == r)}"
+                     for r in resources)
 
 
 def _namespace(cfg: LaunchConfig, settings: Settings) -> str:

@@ -33,8 +33,9 @@ from tasks import build_image
 from tasks.keys import events_key
 from tests import services
 from tests.conftest import AWS_ENV
-from tests.k8s_standin import KubeStandIn
-from tests.tasks.conftest import Cluster, make_cluster, use_cluster
+from tests.k8s_standin import KubeStandIn, role_rules
+from tests.tasks.conftest import REPO, Cluster, make_cluster, use_cluster
+from workers.kube import KANIKO_ACCESS
 
 NAMESPACE = "buildq-kaniko"
 #: The name users give the registry; BUILDQ_REGISTRY_ENDPOINTS maps it to the real one.
@@ -42,6 +43,8 @@ LOGICAL_REGISTRY = "registry.buildq.test"
 AZURE_HOST = f"{services.AZURITE_ACCOUNT}.blob.core.windows.net"
 K8S_VERSION = "1.33.0"
 STORES = ("s3", "gcs", "azure")
+#: The kaniko pool's access table as (verb, group, resource), which `buildq doctor` checks.
+ACCESS_TABLE = {(a.verb, a.group, a.resource) for a in KANIKO_ACCESS}
 
 
 @dataclasses.dataclass
@@ -183,6 +186,9 @@ def kc(kaniko_cluster: KanikoCluster) -> Iterator[KanikoCluster]:
     for create in kaniko_cluster.standin.requests_for("POST"):
         kubernetes_validate.validate(create.body, K8S_VERSION, strict=True)
         assert services.AZURITE_KEY not in json.dumps(create.body)
+    # Whatever the test made the pool do (adopt, cancel, fail), it asked the API server only
+    # for what the doctor checks and the Role grants.
+    assert kaniko_cluster.standin.accesses() <= ACCESS_TABLE
     kaniko_cluster.standin.reset()
 
 
@@ -434,3 +440,22 @@ def test_ten_identical_requests_create_one_job(kc: KanikoCluster, tmp_path: Path
     creates = kc.standin.requests_for("POST")
     assert len(creates) == 1 and creates[0].status == 201
     _nothing_left(kc, "s3", records[0]["source_hash"])
+
+
+def test_what_the_pool_asks_the_api_server_is_what_the_doctor_checks_and_the_role_grants(
+        kc: KanikoCluster, tmp_path: Path, base_image: str) -> None:
+    app = _app(tmp_path, base_image, "RUN echo asked\n")
+    record = build_image.delay(str(app), builder="kaniko",
+                               config=kc.config(_repo("access"), "s3")).get(timeout=180)
+    assert record["status"] == "built", record
+    # The kaniko worker's watchdog lists its Jobs once per lease to sweep abandoned ones.
+    services.wait_for(lambda: ("list", "batch", "jobs") in kc.standin.accesses(), 60,
+                      "the kaniko pool's Job sweep")
+    asked = kc.standin.accesses()
+    granted = role_rules(REPO / "deploy" / "kubernetes" / "role.yaml")
+    assert asked <= ACCESS_TABLE <= granted, (asked - ACCESS_TABLE, ACCESS_TABLE - granted)
+    # The Role grants nothing the pool never asks for.
+    assert granted == ACCESS_TABLE
+    # One build uses every entry but "get jobs", which only adopting a Job needs (see
+    # test_killed_pool_process_build_is_taken_over_and_adopts_the_job).
+    assert ACCESS_TABLE - asked == {("get", "batch", "jobs")}, ACCESS_TABLE - asked

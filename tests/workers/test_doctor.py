@@ -35,6 +35,7 @@ from tests.conftest import (
     GAR_HOST,
     moto_iam_user,
 )
+from tests.k8s_standin import role_rules
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -240,14 +241,22 @@ class KubeAuthStandIn(services.HTTPStandIn):
         return self.json(201, review)
 
 
-KANIKO_RBAC = {("create", "jobs", "batch"), ("get", "jobs", "batch"), ("watch", "jobs", "batch"),
-               ("delete", "jobs", "batch"), ("list", "pods", ""), ("get", "pods/log", "")}
+#: What deploy/kubernetes/role.yaml grants, as the review stand-in keys it: (verb, resource, group).
+KANIKO_RBAC = {(verb, resource, group) for verb, group, resource
+               in role_rules(REPO / "deploy" / "kubernetes" / "role.yaml")}
 
 
-@pytest.mark.parametrize("granted", [KANIKO_RBAC, KANIKO_RBAC - {("create", "jobs", "batch")}])
+@pytest.mark.parametrize(("granted", "missing"), [
+    (KANIKO_RBAC, None),
+    (KANIKO_RBAC - {("create", "jobs", "batch")}, "create jobs.batch"),
+    # The pool follows its pod by watching: a Role without it fails here, not mid-build.
+    (KANIKO_RBAC - {("watch", "pods", "")}, "watch pods"),
+    # The kaniko watchdog lists its Jobs to sweep abandoned ones.
+    (KANIKO_RBAC - {("list", "jobs", "batch")}, "list jobs.batch"),
+], ids=["role.yaml", "no-create-jobs", "no-watch-pods", "no-list-jobs"])
 def test_kaniko_pool_rbac_via_self_subject_access_review(
         tmp_path: Path, base_settings: Settings, registry: services.RegistryServer,
-        granted: set[tuple[str, str, str]]) -> None:
+        granted: set[tuple[str, str, str]], missing: str | None) -> None:
     from kubernetes import client
 
     api = KubeAuthStandIn(granted)
@@ -263,11 +272,16 @@ def test_kaniko_pool_rbac_via_self_subject_access_review(
         api.stop()
     kube = rows(checks)["Kubernetes API"]
     assert {r["namespace"] for r in api.reviews} == {"builds"}
-    if granted == KANIKO_RBAC:
+    # The doctor asks about exactly what the deployed Role grants: no more, no less.
+    asked = {(r["verb"], r["resource"] + (f"/{r['subresource']}" if r.get("subresource") else ""),
+              r.get("group", "")) for r in api.reviews}
+    assert asked == KANIKO_RBAC
+    if missing is None:
         assert kube.status == "PASS" and not failed(checks), checks
     else:
         assert kube.status == "FAIL"
-        assert "create jobs.batch" in kube.detail and "needs create jobs.batch" in kube.fix
+        assert f"may not {missing} in namespace 'builds'" in kube.detail
+        assert kube.fix.startswith(f"needs {missing}.") and "role.yaml" in kube.fix
         assert "Docker Engine" not in rows(checks)
 
 
