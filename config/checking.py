@@ -460,6 +460,33 @@ def _check_legacy(
     )
 
 
+#: Keys of the Secrets Kubernetes makes for registry logins (kubernetes.io/dockerconfigjson
+#: and kubernetes.io/dockercfg): a registry login, never a storage account key.
+_DOCKER_CONFIG_KEYS = (".dockerconfigjson", ".dockercfg")
+
+
+def _check_azure_store_key(builder: BuilderConfig, env: Environment | None,
+                           warnings: list[str]) -> None:
+    # In azure, builder.secret-name/secret-key name the Secret the kaniko Job reads the
+    # Blob Storage account key from (AZURE_STORAGE_ACCESS_KEY; ACR pushes go through the
+    # workload identity). A registry-login Secret wired there is valid YAML and a valid
+    # Job, and only fails inside kaniko, when it reads the context with a JSON document
+    # as its account key.
+    if not (env is not None and env.type == "azure" and builder.secret_name
+            and builder.secret_key in _DOCKER_CONFIG_KEYS and builder.build_context_store
+            and classify_store_url(builder.build_context_store)[0] == "azure"):
+        return
+    warnings.append(
+        f"builder.secret-key is {builder.secret_key!r}, a registry login's key, but with "
+        "environment.type azure and a Blob Storage context store the kaniko Job reads "
+        "builder.secret-name/secret-key as the storage account key (AZURE_STORAGE_ACCESS_KEY) "
+        "it fetches the context with. Point them at a Secret that holds the account key, e.g. "
+        "`kubectl create secret generic azure-storage-key "
+        "--from-literal=AZURE_STORAGE_ACCESS_KEY=<key>` with secret-name: azure-storage-key "
+        "and secret-key: AZURE_STORAGE_ACCESS_KEY; ACR pushes need no Secret (workload identity)."
+    )
+
+
 def check_config(
     config: LaunchConfig, problems: Problems, warnings: list[str], *, check_builder: bool = True,
     destination_given: bool = False,
@@ -475,5 +502,6 @@ def check_config(
         _check_environment(env, problems)
     if check_builder:
         _check_builder(config.builder, env, problems, destination_given)
+        _check_azure_store_key(config.builder, env, warnings)
     if config.registry is not None:
         _check_legacy(config.registry, config.builder, env, problems, warnings)
