@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -270,3 +271,71 @@ def python_base_image(docker_engine: str, tmp_path_factory: pytest.TempPathFacto
     ``builder.base-image``; kept by name, so later sessions reuse it.
     """
     return services.ensure_python_base_image(tmp_path_factory.mktemp("python-base"))
+
+
+# --- skips: always shown, and only for reasons a bootstrapped machine may have ------------
+
+#: Skip reasons (regular expressions, searched) that are legitimate on a machine of the
+#: kind scripts/bootstrap prepares, each with why. None is today: after bootstrap every
+#: service and stand-in a test uses is installed, so a skip means a test did not test what
+#: it claims, and the run fails. Add an entry only with the reason it cannot be otherwise.
+ALLOWED_SKIPS: dict[str, str] = {}
+
+
+def allowed_why(reason: str) -> str | None:
+    """Why a skip for ``reason`` is legitimate here, or None when it is not."""
+    return next((why for pattern, why in ALLOWED_SKIPS.items() if re.search(pattern, reason)),
+                None)
+
+
+class SkipPolicy:
+    """Collects every skip with its reason; one not in ALLOWED_SKIPS fails the session."""
+
+    def __init__(self) -> None:
+        self.skips: list[tuple[str, str]] = []
+
+    def _record(self, report: pytest.CollectReport | pytest.TestReport) -> None:
+        if not report.skipped or hasattr(report, "wasxfail"):
+            return
+        longrepr = report.longrepr
+        reason = (str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3
+                  else str(longrepr))
+        self.skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # A fixture's skip is reported in setup, a test's own in call: both count.
+        self._record(report)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        self._record(report)
+
+    def unexpected(self) -> list[tuple[str, str]]:
+        return [(node, reason) for node, reason in self.skips if allowed_why(reason) is None]
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        # "No tests collected" too: a module skipped whole leaves nothing else to run.
+        if self.unexpected() and session.exitstatus in (pytest.ExitCode.OK,
+                                                        pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        unexpected = self.unexpected()
+        if unexpected:
+            terminalreporter.section("skips this machine should not have", sep="=", red=True)
+            for node, reason in unexpected:
+                terminalreporter.line(f"{node}: {reason}")
+            terminalreporter.line(
+                f"{len(unexpected)} skip(s) fail the run: after scripts/bootstrap nothing a test "
+                "needs may be missing. Run scripts/bootstrap (or fix the service that did not "
+                "start); a skip that is right on this kind of machine goes into ALLOWED_SKIPS "
+                "in tests/conftest.py with why.", red=True)
+        allowed = [(node, reason, why) for node, reason in self.skips
+                   if (why := allowed_why(reason)) is not None]
+        if allowed:
+            terminalreporter.section("allowed skips", sep="-")
+            for node, reason, why in allowed:
+                terminalreporter.line(f"{node}: {reason} (allowed: {why})")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SkipPolicy(), "buildq-skip-policy")
