@@ -1,5 +1,6 @@
 """A TCP proxy on 127.0.0.1 that a test can cut, refuse or stall: a network fault in front
-of a real service (the context store, the Kubernetes API stand-in), without touching it."""
+of a real service (the context store, the Kubernetes API stand-in, a registry), without
+touching it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class FaultProxy:
 
     ``down()`` drops every open connection and refuses new ones (the port answers with a
     reset, as a dead server's would); ``stall()`` keeps connections open but forwards
-    nothing, as a hung server; ``up()`` forwards again.
+    nothing, as a hung server; ``cut_after(n)`` resets a connection in the middle of a
+    transfer, once ``n`` bytes of it have reached the service; ``up()`` forwards again.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
@@ -28,6 +30,14 @@ class FaultProxy:
         #: Connections turned away while down: proof a client tried during the fault.
         self.refused = 0
         self.closing = False
+        #: Connections reset by ``cut_after``: proof the cut happened where it was meant to.
+        self.cuts = 0
+        #: Bytes forwarded to the service, all connections together.
+        self.sent_upstream = 0
+        self._cut_at: int | None = None
+        self._cuts_left: int | None = None
+        #: Bumped by each ``cut_after``, so bytes sent before it do not count towards it.
+        self._cut_epoch = 0
         threading.Thread(target=self._accept, daemon=True, name="fault-proxy").start()
 
     @property
@@ -36,6 +46,29 @@ class FaultProxy:
 
     def up(self) -> None:
         self.mode = "up"
+        with self.lock:
+            self._cut_at = self._cuts_left = None
+
+    def cut_after(self, nbytes: int, times: int | None = 1) -> None:
+        """Reset the next ``times`` connections (None: every one) that carry ``nbytes`` to the
+        service: the first ``nbytes`` are forwarded, then both sides get a reset, as when a
+        link dies in the middle of a request body. Then forward normally again."""
+        with self.lock:
+            self._cut_at, self._cuts_left = nbytes, times
+            self._cut_epoch += 1
+
+    def _cut_due(self, sent: int, size: int) -> int | None:
+        """How much of the next ``size`` bytes to forward before cutting (None: all, no cut)."""
+        with self.lock:
+            at = self._cut_at
+            if at is None or sent + size < at:
+                return None
+            if self._cuts_left is not None:
+                self._cuts_left -= 1
+                if self._cuts_left <= 0:
+                    self._cut_at = self._cuts_left = None
+            self.cuts += 1
+            return max(at - sent, 0)
 
     def stall(self) -> None:
         self.mode = "stall"
@@ -75,6 +108,8 @@ class FaultProxy:
         with self.lock:
             self.connections.update((client, server))
         peers = {client: server, server: client}
+        # Bytes this connection sent upstream since the latest cut_after.
+        epoch, sent = self._cut_epoch, 0
         try:
             while not self.closing:
                 ready, _, _ = select.select(list(peers), [], [], 0.2)
@@ -84,6 +119,20 @@ class FaultProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is client:
+                        if epoch != self._cut_epoch:
+                            epoch, sent = self._cut_epoch, 0
+                        keep = self._cut_due(sent, len(data))
+                        if keep is not None:
+                            server.sendall(data[:keep])
+                            with self.lock:
+                                self.sent_upstream += keep
+                            _reset(client)
+                            _reset(server)
+                            return
+                        sent += len(data)
+                        with self.lock:
+                            self.sent_upstream += len(data)
                     peers[sock].sendall(data)
         except (OSError, ValueError):
             return
