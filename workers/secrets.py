@@ -5,11 +5,14 @@ each value up where it builds (``BUILDQ_SECRET_<NAME>``, else ``<BUILDQ_SECRETS_
 and the kaniko pool has the Job read it from a Kubernetes Secret. Values never travel
 through the broker, the records or the logs.
 
-The legacy builder (the only one on Docker 20.10 without BuildKit) can pass a value only
-as a build arg, and writes ``|1 NAME=value /bin/sh -c ...`` into the image's history and
-``container_config``. :func:`scrub_saved_image` rewrites a ``docker save`` stream so the
-image config no longer holds the value; the layers pass through untouched, one block at
-a time, so an image of any size costs a few MiB of memory.
+With BuildKit the value reaches RUN steps as a secret mount (``RUN
+--mount=type=secret,id=NAME``) and never becomes a build arg, so it is in no layer,
+config or history (see :mod:`workers.builders.buildkit`). The legacy builder, used only
+where BuildKit is not available, can pass a value only as a build arg, and writes
+``|1 NAME=value /bin/sh -c ...`` into the image's history and ``container_config``.
+:func:`scrub_saved_image` rewrites a ``docker save`` stream so the image config no
+longer holds the value; the layers pass through untouched, one block at a time, so an
+image of any size costs a few MiB of memory.
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 class MissingSecretError(BuildqError):
     """A secret build arg has no value on the worker that builds."""
+
+    kind = "secret"
+
+
+class SecretUsageError(BuildqError):
+    """The Dockerfile reads a secret in a way the builder will not supply it."""
 
     kind = "secret"
 

@@ -1,10 +1,17 @@
-"""DockerBuilder against the real Docker Engine and a real registry."""
+"""DockerBuilder against the real Docker Engine and a real registry.
+
+Every test runs with each frontend a build host may have: BuildKit through Debian's
+docker CLI (``DOCKER_BUILDKIT=1 docker build``), BuildKit through the buildx plugin, and
+the legacy builder where the only docker CLI has no BuildKit (the static 28.x client).
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 import logging
+import os
+import random
 import tarfile
 import time
 import uuid
@@ -56,9 +63,33 @@ def request(image: str, dockerfile: str, **kwargs: object) -> BuildRequest:
                         **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def builder(docker_engine: str) -> DockerBuilder:
-    return DockerBuilder()
+#: frontend → what the builder must report for it.
+FRONTENDS = {"buildkit": "buildkit", "buildx": "buildkit", "legacy": "legacy"}
+
+
+def make_builder(kind: str, scratch: Path) -> DockerBuilder:
+    """A DockerBuilder that finds the docker CLI ``kind`` names, or skips loudly without it."""
+    if kind == "buildkit":
+        built = DockerBuilder(docker_config=scratch / "no-config")
+    elif kind == "legacy":
+        search = services.docker_cli_without_buildkit(scratch / "legacy-cli")
+        if search is None:
+            pytest.skip("no docker CLI without BuildKit on this machine")
+        built = DockerBuilder(cli_path=search, docker_config=scratch / "no-config")
+    else:
+        config = services.buildx_config_dir()
+        if config is None:
+            pytest.skip("the buildx plugin cannot be built here (no Go toolchain)")
+        cli = services.docker_cli_without_buildkit(scratch / "buildx-cli")
+        built = DockerBuilder(cli_path=cli, docker_config=config)
+    assert built.frontend == FRONTENDS[kind], built.legacy_reason
+    return built
+
+
+@pytest.fixture(scope="module", params=list(FRONTENDS))
+def builder(request: pytest.FixtureRequest, docker_engine: str,
+            tmp_path_factory: pytest.TempPathFactory) -> DockerBuilder:
+    return make_builder(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +114,8 @@ def test_build_then_push_returns_the_registrys_digest(
     image_id = builder.build(request(image, dockerfile), lines.append)
     assert image_id.startswith("sha256:")
     assert builder.has_image(image)
-    assert f"run-{nonce}" in lines
+    # The step's output line, as the build printed it (BuildKit prefixes step and time).
+    assert any(line.endswith(f"run-{nonce}") for line in lines), lines
 
     digest = builder.push(image, None, lines.append)
 
@@ -153,26 +185,44 @@ def test_missing_base_image_says_it_cannot_be_pulled(
     assert "FROM" in (caught.value.hint or "")
 
 
+def sleeping(seconds: int) -> list[str]:
+    """Pids of processes running ``sleep SECONDS`` (a step's, seen from the host)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline == f"sleep\0{seconds}\0".encode():
+                found.append(pid)
+    return found
+
+
 def test_build_past_its_timeout_is_cancelled_within_seconds(
     builder: DockerBuilder, base_image: str, lines: list[str]
 ) -> None:
-    dockerfile = f"FROM {base_image}\nRUN echo started && sleep 30\n"
+    # A sleep of its own length, to find its process among whatever else runs here.
+    seconds = random.randint(300, 999)
+    dockerfile = (f"FROM {base_image}\nRUN echo started-{uuid.uuid4().hex} && "
+                  f"sleep {seconds}\n")
     started = time.monotonic()
     with pytest.raises(BuildError) as caught:
-        builder.build(request("buildq-test/slow:1", dockerfile, timeout=2.0), lines.append)
-    assert time.monotonic() - started < 8
-    assert "2 s" in caught.value.message
+        builder.build(request("buildq-test/slow:1", dockerfile, timeout=3.0), lines.append)
+    assert time.monotonic() - started < 9
+    assert "3 s" in caught.value.message
     assert "BUILDQ_BUILD_TIMEOUT" in str(caught.value)
+    assert any("started-" in line for line in lines), "the step never ran"
     # The engine must have stopped the step, not merely lost its audience.
     client = docker.from_env()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         running = [c for c in client.containers.list()
-                   if "sleep 30" in " ".join(c.attrs["Config"].get("Cmd") or [])]
-        if not running:
+                   if f"sleep {seconds}" in " ".join(c.attrs["Config"].get("Cmd") or [])]
+        if not running and not sleeping(seconds):
             break
         time.sleep(0.2)
-    assert not running
+    assert not running and not sleeping(seconds)
     assert not builder.has_image("buildq-test/slow:1")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -39,6 +39,14 @@ class BuildRequest:
     timeout: float = 3600.0
     #: Secret build args, name → value, looked up on this worker; never logged or shown.
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Images whose layer cache the build may reuse (BuildKit's inline cache); a missing one
+    #: is a warning in the log, never a failure.
+    cache_from: Sequence[str] = ()
+    #: Registry host → ``{"username", "password"}`` the build may pull with (base images,
+    #: cache images); handed to the builder in a private config file, never an argument.
+    registry_logins: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
+    #: The Dockerfile's text when the caller has it (a generated one); else read from the context.
+    dockerfile_text: str | None = None
 
 
 class Builder(ABC):
@@ -46,6 +54,8 @@ class Builder(ABC):
 
     #: The ``builder.type`` this backend answers to.
     name: str
+    #: Which Dockerfile frontend builds (``buildkit`` or ``legacy``), where the backend has a choice.
+    frontend: str | None = None
 
     @abstractmethod
     def build(self, request: BuildRequest, log: LogFn) -> str:

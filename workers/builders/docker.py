@@ -1,14 +1,21 @@
-"""Builds with a local Docker Engine through its HTTP API (the docker SDK; never the CLI).
+"""Builds with a local Docker Engine: BuildKit where the host has it, else the legacy builder.
 
-The context is streamed from the store to the engine as it is read. A wall-clock deadline
-covers the upload and the build; when it passes, the connection to the engine is shut,
-which makes the engine cancel the build and remove its intermediate container.
+BuildKit builds run through a docker CLI that has it (:mod:`workers.builders.buildkit`);
+the docker SDK, which speaks only to the legacy builder, does everything else: ping,
+inspect, push, and legacy builds where no CLI with BuildKit is installed, the engine
+predates BuildKit, or its daemon configuration turns BuildKit off.
+
+On the legacy path the context is streamed from the store to the engine as it is read.
+A wall-clock deadline covers the upload and the build; when it passes, the connection to
+the engine is shut, which makes the engine cancel the build and remove its intermediate
+container.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import tarfile
@@ -16,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import docker
@@ -31,6 +39,7 @@ from config.errors import (
     TransientRegistryError,
 )
 from workers.builders.base import Builder, BuildRequest, EngineUnavailableError, LogFn
+from workers.builders.buildkit import BuildKitDriver, find_cli
 from workers.secrets import Masker, ScrubReport, scrub_saved_image
 
 #: Output lines kept to quote in the error when a step fails.
@@ -45,6 +54,9 @@ READ_SLACK = 60.0
 
 #: Where the limit a user hits on timeouts comes from.
 TIMEOUT_SETTING = "BUILDQ_BUILD_TIMEOUT"
+
+#: The first Engine API version with BuildKit (Docker 18.09).
+BUILDKIT_API = (1, 39)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _STEP = re.compile(r"^Step (\d+/\d+) : (\S+)\s*(.*)$")
@@ -185,7 +197,10 @@ class DockerBuilder(Builder):
     name = "docker"
 
     def __init__(self, base_url: str | None = None,
-                 endpoints: Mapping[str, str] | None = None) -> None:
+                 endpoints: Mapping[str, str] | None = None, *,
+                 cli_path: str | None = None, docker_config: Path | None = None) -> None:
+        """``cli_path`` is where to look for a docker CLI (default ``$PATH``);
+        ``docker_config`` the worker's docker config directory (default as docker's own)."""
         #: Registry host → where it is really reached (Settings.registry_endpoints).
         self._endpoints = dict(endpoints or {})
         self._where = base_url or "DOCKER_HOST or the default socket /var/run/docker.sock"
@@ -196,17 +211,37 @@ class DockerBuilder(Builder):
             else:
                 self._client = docker.DockerClient(base_url=base_url)
                 self._client_kwargs = {"base_url": base_url}
-            self._client.ping()
+            ping = self._client.api._get(self._client.api._url("/_ping"))
+            ping.raise_for_status()
         except (DockerException, requests.RequestException) as exc:
             raise ServiceError(
                 f"no Docker Engine answers at {self._where}: {_short(exc)}.",
                 "Start dockerd (or set DOCKER_HOST to a running engine) on this build host, "
                 "or set builder.type: kaniko or noop in the launch config.",
             ) from None
+        if docker_config is None:
+            docker_config = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+        self._buildkit: BuildKitDriver | None = None
+        #: Why the legacy builder builds here (empty with BuildKit).
+        self.legacy_reason = _engine_without_buildkit(ping.headers)
+        if not self.legacy_reason:
+            cli, self.legacy_reason = find_cli(cli_path, docker_config)
+            if cli is not None:
+                # The CLI must reach the engine this builder pings, however it was named.
+                engine_env = {} if base_url is None else {"DOCKER_HOST": base_url}
+                if base_url is None:
+                    engine_env = {k: v for k, v in os.environ.items()
+                                  if k in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH",
+                                           "DOCKER_CONTEXT")}
+                self._buildkit = BuildKitDriver(cli, engine_env, docker_config, self._endpoints)
+        self.frontend = "buildkit" if self._buildkit is not None else "legacy"
 
     # -- build ---------------------------------------------------------------------------
 
     def build(self, request: BuildRequest, log: LogFn) -> str:
+        if self._buildkit is not None:
+            return self._build_with_buildkit(self._buildkit, request, log)
+        log(f"buildq: building {request.image} with the legacy builder ({self.legacy_reason})")
         if not request.secrets:
             return self._build(request, log)
         masker = Masker(request.secrets.values())
@@ -222,6 +257,15 @@ class DockerBuilder(Builder):
                     f"the build of {request.image} failed unexpectedly: {type(exc).__name__}: "
                     f"{masker.mask(str(exc))}.",
                     "The worker's log has the details; please report it.") from None
+
+    def _build_with_buildkit(self, driver: BuildKitDriver, request: BuildRequest,
+                             log: LogFn) -> str:
+        # Secrets are mounted, never build args; a RUN step may still print one.
+        masker = Masker(request.secrets.values())
+        try:
+            return driver.build(request, (lambda line: log(masker.mask(line))) if masker else log)
+        except BuildqError as exc:
+            raise masker.error(exc) from None
 
     def _scrub(self, request: BuildRequest, image_id: str, masker: Masker, log: LogFn) -> str:
         """Re-load the built image with its config cleaned of the secret build-arg values.
@@ -387,6 +431,15 @@ class DockerBuilder(Builder):
 
     def _refused_error(self, exc: APIError, request: BuildRequest) -> BuildError:
         text = _explain(exc)
+        if "requires buildkit" in text.lower():
+            return BuildError(
+                f"{request.dockerfile} (the Dockerfile of {request.image}) needs BuildKit, but "
+                f"this build host builds with the legacy builder ({self.legacy_reason}): {text}.",
+                "Install a docker CLI with BuildKit on the docker-pool hosts (the buildx plugin, "
+                "or a docker CLI 18.09 to 22.x, e.g. Debian's docker.io) and let the engine use "
+                "it (no \"features\": {\"buildkit\": false} in daemon.json), or build with "
+                "builder.type: kaniko.",
+            )
         if "parse error" in text.lower():
             return BuildError(
                 f"{request.dockerfile} (the Dockerfile of {request.image}) is invalid: {text}.",
@@ -480,6 +533,23 @@ class DockerBuilder(Builder):
     def remove_image(self, image: str) -> None:
         with contextlib.suppress(requests.RequestException, DockerException):
             self._client.api.remove_image(image)
+
+
+def _engine_without_buildkit(headers: Mapping[str, str]) -> str:
+    """Why this engine, by its ``/_ping`` answer, cannot or will not build with BuildKit ("" if it can)."""
+    version = headers.get("Api-Version", "")
+    try:
+        api = tuple(int(part) for part in version.split("."))
+    except ValueError:
+        api = ()
+    if api and api < BUILDKIT_API:
+        return f"the Docker Engine's API {version} predates BuildKit"
+    if (headers.get("Ostype") or "linux").lower() != "linux":
+        return f"the Docker Engine runs {headers.get('Ostype')} containers, which BuildKit does not build"
+    # Builder-Version 1 is the daemon's "features": {"buildkit": false}: the docker CLI honours it.
+    if headers.get("Builder-Version") == "1":
+        return "the Docker Engine's configuration turns BuildKit off (features.buildkit: false)"
+    return ""
 
 
 def _push_error(message: str, image: str, host: str) -> BuildqError:
