@@ -650,3 +650,133 @@ def start_gar_registry(root: Path, google: GoogleStandIn) -> RegistryServer:
     """A token-auth registry whose realm is ``google``'s registry token service."""
     return start_token_registry(root, realm=google.realm, service=google.signer.service,
                                 issuer=google.signer.issuer, rootcertbundle=google.signer.bundle)
+
+
+# --- a second Docker Engine, BuildKit helpers (issue 13) ----------------------------------
+
+
+@dataclass
+class SecondEngine:
+    """A dockerd of its own (data root, exec root, pid file, socket): another build host."""
+
+    root: Path
+    process: subprocess.Popen[bytes]
+    exec_root: Path
+
+    @property
+    def socket(self) -> str:
+        return f"unix://{self.root / 'docker.sock'}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a docker CLI or SDK needs to talk to this engine."""
+        return {"DOCKER_HOST": self.socket}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        shutil.rmtree(self.exec_root, ignore_errors=True)
+
+
+def start_second_engine(root: Path, buildkit: bool | None = None) -> SecondEngine:
+    """Start a second dockerd under ``root``, with the main one's safe network settings.
+
+    ``buildkit=False`` writes ``"features": {"buildkit": false}`` into its daemon.json:
+    an engine whose operator turned BuildKit off.
+    """
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    # containerd's socket lives under the exec root; unix socket paths are short.
+    exec_root = Path(tempfile.mkdtemp(prefix="bq-engine-", dir="/tmp"))
+    config: dict[str, object] = {}
+    if buildkit is not None:
+        config["features"] = {"buildkit": buildkit}
+    (root / "daemon.json").write_text(json.dumps(config))
+    log = open(root / "dockerd.log", "ab")  # noqa: SIM115 - lives as long as the daemon
+    proc = subprocess.Popen(
+        ["dockerd", "--config-file", str(root / "daemon.json"),
+         "--host", f"unix://{root / 'docker.sock'}", "--data-root", str(root / "data"),
+         "--exec-root", str(exec_root), "--pidfile", str(root / "docker.pid"),
+         "--bridge=none", "--iptables=false", "--ip-masq=false"],
+        stdout=log, stderr=log, start_new_session=True)
+    engine = SecondEngine(root, proc, exec_root)
+
+    def answers() -> bool:
+        import docker
+
+        if proc.poll() is not None:
+            raise RuntimeError(f"dockerd exited; see {root / 'dockerd.log'}")
+        return bool(docker.DockerClient(base_url=engine.socket).ping())
+
+    try:
+        wait_for(answers, 60, f"second dockerd (log: {root / 'dockerd.log'})")
+    except BaseException:
+        engine.stop()
+        raise
+    return engine
+
+
+def copy_image(image: str, to_socket: str, from_socket: str = f"unix://{DOCKER_SOCKET}") -> None:
+    """``docker save | docker load``: the same image id on another engine (imports differ)."""
+    import docker
+
+    source = docker.APIClient(base_url=from_socket)
+    target = docker.APIClient(base_url=to_socket)
+    try:
+        for _ in target.load_image(source.get_image(image, chunk_size=1 << 20)):
+            pass
+    finally:
+        source.close()
+        target.close()
+
+
+def docker_cli_without_buildkit(directory: Path) -> str | None:
+    """A search path holding only a docker CLI that has no BuildKit (the static 28.x client
+    without buildx), or None if this machine has no such CLI."""
+    from workers.builders.buildkit import find_cli
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for candidate in os.environ.get("PATH", "").split(os.pathsep):
+        cli = Path(candidate or ".", "docker")
+        if not (cli.is_file() and os.access(cli, os.X_OK)):
+            continue
+        link = directory / "docker"
+        link.unlink(missing_ok=True)
+        link.symlink_to(cli.resolve())
+        found, _ = find_cli(str(directory), directory / "no-config")
+        if found is None:
+            return str(directory)
+    return None
+
+
+#: The buildx release tests build from its Go module when Go is installed.
+BUILDX_VERSION = "v0.11.2"
+
+
+def buildx_config_dir() -> Path | None:
+    """A DOCKER_CONFIG directory whose cli-plugins holds a buildx plugin, built once from its Go
+    module into ~/.cache/buildq (a few minutes the first time), or None without Go."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "buildq" / \
+        f"buildx-{BUILDX_VERSION}"
+    plugin = cache / "cli-plugins" / "docker-buildx"
+    if plugin.exists():
+        return cache
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists()
+                                else None)
+    if go is None:
+        return None
+    gobin = cache / "bin"
+    done = subprocess.run([go, "install", f"github.com/docker/buildx/cmd/buildx@{BUILDX_VERSION}"],
+                          env={**os.environ, "GOBIN": str(gobin)}, capture_output=True,
+                          timeout=1800)
+    if done.returncode != 0:
+        return None
+    plugin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(gobin / "buildx"), plugin)
+    return cache
