@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from config.errors import RegistryError, TransientRegistryError
 from config.references import ImageRef, classify_registry
 from workers.registries.base import Registry
+from workers.sdk_errors import BOTOCORE, Fault
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -29,12 +30,8 @@ T = TypeVar("T")
 
 #: A token is renewed this many seconds before ECR says it expires.
 TOKEN_MARGIN = 300.0
-#: Error codes of the ECR API that a retry may fix.
-_TRANSIENT_CODES = {"ThrottlingException", "ServiceUnavailableException", "ServerException",
-                    "InternalFailure", "RequestTimeout", "RequestLimitExceeded"}
-_DENIED_CODES = {"AccessDeniedException", "AccessDenied", "UnauthorizedOperation",
-                 "UnrecognizedClientException", "InvalidSignatureException",
-                 "ExpiredTokenException"}
+_NO_CREDENTIALS_HINT = ("Give the workers an IAM role (instance profile, IRSA) or set AWS_PROFILE or "
+                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in their environment.")
 #: The IAM actions the Docker pool's push needs, named together in errors and by doctor.
 PUSH_ACTIONS = ("ecr:InitiateLayerUpload, ecr:UploadLayerPart, ecr:CompleteLayerUpload, "
                 "ecr:BatchCheckLayerAvailability, ecr:PutImage")
@@ -84,48 +81,48 @@ class ECRRegistry(Registry):
         return self._client_cache
 
     def _call(self, action: str, fn: Callable[[], T], what: str) -> T:
-        """Run one ECR API call; its failures become buildq errors naming ``action``."""
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
+        """Run one ECR API call; its failures become buildq errors naming ``action``.
 
+        The service's own answers that are not faults (a missing image or repository, one
+        that already exists) come back as botocore's ClientError for the caller to read.
+        """
         try:
             return fn()
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            # AWS answers AccessDeniedException (400); some stand-ins only a bare 403.
-            if code in _DENIED_CODES or status == 403 or code == "403":
+        except Exception as exc:
+            if not BOTOCORE.owns(exc):
+                raise
+            read = BOTOCORE.read(exc)
+            fault = read.fault
+            if fault is Fault.UNREACHABLE:
+                raise TransientRegistryError(
+                    f"the ECR API for {self.region} could not be reached ({type(exc).__name__}).",
+                    "Check the network path to ECR (or BUILDQ_ECR_ENDPOINT_URL); buildq retries.",
+                ) from None
+            if fault is Fault.BUSY:
+                raise TransientRegistryError(
+                    f"the ECR API in {self.region} answered {read.code} to {action}.",
+                    "buildq retries with backoff.") from None
+            if fault is Fault.NO_CREDENTIALS:
                 raise RegistryError(
-                    f"AWS denied {action} on {what} in {self.region} ({code}): the credentials "
+                    f"no AWS credentials for ECR {self.host}: boto3's default chain found none.",
+                    _NO_CREDENTIALS_HINT) from None
+            if fault is Fault.REJECTED:
+                raise RegistryError(
+                    f"AWS rejected the workers' credentials ({read.code}) for {action} in "
+                    f"{self.region}.",
+                    "Check the access key, session token and clock of the workers; "
+                    + _NO_CREDENTIALS_HINT) from None
+            if fault is Fault.DENIED:
+                raise RegistryError(
+                    f"AWS denied {action} on {what} in {self.region} ({read.code}): the credentials "
                     f"boto3 found lack the IAM permission {action}.",
                     f"Allow {action} on arn:aws:ecr:{self.region}:{self.account}:repository/* "
                     "in the IAM policy of the role or user the workers run as.",
                 ) from None
-            if code in _TRANSIENT_CODES or status >= 500:
-                raise TransientRegistryError(
-                    f"the ECR API in {self.region} answered {code or status} to {action}.",
-                    "buildq retries with backoff.") from None
+            if fault is Fault.FAILED:
+                raise RegistryError(f"the ECR API call {action} failed: {type(exc).__name__}.",
+                                    "Check the AWS configuration of the workers.") from None
             raise
-        except (NoCredentialsError, PartialCredentialsError):
-            raise RegistryError(
-                f"no AWS credentials for ECR {self.host}: boto3's default chain found none.",
-                "Give the workers an IAM role (instance profile, IRSA) or set AWS_PROFILE or "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in their environment.",
-            ) from None
-        except EndpointConnectionError:
-            raise TransientRegistryError(
-                f"the ECR API for {self.region} could not be reached.",
-                "Check the network path to ECR (or BUILDQ_ECR_ENDPOINT_URL); buildq retries.",
-            ) from None
-        except BotoCoreError as exc:
-            raise RegistryError(f"the ECR API call {action} failed: {type(exc).__name__}.",
-                                "Check the AWS configuration of the workers.") from None
 
     # -- Registry ------------------------------------------------------------------------
 
@@ -165,8 +162,7 @@ class ECRRegistry(Registry):
         if credentials is None:
             raise RegistryError(
                 f"no AWS credentials for ECR {self.host}: boto3's default chain found none.",
-                "Give the workers an IAM role (instance profile, IRSA) or set AWS_PROFILE or "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in their environment.")
+                _NO_CREDENTIALS_HINT)
         # The key id is not a secret, but its tail is enough to tell which one is used.
         key_id = str(credentials.access_key or "")
         return (f"AWS access key …{key_id[-4:]} from boto3's {credentials.method} credentials, "

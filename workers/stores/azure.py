@@ -7,13 +7,15 @@ replaces the account's URL (Azurite in tests) while the store URL keeps its real
 which is what kaniko is given.
 
 Writes stage blocks from worker threads while the caller compresses, then commit the
-block list: the blob appears whole or not at all, and memory holds a few blocks.
+block list: the blob appears whole or not at all, and memory holds a few blocks. A write
+that fails discards the blocks it staged.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -22,8 +24,9 @@ from urllib.parse import urlsplit
 
 from config.errors import ConfigError, ContextStoreError
 from config.names import AZURE_BLOB_SUFFIX, classify_store_url
+from workers.sdk_errors import AZURE, Fault
 from workers.stores.base import ContextStore
-from workers.stores.errors import AZURE, Fault, StoreErrors, Wording
+from workers.stores.errors import StoreErrors, Wording
 from workers.stores.streaming import MappedReader, PartPipeline, buffered
 
 if TYPE_CHECKING:
@@ -39,6 +42,8 @@ RETRY_BACKOFF = 1
 CONNECT_TIMEOUT = 10
 
 ROLE = "Storage Blob Data Contributor"
+
+log = logging.getLogger("buildq")
 
 
 class AzureBlobStore(ContextStore):
@@ -134,9 +139,34 @@ class AzureBlobStore(ContextStore):
                     blocks = [BlobBlock(block_id=ids[n]) for n in sorted(ids)]
                     blob.commit_block_list(blocks, content_settings=content)
         except BaseException:
-            # Uncommitted blocks never form a blob; Azure drops them after a week.
             pipeline.abort()
+            if pipeline.started:
+                self._discard_staged(blob, key)
             raise
+
+    def _discard_staged(self, blob: Any, key: str) -> None:
+        """Drop the blocks a failed write staged, best effort.
+
+        Uncommitted blocks never form a blob, but Azure keeps them for a week, listed with
+        the container's uncommitted blobs. No call deletes a staged block; a Put Block List
+        discards every block it does not name. So an empty list is committed, only where no
+        blob exists (If-None-Match: *, so a blob another writer committed is never emptied),
+        and the empty blob that makes is deleted by its ETag (so nothing written after it is).
+        Where a blob does exist, its next commit discards these blocks.
+        """
+        from azure.core import MatchConditions
+        from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError
+
+        try:
+            empty = blob.commit_block_list([], match_condition=MatchConditions.IfMissing)
+            blob.delete_blob(etag=empty["etag"], match_condition=MatchConditions.IfNotModified)
+        except (ResourceExistsError, ResourceModifiedError):
+            return
+        except AzureError as exc:
+            # The store may be unreachable (why the write failed): the next write of this
+            # key discards the blocks, or Azure does after a week.
+            log.warning("could not discard the staged blocks of %s: %s", self.uri(key),
+                        self._errors.error(exc, "write", key).message)
 
     @contextlib.contextmanager
     def reader(self, key: str) -> Iterator[BinaryIO]:

@@ -6,12 +6,14 @@ GOOGLE_APPLICATION_CREDENTIALS, gcloud's user login). ``Settings.gcs_endpoint_ur
 the client at an emulator, which it then talks to anonymously.
 
 Writes go through a resumable upload, one chunk at a time, fed from a worker thread so
-compression and upload overlap; memory holds a few chunks at most.
+compression and upload overlap; memory holds a few chunks at most. A write that fails is
+never finalized into an object, and cancels its session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -19,8 +21,9 @@ from urllib.parse import urlsplit
 
 from config.errors import ConfigError, ContextStoreError
 from config.names import classify_store_url
+from workers.sdk_errors import GOOGLE, Fault
 from workers.stores.base import ContextStore
-from workers.stores.errors import GOOGLE, Fault, StoreErrors, Wording
+from workers.stores.errors import StoreErrors, Wording
 from workers.stores.streaming import MappedReader, PartPipeline, buffered
 
 if TYPE_CHECKING:
@@ -33,6 +36,8 @@ IN_FLIGHT = 2
 #: Seconds the client library keeps retrying a failed request (5xx, 429, resets)
 #: before the error surfaces; the chain retries transient errors again with backoff.
 RETRY_TIMEOUT = 20.0
+#: Seconds to wait for the cancellation of a failed upload's session.
+CANCEL_TIMEOUT = 10.0
 #: Project the emulator is addressed with (it ignores it, the client needs one).
 EMULATOR_PROJECT = "buildq-emulator"
 
@@ -44,6 +49,8 @@ _PERMISSION = {
     "delete": "storage.objects.delete",
     "open": "storage.buckets.get",
 }
+
+log = logging.getLogger("buildq")
 
 
 class GCSStore(ContextStore):
@@ -118,6 +125,16 @@ class GCSStore(ContextStore):
                 if not self.aborted:
                     super().close()
 
+            def cancel(self) -> None:
+                """End the resumable session, as GCS documents (DELETE on the session URI,
+                answered 499): it holds what was sent for a week otherwise. BlobWriter's own
+                terminate() sends that DELETE to the URL that created the session instead."""
+                self.aborted = True
+                started = self._upload_and_transport
+                session = started[0].resumable_url if started else None
+                if session:
+                    started[1].request("DELETE", session, timeout=CANCEL_TIMEOUT)
+
         blob = self._blob(key)
         upload = AbortableWriter(blob, chunk_size=CHUNK_SIZE, ignore_flush=True, retry=self._retry)
 
@@ -140,8 +157,13 @@ class GCSStore(ContextStore):
                     upload.close()
         except BaseException:
             pipeline.abort()
-            # An unfinished resumable session creates no object and expires on its own.
-            upload.aborted = True
+            # An unfinished session creates no object; ending it is hygiene, best effort (the
+            # store may be unreachable, which is why the write failed).
+            try:
+                upload.cancel()
+            except Exception as exc:
+                log.warning("could not cancel the upload session of %s: %s", self.uri(key),
+                            type(exc).__name__)
             raise
 
     @contextlib.contextmanager

@@ -11,6 +11,7 @@ nothing touches the disk.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -18,12 +19,15 @@ from urllib.parse import urlsplit
 
 from config.errors import ConfigError, ContextStoreError
 from config.names import classify_store_url
+from workers.sdk_errors import BOTOCORE, Fault
 from workers.stores.base import ContextStore
-from workers.stores.errors import BOTOCORE, Fault, StoreErrors, Wording
+from workers.stores.errors import StoreErrors, Wording
 from workers.stores.streaming import UPLOAD_THREADS, MappedReader, PartPipeline, buffered
 
 if TYPE_CHECKING:
     from config.settings import Settings
+
+log = logging.getLogger("buildq")
 
 #: Size of a multipart part. S3 allows at most 10,000 parts, so parts grow past
 #: ``PART_GROWTH`` parts (see ``s3_part_size``); 8 MiB keeps memory small for the
@@ -46,7 +50,7 @@ _PERMISSION = {
     "read": "s3:GetObject",
     "exists": "s3:GetObject (and s3:ListBucket, without which a missing key reads as 403)",
     "delete": "s3:DeleteObject",
-    "abort": "s3:AbortMultipartUpload",
+    "abort": "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload",
 }
 
 
@@ -158,6 +162,26 @@ class S3Store(ContextStore):
         return True
 
     def delete(self, key: str) -> None:
+        """Remove the object and any unfinished multipart upload of its key.
+
+        A writer aborts its own upload when it fails, but not when the store was unreachable
+        at that moment (the link died mid-upload) or the writer was killed; the parts of such
+        an upload are stored, and billed, until someone aborts it. The key's owner deletes it
+        once done with it, which is when no upload of that key can still be running.
+        """
+        name = self._key(key)
         # DeleteObject of a missing key succeeds (204), which makes this idempotent.
         with self._errors.mapped("delete", key):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            self.client.delete_object(Bucket=self.bucket, Key=name)
+        try:
+            with self._errors.mapped("abort", key):
+                listed = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=name)
+                for upload in listed.get("Uploads") or []:
+                    if upload.get("Key") == name:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=name,
+                                                           UploadId=upload["UploadId"])
+        except ContextStoreError as exc:
+            # The object is gone, which is what the caller asked; a bucket lifecycle rule
+            # (AbortIncompleteMultipartUpload) still catches what this could not abort.
+            log.warning("could not abort unfinished uploads of %s: %s %s", self.uri(key), exc.message,
+                        exc.hint or "")
