@@ -423,23 +423,30 @@ class DockerBuilder(Builder):
                 "Fix the command, or reproduce it with the same base image to see why it fails.",
             )
         what = f"{lines.instruction} {_clip(lines.argument)}".strip()
+        if "requires buildkit" in message.lower():
+            return self._needs_buildkit(message, f"{step} of {request.dockerfile} ({what})",
+                                        request)
         return BuildError(
             f"{step} of {request.dockerfile} ({what}) failed while building {request.image}: "
             f"{message}.",
             "Fix that step of the Dockerfile or the build context it reads.",
         )
 
+    def _needs_buildkit(self, text: str, where: str, request: BuildRequest) -> BuildError:
+        return BuildError(
+            f"{where} needs BuildKit, but this build host builds with the legacy builder "
+            f"({self.legacy_reason}): {text}.",
+            "Install a docker CLI with BuildKit on the docker-pool hosts (the buildx plugin, "
+            "or a docker CLI 18.09 to 22.x, e.g. Debian's docker.io) and let the engine use "
+            "it (no \"features\": {\"buildkit\": false} in daemon.json), or build with "
+            "builder.type: kaniko.",
+        )
+
     def _refused_error(self, exc: APIError, request: BuildRequest) -> BuildError:
         text = _explain(exc)
         if "requires buildkit" in text.lower():
-            return BuildError(
-                f"{request.dockerfile} (the Dockerfile of {request.image}) needs BuildKit, but "
-                f"this build host builds with the legacy builder ({self.legacy_reason}): {text}.",
-                "Install a docker CLI with BuildKit on the docker-pool hosts (the buildx plugin, "
-                "or a docker CLI 18.09 to 22.x, e.g. Debian's docker.io) and let the engine use "
-                "it (no \"features\": {\"buildkit\": false} in daemon.json), or build with "
-                "builder.type: kaniko.",
-            )
+            return self._needs_buildkit(
+                text, f"{request.dockerfile} (the Dockerfile of {request.image})", request)
         if "parse error" in text.lower():
             return BuildError(
                 f"{request.dockerfile} (the Dockerfile of {request.image}) is invalid: {text}.",
