@@ -43,6 +43,7 @@ _GCP_REGION_RE = re.compile(r"^[a-z]+(?:-[a-z]+)*[0-9]+$")
 _GAR_MULTI_REGIONS = {"us": "us-", "europe": "europe-", "asia": "asia-"}
 _GAR_REPOSITORY_FORM = "<region>-docker.pkg.dev/<project-id>/<repository>/<image-name>"
 _PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?$")
+_EXTRA_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 #: The stores a builder in each environment can read; no environment allows any.
 _STORES_FOR: dict[str | None, tuple[StoreKind, ...]] = {
     "aws": ("s3",),
@@ -404,6 +405,10 @@ def _check_generated_dockerfile(builder: BuilderConfig, problems: Problems) -> N
             problems.add("builder.pip.wheels", show(pip.wheels),
                          "a directory inside the project, e.g. wheels",
                          "The build only sees the project: give the path relative to its root.")
+    for extra in pip.extras or ():
+        if not _EXTRA_NAME.match(extra):
+            problems.add("builder.pip.extras", show(extra), "the name of an optional-dependency "
+                         "group of the project, e.g. web", "Use the name as pyproject.toml spells it.")
 
 
 def _check_legacy(

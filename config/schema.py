@@ -55,6 +55,8 @@ class PipConfig(_Section):
     extra_index_urls: list[str] | None = Field(default=None, alias="extra-index-urls")
     #: A directory of wheels inside the project; alone it means ``--no-index``.
     wheels: str | None = None
+    #: Optional-dependency groups (extras) of the project that are installed too.
+    extras: list[str] | None = None
 
 
 class BuilderConfig(_Section):

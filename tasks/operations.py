@@ -28,7 +28,7 @@ from tasks.records import answered, remember_request
 from tasks.state import BuildState
 from workers.builders import Builder, BuildRequest, engine_available
 from workers.context import BuildInputs, image_tag, source_hash, write_context
-from workers.dockerfile import PythonOptions, check_python, dockerfile_for, parse_entrypoint
+from workers.dockerfile import PythonOptions, check_python, parse_entrypoint, plan_for
 from workers.registries import registry_for
 from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
@@ -220,8 +220,10 @@ def build_inputs(state: BuildState, root: Path | None = None) -> BuildInputs:
     """
     if root is not None:
         _generate_dockerfile(state, root)
-    return BuildInputs.create(state.dockerfile, state.build_args, state.target, state.platform,
-                              state.generated_dockerfile, state.secrets)
+    plan = state.generated or {}
+    return BuildInputs.create(plan.get("dockerfile") or state.dockerfile, state.build_args,
+                              state.target, state.platform, state.generated_dockerfile, state.secrets,
+                              context_dir=plan.get("context"), default_ignore=plan.get("ignore") or ())
 
 
 def hash_elsewhere(state: BuildState, settings: Settings) -> str:
@@ -253,11 +255,14 @@ def hash_tree(state: BuildState, root: Path) -> str:
 
 def _generate_dockerfile(state: BuildState, root: Path) -> None:
     """Write the Dockerfile of a project that has none into the state (not the tree)."""
-    if state.generated_dockerfile is not None:
+    if state.generated_dockerfile is not None or state.generated is not None:
         return
     options = PythonOptions.create(config_from_mapping(state.config), entrypoint=state.entrypoint,
                                    python=state.python, gpu=state.gpu)
-    state.generated_dockerfile = dockerfile_for(root, state.dockerfile, options)
+    plan = plan_for(root, state.dockerfile, options)
+    if plan is not None:
+        state.generated_dockerfile = plan.text
+        state.generated = plan.to_dict()
 
 
 def _ensure_tree(state: BuildState, settings: Settings) -> Path:

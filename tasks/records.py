@@ -47,6 +47,11 @@ def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
         "source": source,
         "destination": state.destination,
         "builder": state.builder,
+        # For a generated build: whether the image got a lock's exact pins, which lock, and
+        # the W&B job description it followed.
+        "dependencies": (state.generated or {}).get("dependencies"),
+        "lock": (state.generated or {}).get("lock"),
+        "job": (state.generated or {}).get("job"),
         "attached": attached,
         "stages": {k: round(v, 4) for k, v in state.stages.items()},
         "log": f"redis:{log_key(state.source_hash)}" if state.source_hash else None,

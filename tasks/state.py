@@ -35,6 +35,10 @@ class BuildState:
     gpu: bool = False
     #: That Dockerfile's text, once the hash stage has written it (hashed and packed as is).
     generated_dockerfile: str | None = None
+    #: How a project without a Dockerfile is built (workers.dockerfile.Plan.to_dict()):
+    #: "dependencies" (locked/resolved/none), "lock", "job", a job's own "dockerfile" and
+    #: "context", the default "ignore" patterns.
+    generated: dict[str, Any] | None = None
     #: The validated launch-config as W&B-keyed mapping (never a secret in it).
     config: dict[str, Any] = field(default_factory=dict)
     #: A token handed over by the watchdog: this chain continues a dead holder's build.

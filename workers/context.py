@@ -58,6 +58,16 @@ BATCHES_IN_FLIGHT = 8
 MAX_DOCKERFILE = 4 << 20
 #: gzip level of the context tarball: most of level 9's ratio at a fraction of its cost.
 GZIP_LEVEL = 6
+#: What a generated build leaves out when the project has no ``.dockerignore`` of its own:
+#: version control, virtualenvs, caches, build output and ``.env`` files (secrets). Applied
+#: to the hash and the context alike, so none of them changes the tag or ships in the image.
+DEFAULT_DOCKERIGNORE = (
+    "**/.git", ".hg", ".svn", "**/.venv", "venv",
+    "**/__pycache__", "**/*.pyc", "**/*.pyo", "**/.env*",
+    ".coverage", ".coverage.*", "htmlcov", "**/.pytest_cache", "**/.mypy_cache", "**/.ruff_cache",
+    ".tox", ".nox", "**/.ipynb_checkpoints", "**/node_modules",
+    "dist", "build", "**/*.egg-info",
+)
 
 try:
     # isal's igzip writes the same gzip format ~10x faster than zlib on incompressible
@@ -90,6 +100,10 @@ class BuildInputs:
     secrets: tuple[str, ...] = ()
     #: Base images as written with the digest each resolved to, (image, digest) in order.
     bases: tuple[tuple[str, str], ...] = ()
+    #: The directory inside the source that is the context (a W&B job's build_context).
+    context_dir: str | None = None
+    #: Ignore patterns used when the context has no ``.dockerignore`` (generated builds).
+    default_ignore: tuple[str, ...] = ()
 
     @classmethod
     def create(
@@ -100,6 +114,9 @@ class BuildInputs:
         platform: str | None,
         dockerfile_text: str | None = None,
         secrets: Iterable[str] | None = None,
+        *,
+        context_dir: str | None = None,
+        default_ignore: Iterable[str] = (),
     ) -> BuildInputs:
         from workers.secrets import check_names
 
@@ -110,7 +127,9 @@ class BuildInputs:
                 raise InputError(f"build arg name {key!r} is not valid.",
                                  "Names are non-empty and contain no '=' or spaces.")
         return cls(path, args, target or None, (platform or "").strip() or None, dockerfile_text,
-                   check_names(secrets, build_args))
+                   check_names(secrets, build_args),
+                   context_dir=_clean_relative(context_dir) if context_dir else None,
+                   default_ignore=tuple(default_ignore))
 
 
 def _clean_relative(path: str) -> str:
@@ -142,7 +161,7 @@ class _Walker:
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise SourceError(f"context root {str(root)!r} is not a directory.")
-        ignore_rel, patterns = _ignore_patterns(self.root, inputs.dockerfile)
+        ignore_rel, patterns = _ignore_patterns(self.root, inputs.dockerfile, inputs.default_ignore)
         # A generated Dockerfile replaces anything of its name: the build must see one file.
         self.virtual = inputs.dockerfile if inputs.dockerfile_text is not None else None
         # Docker sends these even when ignored: the builder needs them.
@@ -269,8 +288,8 @@ def _check_name(rel: str) -> None:
                           "Rename it or add it to .dockerignore.")
 
 
-def _ignore_patterns(root: str, dockerfile: str) -> tuple[str, list[str]]:
-    """The ignore file that applies and its patterns.
+def _ignore_patterns(root: str, dockerfile: str, defaults: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """The ignore file that applies and its patterns (``defaults`` when there is none).
 
     BuildKit prefers ``<Dockerfile>.dockerignore`` beside the Dockerfile over the root one.
     """
@@ -285,10 +304,36 @@ def _ignore_patterns(root: str, dockerfile: str) -> tuple[str, list[str]]:
                 raise SourceError(f"cannot read {rel!r}: {exc.strerror}.") from None
             patterns = [line.removeprefix("/") for line in lines if line and line[0] != "#"]
             return rel, patterns
-    return ".dockerignore", []
+    return ".dockerignore", list(defaults)
+
+
+def has_ignore_file(root: Path, dockerfile: str = "Dockerfile") -> bool:
+    """Whether the context brings its own ignore file (then no default applies)."""
+    return any(os.path.isfile(os.path.join(root, rel))
+               for rel in (f"{dockerfile}.dockerignore", ".dockerignore"))
+
+
+def context_root(root: Path, inputs: BuildInputs) -> Path:
+    """The directory the build's context is: ``root``, or the job's build_context inside it."""
+    if inputs.context_dir is None:
+        return root
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, inputs.context_dir))
+    if not path.startswith(real_root + os.sep) or not os.path.isdir(path):
+        raise SourceError(f"the build context {inputs.context_dir!r} is not a directory inside "
+                          "the source.", "Fix the job's source.build_context.")
+    return Path(path)
+
+
+def context_files(root: Path, inputs: BuildInputs) -> Iterator[str]:
+    """Relative paths of the regular files the build sees, in walk order."""
+    for entry in _Walker(context_root(root, inputs), inputs):
+        if entry.kind == "f":
+            yield entry.rel
 
 
 def _dockerfile_bytes(root: Path, inputs: BuildInputs) -> bytes:
+    root = context_root(root, inputs)
     if inputs.dockerfile_text is not None:
         data = _encode(inputs.dockerfile_text)
         if len(data) > MAX_DOCKERFILE:
@@ -452,6 +497,7 @@ def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> 
     Independent of mtimes, owners, listing order and where the tree lives on disk.
     """
     dockerfile = _dockerfile_bytes(root, inputs)
+    root = context_root(root, inputs)
     hasher = blake3(HASH_VERSION)
     workers = threads if threads is not None else DEFAULT_THREADS
     count = 0
@@ -535,6 +581,7 @@ def write_context(root: Path, inputs: BuildInputs, out: BinaryIO, *,
     dockerfile: bytes | None = None
     if require_dockerfile or inputs.dockerfile_text is not None:
         dockerfile = _dockerfile_bytes(root, inputs)  # fail before writing anything if missing
+    root = context_root(root, inputs)
     counter = _CountingWriter(out)
     # gzip's header carries a timestamp and a file name; both pinned here.
     with _GzipFile(filename="", mode="wb", fileobj=counter,

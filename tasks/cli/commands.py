@@ -482,7 +482,7 @@ def dockerfile_command(source: str, ref: str | None, entrypoint: str | None, pyt
     import tempfile
 
     from config import load_config
-    from workers.dockerfile import DOCKERFILE, PythonOptions, generate, has_dockerfile
+    from workers.dockerfile import DOCKERFILE, PythonOptions, has_dockerfile, plan
     from workers.sources import fetch_source, parse_source
 
     settings = _settings()
@@ -507,7 +507,19 @@ def dockerfile_command(source: str, ref: str | None, entrypoint: str | None, pyt
                 click.echo(f"# {source} has its own Dockerfile; builds use it unchanged.", err=True)
                 click.echo((root / DOCKERFILE).read_text(encoding="utf-8", errors="replace"), nl=False)
                 return
-            text = generate(root, options)
+            found = plan(root, options)
+            for warning in found.warnings:
+                click.echo(f"warning: {warning}", err=True)
+            if found.text is None:
+                named = f"{found.context}/{found.dockerfile}" if found.context else found.dockerfile
+                if save:
+                    raise InputError(f"{source} is a W&B job that names its own Dockerfile ({named}).",
+                                     "Builds use that Dockerfile; there is nothing to save.")
+                click.echo(f"# {source} is a W&B job naming its own Dockerfile ({named}); builds "
+                           "use it unchanged.", err=True)
+                click.echo((root / str(named)).read_text(encoding="utf-8", errors="replace"), nl=False)
+                return
+            text = found.text
             if not save:
                 click.echo(text, nl=False)
                 return
@@ -519,6 +531,11 @@ def dockerfile_command(source: str, ref: str | None, entrypoint: str | None, pyt
                 raise InputError(f"{source} already has a Dockerfile; buildq never overwrites it.",
                                  "Delete it first to save a generated one.") from None
             click.echo(f"wrote {root / DOCKERFILE}", err=True)
+            if found.ignore and not (root / ".dockerignore").exists():
+                # The saved Dockerfile is built with the project's own ignore file from now
+                # on: write the default one, so the build sees what it saw before.
+                (root / ".dockerignore").write_text("\n".join(found.ignore) + "\n", encoding="utf-8")
+                click.echo(f"wrote {root / '.dockerignore'}", err=True)
         finally:
             fetched.cleanup()
 

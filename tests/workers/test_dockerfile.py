@@ -16,6 +16,7 @@ from workers.context import BuildInputs, source_hash, write_context
 from workers.dockerfile import (
     APP_UID,
     DEFAULT_PYTHON,
+    KNOWN_PYTHONS,
     PythonOptions,
     dockerfile_for,
     generate,
@@ -62,8 +63,7 @@ def test_requirements_layer_comes_before_the_source(tmp_path: Path) -> None:
     assert "PIP_NO_CACHE_DIR=1" in text
     assert steps[-2] == f"USER {APP_UID}:{APP_UID}"
     # Exec form, split like a shell: the quoted argument stays one argument.
-    assert json.loads(steps[-1].removeprefix("ENTRYPOINT ")) == ["python", "train.py", "--lr",
-                                                                "0.1 0.2"]
+    assert json.loads(steps[-1].removeprefix("CMD ")) == ["python", "train.py", "--lr", "0.1 0.2"]
     assert "WORKDIR /app" in steps
     assert text.endswith("\n") and "\r" not in text
 
@@ -75,8 +75,11 @@ def test_included_requirement_files_are_copied_and_local_paths_refused(tmp_path:
     text = generate(root, _opts())
     for rel in ("requirements.txt", "reqs/base.txt", "reqs/constraints.txt"):
         assert f'COPY ["{rel}", "{rel}"]' in text
-    (root / "requirements.txt").write_text("-e .\n")
-    with pytest.raises(SourceError, match=r"requirements.txt line 1 installs from the project"):
+    (root / "requirements.txt").write_text("six\n-e ./libs/helper\n")
+    with pytest.raises(SourceError, match=r"requirements.txt line 2 installs from the project's files"):
+        generate(root, _opts())
+    (root / "requirements.txt").write_text("six\nwheel @ file:///home/me/wheel-0.1.whl\n")
+    with pytest.raises(SourceError, match=r"line 2 installs 'wheel' from file:"):
         generate(root, _opts())
     (root / "requirements.txt").write_text("-r ../outside.txt\n")
     with pytest.raises(SourceError, match="outside the project"):
@@ -90,10 +93,12 @@ def test_included_requirement_files_are_copied_and_local_paths_refused(tmp_path:
     ({".python-version": "3.11.4\n", "runtime.txt": "python-3.9.1"}, "3.11.4"),
     ({".python-version": "# pyenv\n3.10\n"}, "3.10"),
     ({"pyproject.toml": '[project]\nname="x"\nversion="1"\nrequires-python=">=3.9"\n'},
-     DEFAULT_PYTHON),
+     KNOWN_PYTHONS[-1]),
     ({"pyproject.toml": '[project]\nname="x"\nversion="1"\nrequires-python=">=3.8,<3.11"\n'},
      "3.10"),
-    ({"pyproject.toml": '[project]\nname="x"\nversion="1"\nrequires-python="~=3.13"\n'}, "3.13"),
+    ({"pyproject.toml": '[project]\nname="x"\nversion="1"\nrequires-python="~=3.13"\n'},
+     KNOWN_PYTHONS[-1]),
+    ({"pyproject.toml": '[project]\nname="x"\nversion="1"\nrequires-python="~=3.10.2"\n'}, "3.10"),
     ({"runtime.txt": "python-3.9.18\n"}, "3.9.18"),
     ({}, DEFAULT_PYTHON),
 ])
@@ -148,8 +153,8 @@ def test_pyproject_dependencies_layer_and_project_install(tmp_path: Path) -> Non
     assert runs[1][-2:] == ["--no-deps", "."]
     copy_src = steps.index(f"COPY --chown={APP_UID}:{APP_UID} . .")
     assert steps.index('RUN ' + json.dumps(runs[0])) < copy_src < steps.index('RUN ' + json.dumps(runs[1]))
-    # The one console script is the entrypoint.
-    assert steps[-1] == 'ENTRYPOINT ["x-train"]'
+    # The one console script is the entrypoint, and arguments go to it.
+    assert steps[-2:] == ['ENTRYPOINT ["x-train"]', "CMD []"]
 
 
 def test_pyproject_with_dynamic_dependencies_installs_after_the_source(tmp_path: Path) -> None:
@@ -159,7 +164,7 @@ def test_pyproject_with_dynamic_dependencies_installs_after_the_source(tmp_path:
     runs = [s for s in steps if s.startswith('RUN ["python", "-m", "pip"')]
     assert runs == ['RUN ["python", "-m", "pip", "install", "--no-cache-dir", "."]']
     assert steps.index(runs[0]) > steps.index(f"COPY --chown={APP_UID}:{APP_UID} . .")
-    assert steps[-1] == 'ENTRYPOINT ["python", "train.py"]'
+    assert steps[-1] == 'CMD ["python", "train.py"]'
 
 
 def test_wheels_and_index_from_config(tmp_path: Path) -> None:
@@ -210,12 +215,12 @@ def test_config_keys_are_validated() -> None:
 
 def test_entrypoint_from_config_and_inferred(tmp_path: Path) -> None:
     root = _project(tmp_path / "p", {"train.py": ""})
-    assert generate(root, _opts()).endswith('ENTRYPOINT ["python", "train.py"]\n')
+    assert generate(root, _opts()).endswith('CMD ["python", "train.py"]\n')
     cfg = {"builder": {"entrypoint": "python -m trainer"}}
-    assert generate(root, _opts(cfg)).endswith('ENTRYPOINT ["python", "-m", "trainer"]\n')
+    assert generate(root, _opts(cfg)).endswith('CMD ["python", "-m", "trainer"]\n')
     # The request's option beats the config.
     assert generate(root, _opts(cfg, entrypoint=["python", "x.py"])).endswith(
-        'ENTRYPOINT ["python", "x.py"]\n')
+        'CMD ["python", "x.py"]\n')
 
 
 def test_nothing_to_start_says_what_to_add(tmp_path: Path) -> None:
