@@ -84,7 +84,8 @@ class Settings:
     """How this process reaches Redis, stores contexts and bounds its work."""
 
     #: Broker, result backend, locks and records; None means the embedded in-process mode.
-    redis_url: str | None = None
+    #: Out of repr: it may hold the Redis password.
+    redis_url: str | None = field(default=None, repr=False)
     #: Launch-config path from BUILDQ_CONFIG (the --config option wins over it).
     config_path: str | None = None
     #: Scratch space for fetched sources; every directory made here is removed after use.

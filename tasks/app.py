@@ -8,6 +8,7 @@ from celery import Celery
 from kombu import Queue
 
 from config.settings import Settings
+from tasks.connection import redis_ssl_options
 
 #: Queue of each stage: control hosts fetch, hash, check, upload and record;
 #: build hosts build and push; the in-cluster pool dispatches Kaniko Jobs.
@@ -77,6 +78,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     else:
         base.update(broker_url=settings.redis_url, result_backend=settings.redis_url,
                     task_always_eager=False, task_eager_propagates=False)
+        tls = redis_ssl_options(settings.redis_url or "")
+        if tls is not None:
+            # Celery reads TLS apart from the URL: without these its broker speaks plain
+            # text to a TLS port, and its backend refuses a rediss:// URL that omits
+            # ssl_cert_reqs. Flower's broker view needs broker_use_ssl too.
+            base.update(broker_use_ssl=tls, redis_backend_use_ssl=tls)
     return base
 
 

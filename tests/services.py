@@ -652,6 +652,52 @@ def start_gar_registry(root: Path, google: GoogleStandIn) -> RegistryServer:
                                 issuer=google.signer.issuer, rootcertbundle=google.signer.bundle)
 
 
+# --- Redis with a password, and with TLS (tests/ops/test_broker_security.py) --------------
+
+
+@dataclass
+class SecureRedisServer(RedisServer):
+    """redis-server that requires ``password``; over TLS only when ``ca_cert`` is set."""
+
+    password: str = ""
+    ca_cert: Path | None = None
+
+    @property
+    def url(self) -> str:
+        from urllib.parse import quote
+
+        login = f":{quote(self.password, safe='')}@"
+        if self.ca_cert is None:
+            return f"redis://{login}127.0.0.1:{self.port}/0"
+        return (f"rediss://{login}127.0.0.1:{self.port}/0"
+                f"?ssl_ca_certs={self.ca_cert}&ssl_cert_reqs=required")
+
+
+def start_secure_redis(directory: Path, password: str, tls: bool = False) -> SecureRedisServer:
+    """Like production: ``requirepass`` (and the TLS files) in a config file, so the password
+    is on no command line; with ``tls`` the only port speaks TLS, with a self-signed cert."""
+    port = free_port()
+    lines = ["bind 127.0.0.1", 'save ""', "appendonly no", f"dir {directory}",
+             f'requirepass "{password}"']
+    cert: Path | None = None
+    if tls:
+        cert, key = self_signed_cert(directory)
+        lines += ["port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+                  f"tls-ca-cert-file {cert}", "tls-auth-clients no"]
+    else:
+        lines.append(f"port {port}")
+    conf = directory / "redis.conf"
+    conf.touch(mode=0o600)
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    server = SecureRedisServer(port, directory, proc, password=password, ca_cert=cert)
+    import redis
+
+    wait_for(lambda: redis.Redis.from_url(server.url).ping(), 10, "redis-server")
+    return server
+
+
 # --- a second Docker Engine, BuildKit helpers (issue 13) ----------------------------------
 
 
