@@ -60,6 +60,13 @@ def request_hash_key(request_id: str) -> str:
     return f"{PREFIX}:request:{request_id}"
 
 
+# --- layer cache sources (tasks/records.py) -----------------------------------------------
+def last_tag_key(repository: str) -> str:
+    """String: the tag of the last image built (or found) in ``registry/repository``; the
+    next docker-pool build of that repository imports its layer cache."""
+    return f"{PREFIX}:last-tag:{repository}"
+
+
 # --- progress streams (tasks/events.py) ---------------------------------------------------
 def events_key(request_id: str) -> str:
     """Stream of a request's stage events."""

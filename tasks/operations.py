@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config import LaunchConfig, config_from_mapping, load_config
-from config.errors import BuildError, ConfigError, InputError
+from config.errors import BuildError, BuildqError, ConfigError, InputError
 from config.names import HASH_LABEL
-from config.references import parse_image_ref
+from config.references import ImageRef, parse_destination, parse_image_ref
 from config.settings import Settings
 from tasks.app import settings as current_settings
 from tasks.connection import redis_client
 from tasks.events import LogWriter, emit
 from tasks.lock import Lease, new_token
-from tasks.records import answered, remember_request
+from tasks.records import answered, last_tag, remember_last_tag, remember_request
 from tasks.state import BuildState
 from workers.builders import Builder, BuildRequest, engine_available
 from workers.context import BuildInputs, image_tag, source_hash, write_context
@@ -357,6 +357,7 @@ def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
     store = context_store(state, settings)
     key = state.context_key
     inputs = build_inputs(state)
+    cache = cache_sources(state, settings)
     return BuildRequest(
         image=str(state.ref),
         open_context=lambda: store.reader(key),
@@ -369,14 +370,49 @@ def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
         timeout=settings.build_timeout,
         # Looked up here, on the host that builds; the state only ever holds the names.
         secrets=lookup(state.secrets, settings, "docker"),
+        cache_from=[str(ref) for ref in cache],
+        registry_logins=_registry_logins([state.ref, *cache], settings),
+        dockerfile_text=inputs.dockerfile_text,
     )
+
+
+def cache_sources(state: BuildState, settings: Settings) -> list[ImageRef]:
+    """Images whose layer cache the build imports: the destination's last image, and the
+    last image (else ``latest``) of ``builder.cache-repo``. Their absence is only a warning."""
+    assert state.ref
+    client = _client(settings)
+    found = []
+    tag = last_tag(client, state.ref.name)
+    if tag and tag != state.tag:
+        found.append(state.ref.tagged(tag))
+    cache_repo = config_from_mapping(state.config).builder.cache_repo
+    if cache_repo:
+        repo = parse_destination(cache_repo, "builder.cache-repo")
+        found.append(repo.tagged(last_tag(client, repo.name) or "latest"))
+    return found
+
+
+def _registry_logins(refs: list[ImageRef], settings: Settings) -> dict[str, dict[str, str]]:
+    logins: dict[str, dict[str, str]] = {}
+    for ref in refs:
+        if ref.registry in logins:
+            continue
+        # Without a login the build still runs: base images may be public, and a cache
+        # image BuildKit cannot read is a warning in the log, never a failure.
+        with contextlib.suppress(BuildqError):
+            auth = registry_for(ref, settings).push_auth()
+            if auth:
+                logins[ref.registry] = dict(auth)
+    return logins
 
 
 def build(state: BuildState, settings: Settings) -> str:
     assert state.source_hash
     writer = LogWriter(_client(settings), state.source_hash)
     try:
-        _docker_builder(settings).build(_build_request(state, settings), writer)
+        builder = _docker_builder(settings)
+        builder.build(_build_request(state, settings), writer)
+        state.frontend = builder.frontend
     finally:
         writer.flush()
     return "push"
@@ -442,6 +478,7 @@ def push(state: BuildState, settings: Settings) -> str:
 def record(state: BuildState, settings: Settings) -> str:
     """Cleanup whatever the outcome; the record itself is written by the stage task."""
     _drop_tree(state)
+    remember_last_tag(_client(settings), state)
     leftovers = []
     if state.context_key and state.context_store:
         leftovers.append((state.context_store, state.context_key))

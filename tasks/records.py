@@ -13,7 +13,15 @@ from typing import Any
 
 import redis
 
-from tasks.keys import HISTORY, answered_key, log_key, record_key, request_hash_key, request_record_key
+from tasks.keys import (
+    HISTORY,
+    answered_key,
+    last_tag_key,
+    log_key,
+    record_key,
+    request_hash_key,
+    request_record_key,
+)
 from tasks.state import BuildState
 from workers.sources.base import redact_credentials
 
@@ -47,6 +55,7 @@ def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
         "source": source,
         "destination": state.destination,
         "builder": state.builder,
+        "frontend": state.frontend,
         # For a generated build: whether the image got a lock's exact pins, which lock, and
         # the W&B job description it followed.
         "dependencies": (state.generated or {}).get("dependencies"),
@@ -102,3 +111,15 @@ def history(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
         return []
     raws = client.mget([record_key(str(h)) for h in hashes])
     return [json.loads(str(r)) for r in raws if r]
+
+
+def remember_last_tag(client: redis.Redis, state: BuildState) -> None:
+    """Note the destination's newest image: the next build there imports its layer cache."""
+    if state.status in ("built", "skipped") and state.source_hash and state.ref and state.tag:
+        client.set(last_tag_key(state.ref.name), state.tag, ex=REQUEST_TTL)
+
+
+def last_tag(client: redis.Redis, repository: str) -> str | None:
+    """The tag :func:`remember_last_tag` noted for ``registry/repository``, if any."""
+    tag = client.get(last_tag_key(repository))
+    return tag.decode() if isinstance(tag, bytes) else tag

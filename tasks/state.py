@@ -29,6 +29,8 @@ class BuildState:
     target: str | None = None
     platform: str | None = None
     builder: str | None = None
+    #: Which Dockerfile frontend built the image on the docker pool: ``buildkit`` or ``legacy``.
+    frontend: str | None = None
     #: Options of a Dockerfile buildq generates for a Python project that has none.
     entrypoint: list[str] | None = None
     python: str | None = None
