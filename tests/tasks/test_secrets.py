@@ -12,7 +12,9 @@ value (it writes its length into the image, which the tests read back from the r
 then the value is looked for in every place it could leak: the record, ``buildq status`` /
 ``history``, every Redis key (Celery task metas with their extended args included),
 Flower's task API and task page, the workers' logs and command lines, the Kaniko Job
-manifest, and the pushed image's config blob and ``docker history``.
+manifest, and the pushed image's config blob, ``docker save`` and ``docker history``. The
+docker pool is tested with BuildKit (secret mounts) and with the legacy builder (a build
+arg, cleaned out of the image config), on an engine whose daemon.json turns BuildKit off.
 """
 
 from __future__ import annotations
@@ -169,6 +171,17 @@ ARG NPM_TOKEN
 COPY msg.txt /msg.txt
 RUN echo ${{#PIP_TOKEN}} ${{#NPM_TOKEN}} > /secret-lengths && echo "using $PIP_TOKEN and $NPM_TOKEN"
 """
+FAILING_STEP = 'RUN echo "failing with $PIP_TOKEN" && false\n'
+
+#: The same build with BuildKit: the values come from secret mounts, never build args.
+MOUNT_DOCKERFILE = """FROM {base}
+COPY msg.txt /msg.txt
+RUN --mount=type=secret,id=PIP_TOKEN --mount=type=secret,id=NPM_TOKEN \\
+    PIP_TOKEN=$(cat /run/secrets/PIP_TOKEN) NPM_TOKEN=$(cat /run/secrets/NPM_TOKEN) \\
+    && echo ${{#PIP_TOKEN}} ${{#NPM_TOKEN}} > /secret-lengths && echo "using $PIP_TOKEN and $NPM_TOKEN"
+"""
+MOUNT_FAILING_STEP = ('RUN --mount=type=secret,id=PIP_TOKEN '
+                      'echo "failing with $(cat /run/secrets/PIP_TOKEN)" && false\n')
 
 
 def forms_of(*values: str) -> list[bytes]:
@@ -264,11 +277,31 @@ def build_secrets(tmp_path: Path) -> tuple[str, str, Path]:
     return pip_token, npm_token, secrets_dir
 
 
+@pytest.fixture(params=["buildkit", "legacy"])
+def frontend(request: pytest.FixtureRequest, tmp_path: Path,
+             base_image: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """The docker pool's frontend and the environment that points a worker at its engine."""
+    if request.param == "buildkit":
+        yield "buildkit", {}
+        return
+    engine = services.start_second_engine(tmp_path / "legacy-engine", buildkit=False)
+    try:
+        services.copy_image(base_image, engine.socket)
+        yield "legacy", engine.env
+    finally:
+        engine.stop()
+
+
 def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_pool(
         cluster_with_secrets: tuple[Cluster, str, services.RegistryServer], tmp_path: Path,
-        base_image: str, build_secrets: tuple[str, str, Path]) -> None:
+        base_image: str, build_secrets: tuple[str, str, Path],
+        frontend: tuple[str, dict[str, str]]) -> None:
     cluster, password, registry = cluster_with_secrets
     pip_token, npm_token, secrets_dir = build_secrets
+    kind, engine_env = frontend
+    dockerfile, failing_step = (MOUNT_DOCKERFILE, MOUNT_FAILING_STEP) if kind == "buildkit" \
+        else (SECRET_DOCKERFILE, FAILING_STEP)
+    docker_cli = ["docker", *(["-H", engine_env["DOCKER_HOST"]] if engine_env else [])]
     cluster.env.update({"BUILDQ_SECRET_PIP_TOKEN": pip_token,
                         "BUILDQ_SECRETS_DIR": str(secrets_dir)})
     # The client holds no secret of any kind: only the workers do.
@@ -277,22 +310,22 @@ def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_poo
                                "BUILDQ_SECRETS_DIR", "GOOGLE_APPLICATION_CREDENTIALS")}
     app = tmp_path / "app"
     app.mkdir()
-    (app / "Dockerfile").write_text(SECRET_DOCKERFILE.format(base=base_image))
+    (app / "Dockerfile").write_text(dockerfile.format(base=base_image))
     (app / "msg.txt").write_text(f"secret arg {uuid.uuid4()}\n")
-    repository = "team/secret-arg"
+    repository = f"team/secret-{kind}"
 
     with running_flower(cluster, tmp_path / "flower.log") as (flower_url, flower_login):
         cluster.start_worker("control")
-        docker_worker = cluster.start_worker("docker")
+        docker_worker = cluster.start_worker("docker", env=engine_env)
         done = cli(client_env, "build", str(app), "--destination", f"{registry.host}/{repository}",
                    "--builder", "docker", "--secret", "PIP_TOKEN", "--secret", "NPM_TOKEN",
                    "--json")
         assert done.returncode == 0, done.stdout + done.stderr
         record = json.loads(done.stdout.strip().splitlines()[-1])
         assert record["status"] == "built", record
+        assert record["frontend"] == kind, record
         # A failing step that prints the value: its error quotes the step's output.
-        (app / "Dockerfile").write_text(SECRET_DOCKERFILE.format(base=base_image)
-                                        + 'RUN echo "failing with $PIP_TOKEN" && false\n')
+        (app / "Dockerfile").write_text(dockerfile.format(base=base_image) + failing_step)
         failing = cli(client_env, "build", str(app), "--destination",
                       f"{registry.host}/{repository}", "--builder", "docker", "--secret",
                       "PIP_TOKEN", "--secret", "NPM_TOKEN", "--json")
@@ -324,18 +357,29 @@ def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_poo
     assert files["secret-lengths"] == f"{len(pip_token)} {len(npm_token)}\n".encode()
     assert pip_token.encode() in environ, "the docker worker never held the value"
 
-    # The pushed config blob: history and container_config carry the mask, not the value.
+    # The pushed config blob: the legacy builder's history and container_config carry the
+    # mask, not the value; BuildKit's never had it (a mount is not a build arg).
     assert not leaks(config_blob, secrets), "secret in the pushed image config"
     history = [h.get("created_by", "") for h in json.loads(config_blob)["history"]]
-    assert any("NPM_TOKEN=*** PIP_TOKEN=***" in line for line in history), history
-    # docker history of the image as tagged on the build host, which is what was pushed.
-    local = subprocess.run(["docker", "history", "--no-trunc", record["image"]],
+    if kind == "legacy":
+        assert any("NPM_TOKEN=*** PIP_TOKEN=***" in line for line in history), history
+    else:
+        assert any("--mount=type=secret" in line or "cat /run/secrets/PIP_TOKEN" in line
+                   for line in history), history
+        assert not any("PIP_TOKEN=***" in line for line in history), history
+    # docker history and docker save of the image as tagged on the build host: what was pushed.
+    local = subprocess.run([*docker_cli, "history", "--no-trunc", record["image"]],
                            capture_output=True, timeout=60)
     assert local.returncode == 0, local.stderr
-    assert b"PIP_TOKEN=***" in local.stdout and not leaks(local.stdout, secrets)
-    inspect = subprocess.run(["docker", "image", "inspect", record["image"]],
+    assert not leaks(local.stdout, secrets)
+    assert (b"PIP_TOKEN=***" in local.stdout) == (kind == "legacy"), local.stdout
+    inspect = subprocess.run([*docker_cli, "image", "inspect", record["image"]],
                              capture_output=True, timeout=60)
     assert inspect.returncode == 0 and not leaks(inspect.stdout, secrets)
+    saved = subprocess.run([*docker_cli, "save", record["image"]], capture_output=True,
+                           timeout=120)
+    assert saved.returncode == 0 and saved.stdout, saved.stderr
+    assert not leaks(saved.stdout, secrets), "secret in docker save of the image"
 
     # The record, and what `buildq status` / `history` print of it.
     for shown_record in (record, failed):
@@ -354,8 +398,9 @@ def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_poo
     assert_redis_clean(cluster, secrets, record["id"], ["PIP_TOKEN", "NPM_TOKEN"])
     log_lines = [fields[b"line"] for _, fields in redis.Redis.from_url(cluster.redis.url).xrange(
         f"buildq:log:{record['source_hash']}") if b"line" in fields]
-    # The RUN step printed both values; the log has that line, masked.
-    assert b"using *** and ***" in log_lines, log_lines
+    # The RUN step printed both values; the log has that line, masked (BuildKit prefixes
+    # the step's number and time).
+    assert any(line.endswith(b"using *** and ***") for line in log_lines), log_lines
 
     # Flower: the task list, the task's API record and its HTML page show names only.
     for page in flower_pages:
