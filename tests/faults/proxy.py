@@ -36,6 +36,7 @@ class FaultProxy:
         self.sent_upstream = 0
         self._cut_at: int | None = None
         self._cuts_left: int | None = None
+        self._stay_down = False
         #: Bumped by each ``cut_after``, so bytes sent before it do not count towards it.
         self._cut_epoch = 0
         threading.Thread(target=self._accept, daemon=True, name="fault-proxy").start()
@@ -49,12 +50,15 @@ class FaultProxy:
         with self.lock:
             self._cut_at = self._cuts_left = None
 
-    def cut_after(self, nbytes: int, times: int | None = 1) -> None:
+    def cut_after(self, nbytes: int, times: int | None = 1, stay_down: bool = False) -> None:
         """Reset the next ``times`` connections (None: every one) that carry ``nbytes`` to the
         service: the first ``nbytes`` are forwarded, then both sides get a reset, as when a
-        link dies in the middle of a request body. Then forward normally again."""
+        link dies in the middle of a request body. Then forward normally again, or with
+        ``stay_down`` go down at the cut (every connection reset, new ones refused) until
+        ``up()``: the link died and stays dead."""
         with self.lock:
             self._cut_at, self._cuts_left = nbytes, times
+            self._stay_down = stay_down
             self._cut_epoch += 1
 
     def _cut_due(self, sent: int, size: int) -> int | None:
@@ -129,6 +133,8 @@ class FaultProxy:
                                 self.sent_upstream += keep
                             _reset(client)
                             _reset(server)
+                            if self._stay_down:
+                                self.down()
                             return
                         sent += len(data)
                         with self.lock:
