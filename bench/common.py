@@ -124,7 +124,9 @@ class Cluster:
             raise
         return c
 
-    def start_worker(self, pool: str, concurrency: int) -> subprocess.Popen[bytes]:
+    def start_worker(self, pool: str, concurrency: int,
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """A worker process; ``env`` adds to the cluster's (e.g. DOCKER_HOST: another engine)."""
         import redis
 
         assert self.redis is not None
@@ -132,7 +134,7 @@ class Cluster:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tasks.cli", "worker", pool, "--concurrency",
              str(concurrency), "--loglevel", "INFO"],
-            env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.workers.append((pool, proc))
         client = redis.Redis.from_url(self.redis.url)
@@ -144,6 +146,18 @@ class Cluster:
         finally:
             client.close()
         return proc
+
+    def stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop one worker (SIGTERM, then SIGKILL) and forget it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        self.workers = [(pool, p) for pool, p in self.workers if p is not proc]
 
     def use(self) -> None:
         """Point this process's Celery app at the cluster (as a client script would)."""
