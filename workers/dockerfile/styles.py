@@ -117,10 +117,10 @@ class _RequirementFiles:
 def read_requirement_files(project: Project, first: str) -> _RequirementFiles:
     """``first`` and every file it includes with -r/-c, read and checked."""
     found = _RequirementFiles([], set(), set(), False, True, True, [])
-    todo = [first]
+    todo = [(first, False)]
     requirements = 0
     while todo:
-        rel = todo.pop(0)
+        rel, constraints = todo.pop(0)
         if rel in found.files:
             continue
         text = project.text(rel)
@@ -154,15 +154,16 @@ def read_requirement_files(project: Project, first: str) -> _RequirementFiles:
                 if target.is_absolute() or ".." in parts:
                     raise SourceError(f"{rel} line {number} includes {match.group(1)!r} from "
                                       "outside the project.", "Keep requirement files inside it.")
-                todo.append("/".join(parts))
+                # A constraint file (and what it includes) limits versions and needs no hashes.
+                todo.append(("/".join(parts), constraints or line.startswith(("-c", "--constraint"))))
                 continue
             if line.startswith("-") and not line.startswith(("-e", "--editable")):
                 continue  # an option line (--index-url, --hash on its own, --pre, ...)
             requirement = line.split(" --", 1)[0].strip()
             name = _requirement_name(requirement.removeprefix("-e ").removeprefix("--editable ").strip())
+            if constraints:
+                continue
             if name:
-                # Constraint files' names count too: the names only serve to recognise a
-                # server among the dependencies, where one too many does no harm.
                 found.names.add(name)
             if _VCS_RE.search(line):
                 found.git.add(name or requirement)

@@ -1,0 +1,5 @@
+from importlib.metadata import version
+
+import six
+
+print(f"pdm-sayer {version('pdm-sayer')} (six {six.__version__})")
