@@ -31,6 +31,8 @@ from workers.context import write_context
 from workers.dockerfile import DOCKERFILE
 
 _STEP = re.compile(r"^Step \d+/\d+ : (.*)$")
+#: A BuildKit step's header in a ``--progress=plain`` log: ``#7 [stage-0 4/6] RUN ...``.
+_BUILDKIT_STEP = re.compile(r"^#(\d+) \[[^\]]*\d+/\d+\] (.*)$")
 
 
 def _wheel(directory: Path, name: str, version: str, code: str) -> Path:
@@ -72,15 +74,26 @@ def _config(base: str) -> dict[str, Any]:
 
 
 def _steps(cluster: Cluster, source_hash: str) -> dict[str, bool]:
-    """Each build step of the hash's log, and whether the engine took it from its cache."""
+    """Each build step of the hash's log, and whether the engine took it from its cache:
+    the legacy builder's ``Step N/M :`` and ``Using cache``, or BuildKit's step headers and
+    ``#N CACHED`` (BuildKit makes no step of ENV, USER, CMD and other metadata)."""
     steps: dict[str, bool] = {}
     current = None
+    vertices: dict[str, str] = {}
     for _, fields in cluster.client().xrange(f"buildq:log:{source_hash}"):
         line = fields.get("line", "")
         match = _STEP.match(line.strip())
+        buildkit = _BUILDKIT_STEP.match(line)
         if match:
             current = match.group(1)
             steps[current] = False
+        elif buildkit and buildkit.group(1) not in vertices:
+            vertices[buildkit.group(1)] = buildkit.group(2)
+            steps[buildkit.group(2)] = False
+        elif line.startswith("#") and line.partition(" ")[2] == "CACHED":
+            number = line[1:].partition(" ")[0]
+            if number in vertices:
+                steps[vertices[number]] = True
         elif current is not None and "Using cache" in line:
             steps[current] = True
     return steps
