@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -631,9 +632,15 @@ class BuildKitDriver:
         with contextlib.suppress(FileNotFoundError):
             iidfile.unlink()
         progress = Progress(log)
+        argv = self._argv(request, root, network, secret_args)
+        reaper = shutil.which("setpriv")
+        if reaper:
+            # A worker killed mid-build takes the CLI with it, and the engine then cancels
+            # the build (a buildx plugin process would outlive the CLI, though).
+            argv = [reaper, "--pdeathsig", "KILL", "--", *argv]
         try:
             proc = subprocess.Popen(
-                self._argv(request, root, network, secret_args), env=self._env(root),
+                argv, env=self._env(root),
                 cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:

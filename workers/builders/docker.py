@@ -228,11 +228,10 @@ class DockerBuilder(Builder):
             cli, self.legacy_reason = find_cli(cli_path, docker_config)
             if cli is not None:
                 # The CLI must reach the engine this builder pings, however it was named.
-                engine_env = {} if base_url is None else {"DOCKER_HOST": base_url}
-                if base_url is None:
-                    engine_env = {k: v for k, v in os.environ.items()
-                                  if k in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH",
-                                           "DOCKER_CONTEXT")}
+                engine_env = {"DOCKER_HOST": base_url} if base_url is not None else {
+                    k: v for k, v in os.environ.items()
+                    if k in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH",
+                             "DOCKER_CONTEXT")}
                 self._buildkit = BuildKitDriver(cli, engine_env, docker_config, self._endpoints)
         self.frontend = "buildkit" if self._buildkit is not None else "legacy"
 
