@@ -469,8 +469,9 @@ def doctor(config_path: str | None) -> None:
 @click.option("--ref", help="Git branch, tag or commit.")
 @click.option("--entrypoint", metavar="COMMAND", help="The command the image runs.")
 @click.option("--python", metavar="VERSION",
-              help="Python version of the base image (default: the project's .python-version, "
-                   "pyproject.toml requires-python or runtime.txt, else 3.12).")
+              help="Python version of the base image (default: a W&B job's runtime, the project's "
+                   ".python-version, runtime.txt, Pipfile, requires-python or Poetry's python, "
+                   "else 3.12).")
 @click.option("--gpu", is_flag=True, help="Build on builder.accelerator.base-image.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Launch-config YAML (default: $BUILDQ_CONFIG, then ~/.config/wandb/launch-config.yaml).")

@@ -325,3 +325,21 @@ def test_corpus_project_builds_runs_and_keeps_its_dependency_layer(
     assert dependency_steps, steps
     assert all(steps[s] for s in dependency_steps), steps
     assert steps[source_step] is False
+
+
+@pytest.mark.slow
+def test_wandb_job_with_its_own_dockerfile_builds_it_from_its_build_context(
+        tmp_path: Path, registry: services.RegistryServer, base_image: str, package_index: str,
+        python_base_image: str) -> None:
+    source = tmp_path / "job"
+    shutil.copytree(PROJECTS / "wandb-job-dockerfile", source)
+    (source / "trainer" / "run.sh").write_text(
+        (source / "trainer" / "run.sh").read_text() + f"# run {uuid.uuid4()}\n")
+    config = _config(tmp_path, package_index, python_base_image, {})
+    record, _ = _build(source, f"{registry.host}/corpus/job-dockerfile", config, tmp_path)
+    assert record["status"] == "built", record
+    assert (record["job"], record["dependencies"], record["lock"]) == ("wandb-job.json", None, None)
+    out = run_image(record["image"])
+    assert out.startswith("built from the job's own Dockerfile\n")
+    # The context was the job's build_context: nothing above it reached the build.
+    assert out.split()[6:] == ["Dockerfile.train", "run.sh"]

@@ -1,2 +1,2 @@
 echo "built from the job's own Dockerfile"
-ls /
+ls /job
