@@ -454,3 +454,33 @@ def test_peeking_at_the_dockerfile_keeps_every_byte_of_the_context() -> None:
     assert peek_dockerfile(stream, "./docker/Dockerfile", copy) == "FROM y\n"
     assert copy.getvalue() + stream.read() == payload
     assert peek_dockerfile(io.BytesIO(b"not a tarball"), "Dockerfile", io.BytesIO()) is None
+
+
+def test_cache_from_a_private_registry_reached_through_an_endpoint_uses_its_login(
+    builder: DockerBuilder, other_host: services.SecondEngine,
+    auth_registry: services.RegistryServer, base_image: str, lines: list[str], tmp_path: Path,
+) -> None:
+    nonce = uuid.uuid4().hex[:8]
+    dockerfile = EXPENSIVE.format(base=base_image, nonce=nonce)
+    login = {"username": USER, "password": PASSWORD}
+    pushed = f"{auth_registry.host}/team/cached:{nonce}"
+    builder.build(request(pushed, {"Dockerfile": dockerfile, "late.txt": "a\n"}), lines.append)
+    builder.push(pushed, login, lines.append)
+
+    # Host B knows the registry by a name only the endpoint mapping resolves.
+    logical = "registry.buildq.invalid"
+    host_b = DockerBuilder(other_host.socket, endpoints={logical: auth_registry.host},
+                           docker_config=tmp_path / "config")
+    b_lines: list[str] = []
+    host_b.build(request(f"buildq-test/endpoint:{nonce}",
+                         {"Dockerfile": dockerfile, "late.txt": "b\n"},
+                         cache_from=[f"{logical}/team/cached:{nonce}"],
+                         registry_logins={logical: login}), b_lines.append)
+    log = "\n".join(b_lines)
+    assert f"importing cache manifest from {pushed}" in log, log
+    assert "warning: the layer cache" not in log, log
+    progress = Progress(lambda _: None)
+    for line in b_lines:
+        progress.feed(line)
+    assert any(f"echo {nonce} > /nonce" in step for step in progress.cached_steps()), log
+    assert PASSWORD not in log

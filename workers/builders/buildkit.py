@@ -537,7 +537,12 @@ class BuildKitDriver:
         log(f"buildq: building {request.image} with BuildKit ({self.cli.describe()})")
         with tempfile.TemporaryDirectory(prefix="buildq-build-") as scratch:
             root = Path(scratch)
-            write_docker_config(root / "config", self.docker_config, request.registry_logins)
+            logins = dict(request.registry_logins)
+            for host, login in request.registry_logins.items():
+                if host in self.endpoints:
+                    # The engine reaches a mapped registry at its endpoint, and asks for that.
+                    logins[self.endpoints[host].split("/")[0]] = login
+            write_docker_config(root / "config", self.docker_config, logins)
             secret_args = write_secrets(root / "secrets", request.secrets)
             with request.open_context() as context, \
                     tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=scratch) as spool:
