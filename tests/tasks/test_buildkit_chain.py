@@ -178,3 +178,38 @@ def test_a_host_that_never_built_the_repository_reuses_the_layers_another_pushed
     done = subprocess.run(["docker", "-H", host_b.socket, "image", "inspect", second["image"]],
                           capture_output=True, timeout=60)
     assert done.returncode == 0, "host B did not build the second image"
+
+
+def test_cache_repo_last_image_is_imported_and_a_missing_one_only_warns(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    from tasks import build_image
+
+    nonce = uuid.uuid4().hex[:8]
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo {nonce} > /nonce\n"
+                                    "COPY late.txt /late.txt\n")
+    registry = cluster.registry.host
+    warm = f"{registry}/bk/warm-{nonce}"
+    (app / "late.txt").write_text("warm\n")
+    # A build whose destination is the cache repository notes its last tag there.
+    seeded = build_image.delay(str(app), destination=warm).get(timeout=180)
+    assert seeded["status"] == "built", seeded
+
+    (app / "late.txt").write_text("app\n")
+    record = build_image.delay(str(app), destination=f"{registry}/bk/app-{nonce}",
+                               config={"builder": {"cache-repo": warm}}).get(timeout=180)
+    assert record["status"] == "built", record
+    lines = log_lines(cluster.redis.url, record["source_hash"])
+    assert any(f"importing cache manifest from {warm}:{seeded['tag']}" in line
+               for line in lines), lines
+    assert not any(line.startswith("warning: the layer cache") for line in lines), lines
+
+    empty = f"{registry}/bk/empty-{nonce}"
+    (app / "late.txt").write_text("other\n")
+    other = build_image.delay(str(app), destination=f"{registry}/bk/other-{nonce}",
+                              config={"builder": {"cache-repo": empty}}).get(timeout=180)
+    assert other["status"] == "built", other
+    warnings = [line for line in log_lines(cluster.redis.url, other["source_hash"])
+                if line.startswith("warning: the layer cache")]
+    assert warnings and f"{empty}:latest" in warnings[0], warnings
