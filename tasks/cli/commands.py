@@ -106,11 +106,15 @@ def _described(source: str, ref: str | None, settings: Any, *, destination: str 
 @click.option("--builder", type=click.Choice(["docker", "kaniko", "noop"]),
               help="Override builder.type.")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the request id.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop waiting for the record after SECONDS (exit 2); the request goes on. "
+                   "Default: wait as long as it takes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on the last line.")
 def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
           build_args: tuple[str, ...], target: str | None, platform: str | None,
           secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
-          config_path: str | None, builder: str | None, no_wait: bool, as_json: bool) -> None:
+          config_path: str | None, builder: str | None, no_wait: bool, timeout: float | None,
+          as_json: bool) -> None:
     """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists.
 
     A Python project without a Dockerfile gets a generated one (see `buildq dockerfile`).
@@ -119,6 +123,13 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     from tasks.connection import check_redis
 
     settings = _settings()
+    if timeout is not None and no_wait:
+        raise InputError("--timeout and --no-wait contradict each other: --no-wait does not wait.",
+                         "Pass one of them.")
+    if timeout is not None and settings.embedded:
+        raise InputError("--timeout bounds the wait for workers, and with BUILDQ_REDIS_URL unset "
+                         "the build runs in this process.",
+                         "Set BUILDQ_REDIS_URL to build on workers, or drop --timeout.")
     cfg = load_config(config_path, env_path=settings.config_path,
                       destination_given=bool(destination))
     for warning in cfg.warnings:
@@ -136,7 +147,8 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     check_redis(settings)
     kwargs["config"] = cfg.to_mapping()
     source = _ship_local_source(source, kwargs, settings)
-    record = _run_remote(source, kwargs, settings, no_wait, as_json)
+    record = _run_remote(source, kwargs, settings, no_wait, as_json, timeout,
+                         builder or cfg.builder.type)
     if record is not None:
         _report(record, as_json)
 
@@ -224,14 +236,31 @@ class Progress:
             self.spinner.stop()
 
 
+def _warn(text: str) -> None:
+    click.secho(f"warning: {text}", fg="yellow", err=True)
+
+
 def _watch(client: Any, request_id: str, since_ms: int, finished: Callable[[], bool],
-           as_json: bool, block_ms: int | None = 300) -> None:
+           as_json: bool, block_ms: int | None = 300, lookout: Any = None) -> None:
     from tasks.events import follow
+
+    def done() -> bool:
+        # Called whenever the request's streams are quiet: the moment to ask whether
+        # anybody is there to pick it up.
+        if lookout is not None:
+            lookout.tick()
+            if lookout.expired:
+                return True
+        return finished()
 
     progress = Progress(sys.stderr if as_json else sys.stdout)
     try:
-        for event in follow(client, request_id, since_ms, finished, block_ms):
+        for event in follow(client, request_id, since_ms, done, block_ms):
             progress.show(event)
+            if lookout is not None:
+                lookout.saw(event)
+                if lookout.expired:
+                    break
     finally:
         progress.close()
 
@@ -263,17 +292,26 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
 
 
 def _run_remote(source: str, kwargs: dict[str, Any], settings: Any, no_wait: bool,
-                as_json: bool) -> dict[str, Any] | None:
+                as_json: bool, timeout: float | None = None,
+                builder: str | None = None) -> dict[str, Any] | None:
+    from tasks.cli.lookout import Lookout, pool_notice
     from tasks.connection import redis_client
     from tasks.stages import build_image
 
+    client = redis_client(settings)
     since = int(time.time() * 1000)
     result = build_image.apply_async(args=[source], kwargs=kwargs)
     if no_wait:
         click.echo(result.id)
+        notice = pool_notice(client, "control")
+        if notice:
+            _warn(f"{notice}; the request waits in the queue until one does.")
         return None
     click.echo(f"request {result.id}", err=True)
-    _watch(redis_client(settings), result.id, since, result.ready, as_json)
+    lookout = Lookout(client, builder, timeout, _warn)
+    _watch(client, result.id, since, result.ready, as_json, lookout=lookout)
+    if lookout.expired and not result.ready():
+        raise ServiceError(*lookout.gave_up(result.id))
     return dict(result.get(propagate=True))
 
 
@@ -362,12 +400,20 @@ def _redis() -> Any:
 @click.argument("ident")
 def status(ident: str) -> None:
     """Show the record of a request id or source hash (or tag)."""
+    from tasks.cli.lookout import find_queued, pool_notice
     from tasks.records import find
 
-    found = find(_redis(), ident)
+    client = _redis()
+    found = find(client, ident)
     if found is None:
-        raise InputError(f"no record for {ident!r}.",
-                         "Give a request id printed by `buildq build`, a source hash or a tag.")
+        queued = find_queued(client, ident)
+        if queued is None:
+            raise InputError(f"no record for {ident!r}.",
+                             "Give a request id printed by `buildq build`, a source hash or a tag.")
+        notice = pool_notice(client, queued.pool)
+        if notice:
+            _warn(notice)
+        found = queued.as_dict(ident)
     click.echo(json.dumps(found, indent=2, sort_keys=True))
 
 
