@@ -627,3 +627,32 @@ def test_every_corpus_project_generates_the_same_text_twice(tmp_path: Path) -> N
         root = _copy(project, tmp_path)
         options = _opts({"builder": {"pip": {"extras": ["server"]}}} if project == "hatch-extras" else None)
         assert plan(root, options) == plan(root, options), project
+
+
+def _uv_project(root: Path, wheels: list[str]) -> Path:
+    listed = ", ".join(f'{{ url = "https://x/{w}", hash = "sha256:{i + 1:064x}" }}'
+                       for i, w in enumerate(wheels))
+    return _project(root, {
+        "main.py": "",
+        "pyproject.toml": '[project]\nname="p"\nversion="1"\nrequires-python=">=3.9"\n'
+                          'dependencies=["fast"]\n',
+        "uv.lock": f'version = 1\n[[package]]\nname = "p"\nversion = "1"\nsource = {{ virtual = "." }}\n'
+                   f'dependencies = [{{ name = "fast" }}]\n[[package]]\nname = "fast"\nversion = "1.0"\n'
+                   f'source = {{ registry = "https://pypi.org/simple" }}\n'
+                   f'sdist = {{ url = "https://x/fast-1.0.tar.gz", hash = "{SHA}" }}\nwheels = [{listed}]\n'})
+
+
+def test_a_range_picks_the_newest_python_the_locks_wheels_are_built_for(tmp_path: Path) -> None:
+    compiled = _uv_project(tmp_path / "a", ["fast-1.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+                                            "fast-1.0-cp312-cp312-manylinux_2_17_x86_64.whl",
+                                            "fast-1.0-cp313-cp313-win_amd64.whl"])
+    text = generate(compiled, _opts())
+    assert _from(text) == "python:3.12-slim"
+    assert "Python 3.12 from pyproject.toml requires-python and the lock's wheels" in text
+    # The Windows wheel's hash is of no use in a Linux image; the sdist's and the others' stay.
+    assert f"sha256:{3:064x}" not in text
+    assert all(h in text for h in (SHA, f"sha256:{1:064x}", f"sha256:{2:064x}"))
+    stable_abi = _uv_project(tmp_path / "b", ["fast-1.0-cp39-abi3-manylinux_2_17_x86_64.whl"])
+    assert _from(generate(stable_abi, _opts())) == f"python:{KNOWN_PYTHONS[-1]}-slim"
+    pure = _uv_project(tmp_path / "c", ["fast-1.0-py3-none-any.whl"])
+    assert _from(generate(pure, _opts())) == f"python:{KNOWN_PYTHONS[-1]}-slim"

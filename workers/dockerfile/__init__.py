@@ -23,6 +23,7 @@ from typing import Any
 from config.errors import ConfigError, InputError, SourceError
 from workers.context import DEFAULT_DOCKERIGNORE, BuildInputs, context_files, has_ignore_file
 from workers.dockerfile.job import FROZEN_REQUIREMENTS, JOB_FILE, Job, read_job
+from workers.dockerfile.locks import supports
 from workers.dockerfile.options import PythonOptions, check_python, parse_entrypoint
 from workers.dockerfile.project import Project
 from workers.dockerfile.python import DEFAULT_PYTHON, KNOWN_PYPYS, KNOWN_PYTHONS, PythonChoice, detect_python
@@ -188,7 +189,9 @@ def plan(root: Path, options: PythonOptions) -> Plan:
         detect_dependencies(project, options.extras)
     python: PythonChoice | None = None
     if _needs_python(options, job):
-        python = detect_python(project, options.python, job.python if job is not None else None)
+        pins = deps.pins if deps.locked_pins else ()
+        python = detect_python(project, options.python, job.python if job is not None else None,
+                               built_for=(lambda minor: supports(pins, minor)) if pins else None)
     base, base_note = _base_image(options, job, python)
     start = decide_start(project, options.entrypoint, job, deps)
     pip, wheels, warnings = _pip(root, options, deps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -51,6 +52,8 @@ class Pin:
     hashes: tuple[str, ...] = ()
     #: A git dependency: the image needs git to install it, and pip cannot check a hash.
     vcs: bool = False
+    #: Names of the wheels the lock lists for it (to tell which Pythons it has builds for).
+    wheels: tuple[str, ...] = field(default=(), compare=False)
 
     def line(self, hashes: bool) -> str:
         text = self.requirement + (f" ; {self.marker}" if self.marker else "")
@@ -145,6 +148,36 @@ def _pep508_edge(text: str, where: str) -> _Edge:
     accepts = _version_filter([req.specifier]) if str(req.specifier) else None
     return _Edge(canonical(req.name), marker, frozenset(canonical(e) for e in req.extras), accepts,
                  text)
+
+
+def _wheel_names(files: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    names = (PurePosixPath(f.split("?", 1)[0].split("#", 1)[0]).name for f, _ in files)
+    return tuple(sorted({n for n in names if n.endswith(".whl")}))
+
+
+def supports(pins: Iterable[Pin], minor: str) -> bool:
+    """Whether every pin that ships compiled CPython wheels has one for ``minor``.
+
+    A lock resolved for a range still pins versions built for some Pythons only; on a
+    newer one pip would compile them from source (and fail without a compiler).
+    """
+    wanted = int(minor.split(".")[1])
+    for pin in pins:
+        tags = [n[:-4].split("-")[-3:-1] for n in pin.wheels
+                if n.count("-") >= 4 and wheel_platform_ok(n)]
+        if not tags:
+            continue
+        ok = False
+        for python, abi in tags:
+            for tag in python.split("."):
+                if tag.startswith("py"):
+                    ok = True  # py3 / py2.py3: pure Python
+                elif tag.startswith("cp") and tag[2:].isdigit() and tag[2] == "3":
+                    built = int(tag[3:]) if len(tag) > 3 else 0
+                    ok |= built == wanted or ("abi3" in abi and built <= wanted)
+        if not ok:
+            return False
+    return True
 
 
 def _keep_hashes(files: Iterable[tuple[str, str]]) -> tuple[str, ...]:
@@ -266,7 +299,8 @@ def read_uv(project: Project, extras: tuple[str, ...]) -> Locked:
                 indexes.add(registry)
             elif not registry.startswith(("http://", "https://")):
                 raise _local_dependency(lock, pkg_name, registry)
-            pins.append(Pin(canonical(pkg_name), f"{pkg_name}=={version}", marker, _keep_hashes(files)))
+            pins.append(Pin(canonical(pkg_name), f"{pkg_name}=={version}", marker, _keep_hashes(files),
+                            wheels=_wheel_names(files)))
         elif "git" in source:
             url = str(source["git"])
             parts = urlsplit(url)
@@ -401,7 +435,8 @@ def read_poetry(project: Project, extras: tuple[str, ...]) -> Locked:
         else:
             if kind == "legacy" and isinstance(source.get("url"), str) and not _is_pypi(source["url"]):
                 indexes.add(source["url"])
-            pins.append(Pin(canonical(pkg_name), f"{pkg_name}=={version}", marker, _keep_hashes(files)))
+            pins.append(Pin(canonical(pkg_name), f"{pkg_name}=={version}", marker, _keep_hashes(files),
+                            wheels=_wheel_names(files)))
     return Locked(lock, tuple(sorted(pins, key=lambda p: (p.name, p.requirement))),
                   tuple(sorted(indexes)))
 
@@ -482,18 +517,19 @@ def read_pdm(project: Project, extras: tuple[str, ...]) -> Locked:
                 continue  # the project itself: installed with its source
             raise _local_dependency(lock, pkg_name, path)
         else:
-            pin = Pin(canonical(pkg_name), f"{pkg_name}=={version}", None, _keep_hashes(files))
+            pin = Pin(canonical(pkg_name), f"{pkg_name}=={version}", None, _keep_hashes(files),
+                      wheels=_wheel_names(files))
         key = (pin.name, pin.requirement)
         conditions[key] = union(conditions.get(key, frozenset()), cond)
         old = pins.get(key)
         hashes = tuple(sorted(set(pin.hashes) | set(old.hashes if old else ())))
-        pins[key] = Pin(pin.name, pin.requirement, None, hashes, pin.vcs)
+        pins[key] = Pin(pin.name, pin.requirement, None, hashes, pin.vcs, pin.wheels)
     for source in metadata.get("sources") or project.table("tool", "pdm").get("source") or []:
         if isinstance(source, dict) and isinstance(source.get("url"), str) and not _is_pypi(source["url"]):
             raise SourceError(f"the project installs from the package index {source['url']} "
                               "([tool.pdm.source]), which generated Dockerfiles do not read.",
                               "Set builder.pip.index-url / extra-index-urls to it.")
-    out = [Pin(p.name, p.requirement, condition_marker(conditions[k]), p.hashes, p.vcs)
+    out = [Pin(p.name, p.requirement, condition_marker(conditions[k]), p.hashes, p.vcs, p.wheels)
            for k, p in pins.items()]
     return Locked(lock, tuple(sorted(out, key=lambda p: (p.name, p.requirement))))
 

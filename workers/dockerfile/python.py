@@ -2,12 +2,14 @@
 
 In order: ``--python``; a W&B job's ``runtime``; ``.python-version``; ``runtime.txt``;
 Pipfile's ``[requires]``; ``requires-python`` or Poetry's ``python`` constraint (the
-highest known minor it admits); else :data:`DEFAULT_PYTHON`.
+newest known minor it admits, and for which the lock has the wheels it needs); else
+:data:`DEFAULT_PYTHON`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -137,8 +139,9 @@ def _from_pipfile(project: Project) -> PythonChoice | None:
 
 
 def newest_admitted(specs: list[SpecifierSet], where: str, known: tuple[str, ...] = KNOWN_PYTHONS,
-                    ) -> str:
-    """The newest known minor some patch of which the union of ``specs`` admits."""
+                    built_for: Callable[[str], bool] | None = None) -> tuple[str, bool]:
+    """The newest known minor some patch of which the union of ``specs`` admits, preferring
+    one ``built_for`` accepts (the lock has wheels for it); and whether that preference held."""
     def admits(minor: str) -> bool:
         return any(s.contains(f"{minor}.0", prereleases=True) or s.contains(f"{minor}.99", prereleases=True)
                    for s in specs)
@@ -147,29 +150,34 @@ def newest_admitted(specs: list[SpecifierSet], where: str, known: tuple[str, ...
     if not fits:
         raise SourceError(f"{where} admits none of the Python versions buildq knows "
                           f"({', '.join(known)}).", "Pass --python, or set builder.base-image.")
-    return fits[-1]
+    if built_for is not None:
+        built = [v for v in fits if built_for(v)]
+        if built and built[-1] != fits[-1]:
+            return built[-1], True
+    return fits[-1], False
 
 
-def _from_ranges(project: Project) -> PythonChoice | None:
+def _from_ranges(project: Project, built_for: Callable[[str], bool] | None) -> PythonChoice | None:
     requires = project.table("project").get("requires-python")
+    poetry = project.table("tool", "poetry", "dependencies").get("python")
     if isinstance(requires, str) and requires.strip():
         try:
-            spec = SpecifierSet(requires)
+            specs = [SpecifierSet(requires)]
         except InvalidSpecifier:
             raise SourceError(f"pyproject.toml requires-python {requires!r} is not a version range.",
                               "Write it like \">=3.10\", or pass --python.") from None
-        where = "pyproject.toml requires-python"
-        return PythonChoice(newest_admitted([spec], f"{where} {requires!r}"), where)
-    poetry = project.table("tool", "poetry", "dependencies").get("python")
-    if isinstance(poetry, str) and poetry.strip():
-        where = "pyproject.toml [tool.poetry.dependencies] python"
+        where, value = "pyproject.toml requires-python", requires
+    elif isinstance(poetry, str) and poetry.strip():
+        where, value = "pyproject.toml [tool.poetry.dependencies] python", poetry
         specs = poetry_specifiers(poetry, where)
-        return PythonChoice(newest_admitted(specs, f"{where} {poetry!r}"), where)
-    return None
+    else:
+        return None
+    minor, narrowed = newest_admitted(specs, f"{where} {value!r}", built_for=built_for)
+    return PythonChoice(minor, f"{where} and the lock's wheels" if narrowed else where)
 
 
 def detect_python(project: Project, option: str | None, job_runtime: PythonChoice | None,
-                  ) -> PythonChoice:
+                  built_for: Callable[[str], bool] | None = None) -> PythonChoice:
     """The project's Python and where it was read, in the documented order."""
     if option:
         return PythonChoice(option, "--python")
@@ -178,7 +186,7 @@ def detect_python(project: Project, option: str | None, job_runtime: PythonChoic
     for found in (_from_version_file(project, ".python-version"),
                   _from_version_file(project, "runtime.txt"),
                   _from_pipfile(project),
-                  _from_ranges(project)):
+                  _from_ranges(project, built_for)):
         if found is not None:
             return found
     return PythonChoice(DEFAULT_PYTHON, "buildq's default")
