@@ -484,3 +484,14 @@ def test_cache_from_a_private_registry_reached_through_an_endpoint_uses_its_logi
         progress.feed(line)
     assert any(f"echo {nonce} > /nonce" in step for step in progress.cached_steps()), log
     assert PASSWORD not in log
+
+
+def test_run_step_on_an_engine_without_its_default_network_names_the_setting(
+    other_host: services.SecondEngine, base_image: str, lines: list[str], tmp_path: Path,
+) -> None:
+    host_b = DockerBuilder(other_host.socket, docker_config=tmp_path / "config")
+    with pytest.raises(BuildError) as caught:
+        host_b.build(BuildRequest(image="buildq-test/default-net:1", open_context=context(
+            {"Dockerfile": f"FROM {base_image}\nRUN echo {uuid.uuid4().hex}\n"})), lines.append)
+    assert "network bridge not found" in caught.value.message
+    assert "BUILDQ_NETWORK_MODE" in (caught.value.hint or "")

@@ -736,6 +736,10 @@ class BuildKitDriver:
         hint = "Fix that step of the Dockerfile or the build context it reads."
         if "unknown flag" in error.lower():
             hint = _NEWER_FRONTEND_HINT
+        elif re.search(r"network \S+ not found", error):
+            hint = ("RUN steps use the engine's default network, which this engine does not "
+                    "have: set BUILDQ_NETWORK_MODE to none (or host) on the docker-pool "
+                    "workers, or give the engine that network.")
         if instruction in ("COPY", "ADD") and "not found" in error:
             hint = ("Add the file to the source, or check the path: buildq's context leaves out "
                     "what .dockerignore excludes, and paths are relative to the context root.")
