@@ -656,3 +656,39 @@ def test_a_range_picks_the_newest_python_the_locks_wheels_are_built_for(tmp_path
     assert _from(generate(stable_abi, _opts())) == f"python:{KNOWN_PYTHONS[-1]}-slim"
     pure = _uv_project(tmp_path / "c", ["fast-1.0-py3-none-any.whl"])
     assert _from(generate(pure, _opts())) == f"python:{KNOWN_PYTHONS[-1]}-slim"
+
+
+def test_extra_clauses_of_lock_markers_do_not_hide_chosen_extras(tmp_path: Path) -> None:
+    root = _project(tmp_path / "p", {
+        "main.py": "",
+        "pyproject.toml": '[tool.poetry]\nname="p"\nversion="1"\npackage-mode=false\n'
+                          '[tool.poetry.dependencies]\npython="^3.9"\nreq={version="^2", extras=["socks"]}\n',
+        "poetry.lock": f'''[[package]]
+name = "req"
+version = "2.32.3"
+optional = false
+python-versions = "*"
+files = [{{file = "req-2.32.3-py3-none-any.whl", hash = "{SHA}"}}]
+[package.dependencies]
+socks = {{version = ">=1", optional = true, markers = "extra == \\"socks\\" and sys_platform != \\"win32\\""}}
+[package.extras]
+socks = ["socks (>=1)"]
+[[package]]
+name = "socks"
+version = "1.7.1"
+optional = true
+python-versions = "*"
+files = [{{file = "socks-1.7.1-py3-none-any.whl", hash = "{SHA}"}}]
+[metadata]
+lock-version = "2.0"
+python-versions = "^3.9"
+content-hash = "x"
+'''})
+    # pip takes every "extra == ..." in a requirements file as false: it must not be there.
+    assert _pins(generate(root, _opts())) == ["req==2.32.3", 'socks==1.7.1 ; sys_platform != "win32"']
+
+
+def test_the_project_line_keeps_its_extras(tmp_path: Path) -> None:
+    root = _project(tmp_path / "p", {"main.py": "", "requirements.txt": "-e .[web]\nsix\n",
+                                     "setup.py": "from setuptools import setup\nsetup(name='p')\n"})
+    assert 'RUN ["python", "-m", "pip", "install", "--no-cache-dir", ".[web]"]' in generate(root, _opts())

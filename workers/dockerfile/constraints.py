@@ -94,6 +94,45 @@ def normal_marker(text: str, where: str) -> str:
         raise SourceError(f"{where}: marker {text!r} is not valid ({exc}).", "Fix the marker.") from None
 
 
+def _spell(node: Any) -> str | None:
+    """A parsed marker (packaging's nested list) with ``extra`` comparisons taken as true."""
+    if isinstance(node, tuple):
+        if any(str(getattr(side, "value", "")) == "extra" and type(side).__name__ == "Variable"
+               for side in (node[0], node[2])):
+            return None
+        left, op, right = node
+        return " ".join(f'"{x.value}"' if type(x).__name__ == "Value" else str(x.value)
+                        for x in (left, op, right))
+    alternatives: list[list[str]] = [[]]
+    always = False
+    for item in node:
+        if item == "or":
+            alternatives.append([])
+        elif item != "and":
+            spelled = _spell(item)
+            if spelled is not None:
+                alternatives[-1].append(f"({spelled})" if isinstance(item, list) else spelled)
+    for conj in alternatives:
+        always |= not conj
+    if always:
+        return None
+    joined = [" and ".join(c) for c in alternatives]
+    return joined[0] if len(joined) == 1 else " or ".join(f"({j})" if " and " in j else j for j in joined)
+
+
+def marker_without_extra(text: str, where: str) -> str | None:
+    """A lock's marker with its ``extra == ...`` clauses dropped (None: always).
+
+    Which extras are installed is decided while walking the lock; pip, reading a
+    requirements file, would take every ``extra`` clause as false and skip the package.
+    """
+    normal = normal_marker(text, where)
+    if "extra" not in normal:
+        return normal
+    spelled = _spell(Marker(normal)._markers)
+    return normal_marker(spelled, where) if spelled else None
+
+
 #: A condition under which a locked package is installed: a set of conjunctions of
 #: markers; ``{()}`` is "always".
 Condition = frozenset[tuple[str, ...]]

@@ -28,6 +28,7 @@ from workers.dockerfile.constraints import (
     Condition,
     condition_marker,
     extend,
+    marker_without_extra,
     normal_marker,
     poetry_specifiers,
     specifier_marker,
@@ -141,10 +142,8 @@ def _pep508_edge(text: str, where: str) -> _Edge:
         req = Requirement(text)
     except InvalidRequirement as exc:
         raise SourceError(f"{where}: {text!r} is not a requirement ({exc}).", "Fix it.") from None
-    marker = str(req.marker) if req.marker else None
-    if marker and "extra" in marker:
-        # Extras of the project are chosen up front (builder.pip.extras), not by markers.
-        marker = None
+    # Extras are chosen while walking (builder.pip.extras, a dependency's [extra]).
+    marker = marker_without_extra(str(req.marker), where) if req.marker else None
     accepts = _version_filter([req.specifier]) if str(req.specifier) else None
     return _Edge(canonical(req.name), marker, frozenset(canonical(e) for e in req.extras), accepts,
                  text)
@@ -257,7 +256,8 @@ def read_uv(project: Project, extras: tuple[str, ...]) -> Locked:
             if not isinstance(dep, dict) or not isinstance(dep.get("name"), str):
                 continue
             version = dep.get("version")
-            marker = normal_marker(dep["marker"], where) if isinstance(dep.get("marker"), str) else None
+            marker = marker_without_extra(dep["marker"], where) if isinstance(dep.get("marker"), str) \
+                else None
             out.append(_Edge(canonical(dep["name"]), marker,
                              frozenset(canonical(e) for e in dep.get("extra") or []),
                              _exactly(version) if isinstance(version, str) else None))
@@ -339,7 +339,9 @@ def _poetry_edges(name: str, spec: Any, where: str, wanted: frozenset[str] | Non
             continue
         markers = []
         if isinstance(item.get("markers"), str):
-            markers.append(normal_marker(item["markers"], where))
+            found = marker_without_extra(item["markers"], where)
+            if found:
+                markers.append(found)
         if isinstance(item.get("python"), str):
             python = specifier_marker(poetry_specifiers(item["python"], where))
             if python:

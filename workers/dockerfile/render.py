@@ -149,9 +149,9 @@ def render(recipe: Recipe) -> str:
     lines += ["", "# The source, owned by the app user so the job can write in its directory.",
               f"COPY --chown={APP_UID}:{APP_UID} . ."]
     if deps.install_project == "no-deps":
-        lines.append(f"RUN {_json([*recipe.pip, '--no-deps', '.'])}")
+        lines.append(f"RUN {_json([*recipe.pip, '--no-deps', deps.project_target])}")
     elif deps.install_project == "with-deps":
-        lines.append(f"RUN {_json([*recipe.pip, '.'])}")
+        lines.append(f"RUN {_json([*recipe.pip, deps.project_target])}")
     lines.append(f"USER {APP_UID}:{APP_UID}")
     if start.web:
         lines.append(f"EXPOSE {WEB_PORT}")

@@ -35,7 +35,7 @@ from workers.dockerfile.project import Project, canonical
 _INCLUDE_RE = re.compile(r"^(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+|(?=[^\s-]))(\S+)")
 _LOCAL_REQ_RE = re.compile(r"^(?:-e|--editable)\b|^(?:\.{1,2}(?:/|$)|/|file:)")
 # The project itself, as requirements files name it ("." or "-e .").
-_ITSELF_RE = re.compile(r"^(?:(?:-e|--editable)\s+)?\.(?:/)?(?:\[[^\]]*\])?$")
+_ITSELF_RE = re.compile(r"^(?:(?:-e|--editable)\s+)?\.(?:/)?(\[[^\]]*\])?$")
 _EGG_RE = re.compile(r"#egg=([A-Za-z0-9][A-Za-z0-9._-]*)")
 _VCS_RE = re.compile(r"\b(?:git|hg|svn|bzr)\+")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -66,6 +66,8 @@ class Dependencies:
     indexes: tuple[str, ...] = ()
     #: After the source: None, "no-deps" (dependencies already in) or "with-deps".
     install_project: str | None = None
+    #: What pip installs then: the project, with the extras a requirements file gave it.
+    project_target: str = "."
     #: Canonical names of the dependencies known before the build (to find the server).
     names: frozenset[str] = frozenset()
     #: Dependencies installed from git (the image needs git for them).
@@ -108,7 +110,7 @@ class _RequirementFiles:
     files: list[str]
     names: set[str]
     git: set[str]
-    itself: bool
+    itself: str | None
     hashed: bool
     pinned: bool
     top_lines: list[str]
@@ -116,7 +118,7 @@ class _RequirementFiles:
 
 def read_requirement_files(project: Project, first: str) -> _RequirementFiles:
     """``first`` and every file it includes with -r/-c, read and checked."""
-    found = _RequirementFiles([], set(), set(), False, True, True, [])
+    found = _RequirementFiles([], set(), set(), None, True, True, [])
     todo = [(first, False)]
     requirements = 0
     while todo:
@@ -129,9 +131,10 @@ def read_requirement_files(project: Project, first: str) -> _RequirementFiles:
                               "is not in the project.", "Add the file or remove the -r/-c line.")
         found.files.append(rel)
         for number, line in _logical_lines(text):
-            if rel == first and _ITSELF_RE.match(line):
+            itself = _ITSELF_RE.match(line) if rel == first else None
+            if itself:
                 # Installed with the source (and so dropped from the dependency layer).
-                found.itself = True
+                found.itself = "." + (itself.group(1) or "")
                 continue
             if rel == first:
                 found.top_lines.append(line)
@@ -191,7 +194,8 @@ def _requirements_txt(project: Project, rel: str, extras: tuple[str, ...]) -> De
         return Dependencies("requirements.txt", mode, rel if locked else None,
                             note + ", the project itself after the source",
                             copy=tuple(files.files[1:]), pins=pins, pins_file=f"/app/.buildq-{rel}",
-                            install_project="with-deps", names=names, git_for=git)
+                            install_project="with-deps", project_target=files.itself,
+                            names=names, git_for=git)
     return Dependencies("requirements.txt", mode, rel if locked else None, note,
                         copy=tuple(files.files), requirement_file=rel, names=names, git_for=git)
 
