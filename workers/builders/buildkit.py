@@ -29,10 +29,10 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from config.errors import BuildError, BuildqError
 from workers.builders.base import BuildRequest, EngineUnavailableError, LogFn
@@ -356,14 +356,14 @@ def write_docker_config(directory: Path, source: Path | None,
     ``credHelpers`` entry sends the CLI to the file's ``auths`` for that host.
     """
     directory.mkdir(mode=0o700)
-    config: dict[str, object] = {}
+    config: dict[str, Any] = {}
     if source is not None:
         with contextlib.suppress(OSError, ValueError):
             loaded = json.loads((source / "config.json").read_text())
             if isinstance(loaded, dict):
                 config = loaded
-    auths = dict(config.get("auths") or {})  # type: ignore[call-overload]
-    helpers = dict(config.get("credHelpers") or {})  # type: ignore[call-overload]
+    auths = dict(config.get("auths") or {})
+    helpers = dict(config.get("credHelpers") or {})
     for host, login in logins.items():
         key = registry_key(host)
         token = base64.b64encode(f"{login['username']}:{login['password']}".encode()).decode()
@@ -537,13 +537,13 @@ class BuildKitDriver:
         log(f"buildq: building {request.image} with BuildKit ({self.cli.describe()})")
         with tempfile.TemporaryDirectory(prefix="buildq-build-") as scratch:
             root = Path(scratch)
-            logins = dict(request.registry_logins)
-            for host, login in request.registry_logins.items():
-                if host in self.endpoints:
-                    # The engine reaches a mapped registry at its endpoint, and asks for that.
-                    logins[self.endpoints[host].split("/")[0]] = login
-            write_docker_config(root / "config", self.docker_config, logins)
+            write_docker_config(root / "config", self.docker_config, self._logins(request))
             secret_args = write_secrets(root / "secrets", request.secrets)
+
+            def run(chunks: Iterator[bytes], syntax: tuple[str, int] | None) -> str:
+                return self._run(request, root, network, secret_args, log, deadline, chunks,
+                                 syntax)
+
             with request.open_context() as context, \
                     tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=scratch) as spool:
                 text = request.dockerfile_text
@@ -553,35 +553,43 @@ class BuildKitDriver:
                 if text is not None and request.secrets:
                     check_secret_use(text, request.secrets, request.dockerfile, log)
                 syntax = syntax_directive(text) if text is not None else None
-                fallback = syntax is not None and is_official_frontend(syntax[0])
+                if syntax is None or not is_official_frontend(syntax[0]):
+                    return run(_chunks(spool, context), syntax)
                 # A frontend that just failed to come is not waited for on every build.
-                known_missing = fallback and syntax is not None and \
-                    _unpullable.get(syntax[0], 0.0) > time.monotonic()
-                if not known_missing:
+                if _unpullable.get(syntax[0], 0.0) <= time.monotonic():
                     try:
-                        return self._run(request, root, network, secret_args, log, deadline,
-                                         _chunks(spool, context), syntax)
+                        return run(_chunks(spool, context), syntax)
                     except FrontendUnavailableError as exc:
-                        if not fallback:
-                            raise
                         _unpullable[exc.ref] = time.monotonic() + FRONTEND_RETRY_SECONDS
-            assert syntax is not None and text is not None
-            ref, index = syntax
-            log(f"warning: the frontend image {ref} cannot be pulled; building with the "
-                "engine's built-in Dockerfile frontend instead")
-            with request.open_context() as context:
-                try:
-                    return self._run(request, root, network, secret_args, log, deadline,
-                                     replace_dockerfile(context, request.dockerfile,
-                                                        without_syntax(text, index, ref)), None)
-                except BuildError as exc:
-                    # A flag the built-in frontend lacks is what the named frontend was for.
-                    hint = _frontend_hint(ref) if "unknown flag" in exc.message.lower() \
-                        else exc.hint
-                    raise BuildError(
-                        f"{exc.message.rstrip('.')} (built with the engine's built-in Dockerfile "
-                        f"frontend, because {ref} of the '# syntax=' line could not be pulled).",
-                        hint) from None
+            assert text is not None
+            return self._with_built_in_frontend(request, text, syntax, run, log)
+
+    def _with_built_in_frontend(self, request: BuildRequest, text: str, syntax: tuple[str, int],
+                                run: Callable[[Iterator[bytes], tuple[str, int] | None], str],
+                                log: LogFn) -> str:
+        """Build with the ``# syntax=`` line made a comment: the engine's own frontend builds."""
+        ref, index = syntax
+        log(f"warning: the frontend image {ref} cannot be pulled; building with the "
+            "engine's built-in Dockerfile frontend instead")
+        with request.open_context() as context:
+            try:
+                return run(replace_dockerfile(context, request.dockerfile,
+                                              without_syntax(text, index, ref)), None)
+            except BuildError as exc:
+                # A flag the built-in frontend lacks is what the named frontend was for.
+                hint = _frontend_hint(ref) if "unknown flag" in exc.message.lower() else exc.hint
+                raise BuildError(
+                    f"{exc.message.rstrip('.')} (built with the engine's built-in Dockerfile "
+                    f"frontend, because {ref} of the '# syntax=' line could not be pulled).",
+                    hint) from None
+
+    def _logins(self, request: BuildRequest) -> dict[str, Mapping[str, str]]:
+        logins = dict(request.registry_logins)
+        for host, login in request.registry_logins.items():
+            if host in self.endpoints:
+                # The engine reaches a mapped registry at its endpoint, and asks for that.
+                logins[self.endpoints[host].split("/")[0]] = login
+        return logins
 
     def _network(self, request: BuildRequest) -> str | None:
         if not request.network_mode:
