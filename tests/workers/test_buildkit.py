@@ -206,6 +206,13 @@ def test_official_frontend_that_cannot_be_pulled_falls_back_to_the_built_in_one(
     assert run(image, "cat /out.txt") == f"fallback-{nonce}\n"
     warning = [line for line in lines if line.startswith("warning: the frontend image")]
     assert warning and "docker/dockerfile:1.4" in warning[0], lines
+    assert any("resolve image config for docker.io/docker/dockerfile:1.4" in line
+               for line in lines), lines
+    # The next build does not wait for the same frontend again.
+    again: list[str] = []
+    builder.build(request(image, {"Dockerfile": dockerfile + "RUN true\n"}), again.append)
+    assert any(line.startswith("warning: the frontend image") for line in again), again
+    assert not any("resolve image config" in line for line in again), again
     builder.remove_image(image)
 
 
