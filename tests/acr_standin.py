@@ -59,6 +59,12 @@ class ACRStandIn(HTTPStandIn):
         self.aad_issued: dict[str, tuple[str, float]] = {}
         self.exchanges: list[str] = []
         self.token_requests: list[dict[str, str]] = []
+        #: Seconds an exchanged refresh token is valid (ACR's: three hours).
+        self.refresh_lifetime = 3 * 3600
+        #: Seconds a registry access token from /oauth2/token is valid.
+        self.token_lifetime = 300
+        #: /oauth2/token requests refused (expired or unknown refresh token, no role).
+        self.rejected = 0
 
     @property
     def realm(self) -> str:
@@ -79,7 +85,8 @@ class ACRStandIn(HTTPStandIn):
     def _refresh_token(self, oid: str) -> str:
         now = int(time.time())
         return self._sign({"sub": oid, "grant_type": "refresh_token", "aud": self.service,
-                           "iat": now, "exp": now + 3 * 3600, "tenant": TENANT})
+                           "iat": now, "exp": now + self.refresh_lifetime, "tenant": TENANT,
+                           "jti": os.urandom(8).hex()})
 
     def _sign(self, claims: dict[str, Any]) -> str:
         import jwt
@@ -125,16 +132,20 @@ class ACRStandIn(HTTPStandIn):
                 refresh = login[1] if login and login[0] == REFRESH_USER else ""
                 scopes = query.get("scope", [])
             else:
-                refresh = form.get("refresh_token", "") if \
+                refresh = (form.get("refresh_token") or "") if \
                     form.get("grant_type") == "refresh_token" else ""
                 scopes = [form["scope"]] if form.get("scope") else []
+            # An expired refresh token fails here: PyJWT checks exp with no leeway.
             oid = self._principal(refresh) if refresh else None
             self.token_requests.append({"method": method, "scope": " ".join(scopes),
                                         "principal": oid or ""})
             if oid is None or oid not in self.roles:
+                self.rejected += 1
                 return self.json(401, {"errors": [{"code": "UNAUTHORIZED"}]})
-            token = self.signer.registry_token(oid, scopes, ROLE_ACTIONS[self.roles[oid]])
-            return self.json(200, {"access_token": token, "token": token, "expires_in": 300})
+            token = self.signer.registry_token(oid, scopes, ROLE_ACTIONS[self.roles[oid]],
+                                               lifetime=self.token_lifetime)
+            return self.json(200, {"access_token": token, "token": token,
+                                   "expires_in": self.token_lifetime})
         return self.json(404, {})
 
 

@@ -26,7 +26,14 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from config.errors import RegistryError, TransientRegistryError
-from workers.registries.base import REQUEST_TIMEOUT, Registry, parse_challenge
+from workers.registries.base import (
+    LOGIN_EXPIRY_MARGIN,
+    REQUEST_TIMEOUT,
+    Login,
+    Registry,
+    parse_challenge,
+    renew_at,
+)
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -35,8 +42,6 @@ if TYPE_CHECKING:
 REFRESH_TOKEN_USER = "00000000-0000-0000-0000-000000000000"
 #: The AAD scope whose tokens ACR's exchange accepts (Azure Resource Manager).
 AAD_SCOPE = "https://management.azure.com/.default"
-#: Refresh tokens are renewed this many seconds before they expire.
-REFRESH_MARGIN = 300.0
 #: Lifetime assumed when a refresh token carries no readable expiry (ACR's is 3 h).
 DEFAULT_REFRESH_LIFETIME = 3600.0
 
@@ -96,18 +101,20 @@ class ACRRegistry(Registry):
                 f"registry (az role assignment create --role AcrPush --assignee <principal-id> "
                 f"--scope $(az acr show -n {name} --query id -o tsv)).")
 
-    def credentials(self) -> tuple[str, str]:
+    def login(self) -> Login:
         credential = self._azure_credential()
         key = (self.host, id(credential))
+        now = time.time()
         with _cache_lock:
             cached = _refresh_tokens.get(key)
-        if cached and cached.renew_at > time.time():
-            return REFRESH_TOKEN_USER, cached.token
+        if cached and cached.renew_at > now:
+            return Login(REFRESH_TOKEN_USER, cached.token, cached.renew_at)
         aad = self._aad_token(credential)
         token, expires_at = self._exchange(aad.token, float(aad.expires_on))
+        renew = renew_at(now, expires_at, LOGIN_EXPIRY_MARGIN)
         with _cache_lock:
-            _refresh_tokens[key] = _Refresh(token, expires_at - REFRESH_MARGIN, credential)
-        return REFRESH_TOKEN_USER, token
+            _refresh_tokens[key] = _Refresh(token, renew, credential)
+        return Login(REFRESH_TOKEN_USER, token, renew)
 
     def _aad_token(self, credential: Any) -> Any:
         from azure.core.exceptions import AzureError, ClientAuthenticationError

@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
@@ -51,8 +51,32 @@ REQUEST_TIMEOUT = (5.0, 30.0)
 #: Token lifetime assumed when the token server states none (the distribution spec's default).
 DEFAULT_TOKEN_LIFETIME = 60.0
 
-#: Tokens are renewed this many seconds before they expire, so one never dies in flight.
+#: A registry token is renewed this many seconds before it expires: buildq uses one for a
+#: single request, which must not outlive it.
 TOKEN_EXPIRY_MARGIN = 10.0
+
+#: A login (ECR's password, Google's access token, ACR's refresh token) is renewed this
+#: many seconds before it expires: the Docker Engine uses it for a whole push.
+LOGIN_EXPIRY_MARGIN = 300.0
+
+
+def renew_at(issued_at: float, expires_at: float, margin: float) -> float:
+    """When a credential valid from ``issued_at`` to ``expires_at`` is replaced: ``margin``
+    before it expires, but no earlier than half-way through its life, so that one shorter
+    than twice the margin is still reused for a while instead of fetched for every use."""
+    return expires_at - min(margin, max(expires_at - issued_at, 0.0) / 2)
+
+
+@dataclass(frozen=True)
+class Login:
+    """A registry login, and when to fetch a new one (None: it does not expire)."""
+
+    username: str
+    password: str = field(repr=False)
+    renew_at: float | None = None
+
+    def fresh(self, now: float) -> bool:
+        return self.renew_at is None or now < self.renew_at
 
 #: Hosts whose API lives elsewhere than their name suggests.
 API_HOSTS = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
@@ -67,6 +91,7 @@ CREDENTIALS_HINT = (
 @dataclass(frozen=True)
 class _Token:
     value: str
+    #: When it stops being used (before it really expires, see ``renew_at``).
     expires_at: float
 
 
@@ -127,15 +152,23 @@ class Registry(ABC):
         # Once a registry has asked for Basic, asking anonymously first only costs a 401.
         self._basic_known = False
         self._session = requests.Session()
-        self._creds: tuple[str, str] | None = None
-        self._creds_read = False
+        self._login: Login | None = None
+        self._login_read = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.host!r})"
 
     @abstractmethod
+    def login(self) -> Login | None:
+        """A login for this host, or None to stay anonymous.
+
+        Called again once the last one is due for renewal (``Login.renew_at``, by
+        ``renew_at``); a backend whose login costs a call keeps it process-wide until then.
+        """
+
     def credentials(self) -> tuple[str, str] | None:
-        """(username, password) for this host, or None to stay anonymous."""
+        """(username, password) for this host now, or None to stay anonymous."""
+        return self._credentials()
 
     def credentials_hint(self) -> str:
         """How a user gives this backend credentials (the hint of every auth error)."""
@@ -147,11 +180,13 @@ class Registry(ABC):
         return f"user {creds[0]!r}" if creds else "anonymous (no credentials configured)"
 
     def _credentials(self) -> tuple[str, str] | None:
-        # Read once per instance: backends may read files or call cloud APIs for them.
-        if not self._creds_read:
-            self._creds = self.credentials()
-            self._creds_read = True
-        return self._creds
+        # Kept per instance until due (backends may read files or call cloud APIs for it):
+        # registry_for hands one instance to a worker thread for minutes, longer than a
+        # login may live.
+        if not self._login_read or (self._login is not None and not self._login.fresh(time.time())):
+            self._login = self.login()
+            self._login_read = True
+        return (self._login.username, self._login.password) if self._login else None
 
     def push_auth(self) -> dict[str, str] | None:
         """Credentials in the docker SDK's ``auth_config`` shape (sent as X-Registry-Auth)."""
@@ -315,9 +350,9 @@ class Registry(ABC):
                 f"the token server of registry {self.host} answered without a token.",
                 "buildq retries; if this persists, check the registry's auth service.",
             )
-        expires_at = now + max(lifetime - TOKEN_EXPIRY_MARGIN, 0.0)
+        use_until = renew_at(now, now + lifetime, TOKEN_EXPIRY_MARGIN)
         with _tokens_lock:
-            _tokens[key] = _Token(token, expires_at)
+            _tokens[key] = _Token(token, use_until)
         return token
 
     def _raise_for_status(

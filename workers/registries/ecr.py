@@ -3,9 +3,10 @@
 Credentials come from boto3's default chain (environment, profile, IRSA, instance
 role) in the registry's region; ``Settings.ecr_endpoint_url`` points the ECR API
 elsewhere (moto in tests). The registry login is ``AWS:<token>`` from
-``GetAuthorizationToken``, kept until shortly before its ``expiresAt`` (twelve hours on
-AWS). The tag check asks the ECR API (``DescribeImages``), not the registry: it is the
-action IAM policies grant, and it tells a missing repository from a missing tag.
+``GetAuthorizationToken``, kept process-wide until shortly before its ``expiresAt``
+(twelve hours on AWS; see ``workers.registries.base.renew_at``). The tag check asks the
+ECR API (``DescribeImages``), not the registry: it is the action IAM policies grant, and
+it tells a missing repository from a missing tag.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from config.errors import RegistryError, TransientRegistryError
 from config.references import ImageRef, classify_registry
-from workers.registries.base import Registry
+from workers.registries.base import LOGIN_EXPIRY_MARGIN, Login, Registry, renew_at
 from workers.sdk_errors import BOTOCORE, Fault
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: A token is renewed this many seconds before ECR says it expires.
-TOKEN_MARGIN = 300.0
 _NO_CREDENTIALS_HINT = ("Give the workers an IAM role (instance profile, IRSA) or set AWS_PROFILE or "
                         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in their environment.")
 #: The IAM actions the Docker pool's push needs, named together in errors and by doctor.
@@ -130,13 +129,13 @@ class ECRRegistry(Registry):
         return ("Give the workers AWS credentials (role, profile or environment) allowed "
                 f"ecr:GetAuthorizationToken, {self.pull_permission} and {PUSH_ACTIONS}.")
 
-    def credentials(self) -> tuple[str, str]:
+    def login(self) -> Login:
         key = (self.account, self.region, self.settings.ecr_endpoint_url or "")
         now = time.time()
         with _logins_lock:
-            login = _logins.get(key)
-        if login and login.renew_at > now:
-            return "AWS", login.password
+            cached = _logins.get(key)
+        if cached and cached.renew_at > now:
+            return Login("AWS", cached.password, cached.renew_at)
         answer = self._call(
             "ecr:GetAuthorizationToken",
             lambda: self._client.get_authorization_token(registryIds=[self.account]),
@@ -152,10 +151,12 @@ class ECRRegistry(Registry):
                 f"ECR in {self.region} returned an authorization token buildq cannot read.",
                 "buildq retries; if this persists, check BUILDQ_ECR_ENDPOINT_URL.")
         expires = data.get("expiresAt")
+        # No expiry (or one already past) means: do not reuse it.
         expires_at = expires.timestamp() if hasattr(expires, "timestamp") else float(expires or 0)
+        renew = renew_at(now, expires_at, LOGIN_EXPIRY_MARGIN)
         with _logins_lock:
-            _logins[key] = _Login(password, expires_at - TOKEN_MARGIN)
-        return user, password
+            _logins[key] = _Login(password, renew)
+        return Login(user, password, renew)
 
     def identity(self) -> str:
         credentials = (self._boto_session or _default_session()).get_credentials()

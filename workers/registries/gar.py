@@ -3,18 +3,21 @@
 Credentials come from ``google.auth.default()`` (a service account on GKE/GCE, the
 file named by GOOGLE_APPLICATION_CREDENTIALS, or gcloud's application-default login);
 a caller may hand a credentials object instead. The registry login is
-``oauth2accesstoken:<access token>``; the token is refreshed whenever google-auth no
-longer calls it valid — expired, or about to be — not only when there is none yet.
+``oauth2accesstoken:<access token>``; the token is refreshed before it expires (see
+``workers.registries.base.renew_at``), not only when there is none yet.
 The tag check is the plain registry v2 HEAD with that login.
 """
 
 from __future__ import annotations
 
+import datetime
 import threading
+import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from config.errors import RegistryError, TransientRegistryError
-from workers.registries.base import Registry
+from workers.registries.base import LOGIN_EXPIRY_MARGIN, Login, Registry, renew_at
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -28,6 +31,13 @@ SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 # The lock also keeps two threads from refreshing one credentials object at once.
 _default: tuple[Any, str | None] | None = None
 _lock = threading.Lock()
+#: When the token this process last fetched for each credentials object is to be renewed.
+_renew: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _epoch(expiry: datetime.datetime | None) -> float | None:
+    # google-auth keeps expiries as naive datetimes in UTC.
+    return expiry.replace(tzinfo=datetime.UTC).timestamp() if expiry is not None else None
 
 
 def _default_credentials() -> tuple[Any, str | None]:
@@ -71,18 +81,24 @@ class ArtifactRegistry(Registry):
         return ("Grant the workers' Google identity roles/artifactregistry.writer (it holds "
                 f"{self.pull_permission} and {self.push_permission}) on the repository.")
 
-    def credentials(self) -> tuple[str, str]:
-        return TOKEN_USER, self._access_token()
+    def login(self) -> Login:
+        token, renew = self._access_token()
+        return Login(TOKEN_USER, token, renew)
 
-    def _access_token(self) -> str:
+    def _access_token(self) -> tuple[str, float | None]:
+        """The access token, and when to renew it (None: it states no expiry)."""
         import google.auth.transport.requests
         from google.auth.exceptions import RefreshError, TransportError
 
         creds = self._google_credentials()
         with _lock:
-            # ``valid`` is False once the token is within google-auth's refresh window of
-            # its expiry, so a token never reaches the registry about to die.
-            if not creds.valid:
+            now = time.time()
+            renew = _renew.get(creds)
+            # A token this process did not fetch is judged by google-auth (``valid`` turns
+            # False 3m45s before expiry); one it fetched, by the rule of every backend,
+            # which a token shorter-lived than google-auth's window also passes.
+            due = not creds.valid if renew is None else (now >= renew or not creds.token)
+            if due:
                 try:
                     creds.refresh(google.auth.transport.requests.Request())
                 except TransportError as exc:
@@ -94,16 +110,21 @@ class ArtifactRegistry(Registry):
                         f"refreshing the Google credentials failed ({_first_line(exc)}).",
                         "Check that the service account or login behind google.auth.default() "
                         "is still valid (gcloud auth application-default login).") from None
+            expires = _epoch(creds.expiry)
+            if due or renew is None:
+                renew = renew_at(now, expires, LOGIN_EXPIRY_MARGIN) if expires is not None else None
+                if renew is not None:
+                    _renew[creds] = renew
             token = creds.token
         if not token:
             raise RegistryError("the Google credentials gave no access token.",
                                 "Check GOOGLE_APPLICATION_CREDENTIALS or the workers' service account.")
-        return str(token)
+        return str(token), renew
 
     def identity(self) -> str:
         creds = self._google_credentials()
         # Touch the token endpoint so "credentials resolve" means they work, not just exist.
-        self._access_token()
+        self._credentials()
         email = getattr(creds, "service_account_email", None)
         if email and email != "default":
             who = f"service account {email}"

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from config.errors import ConfigError
-from workers.registries.base import Registry
+from workers.registries.base import Login, Registry
 
 #: Keys under which ``docker login`` files Docker Hub credentials.
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io",
@@ -26,12 +26,14 @@ def _auth_key_host(key: str) -> str:
 class V2Registry(Registry):
     """Any registry speaking the v2 API with Basic or Bearer-token auth."""
 
-    def credentials(self) -> tuple[str, str] | None:
+    def login(self) -> Login | None:
+        # Static credentials: they do not expire, and are read again with a new instance.
         username = self.settings.registry_username
         password = self.settings.registry_password
         if username and password:
-            return username, password
-        return self._from_docker_config()
+            return Login(username, password)
+        found = self._from_docker_config()
+        return Login(*found) if found else None
 
     def _from_docker_config(self) -> tuple[str, str] | None:
         path = self.settings.docker_config_dir / "config.json"
