@@ -170,11 +170,11 @@ def condition_marker(condition: Condition) -> str | None:
     return " or ".join(f"({a})" for a in alternatives)
 
 
-def poetry_requirement(name: str, spec: Any, where: str) -> tuple[str, bool] | None:
+def poetry_requirement(name: str, spec: Any, where: str) -> tuple[str, bool]:
     """A ``[tool.poetry.dependencies]`` entry as a PEP 508 requirement, and whether it is optional.
 
-    None for a path dependency on the project itself. Refuses what pip cannot install
-    (paths outside the project) with the dependency's name.
+    Refuses, naming the dependency, what a requirement cannot say (path dependencies,
+    several constraints per Python, unions of ranges).
     """
     if isinstance(spec, list):
         raise SourceError(f"{where}: {name} has several constraints (one per Python or platform), "

@@ -290,10 +290,7 @@ def _poetry1(project: Project, extras: tuple[str, ...]) -> list[str]:
     for name, spec in sorted((poetry.get("dependencies") or {}).items()):
         if canonical(name) == "python":
             continue
-        converted = poetry_requirement(name, spec, "pyproject.toml [tool.poetry.dependencies]")
-        if converted is None:
-            continue
-        line, optional = converted
+        line, optional = poetry_requirement(name, spec, "pyproject.toml [tool.poetry.dependencies]")
         if optional and canonical(name) not in wanted:
             continue
         out.append(line)
