@@ -78,6 +78,7 @@ class Login:
     def fresh(self, now: float) -> bool:
         return self.renew_at is None or now < self.renew_at
 
+
 #: Hosts whose API lives elsewhere than their name suggests.
 API_HOSTS = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
 

@@ -94,9 +94,9 @@ class ArtifactRegistry(Registry):
         with _lock:
             now = time.time()
             renew = _renew.get(creds)
-            # A token this process did not fetch is judged by google-auth (``valid`` turns
-            # False 3m45s before expiry); one it fetched, by the rule of every backend,
-            # which a token shorter-lived than google-auth's window also passes.
+            # A token this process fetched is renewed by the rule every backend follows
+            # (renew_at), which also lets a token living less than google-auth's fixed
+            # 3m45s window be reused; one it did not fetch is judged by google-auth's valid.
             due = not creds.valid if renew is None else (now >= renew or not creds.token)
             if due:
                 try:
