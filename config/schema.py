@@ -59,6 +59,10 @@ class PipConfig(_Section):
     extras: list[str] | None = None
 
 
+#: How a Dockerfile's base images count in the source hash (see BuilderConfig.base_policy).
+BasePolicy = Literal["digest", "tag"]
+
+
 class BuilderConfig(_Section):
     """How images are built and where they are pushed."""
 
@@ -84,6 +88,10 @@ class BuilderConfig(_Section):
     #: (split with shlex) or an argv list.
     entrypoint: str | list[str] | None = None
     pip: PipConfig | None = None
+    #: ``digest`` (the default): every base image is resolved to the digest its registry
+    #: serves now, which goes into the source hash and pins the build; ``tag``: bases are
+    #: hashed by their text only, so a moved base tag rebuilds nothing.
+    base_policy: BasePolicy | None = Field(default=None, alias="base-policy")
 
 
 class LegacyRegistry(_Section):

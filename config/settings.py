@@ -137,6 +137,13 @@ class Settings:
     #: Cap on the unpacked size of an archive source: a small .tar.gz can expand to fill
     #: the build host's disk, so it is refused before that (BUILDQ_MAX_ARCHIVE_BYTES).
     max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+    #: Seconds a resolved base-image digest is reused by this process (0: ask every time):
+    #: a burst of requests costs one registry round trip per base, and a moved tag is
+    #: seen within a minute, well inside the hours a patched base takes to matter.
+    base_ttl: float = 60.0
+    #: How base images count in the hash when neither the request nor builder.base-policy
+    #: says: "digest" (resolved and pinned) or "tag" (their text only).
+    base_policy: str = "digest"
     #: Cap on an archive's member count: millions of empty files exhaust inodes, not bytes.
     max_archive_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS
 
@@ -192,4 +199,13 @@ class Settings:
                            if k.startswith(SECRET_ENV_PREFIX) and len(k) > len(SECRET_ENV_PREFIX)},
             secrets_dir=Path(env["BUILDQ_SECRETS_DIR"]) if env.get("BUILDQ_SECRETS_DIR") else None,
             build_secrets_secret=env.get("BUILDQ_BUILD_SECRETS_SECRET") or cls.build_secrets_secret,
+            base_ttl=_number(env, "BUILDQ_BASE_TTL", cls.base_ttl, strict=False),
+            base_policy=_base_policy(env.get("BUILDQ_BASE_POLICY") or cls.base_policy),
         )
+
+
+def _base_policy(value: str) -> str:
+    if value not in ("digest", "tag"):
+        raise ConfigError(f"BUILDQ_BASE_POLICY is {value!r}, not digest or tag.",
+                          "Set it to digest (resolve base images) or tag (hash their text only).")
+    return value

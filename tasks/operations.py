@@ -8,6 +8,7 @@ a user should read; :class:`tasks.stages.StageTask` turns that into a failed rec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -26,8 +27,9 @@ from tasks.events import LogWriter, emit
 from tasks.lock import Lease, new_token
 from tasks.records import answered, last_tag, remember_last_tag, remember_request
 from tasks.state import BuildState
+from workers.bases import DigestCache, find_bases, pin, resolve
 from workers.builders import Builder, BuildRequest, engine_available
-from workers.context import BuildInputs, image_tag, source_hash, write_context
+from workers.context import BuildInputs, image_tag, read_dockerfile, source_hash, write_context
 from workers.dockerfile import PythonOptions, check_python, parse_entrypoint, plan_for
 from workers.registries import registry_for
 from workers.secrets import check_names, lookup
@@ -103,6 +105,7 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
                      config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
                      python: str | None = None, gpu: bool = False,
                      secrets: list[str] | tuple[str, ...] | None = None,
+                     base_policy: str | None = None, force: bool = False,
                      ) -> tuple[BuildState, LaunchConfig, SourceSpec]:
     """The state of a request with every input of its build checked and filled in.
 
@@ -126,7 +129,17 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
         state.config = cfg.to_mapping()
     state.ref = cfg.destination()
     state.platform = platform or cfg.builder.platform
+    state.base_policy = check_base_policy(base_policy or cfg.builder.base_policy
+                                          or settings.base_policy)
+    state.force = bool(force)
     return state, cfg, spec
+
+
+def check_base_policy(policy: str) -> str:
+    if policy not in ("digest", "tag"):
+        raise InputError(f"base policy {policy!r} is not digest or tag.",
+                         "Use digest (resolve base images to digests) or tag (hash their text).")
+    return policy
 
 
 def new_request(request_id: str, source: str, settings: Settings, *, destination: str | None,
@@ -134,7 +147,8 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 target: str | None, platform: str | None, builder: str | None,
                 config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
                 python: str | None = None, gpu: bool = False,
-                secrets: list[str] | None = None) -> BuildState:
+                secrets: list[str] | None = None, base_policy: str | None = None,
+                force: bool = False) -> BuildState:
     """The state of a fresh request; input errors become a failed state, never an exception."""
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
@@ -143,7 +157,8 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
         state, cfg, spec = describe_request(
             request_id, source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
             build_args=build_args, target=target, platform=platform, config=config,
-            entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets)
+            entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
+            base_policy=base_policy, force=force)
         if spec.kind == "image":
             state.ref = None
             state.platform = platform
@@ -216,14 +231,50 @@ def build_inputs(state: BuildState, root: Path | None = None) -> BuildInputs:
     The hash stage, the upload, the kaniko dispatch, ``buildq hash`` and ``buildq
     kaniko-job`` all take them from here, so equal requests hash alike on every path.
     Given the fetched ``root``, a project without a Dockerfile gets one generated (once:
-    the text stays in the state, so every later stage packs the very bytes hashed).
+    the text stays in the state, so every later stage packs the very bytes hashed), and
+    the Dockerfile names each resolved base by its digest: hashed and packed that way, so
+    the build uses exactly the bases the hash saw, whatever their tags do meanwhile.
     """
     if root is not None:
         _generate_dockerfile(state, root)
     plan = state.generated or {}
-    return BuildInputs.create(plan.get("dockerfile") or state.dockerfile, state.build_args,
-                              state.target, state.platform, state.generated_dockerfile, state.secrets,
-                              context_dir=plan.get("context"), default_ignore=plan.get("ignore") or ())
+    inputs = BuildInputs.create(plan.get("dockerfile") or state.dockerfile, state.build_args,
+                                state.target, state.platform, state.generated_dockerfile,
+                                state.secrets, context_dir=plan.get("context"),
+                                default_ignore=plan.get("ignore") or ())
+    if not state.bases:
+        return inputs
+    bases = tuple((b["image"], b["digest"]) for b in state.bases)
+    if root is None:
+        return dataclasses.replace(inputs, bases=bases)
+    pinned = pin(read_dockerfile(root, inputs), dict(bases), state.build_args)
+    return dataclasses.replace(inputs, bases=bases, dockerfile_text=pinned)
+
+
+#: Base-image digests this process resolved lately (BUILDQ_BASE_TTL).
+_digests: DigestCache | None = None
+
+
+def _digest_cache(settings: Settings) -> DigestCache:
+    global _digests
+    if _digests is None or _digests.ttl != settings.base_ttl:
+        _digests = DigestCache(settings.base_ttl)
+    return _digests
+
+
+def resolve_bases(state: BuildState, root: Path, settings: Settings) -> None:
+    """Resolve the Dockerfile's base images to digests, with the push's own registry clients."""
+    state.bases = []
+    if state.base_policy == "tag":
+        return
+    inputs = build_inputs(state, root)
+    found = find_bases(read_dockerfile(root, inputs), state.build_args)
+
+    def lookup(ref: ImageRef) -> str | None:
+        return registry_for(ref, settings).manifest_digest(ref, ref.tag or "latest")
+
+    resolved = resolve(found, lookup, _digest_cache(settings))
+    state.bases = [{"image": image, "digest": digest} for image, digest in resolved.items()]
 
 
 def hash_elsewhere(state: BuildState, settings: Settings) -> str:
@@ -238,13 +289,14 @@ def hash_elsewhere(state: BuildState, settings: Settings) -> str:
     with tempfile.TemporaryDirectory(prefix="buildq-hash-") as scratch:
         fetched = fetch_source(spec, Path(scratch), settings)
         try:
-            return hash_tree(state, fetched.root)
+            return hash_tree(state, fetched.root, settings)
         finally:
             fetched.cleanup()
 
 
-def hash_tree(state: BuildState, root: Path) -> str:
+def hash_tree(state: BuildState, root: Path, settings: Settings) -> str:
     """Hash the fetched tree with the build's inputs; the state learns its hash and tag."""
+    resolve_bases(state, root, settings)
     state.source_hash = source_hash(root, build_inputs(state, root))
     state.tag = image_tag(state.source_hash)
     if state.ref is not None:
@@ -287,7 +339,7 @@ def _drop_tree(state: BuildState) -> None:
 def hash_source(state: BuildState, settings: Settings) -> str:
     client = _client(settings)
     try:
-        hash_tree(state, _ensure_tree(state, settings))
+        hash_tree(state, _ensure_tree(state, settings), settings)
     except BaseException:
         _drop_tree(state)
         raise
@@ -302,7 +354,7 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     pending = {k: v for k, v in state.to_dict().items()
                if k in ("request_id", "source", "ref", "dockerfile", "build_args",
                         "target", "platform", "builder", "config", "created_at", "entrypoint",
-                        "python", "gpu", "secrets")}
+                        "python", "gpu", "secrets", "base_policy", "force", "bases")}
     if not lease.acquire(pending):
         # Another request is building this very hash: it will hand us its record.
         _drop_tree(state)
@@ -316,6 +368,8 @@ def hash_source(state: BuildState, settings: Settings) -> str:
 
 def exists(state: BuildState, settings: Settings) -> str:
     assert state.ref and state.tag
+    if state.force:
+        return "upload"  # asked to build and push again, whatever the registry has
     digest = registry_for(state.ref, settings).manifest_digest(state.ref, state.tag)
     if digest:
         state.digest = digest

@@ -43,6 +43,12 @@ class BuildState:
     generated: dict[str, Any] | None = None
     #: The validated launch-config as W&B-keyed mapping (never a secret in it).
     config: dict[str, Any] = field(default_factory=dict)
+    #: "digest" or "tag": how base images count in the hash (request, config, then env).
+    base_policy: str | None = None
+    #: Build and push even when the tag exists (same hash, same tag).
+    force: bool = False
+    #: Base images as written (after ARG substitution) and the digest each resolved to.
+    bases: list[dict[str, str]] = field(default_factory=list)
     #: A token handed over by the watchdog: this chain continues a dead holder's build.
     token: str | None = None
     source_hash: str | None = None

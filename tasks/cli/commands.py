@@ -58,6 +58,10 @@ build_options: list[Callable[[Any], Any]] = [
                  help="A build argument; repeatable."),
     click.option("--target", help="Multi-stage target to build."),
     click.option("--platform", help="Target platform, e.g. linux/amd64."),
+    click.option("--base-policy", type=click.Choice(["digest", "tag"]),
+                 help="digest (default): resolve each base image to its registry digest, hash "
+                      "it and build from it; tag: hash the Dockerfile's text only "
+                      "(builder.base-policy, BUILDQ_BASE_POLICY)."),
     click.option("--secret", "secrets", multiple=True, metavar="NAME",
                  help="A secret build arg, by name only; repeatable. Each worker that builds "
                       "reads its value from BUILDQ_SECRET_NAME or BUILDQ_SECRETS_DIR/NAME."),
@@ -87,15 +91,24 @@ def with_build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _described(source: str, ref: str | None, settings: Any, *, destination: str | None = None,
                dockerfile: str | None, build_args: tuple[str, ...], target: str | None,
                platform: str | None, secrets: tuple[str, ...], entrypoint: str | None,
-               python: str | None, gpu: bool, config_path: str | None) -> tuple[Any, Any]:
+               python: str | None, gpu: bool, config_path: str | None,
+               base_policy: str | None) -> tuple[Any, Any]:
     """The request's state and config, as the chain would make them (without queueing)."""
     from tasks.operations import describe_request
 
     state, cfg, _ = describe_request(
         "local", source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
         build_args=_build_args(build_args), target=target, platform=platform, config=config_path,
-        entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets)
+        entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets, base_policy=base_policy)
     return state, cfg
+
+
+def _show_bases(state: Any) -> None:
+    """What each base resolved to (on stderr, so stdout stays the tag or the manifest)."""
+    if state.base_policy == "tag":
+        click.echo("bases: hashed by their text (base policy tag)", err=True)
+    for base in state.bases:
+        click.echo(f"base: {base['image']} -> {base['digest']}", err=True)
 
 
 @cli.command()
@@ -105,6 +118,8 @@ def _described(source: str, ref: str | None, settings: Any, *, destination: str 
 @with_build_options
 @click.option("--builder", type=click.Choice(["docker", "kaniko", "noop"]),
               help="Override builder.type.")
+@click.option("--force", is_flag=True,
+              help="Build and push even when the tag exists (same hash, same tag).")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the request id.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop waiting for the record after SECONDS (exit 2); the request goes on. "
@@ -112,9 +127,9 @@ def _described(source: str, ref: str | None, settings: Any, *, destination: str 
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on the last line.")
 def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
           build_args: tuple[str, ...], target: str | None, platform: str | None,
-          secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
-          config_path: str | None, builder: str | None, no_wait: bool, timeout: float | None,
-          as_json: bool) -> None:
+          secrets: tuple[str, ...], base_policy: str | None, entrypoint: str | None,
+          python: str | None, gpu: bool, config_path: str | None, builder: str | None,
+          force: bool, no_wait: bool, timeout: float | None, as_json: bool) -> None:
     """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists.
 
     A Python project without a Dockerfile gets a generated one (see `buildq dockerfile`).
@@ -140,10 +155,16 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
         "builder": builder, "entrypoint": entrypoint, "python": python, "gpu": gpu,
         "secrets": list(secrets),
     }
+    # Only options that were given travel, so a request reads as it did without them.
+    if base_policy:
+        kwargs["base_policy"] = base_policy
+    if force:
+        kwargs["force"] = True
     if settings.embedded:
         kwargs["config"] = config_path
         _report(_run_embedded(source, kwargs, settings, as_json), as_json)
     _check_options(cfg, destination, entrypoint, python)
+    _check_bases(source, ref, dockerfile, kwargs["build_args"])
     check_redis(settings)
     kwargs["config"] = cfg.to_mapping()
     source = _ship_local_source(source, kwargs, settings)
@@ -163,6 +184,24 @@ def _check_options(cfg: Any, destination: str | None, entrypoint: str | None,
         with_destination(cfg, destination)
     parse_entrypoint(entrypoint, "--entrypoint")
     check_python(python)
+
+
+def _check_bases(source: str, ref: str | None, dockerfile: str | None,
+                 build_args: dict[str, str]) -> None:
+    """A malformed base image in a local Dockerfile is refused before anything is shipped."""
+    from workers.bases import find_bases, parse_base
+    from workers.sources import parse_source
+
+    spec = parse_source(source, ref)
+    if spec.kind != "directory" or "://" in spec.location:
+        return
+    path = Path(spec.location) / (dockerfile or "Dockerfile")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return  # none (a generated one will come) or unreadable: the chain says which
+    for base in find_bases(text, build_args):
+        parse_base(base.image)
 
 
 def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> str:
@@ -337,8 +376,8 @@ def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
 @click.option("--full", is_flag=True, help="Print the full source hash, not the tag.")
 def hash_command(source: str, ref: str | None, dockerfile: str | None,
                  build_args: tuple[str, ...], target: str | None, platform: str | None,
-                 secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
-                 config_path: str | None, full: bool) -> None:
+                 secrets: tuple[str, ...], base_policy: str | None, entrypoint: str | None,
+                 python: str | None, gpu: bool, config_path: str | None, full: bool) -> None:
     """Print the tag SOURCE would get (the same options as build give the same tag)."""
     from tasks.operations import hash_elsewhere
     from workers.context import image_tag
@@ -346,8 +385,9 @@ def hash_command(source: str, ref: str | None, dockerfile: str | None,
     settings = _settings()
     state, _ = _described(source, ref, settings, dockerfile=dockerfile, build_args=build_args,
                           target=target, platform=platform, secrets=secrets, entrypoint=entrypoint,
-                          python=python, gpu=gpu, config_path=config_path)
+                          python=python, gpu=gpu, config_path=config_path, base_policy=base_policy)
     digest = hash_elsewhere(state, settings)
+    _show_bases(state)
     click.echo(digest if full else image_tag(digest))
 
 
@@ -478,8 +518,8 @@ def config_check(config_path: str | None) -> None:
 @with_build_options
 def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
                build_args: tuple[str, ...], target: str | None, platform: str | None,
-               secrets: tuple[str, ...], entrypoint: str | None, python: str | None, gpu: bool,
-               config_path: str | None) -> None:
+               secrets: tuple[str, ...], base_policy: str | None, entrypoint: str | None,
+               python: str | None, gpu: bool, config_path: str | None) -> None:
     """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it."""
     import yaml
 
@@ -490,12 +530,13 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
     state, cfg = _described(source, ref, settings, destination=destination, dockerfile=dockerfile,
                             build_args=build_args, target=target, platform=platform,
                             secrets=secrets, entrypoint=entrypoint, python=python, gpu=gpu,
-                            config_path=config_path)
+                            config_path=config_path, base_policy=base_policy)
     if state.ref is None or not cfg.builder.build_context_store:
         raise InputError("a kaniko Job needs builder.destination and builder.build-context-store.",
                          "Set both in the launch-config (or pass --destination).")
     state.context_store = kaniko_store(cfg)
     hash_elsewhere(state, settings)
+    _show_bases(state)
     request = kaniko_request(state, settings)
     click.echo(yaml.safe_dump(render_job(request, cfg, settings), sort_keys=False).rstrip())
 
