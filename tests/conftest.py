@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests import services
+
+# The fleet's bases (local/busybox:base, the Debian python base) are images the Engine
+# made itself and no registry serves, so builds hash them by their text; the default
+# policy, digest, is tested with bases pushed to a registry (tests/tasks/test_bases_chain.py)
+# and by scripts/demo. Workers and CLIs started by the tests inherit this.
+os.environ.setdefault("BUILDQ_BASE_POLICY", "tag")
 
 
 @pytest.fixture(scope="session")

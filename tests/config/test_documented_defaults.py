@@ -23,7 +23,8 @@ REGISTRY_LOGIN_WIRING = {"secret-name": "acr-credentials", "secret-key": ".docke
 
 
 def buildq(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("BUILDQ_") or k == "BUILDQ_BASE_POLICY"}
     env["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)

@@ -49,7 +49,7 @@ def embedded_env(root: Path, **extra: str) -> dict[str, str]:
     """An environment for the CLI in embedded mode, with every path under ``root``."""
     env = dict(os.environ)
     for name in list(env):
-        if name.startswith("BUILDQ_"):
+        if name.startswith("BUILDQ_") and name != "BUILDQ_BASE_POLICY":
             del env[name]
     (root / "home").mkdir(parents=True, exist_ok=True)
     env.update({

@@ -203,7 +203,8 @@ def test_nothing_to_start_fails_the_request_with_what_to_add(
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("BUILDQ_") or k == "BUILDQ_BASE_POLICY"}
     return subprocess.run([sys.executable, "-m", "tasks.cli", *args],
                           env={**base, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
