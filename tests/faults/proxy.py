@@ -16,7 +16,8 @@ class FaultProxy:
     ``down()`` drops every open connection and refuses new ones (the port answers with a
     reset, as a dead server's would); ``stall()`` keeps connections open but forwards
     nothing, as a hung server; ``cut_after(n)`` resets a connection in the middle of a
-    transfer, once ``n`` bytes of it have reached the service; ``up()`` forwards again.
+    transfer, once ``n`` bytes of it have reached the service; ``die_after(n)`` does so
+    once ``n`` bytes in all have, then goes down; ``up()`` forwards again.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
@@ -36,7 +37,7 @@ class FaultProxy:
         self.sent_upstream = 0
         self._cut_at: int | None = None
         self._cuts_left: int | None = None
-        self._stay_down = False
+        self._die_at: int | None = None
         #: Bumped by each ``cut_after``, so bytes sent before it do not count towards it.
         self._cut_epoch = 0
         threading.Thread(target=self._accept, daemon=True, name="fault-proxy").start()
@@ -48,31 +49,44 @@ class FaultProxy:
     def up(self) -> None:
         self.mode = "up"
         with self.lock:
-            self._cut_at = self._cuts_left = None
+            self._cut_at = self._cuts_left = self._die_at = None
 
-    def cut_after(self, nbytes: int, times: int | None = 1, stay_down: bool = False) -> None:
+    def cut_after(self, nbytes: int, times: int | None = 1) -> None:
         """Reset the next ``times`` connections (None: every one) that carry ``nbytes`` to the
         service: the first ``nbytes`` are forwarded, then both sides get a reset, as when a
-        link dies in the middle of a request body. Then forward normally again, or with
-        ``stay_down`` go down at the cut (every connection reset, new ones refused) until
-        ``up()``: the link died and stays dead."""
+        link dies in the middle of a request body. Then forward normally again."""
         with self.lock:
             self._cut_at, self._cuts_left = nbytes, times
-            self._stay_down = stay_down
             self._cut_epoch += 1
 
-    def _cut_due(self, sent: int, size: int) -> int | None:
-        """How much of the next ``size`` bytes to forward before cutting (None: all, no cut)."""
+    def die_after(self, nbytes: int) -> None:
+        """Once ``nbytes`` more have gone to the service (all connections together), cut the
+        connection carrying them there and go down until ``up()``: the link died in the
+        middle of a transfer and stays dead."""
         with self.lock:
+            self._die_at = self.sent_upstream + nbytes
+
+    def _forward(self, sent: int, size: int) -> tuple[int, bool, bool]:
+        """For the next ``size`` bytes of a connection that has sent ``sent`` since the last
+        ``cut_after``: how many to forward, whether to cut it after them, and whether the
+        link dies with it. Counts what is forwarded."""
+        with self.lock:
+            keep, cut, die = size, False, False
             at = self._cut_at
-            if at is None or sent + size < at:
-                return None
-            if self._cuts_left is not None:
-                self._cuts_left -= 1
-                if self._cuts_left <= 0:
-                    self._cut_at = self._cuts_left = None
-            self.cuts += 1
-            return max(at - sent, 0)
+            if at is not None and sent + size >= at:
+                keep, cut = max(at - sent, 0), True
+                if self._cuts_left is not None:
+                    self._cuts_left -= 1
+                    if self._cuts_left <= 0:
+                        self._cut_at = self._cuts_left = None
+            if self._die_at is not None and self.sent_upstream + size >= self._die_at:
+                keep = min(keep, max(self._die_at - self.sent_upstream, 0))
+                cut = die = True
+                self._die_at = None
+            if cut:
+                self.cuts += 1
+            self.sent_upstream += keep
+            return keep, cut, die
 
     def stall(self) -> None:
         self.mode = "stall"
@@ -126,19 +140,15 @@ class FaultProxy:
                     if sock is client:
                         if epoch != self._cut_epoch:
                             epoch, sent = self._cut_epoch, 0
-                        keep = self._cut_due(sent, len(data))
-                        if keep is not None:
+                        keep, cut, die = self._forward(sent, len(data))
+                        if cut:
                             server.sendall(data[:keep])
-                            with self.lock:
-                                self.sent_upstream += keep
                             _reset(client)
                             _reset(server)
-                            if self._stay_down:
+                            if die:
                                 self.down()
                             return
-                        sent += len(data)
-                        with self.lock:
-                            self.sent_upstream += len(data)
+                        sent += keep
                     peers[sock].sendall(data)
         except (OSError, ValueError):
             return

@@ -268,7 +268,7 @@ def test_the_store_link_dies_mid_upload_and_the_retried_upload_builds_leaving_no
         if "retrying upload" in line:
             target.proxy.up()
 
-    target.proxy.cut_after(5 * MiB, stay_down=True)
+    target.proxy.die_after(5 * MiB)
     build = run_build(app, f"{registry.host}/transfers/{target.name}", env, back_up_on_retry)
     record = build.record
 
