@@ -188,3 +188,24 @@ def test_bundled_hello_example_builds_with_its_default_base(
     assert leftovers(tmp_path) == []
     # The example is used in place, never modified or removed.
     assert (REPO / "examples/hello/greeting.txt").is_file()
+
+
+def test_the_demo_path_resolves_the_example_base_pushed_to_the_registry(
+        tmp_path: Path, registry: services.RegistryServer, base_image: str) -> None:
+    """What scripts/demo does: the base in the registry, the default digest policy."""
+    base = f"{registry.host}/embedded/busybox:{uuid.uuid4().hex[:8]}"
+    for command in (["docker", "tag", base_image, base], ["docker", "push", "-q", base]):
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+    repo = f"embedded/demo-{uuid.uuid4().hex[:8]}"
+    env = embedded_env(tmp_path, BUILDQ_BASE_POLICY="digest")
+
+    run = run_buildq(["build", str(REPO / "examples/hello"), "--destination",
+                      f"{registry.host}/{repo}", "--build-arg", f"BASE={base}", "--json"], env)
+    assert run.code == 0, run
+    record = run.record()
+    assert record["status"] == "built", record
+    name, _, tag = base.partition("/")[2].partition(":")
+    assert record["bases"] == [{"image": base, "digest": registry.digest(name, tag)}]
+    again = run_buildq(["build", str(REPO / "examples/hello"), "--destination",
+                        f"{registry.host}/{repo}", "--build-arg", f"BASE={base}", "--json"], env)
+    assert again.code == 0 and again.record()["status"] == "skipped", again
