@@ -56,6 +56,13 @@ def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
         "destination": state.destination,
         "builder": state.builder,
         "frontend": state.frontend,
+        # The base images the hash covered and the digest each resolved to (empty with
+        # the tag policy, which the record names), and whether the build was forced.
+        "bases": list(state.bases),
+        "base_policy": state.base_policy,
+        "forced": state.force,
+        # What was asked, so an image can be built again as it was (buildq stale --rebuild).
+        "request": request_of(state),
         # For a generated build: whether the image got a lock's exact pins, which lock, and
         # the W&B job description it followed.
         "dependencies": (state.generated or {}).get("dependencies"),
@@ -69,6 +76,20 @@ def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
         "created_at": state.created_at,
         "finished_at": time.time(),
     }
+
+
+#: The fields of a state that describe what was asked (not how far it got).
+REQUEST_FIELDS = ("source", "destination", "dockerfile", "build_args", "secrets", "target",
+                  "platform", "builder", "config", "entrypoint", "python", "gpu", "base_policy")
+
+
+def request_of(state: BuildState) -> dict[str, Any]:
+    """The request as ``build_image`` takes it; secret names only, never their values."""
+    asked: dict[str, Any] = {name: getattr(state, name) for name in REQUEST_FIELDS}
+    source = dict(state.source)
+    asked["source"] = redact_credentials(str(source.get("location") or ""))
+    asked["ref"] = state.commit or source.get("ref")
+    return asked
 
 
 def for_request(record: dict[str, Any], request_id: str, attached: bool) -> dict[str, Any]:

@@ -274,9 +274,10 @@ class BuildImageTask(StageTask):
 
     ``build_image.delay(source, destination=..., ...)`` returns an AsyncResult whose
     ``.get()`` is the record. ``entrypoint``, ``python`` and ``gpu`` shape the Dockerfile
-    generated for a Python project that has none (see workers/dockerfile.py); ``secrets``
+    generated for a Python project that has none (see workers/dockerfile/); ``secrets``
     names secret build args, whose values the building worker looks up (see
-    workers/secrets.py).
+    workers/secrets.py); ``base_policy`` is ``digest`` (base images resolved, hashed and
+    pinned) or ``tag``; ``force`` builds and pushes even when the tag exists.
     """
 
     def run(  # type: ignore[override]
@@ -284,12 +285,14 @@ class BuildImageTask(StageTask):
             dockerfile: str | None = None, build_args: dict[str, str] | None = None,
             target: str | None = None, platform: str | None = None, builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
-            python: str | None = None, gpu: bool = False, secrets: list[str] | None = None) -> Any:
+            python: str | None = None, gpu: bool = False, secrets: list[str] | None = None,
+            base_policy: str | None = None, force: bool = False) -> Any:
         state = operations.new_request(
             self.request.id or operations.new_request_id(), source, settings(),
             destination=destination, ref=ref, dockerfile=dockerfile, build_args=build_args,
             target=target, platform=platform, builder=builder, config=config,
-            entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets)
+            entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
+            base_policy=base_policy, force=force)
         return self.run_state(state)
 
     def delay(
@@ -298,12 +301,14 @@ class BuildImageTask(StageTask):
             target: str | None = None, platform: str | None = None, builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False,
-            secrets: list[str] | None = None) -> AsyncResult:
+            secrets: list[str] | None = None, base_policy: str | None = None,
+            force: bool = False) -> AsyncResult:
         """Queue a build of ``source``; the same parameters as :meth:`run`."""
         given = {"destination": destination, "ref": ref, "dockerfile": dockerfile,
                  "build_args": build_args, "target": target, "platform": platform,
                  "builder": builder, "config": config, "entrypoint": entrypoint,
-                 "python": python, "gpu": gpu, "secrets": secrets}
+                 "python": python, "gpu": gpu, "secrets": secrets, "base_policy": base_policy,
+                 "force": force}
         # Only what the caller set travels: the message (and Flower's view of it) stays as
         # short as an untyped ``delay(source, **options)`` made it.
         options = {k: v for k, v in given.items() if v is not None and v is not False}
