@@ -425,6 +425,7 @@ def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
         # Looked up here, on the host that builds; the state only ever holds the names.
         secrets=lookup(state.secrets, settings, "docker"),
         cache_from=[str(ref) for ref in cache],
+        no_cache=state.force,
         registry_logins=_registry_logins([state.ref, *cache], settings),
         dockerfile_text=inputs.dockerfile_text,
     )

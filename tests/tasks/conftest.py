@@ -88,6 +88,9 @@ def make_cluster(root: Path, registry: services.RegistryServer, lease: float) ->
         "BUILDQ_NETWORK_MODE": "none",
         "BUILDQ_RETRY_BASE": "0.5",
         "BUILDQ_MAX_RETRIES": "3",
+        # Base digests are reused for a second only, so a test that moves a base's tag
+        # sees it after a short wait rather than the default minute.
+        "BUILDQ_BASE_TTL": "1",
         "HOME": str(root / "home"),
         "PYTHONPATH": str(REPO),
     }

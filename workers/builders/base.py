@@ -47,6 +47,9 @@ class BuildRequest:
     registry_logins: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
     #: The Dockerfile's text when the caller has it (a generated one); else read from the context.
     dockerfile_text: str | None = None
+    #: Build every step afresh (a forced rebuild): no layer from the engine's cache or an
+    #: imported one may stand in for a step.
+    no_cache: bool = False
 
 
 class Builder(ABC):

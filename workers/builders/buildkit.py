@@ -616,7 +616,9 @@ class BuildKitDriver:
             argv += ["--target", request.target]
         if request.platform:
             argv += ["--platform", request.platform]
-        for ref in request.cache_from:
+        if request.no_cache:
+            argv += ["--no-cache"]
+        for ref in () if request.no_cache else request.cache_from:
             argv += ["--cache-from", self._reachable(ref)]
         # The inline cache rides in the pushed image's config, for other hosts' --cache-from.
         argv += ["--cache-to", "type=inline"] if self.cli.buildx else \

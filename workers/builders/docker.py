@@ -342,6 +342,7 @@ class DockerBuilder(Builder):
                     platform=request.platform,
                     labels=dict(request.labels) or None,
                     network_mode=request.network_mode,
+                    nocache=request.no_cache,
                     timeout=request.timeout + READ_SLACK,
                 )
                 image_id = self._follow_build(stream, lines, request)
