@@ -475,6 +475,38 @@ def history(limit: int, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--repository", metavar="REGISTRY/REPOSITORY",
+              help="Only images of this repository (as builds name their destination).")
+@click.option("--rebuild", is_flag=True, help="Queue a build of each stale image, as first asked.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def stale(repository: str | None, rebuild: bool, as_json: bool) -> None:
+    """List recorded images whose base images have moved since they were built."""
+    from tasks import build_image
+    from tasks.stale import rebuild_arguments, stale_images
+
+    found = stale_images(_redis(), _settings(), repository)
+    if rebuild:
+        for entry in found:
+            try:
+                source, options = rebuild_arguments(entry)
+            except ValueError as exc:
+                _warn(f"{exc}; skipped.")
+                continue
+            entry["rebuild"] = build_image.delay(source, **options).id
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+        return
+    if not found:
+        click.echo("no recorded image has a moved base.")
+    for entry in found:
+        for base in entry["moved"]:
+            now = base["now"] or "gone (or its registry did not answer)"
+            click.echo(f"{entry['image']}: base {base['image']} moved {base['built_with']} -> {now}")
+        if entry.get("rebuild"):
+            click.echo(f"  rebuilding: request {entry['rebuild']}")
+
+
+@cli.command()
 @click.argument("ident")
 def logs(ident: str) -> None:
     """Print the build log of a request id, source hash or tag."""

@@ -7,6 +7,8 @@ ask for the default policy, digest, per request.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -204,3 +206,82 @@ def test_buildq_hash_shows_the_resolved_bases(cluster: Cluster, tmp_path: Path,
                                base_policy="digest").get(timeout=120)
     assert done.stdout.strip() == record["tag"]
     assert record["bases"][0]["digest"] == digest
+
+
+def _buildq(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], env=cluster.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_stale_lists_exactly_the_images_whose_base_moved_and_rebuilds_them(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    reg = cluster.registry.host
+    moving = f"bases/stale-moving:{uuid.uuid4().hex[:6]}"
+    steady = f"bases/stale-steady:{uuid.uuid4().hex[:6]}"
+    _push_base(cluster, base_image, moving, "before")
+    _push_base(cluster, base_image, steady, "steady")
+    repository = f"{reg}/bases/stale-{uuid.uuid4().hex[:6]}"
+    on_moving = build_image.delay(str(_app(tmp_path, f"FROM {reg}/{moving}\n")),
+                                  destination=repository, base_policy="digest").get(timeout=120)
+    on_steady = build_image.delay(str(_app(tmp_path, f"FROM {reg}/{steady}\n")),
+                                  destination=repository, base_policy="digest").get(timeout=120)
+    assert on_moving["status"] == on_steady["status"] == "built"
+
+    listed = _buildq(cluster, "stale", "--repository", repository, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+
+    moved = _push_base(cluster, base_image, moving, "after")
+    listed = _buildq(cluster, "stale", "--repository", repository, "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert [e["image"] for e in entries] == [on_moving["image"]]
+    assert entries[0]["moved"] == [{"image": f"{reg}/{moving}",
+                                    "built_with": on_moving["bases"][0]["digest"], "now": moved}]
+
+    time.sleep(1.5)  # past the workers' BUILDQ_BASE_TTL
+    rebuilt = _buildq(cluster, "stale", "--repository", repository, "--rebuild", "--json")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    (entry,) = json.loads(rebuilt.stdout)
+    record = build_image.AsyncResult(entry["rebuild"]).get(timeout=120)
+    assert record["status"] == "built", record
+    assert record["bases"][0]["digest"] == moved
+    assert _run(record["image"], "cat", "/base-marker").strip() == "after"
+    assert _buildq(cluster, "stale", "--repository", repository, "--json").stdout.strip() == "[]"
+
+
+def test_a_multi_platform_base_resolves_to_its_index_digest(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    """A base tag naming a manifest list pins the list (the builder takes its platform)."""
+    reg = cluster.registry.host
+    name = f"bases/multi-{uuid.uuid4().hex[:6]}"
+    context = tmp_path / "platform-base"
+    context.mkdir()
+    (context / "marker").write_text("multi\n")
+    for arch in ("amd64", "arm64"):
+        (context / "Dockerfile").write_text(
+            f"FROM {base_image} AS files\nFROM scratch\nCOPY --from=files / /\nCOPY marker /marker\n"
+            if arch == "amd64" else "FROM scratch\nCOPY marker /marker\n")
+        built = subprocess.run(
+            ["/usr/bin/docker", "build", "--network", "none", "--platform", f"linux/{arch}",
+             "-t", f"{reg}/{name}:{arch}", str(context)],
+            env={**os.environ, "DOCKER_BUILDKIT": "1"}, capture_output=True, text=True, timeout=120)
+        assert built.returncode == 0, built.stderr
+        pushed = subprocess.run(["docker", "push", f"{reg}/{name}:{arch}"], capture_output=True,
+                                text=True, timeout=120)
+        assert pushed.returncode == 0, pushed.stderr
+    for command in (["manifest", "create", "--insecure", f"{reg}/{name}:multi",
+                     f"{reg}/{name}:amd64", f"{reg}/{name}:arm64"],
+                    ["manifest", "push", "--insecure", f"{reg}/{name}:multi"]):
+        done = subprocess.run(["/usr/bin/docker", *command], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+    index = cluster.registry.digest(name, "multi")
+    assert index
+
+    record = build_image.delay(str(_app(tmp_path, f"FROM {reg}/{name}:multi\nCOPY msg.txt /m\n")),
+                               destination=f"{reg}/bases/on-multi", platform="linux/amd64",
+                               base_policy="digest").get(timeout=120)
+    assert record["status"] == "built", record
+    assert record["bases"] == [{"image": f"{reg}/{name}:multi", "digest": index}]
+    assert _run(record["image"], "cat", "/marker").strip() == "multi"
