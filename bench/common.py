@@ -29,6 +29,10 @@ if str(REPO) not in sys.path:
 
 from tests import services  # noqa: E402
 
+# The benchmarks build on a local base no registry serves, hashed by its text, except
+# where one pushes its base to measure resolution (chain_bench's cache hit).
+os.environ.setdefault("BUILDQ_BASE_POLICY", "tag")
+
 # --- numbers -------------------------------------------------------------------------------
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -146,6 +150,14 @@ class Cluster:
         finally:
             client.close()
         return proc
+
+    def push_base(self, repository: str) -> str:
+        """The local base image pushed to this cluster's registry; its reference there."""
+        assert self.registry is not None
+        ref = f"{self.registry.host}/{repository}"
+        for command in (["docker", "tag", services.BASE_IMAGE, ref], ["docker", "push", "-q", ref]):
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+        return ref
 
     def stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
         """Stop one worker (SIGTERM, then SIGKILL) and forget it."""
