@@ -1,17 +1,32 @@
--- Write the record and release the lock, only for the token that holds it,
--- so a holder that froze past its lease cannot overwrite its successor.
--- KEYS: lock, pending, pending index, record, history
--- ARGV: token, record json, source hash, finished-at score, history size
--- Returns false when the token no longer holds the lock, else
--- {'ok', pending id, pending request json, ...}.
+-- Write the record of a hash's build, only for the token that holds the lock (a holder
+-- that froze past its lease cannot overwrite its successor), and keep the lock while
+-- that chain answers the pending requests: release.lua ends it. A chain cut off in
+-- between (its worker killed, Redis gone) is then repeated or taken over, never lost.
+-- KEYS: lock, pending, record, history, answering, builds
+-- ARGV: token, record json, source hash, finished-at score, history size, attempt,
+--       lease ms, builds the record counts
+-- Returns false when the token no longer holds the lock or another copy of the chain
+-- (a duplicate delivery, same token) answers; {'recount'} when a build was noted since
+-- the caller counted them; else {stored record json, pending id, request json, ...}.
+-- The first record written stands: the same attempt repeating (its reply was lost)
+-- gets that record back rather than writing another.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return false
 end
-redis.call('SET', KEYS[4], ARGV[2])
-redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
-redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -tonumber(ARGV[5]) - 1)
-local waiting = redis.call('HGETALL', KEYS[2])
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[3])
-table.insert(waiting, 1, 'ok')
-return waiting
+local by = redis.call('GET', KEYS[5])
+if by and by ~= ARGV[6] then
+  return false
+end
+if not by then
+  if redis.call('HLEN', KEYS[6]) ~= tonumber(ARGV[8]) then
+    return {'recount'}
+  end
+  redis.call('SET', KEYS[3], ARGV[2])
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[5]) - 1)
+end
+redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+local reply = redis.call('HGETALL', KEYS[2])
+table.insert(reply, 1, redis.call('GET', KEYS[3]))
+return reply

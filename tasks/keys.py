@@ -33,6 +33,24 @@ def record_key(source_hash: str) -> str:
     return f"{PREFIX}:record:{source_hash}"
 
 
+def builds_key(source_hash: str) -> str:
+    """Hash: attempt id → token, one entry per build run for the hash's pending requests;
+    the record counts them, so a second build (a lease lost mid-build) is reported."""
+    return f"{PREFIX}:builds:{source_hash}"
+
+
+def counted_builds_key(source_hash: str) -> str:
+    """Hash: the build notes a record counted, kept a while after the release so that a
+    build ending late can tell whether it was counted (see tasks/build.lua)."""
+    return f"{PREFIX}:builds:counted:{source_hash}"
+
+
+def answering_key(source_hash: str) -> str:
+    """String: the attempt that wrote the hash's record and is answering its requests, so a
+    duplicate of that chain (same token) neither writes a second record nor answers."""
+    return f"{PREFIX}:answering:{source_hash}"
+
+
 # --- requests before the lock (tasks/inflight.py) -----------------------------------------
 #: Hash of request id → the request's state as it entered the chain.
 INFLIGHT = f"{PREFIX}:inflight"
@@ -50,8 +68,9 @@ def request_record_key(request_id: str) -> str:
 
 
 def answered_key(request_id: str) -> str:
-    """String set by the one chain that answers the request: a restarted copy of a request
-    that was alive after all finds it and stops, so a request gets one answer."""
+    """String: the attempt that answered the request. Set once (a restarted copy of a request
+    that was alive after all finds it and stops); that attempt may repeat its answer after
+    a lost reply, nobody else may."""
     return f"{PREFIX}:answered:{request_id}"
 
 

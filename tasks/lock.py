@@ -3,10 +3,17 @@
 A request takes the lock (``SET NX PX`` with a random token) or joins the hash's
 pending map and lets its worker go. The token travels with the chain, so every
 stage on any host can renew the lease while it works; a heartbeat thread does
-that. Whoever finishes writes the record, hands it to every pending request and
-releases the lock, all in one script that checks the token first. If a holder
-dies, the lease runs out and a control worker's watchdog gives the lock to one
-of the pending requests (see :func:`take_over`).
+that. Whoever finishes writes the record (a script that checks the token first),
+answers every pending request, then releases the lock; until the release the
+pending map stays, so a finisher cut off half-way is repeated or taken over and no
+request is left without its answer. If a holder dies, the lease runs out and a
+control worker's watchdog gives the lock to one of the pending requests (see
+:func:`take_over`).
+
+One lease epoch is the time one token holds the lock. A build stage notes its build
+under the token before it starts, and a second one under the same token is refused,
+so a stage delivered twice builds once; a build under a later token (the lease ran
+out while the first still built) is allowed, and the record counts both.
 """
 
 from __future__ import annotations
@@ -22,11 +29,24 @@ from typing import Any
 
 import redis
 
-from tasks.keys import HISTORY, PENDING_INDEX, lock_key, pending_key, record_key
+from tasks.keys import (
+    HISTORY,
+    PENDING_INDEX,
+    answered_key,
+    answering_key,
+    builds_key,
+    counted_builds_key,
+    lock_key,
+    pending_key,
+    record_key,
+)
 from tasks.scripts import script
 
 #: How many hashes the history index keeps.
 HISTORY_SIZE = 10_000
+#: How long the build notes a record counted are kept: a build that ends later than this
+#: after its record (past any stage's time limit) is not looked for.
+COUNTED_TTL_MS = 24 * 3600 * 1000
 
 
 def new_token() -> str:
@@ -42,6 +62,9 @@ class Lease:
     token: str
     lease_seconds: float
     request_id: str = ""
+    #: The request's pending-map entry, to write back should Redis have lost it (crashed
+    #: before its last writes reached the disk); empty: never written back.
+    entry: dict[str, Any] | None = None
     lost: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -58,27 +81,85 @@ class Lease:
         return bool(held)
 
     def extend(self, extra_seconds: float = 0.0) -> bool:
-        """Renew (or, for a redelivered stage, retake) the lease; False when another owns it."""
+        """Renew (or, for a redelivered stage or a crashed Redis, retake) the lease; False
+        when another owns it or the request was answered."""
         held = script(self.client, "extend")(
-            keys=[lock_key(self.source_hash), pending_key(self.source_hash)],
-            args=[self.token, int((self.lease_seconds + extra_seconds) * 1000), self.request_id],
+            keys=[lock_key(self.source_hash), pending_key(self.source_hash),
+                  answered_key(self.request_id), PENDING_INDEX],
+            args=[self.token, int((self.lease_seconds + extra_seconds) * 1000), self.request_id,
+                  json.dumps(self.entry) if self.entry else "", self.source_hash],
         )
         if not held:
             self.lost.set()
         return bool(held)
 
-    def finish(self, record: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
-        """Store the record and release; returns the pending requests, or None if not ours."""
+    def note_build(self, attempt: str, *, started: bool) -> bool:
+        """Note a build by ``attempt`` (one run of a build stage), before (``started``) and
+        after it. Before: False when it must not build (the lock is not ours, or this
+        lease built already). After: False when the note came after the record counted
+        the builds (see :func:`count_late_build`)."""
+        noted = script(self.client, "build")(
+            keys=[lock_key(self.source_hash), builds_key(self.source_hash),
+                  pending_key(self.source_hash), counted_builds_key(self.source_hash)],
+            args=[self.token, attempt, "start" if started else "end", COUNTED_TTL_MS],
+        )
+        return bool(noted)
+
+    def forget_build(self, attempt: str) -> None:
+        """Take back the note of a build that failed, so that its retry may build."""
+        self.client.hdel(builds_key(self.source_hash), attempt)
+
+    def pending_requests(self) -> list[str]:
+        return [str(r) for r in self.client.hkeys(pending_key(self.source_hash))]
+
+    def build_notes(self) -> dict[str, str]:
+        """Attempt → token of the builds made for the hash's pending requests so far."""
+        return {str(k): str(v) for k, v in self.client.hgetall(builds_key(self.source_hash)).items()}
+
+    def write_record(self, record: dict[str, Any], attempt: str, builds: int,
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | str | None:
+        """Store the record (the first one ``attempt`` writes stands) and keep the lock for
+        the answers. Returns the stored record and the pending requests; None when the
+        lock is not ours or another copy of this chain answers; ``"recount"`` when a build
+        was noted since the caller counted ``builds``."""
         reply = script(self.client, "finish")(
-            keys=[lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX,
-                  record_key(self.source_hash), HISTORY],
-            args=[self.token, json.dumps(record), self.source_hash, time.time(), HISTORY_SIZE],
+            keys=[lock_key(self.source_hash), pending_key(self.source_hash),
+                  record_key(self.source_hash), HISTORY, answering_key(self.source_hash),
+                  builds_key(self.source_hash)],
+            args=[self.token, json.dumps(record), self.source_hash, time.time(), HISTORY_SIZE,
+                  attempt, self._lease_ms, builds],
         )
         if not reply:
             self.lost.set()
             return None
-        pairs = reply[1:]
-        return {pairs[i]: json.loads(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        if reply == ["recount"]:
+            return "recount"
+        stored, pairs = json.loads(reply[0]), reply[1:]
+        return stored, {pairs[i]: json.loads(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+
+    def release(self, answered: list[str] | set[str]) -> bool:
+        """Drop the answered requests and release the lock; False when it was not ours."""
+        released = script(self.client, "release")(
+            keys=[lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX,
+                  answering_key(self.source_hash), builds_key(self.source_hash),
+                  counted_builds_key(self.source_hash)],
+            args=[self.token, self.source_hash, COUNTED_TTL_MS, *sorted(answered)],
+        )
+        return bool(released)
+
+    def finish(self, record: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+        """Store the record and release at once; returns the pending requests, or None if
+        the lock is not ours. For callers with nobody to answer in between."""
+        attempt = new_token()
+        while True:
+            written = self.write_record(record, attempt, len(self.build_notes()))
+            if written != "recount":
+                break
+        if written is None or isinstance(written, str):
+            return None
+        pending = written[1]
+        self.release(set(pending))
+        return pending
 
     def holder(self) -> str | None:
         value = self.client.get(lock_key(self.source_hash))
@@ -116,12 +197,21 @@ def take_over(client: redis.Redis, source_hash: str,
     """
     token = new_token()
     reply = script(client, "takeover")(
-        keys=[lock_key(source_hash), pending_key(source_hash), PENDING_INDEX],
+        keys=[lock_key(source_hash), pending_key(source_hash), PENDING_INDEX,
+              answering_key(source_hash)],
         args=[token, int(lease_seconds * 1000), source_hash],
     )
     if not reply:
         return None
     pending = {reply[i]: json.loads(reply[i + 1]) for i in range(0, len(reply), 2)}
+    # A holder that died while answering left some requests answered: they must not be
+    # answered again, nor be the one the restarted chain runs for.
+    answered = {r for r in pending if client.exists(answered_key(r))}
+    if answered:
+        pending = {r: v for r, v in pending.items() if r not in answered}
+        if not pending:
+            Lease(client, source_hash, token, lease_seconds).release(answered)
+            return None
     return token, pending
 
 

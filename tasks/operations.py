@@ -336,6 +336,14 @@ def _drop_tree(state: BuildState) -> None:
     state.workdir = None
 
 
+def pending_entry(state: BuildState) -> dict[str, Any]:
+    """What the hash's pending map keeps of a request: enough to restart it from fetch."""
+    return {k: v for k, v in state.to_dict().items()
+            if k in ("request_id", "source", "ref", "dockerfile", "build_args",
+                     "target", "platform", "builder", "config", "created_at", "entrypoint",
+                     "python", "gpu", "secrets", "base_policy", "force", "bases")}
+
+
 def hash_source(state: BuildState, settings: Settings) -> str:
     client = _client(settings)
     try:
@@ -351,11 +359,7 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     # lost Redis connection never mistakes an unacquired token for a held lock.
     token = state.token or new_token()
     lease = Lease(client, state.source_hash, token, settings.lock_lease, state.request_id)
-    pending = {k: v for k, v in state.to_dict().items()
-               if k in ("request_id", "source", "ref", "dockerfile", "build_args",
-                        "target", "platform", "builder", "config", "created_at", "entrypoint",
-                        "python", "gpu", "secrets", "base_policy", "force", "bases")}
-    if not lease.acquire(pending):
+    if not lease.acquire(pending_entry(state)):
         # Another request is building this very hash: it will hand us its record.
         _drop_tree(state)
         emit(client, state.request_id, "attached", source_hash=state.source_hash)

@@ -13,15 +13,18 @@ from typing import Any
 
 import redis
 
+from tasks.events import EVENTS_MAXLEN, STREAM_TTL
 from tasks.keys import (
     HISTORY,
     answered_key,
+    events_key,
     last_tag_key,
     log_key,
     record_key,
     request_hash_key,
     request_record_key,
 )
+from tasks.scripts import script
 from tasks.state import BuildState
 from workers.sources.base import redact_credentials
 
@@ -29,16 +32,75 @@ from workers.sources.base import redact_credentials
 REQUEST_TTL = 30 * 24 * 3600
 
 
-def claim_answer(client: redis.Redis, request_id: str) -> bool:
-    """Whether this caller is the one to answer ``request_id`` (true once per request)."""
-    return bool(client.set(answered_key(request_id), "1", nx=True, ex=REQUEST_TTL))
+#: What :func:`claim_answer` says.
+OTHER, FIRST, AGAIN = 0, 1, 2
+
+
+def claim_answer(client: redis.Redis, request_id: str, attempt: str,
+                 done: str | None = None) -> int:
+    """Whether ``attempt`` answers ``request_id``: FIRST once per request (with the request's
+    ``done`` event when a status is given), AGAIN when that attempt repeats, else OTHER."""
+    claimed = script(client, "answer")(
+        keys=[answered_key(request_id), events_key(request_id)],
+        args=[attempt, REQUEST_TTL, "1" if done is not None else "0", done or "", EVENTS_MAXLEN,
+              STREAM_TTL],
+    )
+    return int(claimed)
 
 
 def answered(client: redis.Redis, request_id: str) -> bool:
     return bool(client.exists(answered_key(request_id)))
 
 
-def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
+def answered_by(client: redis.Redis, request_id: str) -> str | None:
+    """The attempt that answered ``request_id``, or None."""
+    found = client.get(answered_key(request_id))
+    return str(found) if found is not None else None
+
+
+def rebuilt_reason(notes: dict[str, str]) -> str | None:
+    """Why a source was built more than once for one record, from its build notes
+    (attempt → token; one token per lease epoch), or None when it was not."""
+    if len(notes) < 2:
+        return None
+    epochs = len(set(notes.values()))
+    if epochs > 1:
+        return (f"built {len(notes)} times: the lock was lost while a build ran (its lease ran "
+                "out: the holder stalled, or could not reach Redis for longer than "
+                f"BUILDQ_LOCK_LEASE) and {epochs - 1} later lease(s) built it again")
+    return (f"built {len(notes)} times under one lease: Redis lost the note of a running build "
+            "(it crashed before its last writes reached the disk) and a redelivered stage "
+            "built again")
+
+
+def count_late_build(client: redis.Redis, source_hash: str) -> dict[str, Any] | None:
+    """Add a build to the hash's record written without it; returns the amended record.
+
+    A build whose start note a crashed Redis lost, and that ended after another lease's
+    chain wrote the record, would otherwise go unreported.
+    """
+    key = record_key(source_hash)
+    amended: dict[str, Any] = {}
+
+    def amend(pipe: Any) -> None:
+        raw = pipe.get(key)
+        if not raw:
+            return
+        record = json.loads(str(raw))
+        record["builds"] = int(record.get("builds") or 0) + 1
+        record["rebuilt"] = (f"built {record['builds']} times: a build whose lock was lost "
+                             "(Redis lost its last writes in a crash) ended after this record "
+                             "was written")
+        pipe.multi()
+        pipe.set(key, json.dumps(record))
+        amended.update(record)
+
+    client.transaction(amend, key)
+    return amended or None
+
+
+def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
+                rebuilt: str | None = None) -> dict[str, Any]:
     source = dict(state.source)
     if isinstance(source.get("location"), str):
         # A refused source may still hold the token the user pasted into its URL.
@@ -69,6 +131,10 @@ def make_record(state: BuildState, *, attached: bool = False) -> dict[str, Any]:
         "lock": (state.generated or {}).get("lock"),
         "job": (state.generated or {}).get("job"),
         "attached": attached,
+        # How many times the source was built for this record (0: the image existed), and
+        # why when more than once: a second build is reported, never silent.
+        "builds": builds,
+        "rebuilt": rebuilt,
         "stages": {k: round(v, 4) for k, v in state.stages.items()},
         "log": f"redis:{log_key(state.source_hash)}" if state.source_hash else None,
         "error": state.error,

@@ -16,7 +16,7 @@ from redis.commands.core import Script
 #: Script name (its file name without ``.lua``) → its source.
 SOURCES: dict[str, str] = {
     name: files("tasks").joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    for name in ("acquire", "extend", "finish", "takeover", "reclaim")
+    for name in ("acquire", "extend", "finish", "release", "build", "answer", "takeover", "reclaim")
 }
 
 #: Attribute of a client that holds its registered scripts. On the client itself, not in

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -30,8 +31,18 @@ from tasks import inflight, operations
 from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
-from tasks.lock import Lease
-from tasks.records import claim_answer, for_request, make_record, store_unhashed
+from tasks.lock import Lease, new_token
+from tasks.records import (
+    FIRST,
+    OTHER,
+    answered_by,
+    claim_answer,
+    count_late_build,
+    for_request,
+    make_record,
+    rebuilt_reason,
+    store_unhashed,
+)
 from tasks.state import BuildState
 from workers import metrics
 
@@ -43,6 +54,10 @@ REDIS_TROUBLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
 
 #: A stage body: does its work on the state and names the next stage ("" ends the chain).
 StageBody = Callable[[BuildState, Settings], str]
+
+#: How many leases a stage waits for an unreachable Redis before it gives up. Every lease
+#: has run out by then and the watchdog restarts the build for its requests.
+REDIS_PATIENCE_LEASES = 10
 
 
 def _backoff(settings: Settings, retries: int) -> float:
@@ -75,22 +90,31 @@ class StageTask(Task):
         # A stage handed over for a retry carries its count in the state.
         retries = state.retries
         redis_waits = 0
+        waited = 0.0
+        # This run of the task, as the lock's notes and the answers name it: the same run
+        # repeating a stage after a lost Redis reply is known as itself, a second delivery
+        # of the same message is not.
+        attempt = new_token()
         at = [stage, retries]
         while True:
             try:
-                return self._run_from(at, state, cfg, client)
+                return self._run_from(at, state, cfg, client, attempt)
             except REDIS_TROUBLE as exc:
                 # Redis is the broker too, so nothing can be handed over while it is away:
-                # wait here and repeat the stage (each stage may run again).
-                if redis_waits >= max(cfg.max_retries, 5):
+                # wait here and repeat the stage (each stage may run again). Look again at
+                # least every third of a lease: once Redis is back, the lease must be renewed
+                # before the watchdog gives the build to someone else.
+                if waited >= max(_retry_budget(cfg), REDIS_PATIENCE_LEASES * cfg.lock_lease):
                     raise
-                countdown = _backoff(cfg, redis_waits)
+                countdown = min(_backoff(cfg, redis_waits), cfg.lock_lease / 3)
                 log.warning("stage %s: Redis unreachable (%s); trying again in %.1fs",
                             at[0], exc, countdown)
                 time.sleep(countdown)
+                waited += countdown
                 redis_waits += 1
 
-    def _run_from(self, at: list[Any], state: BuildState, cfg: Settings, client: Any) -> Any:
+    def _run_from(self, at: list[Any], state: BuildState, cfg: Settings, client: Any,
+                  attempt: str) -> Any:
         """The stage loop from ``at`` = [stage, retries], kept current for a resume."""
         stage, retries = at
         while True:
@@ -99,7 +123,7 @@ class StageTask(Task):
             emit(client, state.request_id, "stage", stage=stage, state="started")
             started = time.monotonic()
             try:
-                next_stage = self._attempt(stage, state, cfg, lease)
+                next_stage = self._attempt(stage, state, cfg, lease, attempt)
             except BuildqError as exc:
                 if retries >= cfg.max_retries:
                     state.fail(str(exc), exc.kind)
@@ -118,13 +142,16 @@ class StageTask(Task):
                     time.sleep(countdown)
                     retries += 1
                     continue
+                if lease is not None and stage in BUILD_STAGES:
+                    # The failed build is not one: the retry (another run) may build.
+                    lease.forget_build(attempt)
                 # A broker-side retry frees this worker slot for the wait; the state carries
                 # the count, and the stages already done in this task are not repeated.
                 state.retries = retries + 1
                 return self._hand_over(stage, state, countdown=countdown)
             self._add_time(stage, state, client, started)
             if not next_stage:
-                return self.finish(state, client)
+                return self.finish(state, client, attempt)
             if not self._runs_here(stage, next_stage, state):
                 state.retries = 0
                 return self._hand_over(next_stage, state)
@@ -136,11 +163,13 @@ class StageTask(Task):
                 # Before the lock only the broker knows this request: register it first.
                 inflight.register(client, state, cfg.lock_lease)
             return None
-        lease = Lease(client, state.source_hash, state.token, cfg.lock_lease, state.request_id)
+        lease = Lease(client, state.source_hash, state.token, cfg.lock_lease, state.request_id,
+                      operations.pending_entry(state))
         if not lease.extend():
             # Someone else holds this hash now (we were redelivered after a takeover)
             # or the build already finished; that holder answers our request.
             log.info("stage %s dropped: lock for %s held elsewhere", stage, state.source_hash[:12])
+            _drop_tree(state)
             raise Ignore()
         return lease
 
@@ -176,7 +205,8 @@ class StageTask(Task):
             signature.set(queue=queue)
         return self.replace(signature)
 
-    def _attempt(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None) -> str:
+    def _attempt(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None,
+                 attempt: str) -> str:
         """One stage body; a user-facing error or a crash becomes a failed state."""
         try:
             if state.done and stage != "record":
@@ -188,8 +218,19 @@ class StageTask(Task):
                 # Fetch and hash, before the lock: restartable should this worker die.
                 with inflight.tracked(redis_client(cfg), state, cfg.lock_lease):
                     return body(state, cfg)
-            with lease.heartbeat():
-                next_stage = body(state, cfg)
+            building = stage in BUILD_STAGES
+            if building and not lease.note_build(attempt, started=True):
+                # This lease's build runs or ran elsewhere (the stage was delivered twice),
+                # or the lock is gone: building here would be a second, unreported build.
+                log.warning("stage %s dropped: %s is built under this lease already, or the "
+                            "lock is gone", stage, state.source_hash)
+                raise Ignore()
+            try:
+                with lease.heartbeat():
+                    next_stage = body(state, cfg)
+            finally:
+                if building:
+                    _note_built(lease, attempt)
             if lease.lost.is_set():
                 raise Ignore()
             return next_stage
@@ -207,36 +248,101 @@ class StageTask(Task):
                        "The worker's log has the details; please report it.", "internal")
         return "record"
 
-    def finish(self, state: BuildState, client: Any) -> dict[str, Any]:
-        """Write the record, answer every request waiting on this hash, release the lock."""
+    def finish(self, state: BuildState, client: Any, attempt: str) -> dict[str, Any]:
+        """Write the record, answer every request waiting on this hash, release the lock.
+
+        One answer per request, and the first stands: a request restarted while it was
+        alive after all (its worker lost Redis, not its life), a stage delivered twice, or
+        this very call repeated after a lost reply may all reach here; each answer is
+        claimed by one attempt (:func:`claim_answer`) before it is stored.
+        """
         own_id = self.request.id or state.request_id
-        record = make_record(state, attached=own_id != state.request_id)
         if not state.source_hash or not state.token:
-            if not claim_answer(client, state.request_id):
+            if claim_answer(client, state.request_id, attempt) == OTHER:
                 raise Ignore()
+            record = make_record(state, attached=own_id != state.request_id)
             store_unhashed(client, record)
             metrics.build_finished(state, None)
             return record
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
-        waiting = lease.finish(make_record(state))
-        if waiting is None:
-            # A successor took the lock while we were stalled: its record stands.
+        waiting = lease.pending_requests()
+        if waiting and all(answered_by(client, r) not in (None, attempt) for r in waiting):
+            # A copy of requests that others answered (restarted while alive): their record
+            # stands; only the lock is left to release.
+            lease.release(waiting)
             raise Ignore()
-        metrics.build_finished(state, waiting)
-        # One answer per request: a request restarted while it was alive after all (its
-        # worker lost Redis, not its life) may reach here twice; the first answer stands.
-        requests = {*waiting, state.request_id}
-        first = {request_id for request_id in requests if claim_answer(client, request_id)}
-        for request_id in first - {own_id}:
+        while True:
+            notes = lease.build_notes()
+            written = lease.write_record(
+                make_record(state, builds=len(notes), rebuilt=rebuilt_reason(notes)),
+                attempt, len(notes))
+            if written != "recount":
+                break
+        if written is None or isinstance(written, str):
+            # A successor took the lock while we were stalled, or another copy of this
+            # chain answers: that record stands.
+            raise Ignore()
+        record, pending = written
+        requests = {*pending, state.request_id}
+        claims = {r: claim_answer(client, r, attempt,
+                                  done=record["status"] if r == state.request_id else None)
+                  for r in requests}
+        ours = {r for r, claim in claims.items() if claim != OTHER}
+        for request_id in ours:
+            # Stored here for the chain's own request too, as Celery would store the return
+            # value (it keeps the first success): once the lock is released nothing could
+            # store a lost answer.
             self.backend.store_result(
                 request_id, for_request(record, request_id, request_id != state.request_id),
-                "SUCCESS")
-        if state.request_id in first:
-            emit(client, state.request_id, "done", status=record["status"])
-        if own_id in requests and own_id not in first:
+                "SUCCESS", request=self.request if request_id == own_id else None)
+        metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
+                                       if c == FIRST and r in pending})
+        lease.release(requests)
+        if own_id in requests and own_id not in ours:
             raise Ignore()
         return for_request(record, own_id, own_id != state.request_id)
+
+
+#: Stages whose body builds the image, noted under the lease (see tasks/lock.py). The
+#: kaniko stage is not: its Job's name is the hash's, so a second dispatch adopts the Job.
+BUILD_STAGES = {"build"}
+
+
+def _retry_budget(cfg: Settings) -> float:
+    return sum(cfg.retry_base * 2 ** n for n in range(max(cfg.max_retries, 5)))
+
+
+def _drop_tree(state: BuildState) -> None:
+    """Remove this host's copy of the source of a chain that stops here."""
+    if state.owned and state.workdir:
+        shutil.rmtree(state.workdir, ignore_errors=True)
+        state.workdir = None
+
+
+def _note_built(lease: Lease, attempt: str) -> None:
+    """Note the build again once it ran; report it if the record was written without it.
+
+    The note made at the start may be among the last writes of a Redis that crashed since:
+    this one waits for Redis rather than leave the build uncounted (repeating the stage
+    would build again).
+    """
+    pause = lease.lease_seconds / 3
+    deadline = time.monotonic() + REDIS_PATIENCE_LEASES * lease.lease_seconds
+    while True:
+        try:
+            # First the lock back, should Redis have lost it: the note goes with the lock.
+            lease.extend()
+            if not lease.note_build(attempt, started=False):
+                log.warning("a build of %s ended after its record was written without it; "
+                            "counting it in the record", lease.source_hash)
+                count_late_build(lease.client, lease.source_hash)
+            return
+        except REDIS_TROUBLE:
+            if time.monotonic() + pause > deadline:
+                log.warning("could not note the end of the build of %s", lease.source_hash)
+                return
+            time.sleep(pause)
 
 
 #: Stages that must run on the host of the stage before them.

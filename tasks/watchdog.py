@@ -13,6 +13,7 @@ here knows about threads or processes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -39,9 +40,19 @@ class JobApi(Protocol):
     def delete_job(self, namespace: str, name: str) -> None: ...
 
 
+def redis_uptime(client: redis.Redis) -> float:
+    """Seconds since the Redis server started (infinite when it does not say)."""
+    return float(client.info("server").get("uptime_in_seconds", math.inf))
+
+
 def restart_orphans(client: redis.Redis, settings: Settings) -> int:
     """Give each hash whose holder died to one of its waiters, and restart each request
     lost before it took a lock; returns how many restarted."""
+    if redis_uptime(client) < settings.lock_lease:
+        # Every lease ran out while Redis was down, the live holders' too. They renew (and
+        # retake) theirs within a third of a lease of its return: until a lease has passed,
+        # an expired lease says nothing about its holder, and a takeover would build again.
+        return 0
     restarted = 0
     for source_hash in orphaned_hashes(client):
         claim = take_over(client, source_hash, settings.lock_lease)
