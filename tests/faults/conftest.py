@@ -5,11 +5,15 @@ for everything a fault could leave behind."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,6 +94,23 @@ class FaultCluster(Cluster):
         self.redis = services.start_redis(self.redis.directory, appendonly=True,
                                           port=self.redis.port)
 
+    def crash_redis(self, down_for: float, tail: AofTail | None = None,
+                    appendonly: bool = True) -> None:
+        """SIGKILL Redis, keep it down ``down_for`` seconds, start it on the same port and dir.
+
+        A killed process loses no write it acknowledged (its append-only file is written
+        before each reply; fsync only guards against the machine going down). With ``tail``,
+        the file also loses what ``tail`` says the last second added, as a crash of the
+        machine with ``appendfsync everysec`` would.
+        """
+        self.redis.process.kill()
+        self.redis.process.wait(10)
+        if tail is not None:
+            tail.cut()
+        time.sleep(down_for)
+        self.redis = services.start_redis(self.redis.directory, appendonly=appendonly,
+                                          port=self.redis.port)
+
     def restart_registry(self) -> None:
         self.registry.start()
 
@@ -97,6 +118,82 @@ class FaultCluster(Cluster):
     def workdir(self) -> Path:
         return self.root / "work"
 
+
+
+class AofTail:
+    """Watches Redis's append-only file, to cut it back to what it held ``lose`` seconds ago.
+
+    Redis 7 writes the file in parts listed by a manifest; writes go to the last ``incr``
+    part. Redis loads a file whose last command was cut (``aof-load-truncated yes``, the
+    default) up to the last whole command, and drops a transaction cut in the middle.
+    """
+
+    def __init__(self, directory: Path, lose: float = 1.0) -> None:
+        self.directory = directory / "appendonlydir"
+        self.lose = lose
+        self.sizes: list[tuple[float, Path, int]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="aof-tail", daemon=True)
+        self.thread.start()
+
+    def current(self) -> Path:
+        manifest = next(self.directory.glob("*.manifest")).read_text().splitlines()
+        incr = [line.split()[1] for line in manifest if line.split()[-1] == "i"]
+        return self.directory / incr[-1]
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(0.02):
+            with contextlib.suppress(OSError, StopIteration, IndexError):
+                part = self.current()
+                self.sizes.append((time.monotonic(), part, part.stat().st_size))
+
+    def cut(self) -> int:
+        """Truncate the file to its size ``lose`` seconds ago; returns the bytes dropped."""
+        self.stopping.set()
+        self.thread.join(5)
+        part = self.current()
+        before = time.monotonic() - self.lose
+        kept = [size for at, p, size in self.sizes if p == part and at <= before]
+        keep = kept[-1] if kept else 0
+        dropped = part.stat().st_size - keep
+        with part.open("r+b") as f:
+            f.truncate(keep)
+        return dropped
+
+
+class BuildCounter:
+    """Counts the real runs of build steps: a RUN that fetches ``url(marker)`` (the build's
+    network being the host's) hits this server once per run, not on a cache hit, and a
+    Redis crash cannot lose the count."""
+
+    def __init__(self) -> None:
+        counts: dict[str, int] = {}
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    counts[self.path.strip("/")] = counts.get(self.path.strip("/"), 0) + 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.counts = counts
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, marker: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{marker}"
+
+    def runs(self, marker: str) -> int:
+        return self.counts.get(marker, 0)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class Gates:
@@ -218,6 +315,22 @@ def git_app(tmp_path: Path, base: str, extra: str = "") -> str:
 def events(client: redis.Redis, request_id: str) -> list[dict[str, str]]:
     entries: Any = client.xrange(f"buildq:events:{request_id}")
     return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
+
+
+#: BuildKit's prefix of a line a build step printed: the step's number and its second.
+BUILDKIT_OUTPUT = re.compile(r"^#\d+ \d+\.\d+ ")
+
+
+def step_runs(client: redis.Redis, source_hash: str, marker: str) -> int:
+    """How many times a build step of the hash printed the line ``marker``, in its build log.
+
+    The legacy builder logs the line as printed, BuildKit after ``#<step> <seconds> ``; a
+    step's own header (``#5 [2/3] RUN echo <marker>``) is not its output. A cached step
+    prints nothing.
+    """
+    entries: Any = client.xrange(f"buildq:log:{source_hash}")
+    lines = [BUILDKIT_OUTPUT.sub("", str(fields["line"])).strip() for _, fields in entries]
+    return sum(line == marker for line in lines)
 
 
 def wait_quiet(cluster: FaultCluster, timeout: float = 30) -> None:
