@@ -20,6 +20,7 @@ from tests.faults.conftest import (
     assert_one_image,
     events,
     git_app,
+    step_runs,
     wait_quiet,
 )
 
@@ -30,8 +31,7 @@ WATCHDOG_INTERVAL = max(0.5, min(10.0, LEASE / 3))
 
 
 def _build_runs(faults: FaultCluster, source_hash: str, marker: str) -> int:
-    lines = [f["line"] for _, f in faults.client().xrange(f"buildq:log:{source_hash}")]
-    return sum(line.strip() == marker for line in lines)
+    return step_runs(faults.client(), source_hash, marker)
 
 
 def _wait_hash(faults: FaultCluster, request_id: str, timeout: float = 60) -> str:
@@ -60,7 +60,9 @@ def test_build_longer_than_the_lease_keeps_its_lock_and_runs_once(
     # and requests arriving meanwhile (one per lease) wait for it.
     later: list[Any] = []
     ttls: list[float] = []
+    deadline = time.monotonic() + build_seconds + 120
     while not first.ready():
+        assert time.monotonic() < deadline, "the long build never ended"
         if len(later) < 3 and time.monotonic() % LEASE < 0.2:
             later.append(build_image.delay(source, destination=dest))
         holder = client.get(lock_key(source_hash))
@@ -108,15 +110,18 @@ def test_frozen_holder_loses_the_lock_to_one_waiter_and_cannot_touch_it_after(
         successor = client.get(lock_key(source_hash))
         # Let the new holder start its build, then wake the frozen one up in the middle of it.
         while _build_runs(faults, source_hash, marker) < 1:
+            assert time.monotonic() - frozen_at <= 120, "the successor never built"
             time.sleep(0.1)
     finally:
         os.killpg(pgid, signal.SIGCONT)
     # The woken holder must not release or overwrite the successor's lock meanwhile.
+    deadline = time.monotonic() + 120
     while True:
         holder = client.get(lock_key(source_hash))
         if holder is None:
             break
         assert holder == successor
+        assert time.monotonic() < deadline, "the successor never released its lock"
         time.sleep(0.05)
 
     record = first.get(timeout=120)

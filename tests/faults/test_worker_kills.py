@@ -18,6 +18,7 @@ from tests.faults.conftest import (
     assert_one_image,
     events,
     git_app,
+    step_runs,
     wait_quiet,
 )
 
@@ -77,8 +78,7 @@ def test_worker_killed_in_stage_builds_once_and_leaves_nothing(
     # (a rebuild after the kill reuses the engine's cache and prints nothing).
     assert [e["status"] for e in events(client, result.id) if e.get("kind") == "done"] \
         == [record["status"]]
-    lines = [f["line"] for _, f in client.xrange(f"buildq:log:{record['source_hash']}")]
-    assert sum(line.strip() == marker for line in lines) == 1, lines
+    assert step_runs(client, record["source_hash"], marker) == 1
     assert_nothing_left(faults, record)
 
     again = build_image.delay(source, destination=f"{faults.registry.host}/{repository}")
