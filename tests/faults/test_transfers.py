@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -214,7 +215,11 @@ class Build:
     stderr: list[str]
 
     def retries(self, stage: str) -> list[str]:
-        return [line for line in self.stderr if line.strip().startswith(f"retrying {stage} ")]
+        """The retry announcements of ``stage``, each up to the end of its line. Matched
+        anywhere in the output: another writer of stderr (a library's message without a
+        newline) may share the line."""
+        text = "\n".join(self.stderr)
+        return re.findall(rf"retrying {stage} in [^\n]*", text)
 
 
 def app_with_blob(root: Path, base_image: str, size: int) -> Path:
