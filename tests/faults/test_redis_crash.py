@@ -177,6 +177,7 @@ def test_without_persistence_a_redis_crash_loses_what_waited_in_redis(
     uploaded context stays in the store."""
     client = faults.client()
     client.config_set("appendonly", "no")
+    before = set(faults.store_objects())
     try:
         # Three builds for two docker workers: two run, the third waits in the docker queue.
         sources = _sources(tmp_path, base_image, counter, 3, seconds=10)
@@ -197,7 +198,6 @@ def test_without_persistence_a_redis_crash_loses_what_waited_in_redis(
         while not any(e.get("kind") == "attached" for e in events(client, attached.id)):
             assert time.monotonic() < deadline, "the second request never attached"
             time.sleep(0.05)
-        before = set(faults.store_objects())
         faults.crash_redis(DOWN_FOR, appendonly=False)
         client = faults.client()
         assert list(client.scan_iter(match="buildq:lock:*")) == []
