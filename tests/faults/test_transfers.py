@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import subprocess
 import sys
+import tarfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ from config.errors import TransientContextStoreError
 from config.settings import Settings
 from tests import services
 from tests.conftest import AWS_ENV
+from tests.faults.conftest import events
 from tests.faults.proxy import FaultProxy
+from tests.tasks.conftest import Cluster, make_cluster
 from tests.tasks.test_embedded import REPO, embedded_env
 from workers.stores import ContextStore, store_for_url
 
@@ -134,10 +136,14 @@ def _azure(server: services.StandIn, proxy: FaultProxy) -> Target:
                   leftovers, staged_after=8 * MiB)
 
 
-@pytest.fixture(params=["s3", "gcs", "azure"])
+#: Each store: the session fixture of its stand-in, and how to set up a Target on it.
+STORES: dict[str, tuple[str, Callable[[services.StandIn, FaultProxy], Target]]] = {
+    "s3": ("moto_server", _s3), "gcs": ("gcs_emulator", _gcs), "azure": ("azurite", _azure)}
+
+
+@pytest.fixture(params=list(STORES))
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    server_fixture, make = {"s3": ("moto_server", _s3), "gcs": ("gcs_emulator", _gcs),
-                            "azure": ("azurite", _azure)}[request.param]
+    server_fixture, make = STORES[request.param]
     server: services.StandIn = request.getfixturevalue(server_fixture)
     proxy = FaultProxy("127.0.0.1", server.port)
     try:
@@ -205,7 +211,7 @@ def test_an_upload_cut_for_good_after_some_parts_fails_transient_and_leaves_noth
     assert target.leftovers() == []
 
 
-# --- the whole chain, in one process (buildq build without Redis) -----------------------------
+# --- buildq build ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -213,13 +219,11 @@ class Build:
     code: int
     record: dict[str, Any]
     stderr: list[str]
+    #: The request's events, read from the cluster's Redis (none for an in-process build).
+    events: list[dict[str, str]] = field(default_factory=list)
 
-    def retries(self, stage: str) -> list[str]:
-        """The retry announcements of ``stage``, each up to the end of its line. Matched
-        anywhere in the output: another writer of stderr (a library's message without a
-        newline) may share the line."""
-        text = "\n".join(self.stderr)
-        return re.findall(rf"retrying {stage} in [^\n]*", text)
+    def retries(self, stage: str) -> list[dict[str, str]]:
+        return [e for e in self.events if e.get("kind") == "retry" and e.get("stage") == stage]
 
 
 def app_with_blob(root: Path, base_image: str, size: int) -> Path:
@@ -230,10 +234,10 @@ def app_with_blob(root: Path, base_image: str, size: int) -> Path:
     return root
 
 
-def run_build(app: Path, destination: str, env: dict[str, str],
+def run_build(source: str | Path, destination: str, env: dict[str, str],
               on_line: Callable[[str], None] = lambda _line: None, timeout: float = 420) -> Build:
-    """``buildq build --json``, its progress (stderr) handed to ``on_line`` as it comes."""
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "build", str(app), "--destination",
+    """``buildq build --json``, its stderr handed to ``on_line`` line by line as it comes."""
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "build", str(source), "--destination",
                              destination, "--json"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -242,7 +246,7 @@ def run_build(app: Path, destination: str, env: dict[str, str],
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line.rstrip("\n"))
-            on_line(line)
+            on_line(lines[-1])
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
@@ -260,55 +264,146 @@ def remove_image(image: str) -> None:
     subprocess.run(["docker", "image", "rm", "-f", image], capture_output=True, check=False)
 
 
-def test_the_store_link_dies_mid_upload_and_the_retried_upload_builds_leaving_nothing(
-        target: Target, tmp_path: Path, base_image: str, registry: services.RegistryServer) -> None:
-    """The link dies 5 MiB into the upload and stays down until the chain announces its
-    retry: the first attempt could clean nothing up, so what it left (an S3 multipart
-    upload, Azure blocks) must be gone once the build ends."""
-    app = app_with_blob(tmp_path / "app", base_image, 12 * MiB)
-    env = embedded_env(tmp_path, BUILDQ_CONTEXT_STORE=target.url, BUILDQ_RETRY_BASE="1",
-                       BUILDQ_MAX_RETRIES="3", **target.env)
+# --- the whole chain on workers: a Redis, a control and a docker worker per store -------------
 
-    def back_up_on_retry(line: str) -> None:
-        if "retrying upload" in line:
+
+@dataclass
+class Chain:
+    target: Target
+    cluster: Cluster
+
+    def build(self, source: str, destination: str,
+              on_retry: Callable[[dict[str, str]], None] = lambda _event: None) -> Build:
+        """``buildq build`` of ``source``; each retry event is handed to ``on_retry`` as it
+        lands in Redis (the events are the chain's own account, not the CLI's display)."""
+        client = self.cluster.client()
+        # The request's events are the one stream this cluster did not have before (the
+        # CLI's progress on stderr is a display: lines of it may run together).
+        before = set(client.scan_iter(match="buildq:events:*"))
+        request: list[str] = []
+        done = threading.Event()
+
+        def find_request() -> None:
+            if not request:
+                new = set(client.scan_iter(match="buildq:events:*")) - before
+                if new:
+                    request.append(str(new.pop()).rpartition(":")[2])
+
+        def watch() -> None:
+            seen = 0
+            while not done.wait(0.1):
+                find_request()
+                if request:
+                    retries = [e for e in events(client, request[0]) if e.get("kind") == "retry"]
+                    for event in retries[seen:]:
+                        on_retry(event)
+                    seen = len(retries)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            build = run_build(source, destination, self.cluster.env)
+        finally:
+            done.set()
+            watcher.join(10)
+        find_request()
+        assert request and build.record.get("id") == request[0], build.stderr
+        build.events = events(client, request[0])
+        return build
+
+
+@pytest.fixture(scope="module")
+def chains(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           docker_engine: str, registry: services.RegistryServer) -> Iterator[Callable[[str], Chain]]:
+    """A cluster per store, made when first asked for, with the store behind its proxy."""
+    made: dict[str, Chain] = {}
+
+    def chain(name: str) -> Chain:
+        if name not in made:
+            server_fixture, make = STORES[name]
+            server: services.StandIn = request.getfixturevalue(server_fixture)
+            target = make(server, FaultProxy("127.0.0.1", server.port))
+            cluster = make_cluster(tmp_path_factory.mktemp(f"chain-{name}"), registry, lease=6)
+            for unset in ("STORAGE_EMULATOR_HOST", "REQUESTS_CA_BUNDLE", "AWS_PROFILE"):
+                cluster.env.pop(unset, None)
+            cluster.env.update({**AWS_ENV, "AWS_DEFAULT_REGION": "us-east-1",
+                                "BUILDQ_CONTEXT_STORE": target.url, "BUILDQ_RETRY_BASE": "1",
+                                "BUILDQ_MAX_RETRIES": "3", **target.env})
+            made[name] = Chain(target, cluster)
+            cluster.start_worker("control")
+            cluster.start_worker("docker")
+        target = made[name].target
+        target.proxy.up()
+        return made[name]
+
+    try:
+        yield chain
+    finally:
+        for each in made.values():
+            each.cluster.stop_all()
+            each.cluster.redis.stop()
+            each.target.proxy.close()
+
+
+def archive_of(app: Path) -> str:
+    """The app as a tar.gz the workers read in place (a directory would be shipped through
+    the store under test by the CLI first)."""
+    archive = app.parent / f"{app.name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(app, arcname=".")
+    return archive.as_uri()
+
+
+@pytest.mark.parametrize("store", list(STORES))
+def test_the_store_link_dies_mid_upload_and_the_retried_upload_builds_leaving_nothing(
+        store: str, chains: Callable[[str], Chain], tmp_path: Path, base_image: str,
+        registry: services.RegistryServer) -> None:
+    """The link dies 5 MiB into the upload and stays down until the chain retries the
+    upload: the first attempt could clean nothing up, so what it left (an S3 multipart
+    upload, Azure blocks) must be gone once the build ends."""
+    chain = chains(store)
+    target = chain.target
+    source = archive_of(app_with_blob(tmp_path / "app", base_image, 12 * MiB))
+
+    def back_up(event: dict[str, str]) -> None:
+        if event.get("stage") == "upload":
             target.proxy.up()
 
     target.proxy.die_after(5 * MiB)
-    build = run_build(app, f"{registry.host}/transfers/{target.name}", env, back_up_on_retry)
+    cuts = target.proxy.cuts
+    build = chain.build(source, f"{registry.host}/transfers/{store}", back_up)
     record = build.record
 
-    assert build.code == 0 and record["status"] == "built", (record, build.stderr)
-    assert target.proxy.cuts == 1 and target.proxy.refused >= 1, "the link never died mid-upload"
-    assert len(build.retries("upload")) == 1, build.stderr
-    assert "cannot reach" in build.retries("upload")[0]
-    assert registry.digest(f"transfers/{target.name}", record["tag"]) == record["digest"]
+    assert build.code == 0 and record["status"] == "built", "\n".join([str(record), *build.stderr])
+    assert target.proxy.cuts - cuts == 1 and target.proxy.refused >= 1, "the link never died mid-upload"
+    retries = build.retries("upload")
+    assert len(retries) == 1, build.events
+    assert "cannot reach" in retries[0]["error"] and target.url in retries[0]["error"]
+    assert registry.digest(f"transfers/{store}", record["tag"]) == record["digest"]
     assert target.leftovers() == []
     remove_image(record["image"])
 
 
 def test_every_upload_attempt_cut_fails_the_build_with_a_record_naming_the_store(
-        moto_server: services.StandIn, tmp_path: Path, base_image: str,
+        chains: Callable[[str], Chain], tmp_path: Path, base_image: str,
         registry: services.RegistryServer) -> None:
-    proxy = FaultProxy("127.0.0.1", moto_server.port)
+    chain = chains("s3")
+    target = chain.target
+    source = archive_of(app_with_blob(tmp_path / "app", base_image, 12 * MiB))
+    target.proxy.cut_after(256 << 10, times=None)
     try:
-        target = _s3(moto_server, proxy)
-        app = app_with_blob(tmp_path / "app", base_image, 12 * MiB)
-        env = embedded_env(tmp_path, BUILDQ_CONTEXT_STORE=target.url, BUILDQ_RETRY_BASE="0.5",
-                           BUILDQ_MAX_RETRIES="1", **target.env)
-        proxy.cut_after(256 << 10, times=None)
-        build = run_build(app, f"{registry.host}/transfers/failed", env)
-        record = build.record
-
-        assert build.code == 1 and record["status"] == "failed", (record, build.stderr)
-        assert record["error_kind"] == "context-store"
-        assert "cannot reach" in record["error"] and f"to write {target.url}/" in record["error"]
-        assert len(build.retries("upload")) == 1, build.stderr
-        assert proxy.cuts >= 2
-        assert registry.tags("transfers/failed") == []
-        proxy.up()
-        assert target.leftovers() == []
+        build = chain.build(source, f"{registry.host}/transfers/failed")
     finally:
-        proxy.close()
+        target.proxy.up()
+    record = build.record
+
+    assert build.code == 1 and record["status"] == "failed", "\n".join([str(record), *build.stderr])
+    assert record["error_kind"] == "context-store"
+    assert "cannot reach" in record["error"] and f"to write {target.url}/" in record["error"]
+    # Transient: retried as often as BUILDQ_MAX_RETRIES says, then recorded.
+    assert len(build.retries("upload")) == 3, build.events
+    assert registry.tags("transfers/failed") == []
+    assert target.leftovers() == []
 
 
 # --- a layer push cut -----------------------------------------------------------------------
