@@ -117,6 +117,11 @@ def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
         "source": source,
         "destination": state.destination,
         "builder": state.builder,
+        # For a generated build: whether the image got a lock's exact pins, which lock, and
+        # the W&B job description it followed.
+        "dependencies": (state.generated or {}).get("dependencies"),
+        "lock": (state.generated or {}).get("lock"),
+        "job": (state.generated or {}).get("job"),
         "frontend": state.frontend,
         # The base images the hash covered and the digest each resolved to (empty with
         # the tag policy, which the record names), and whether the build was forced.
@@ -125,11 +130,6 @@ def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
         "forced": state.force,
         # What was asked, so an image can be built again as it was (buildq stale --rebuild).
         "request": request_of(state),
-        # For a generated build: whether the image got a lock's exact pins, which lock, and
-        # the W&B job description it followed.
-        "dependencies": (state.generated or {}).get("dependencies"),
-        "lock": (state.generated or {}).get("lock"),
-        "job": (state.generated or {}).get("job"),
         "attached": attached,
         # How many times the source was built for this record (0: the image existed), and
         # why when more than once: a second build is reported, never silent.
