@@ -22,27 +22,15 @@ import redis
 from tests import services
 from tests.tasks.conftest import Cluster, make_cluster, use_cluster
 from tests.tasks.test_embedded import embedded_env, leftovers, run_buildq
+from tests.workers.test_buildkit import FEATURES
 from workers.builders.buildkit import Progress
-
-DOCKERFILE = """FROM {base} AS tools
-RUN --mount=type=cache,target=/cache echo tools-{nonce} > /cache/t && cp /cache/t /tools.txt
-FROM {base} AS data
-RUN echo data-{nonce} > /data.txt
-FROM {base}
-COPY --from=tools /tools.txt /tools.txt
-COPY --from=data /data.txt /data.txt
-COPY --chmod=750 run.sh /run.sh
-RUN --mount=type=bind,source=input.txt,target=/mnt/input.txt cp /mnt/input.txt /copied.txt
-RUN --mount=type=secret,id=TOKEN sha256sum /run/secrets/TOKEN | grep -q ^{digest} \\
-    && echo secret-ok > /secret.txt
-"""
 
 
 def held_out_app(parent: Path, base: str, token: str) -> tuple[Path, str]:
     nonce = uuid.uuid4().hex[:8]
     app = parent / f"app-{nonce}"
     app.mkdir(parents=True)
-    (app / "Dockerfile").write_text(DOCKERFILE.format(
+    (app / "Dockerfile").write_text(FEATURES.format(
         base=base, nonce=nonce, digest=hashlib.sha256(token.encode()).hexdigest()))
     (app / "run.sh").write_text("echo hi\n")
     (app / "input.txt").write_text(f"input-{nonce}\n")
