@@ -530,7 +530,7 @@ def test_wandb_job_with_its_own_dockerfile_builds_that_context(tmp_path: Path) -
     state, _, _ = describe_request("r", str(root), Settings.from_env({}), destination=None, ref=None,
                                    dockerfile=None, build_args=None, target=None, platform=None,
                                    config={})
-    hash_tree(state, root)
+    hash_tree(state, root, Settings.from_env({}))
     assert state.generated_dockerfile is None
     assert state.generated == {"dockerfile": "Dockerfile.train", "context": "trainer",
                                "dependencies": None, "lock": None, "job": "wandb-job.json",
@@ -546,7 +546,7 @@ def test_wandb_job_with_its_own_dockerfile_builds_that_context(tmp_path: Path) -
     before = state.source_hash
     (root / "notes.txt").write_text("changed\n")
     state.generated = None
-    assert hash_tree(state, root) == before
+    assert hash_tree(state, root, Settings.from_env({})) == before
     state.status = "built"
     assert make_record(state)["job"] == "wandb-job.json"
 
@@ -558,7 +558,7 @@ def _tag(root: Path) -> str:
     state, _, _ = describe_request("r", str(root), Settings.from_env({}), destination=None, ref=None,
                                    dockerfile=None, build_args=None, target=None, platform=None,
                                    config={"builder": {"entrypoint": "python main.py"}})
-    return hash_tree(state, root)
+    return hash_tree(state, root, Settings.from_env({}))
 
 
 def test_default_dockerignore_keeps_local_state_out_of_the_tag_and_the_image(tmp_path: Path) -> None:
@@ -576,7 +576,7 @@ def test_default_dockerignore_keeps_local_state_out_of_the_tag_and_the_image(tmp
     state, _, _ = describe_request("r", str(root), Settings.from_env({}), destination=None, ref=None,
                                    dockerfile=None, build_args=None, target=None, platform=None,
                                    config={"builder": {"entrypoint": "python main.py"}})
-    hash_tree(state, root)
+    hash_tree(state, root, Settings.from_env({}))
     from tasks.operations import build_inputs
 
     out = io.BytesIO()
