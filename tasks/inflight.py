@@ -21,9 +21,25 @@ from typing import Any
 
 import redis
 
-from tasks.keys import INFLIGHT, lease_key
+from tasks.keys import INFLIGHT, SUBMITTED, lease_key, submitted_lease_key
 from tasks.scripts import script
 from tasks.state import BuildState
+
+
+def submit(client: redis.Redis, request_id: str, source: str, options: dict[str, Any],
+           lease_seconds: float) -> None:
+    """Note a request about to be sent, so that losing its message loses nothing.
+
+    Between the broker's list and a worker's first stage, a message can vanish: a Redis
+    crash between the worker's pop and kombu's record of it as unacked drops it, and one
+    recorded as unacked comes back only after the visibility timeout. Until a worker
+    registers the request (below), a watchdog that finds it neither registered nor queued
+    sends it again (see :func:`lost_submissions`).
+    """
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(SUBMITTED, request_id, json.dumps({"source": source, "options": options}))
+    pipe.set(submitted_lease_key(request_id), "1", px=int(lease_seconds * 1000))
+    pipe.execute()
 
 
 def register(client: redis.Redis, state: BuildState, lease_seconds: float) -> None:
@@ -34,6 +50,9 @@ def register(client: redis.Redis, state: BuildState, lease_seconds: float) -> No
     pipe = client.pipeline(transaction=True)
     pipe.hsetnx(INFLIGHT, state.request_id, json.dumps(first))
     pipe.set(lease_key(state.request_id), "1", px=lease_ms)
+    # A worker has it now: from here on, its lease above keeps it.
+    pipe.hdel(SUBMITTED, state.request_id)
+    pipe.delete(submitted_lease_key(state.request_id))
     pipe.execute()
 
 
@@ -104,3 +123,35 @@ def reclaim_orphans(client: redis.Redis, lease_seconds: float) -> list[dict[str,
         if raw:
             states.append(dict(json.loads(str(raw))))
     return states
+
+
+def lost_submissions(client: redis.Redis, queue: str,
+                     lease_seconds: float) -> list[tuple[str, dict[str, Any]]]:
+    """(request id, arguments) of each sent request that no worker took and ``queue`` no
+    longer holds: its message was lost. Each is handed to one caller only; one still
+    waiting in the queue gets a fresh lease."""
+    expired = [str(r) for r in client.hkeys(SUBMITTED)
+               if not client.exists(submitted_lease_key(str(r)))]
+    if not expired:
+        return []
+    waiting = _queued_ids(client, queue)
+    reclaim = script(client, "reclaim")
+    lost = []
+    for request_id in expired:
+        raw = reclaim(keys=[SUBMITTED, submitted_lease_key(request_id)],
+                      args=[request_id, int(lease_seconds * 1000)])
+        if raw and request_id not in waiting:
+            client.hdel(SUBMITTED, request_id)
+            lost.append((request_id, dict(json.loads(str(raw)))))
+    return lost
+
+
+def _queued_ids(client: redis.Redis, queue: str) -> set[str]:
+    """Task ids of the messages waiting in ``queue`` (kombu's Redis list of JSON envelopes)."""
+    ids = set()
+    for raw in client.lrange(queue, 0, -1):
+        try:
+            ids.add(str(json.loads(raw)["headers"]["id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return ids

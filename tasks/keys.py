@@ -61,6 +61,15 @@ def lease_key(request_id: str) -> str:
     return f"{PREFIX}:inflight:lease:{request_id}"
 
 
+#: Hash: request id → the entry task's arguments, from sending until its first stage runs.
+SUBMITTED = f"{PREFIX}:submitted"
+
+
+def submitted_lease_key(request_id: str) -> str:
+    """String whose expiry says a sent request should have reached a worker by now."""
+    return f"{PREFIX}:submitted:lease:{request_id}"
+
+
 # --- records by request (tasks/records.py) ------------------------------------------------
 def request_record_key(request_id: str) -> str:
     """String: the record of a request that failed before its source had a hash."""

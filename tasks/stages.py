@@ -420,6 +420,15 @@ class BuildImageTask(StageTask):
         options = {k: v for k, v in given.items() if v is not None and v is not False}
         return self.apply_async(args=[source], kwargs=options)
 
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+                    *more: Any, **options: Any) -> AsyncResult:
+        cfg = settings()
+        if not (cfg.embedded or app.conf.task_always_eager) and args:
+            task_id = task_id or operations.new_request_id()
+            inflight.submit(redis_client(cfg), task_id, str(args[0]), dict(kwargs or {}),
+                            cfg.lock_lease)
+        return super().apply_async(args, kwargs, task_id, *more, **options)
+
 
 #: The entry task: ``from tasks import build_image``.
 build_image = _register(BuildImageTask, "fetch", operations.fetch, "buildq.build_image")

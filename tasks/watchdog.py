@@ -22,10 +22,11 @@ import redis
 
 from config.names import HASH_LABEL
 from config.settings import Settings
-from tasks.inflight import reclaim_orphans
-from tasks.keys import lock_key
+from tasks.app import ROUTES
+from tasks.inflight import lost_submissions, reclaim_orphans
+from tasks.keys import answered_key, lock_key
 from tasks.lock import orphaned_hashes, take_over
-from tasks.stages import resume
+from tasks.stages import build_image, resume
 from tasks.state import BuildState
 from workers import metrics
 
@@ -65,6 +66,17 @@ def restart_orphans(client: redis.Redis, settings: Settings) -> int:
         log.warning("holder of %s is gone; restarting the build for request %s",
                     source_hash[:12], state.request_id)
         resume.apply_async(args=[state.to_dict()])
+        metrics.takeover()
+        restarted += 1
+    for request_id, sent in lost_submissions(client, ROUTES["buildq.build_image"],
+                                             settings.lock_lease):
+        # Sent, never taken by a worker, and no longer queued: its message was lost.
+        if client.exists(answered_key(request_id)):
+            continue
+        log.warning("request %s was lost between the broker and a worker; sending it again",
+                    request_id)
+        build_image.apply_async(args=[sent["source"]], kwargs=sent["options"],
+                                task_id=request_id)
         metrics.takeover()
         restarted += 1
     for data in reclaim_orphans(client, settings.lock_lease):

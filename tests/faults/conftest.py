@@ -23,12 +23,11 @@ from typing import Any
 import pytest
 import redis
 
-from config.settings import Settings
 from tasks.keys import INFLIGHT, PENDING_INDEX, lock_key, pending_key
 from tests import services
 from tests.conftest import AWS_ENV
 from tests.faults.proxy import FaultProxy
-from tests.tasks.conftest import REPO, Cluster, use_cluster
+from tests.tasks.conftest import REPO, Cluster, use_cluster, use_settings
 
 #: The lock lease of the fault cluster, seconds (as tests/tasks uses).
 LEASE = 6.0
@@ -275,18 +274,7 @@ def faults(fault_cluster: FaultCluster) -> Iterator[FaultCluster]:
     if fault_cluster.registry.process is None:
         fault_cluster.restart_registry()
     fault_cluster.top_up()
-    _use_settings(previous)
-
-
-def _use_settings(settings: Settings) -> None:
-    from tasks.app import configure
-
-    configure(settings)
-    from tasks.app import app
-
-    app._pool = None
-    app._local = threading.local()
-    app.amqp._producer_pool = None
+    use_settings(previous)
 
 
 @pytest.fixture

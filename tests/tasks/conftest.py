@@ -100,9 +100,13 @@ def make_cluster(root: Path, registry: services.RegistryServer, lease: float) ->
 
 def use_cluster(cluster: Cluster) -> None:
     """Point this test process's Celery app at the cluster, as a script would."""
+    use_settings(cluster.settings())
+
+
+def use_settings(settings: Settings) -> None:
     from tasks.app import configure
 
-    configure(cluster.settings())
+    configure(settings)
     from tasks.app import app
 
     # Whatever was cached came from the embedded configuration of the test process.
@@ -111,14 +115,32 @@ def use_cluster(cluster: Cluster) -> None:
     app.amqp._producer_pool = None
 
 
+@pytest.fixture(autouse=True)
+def app_handed_back() -> Iterator[None]:
+    """A test that points the app at a cluster of its own hands it back when it ends."""
+    import tasks.app
+
+    previous = tasks.app.settings()
+    yield
+    if tasks.app.settings() is not previous:
+        use_settings(previous)
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
-            registry: services.RegistryServer) -> Iterator[Cluster]:
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
+                   registry: services.RegistryServer) -> Iterator[Cluster]:
     c = make_cluster(tmp_path_factory.mktemp("cluster"), registry, lease=6)
     c.start_worker("control", concurrency=2)
     c.start_worker("docker", concurrency=1)
     c.start_worker("docker", concurrency=1)
-    use_cluster(c)
     yield c
     c.stop_all()
     c.redis.stop()
+
+
+@pytest.fixture
+def cluster(shared_cluster: Cluster) -> Cluster:
+    """The session's cluster, with this process's app pointed at it again: a test with a
+    cluster of its own (stopped when it ends) leaves the app pointing at that one."""
+    use_cluster(shared_cluster)
+    return shared_cluster

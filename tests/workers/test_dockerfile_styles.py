@@ -525,12 +525,16 @@ def test_wandb_job_refuses_uncommitted_changes_and_machine_local_pins(tmp_path: 
         plan(root, _opts())
 
 
+#: Bases named by tag (tests/conftest.py): the base images here are local, not in a registry.
+LOCAL_BASES = Settings.from_env({"BUILDQ_BASE_POLICY": "tag"})
+
+
 def test_wandb_job_with_its_own_dockerfile_builds_that_context(tmp_path: Path) -> None:
     root = _copy("wandb-job-dockerfile", tmp_path)
-    state, _, _ = describe_request("r", str(root), Settings.from_env({}), destination=None, ref=None,
+    state, _, _ = describe_request("r", str(root), LOCAL_BASES, destination=None, ref=None,
                                    dockerfile=None, build_args=None, target=None, platform=None,
                                    config={})
-    hash_tree(state, root, Settings.from_env({}))
+    hash_tree(state, root, LOCAL_BASES)
     assert state.generated_dockerfile is None
     assert state.generated == {"dockerfile": "Dockerfile.train", "context": "trainer",
                                "dependencies": None, "lock": None, "job": "wandb-job.json",
@@ -546,7 +550,7 @@ def test_wandb_job_with_its_own_dockerfile_builds_that_context(tmp_path: Path) -
     before = state.source_hash
     (root / "notes.txt").write_text("changed\n")
     state.generated = None
-    assert hash_tree(state, root, Settings.from_env({})) == before
+    assert hash_tree(state, root, LOCAL_BASES) == before
     state.status = "built"
     assert make_record(state)["job"] == "wandb-job.json"
 
@@ -555,10 +559,10 @@ def test_wandb_job_with_its_own_dockerfile_builds_that_context(tmp_path: Path) -
 
 
 def _tag(root: Path) -> str:
-    state, _, _ = describe_request("r", str(root), Settings.from_env({}), destination=None, ref=None,
+    state, _, _ = describe_request("r", str(root), LOCAL_BASES, destination=None, ref=None,
                                    dockerfile=None, build_args=None, target=None, platform=None,
                                    config={"builder": {"entrypoint": "python main.py"}})
-    return hash_tree(state, root, Settings.from_env({}))
+    return hash_tree(state, root, LOCAL_BASES)
 
 
 def test_default_dockerignore_keeps_local_state_out_of_the_tag_and_the_image(tmp_path: Path) -> None:
@@ -573,10 +577,10 @@ def test_default_dockerignore_keeps_local_state_out_of_the_tag_and_the_image(tmp
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("changed\n")
         assert _tag(root) == tag, rel
-    state, _, _ = describe_request("r", str(root), Settings.from_env({}), destination=None, ref=None,
+    state, _, _ = describe_request("r", str(root), LOCAL_BASES, destination=None, ref=None,
                                    dockerfile=None, build_args=None, target=None, platform=None,
                                    config={"builder": {"entrypoint": "python main.py"}})
-    hash_tree(state, root, Settings.from_env({}))
+    hash_tree(state, root, LOCAL_BASES)
     from tasks.operations import build_inputs
 
     out = io.BytesIO()
