@@ -18,11 +18,14 @@ from pathlib import Path
 import docker
 import pytest
 
-from config.errors import BuildError
+from config.errors import BuildError, ConfigError
+from config.settings import Settings
 from tests import services
 from tests.workers.test_docker_builder import context
 from workers.builders.base import BuildRequest
 from workers.builders.buildkit import (
+    BuildKitDriver,
+    Cli,
     Progress,
     declared_args,
     is_official_frontend,
@@ -495,6 +498,26 @@ def test_only_the_stable_official_frontend_falls_back() -> None:
     replaced = without_syntax(text, 0, "docker/dockerfile:1")
     assert syntax_directive(replaced) is None
     assert replaced.splitlines()[1:] == text.splitlines()[1:]
+
+
+def test_frontend_setting_is_an_image_reference_and_orders_the_frontends_tried() -> None:
+    ref = "registry.example.com/tools/dockerfile:1.6"
+    assert Settings.from_env({"BUILDQ_DOCKERFILE_FRONTEND": ref}).dockerfile_frontend == ref
+    assert Settings.from_env({}).dockerfile_frontend is None
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"BUILDQ_DOCKERFILE_FRONTEND": "Not An Image"})
+    assert "BUILDQ_DOCKERFILE_FRONTEND" in caught.value.message
+    driver = BuildKitDriver(Cli("/usr/bin/docker", buildx=False), frontend_image=ref)
+    plain = BuildRequest(image="x", open_context=context({}))
+
+    def order(syntax: tuple[str, int] | None) -> list[str]:
+        return [f.shown for f in driver._frontends(plain, syntax)]
+
+    assert order(None) == [ref, "built-in"]
+    assert order(("docker/dockerfile:1.4", 0)) == ["docker/dockerfile:1.4", ref, "built-in"]
+    # Any other frontend is never replaced, by the setting either.
+    assert order(("docker/dockerfile:1.4-labs", 0)) == ["docker/dockerfile:1.4-labs"]
+    assert [f.shown for f in BuildKitDriver(driver.cli)._frontends(plain, None)] == ["built-in"]
 
 
 def test_secret_mounts_and_build_args_are_read_from_instructions() -> None:

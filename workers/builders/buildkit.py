@@ -544,6 +544,14 @@ class Frontend:
 _unpullable: dict[str, float] = {}
 
 
+def _newer_flag_hint(frontend: Frontend) -> str:
+    """What to do about an instruction flag the frontend that parsed the file does not know."""
+    if frontend.ref is None:
+        return _NEWER_FRONTEND_HINT
+    return (f"The flag is newer than the Dockerfile frontend {frontend.ref} (named by "
+            f"{frontend.named_by}): name a newer frontend image there, or drop the flag.")
+
+
 def _may_pull(frontend: Frontend) -> bool:
     return frontend.ref is None or _unpullable.get(frontend.ref, 0.0) <= time.monotonic()
 
@@ -794,7 +802,7 @@ class BuildKitDriver:
                 return FrontendUnavailableError(ref, f"it cannot be started ({final})",
                                                 named_by)
         if vertex is None:
-            return self._refused(final, request)
+            return self._refused(final, request, frontend)
         error = clean_message(vertex.error or final)
         if vertex.name.startswith(_LOAD_METADATA):
             return _base_error(_shown_ref(vertex.name[len(_LOAD_METADATA):]), "a FROM line",
@@ -821,7 +829,7 @@ class BuildKitDriver:
                 "Fix the command, or reproduce it with the same base image to see why it fails.")
         hint = "Fix that step of the Dockerfile or the build context it reads."
         if "unknown flag" in error.lower():
-            hint = _NEWER_FRONTEND_HINT
+            hint = _newer_flag_hint(frontend)
         elif re.search(r"network \S+ not found", error):
             hint = ("RUN steps use the engine's default network, which this engine does not "
                     "have: set BUILDQ_NETWORK_MODE to none (or host) on the docker-pool "
@@ -833,14 +841,14 @@ class BuildKitDriver:
             f"{where} ({instruction} {_clip(argument)}) failed while building {request.image}: "
             f"{error}.", hint)
 
-    def _refused(self, final: str, request: BuildRequest) -> BuildError:
+    def _refused(self, final: str, request: BuildRequest, frontend: Frontend) -> BuildError:
         if final == "file with no instructions":
             final = "failed to parse Dockerfile: file with no instructions"
         if "parse error" in final.lower():
             hint = ("Fix the Dockerfile at the line named; see the Dockerfile reference for the "
                     "instruction's syntax.")
             if "unknown flag" in final.lower():
-                hint = _NEWER_FRONTEND_HINT
+                hint = _newer_flag_hint(frontend)
             return BuildError(
                 f"{request.dockerfile} (the Dockerfile of {request.image}) is invalid: {final}.",
                 hint)
