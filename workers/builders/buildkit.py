@@ -10,6 +10,11 @@ registry logins the build needs (never an argument), one file per secret for
 ``--secret id=NAME,src=FILE``, and the image id file. The context streams from the store
 into the CLI's stdin; ``--progress=plain`` lines go to the build log as they come; a
 failing step is reported like the legacy builder's (step, instruction, last lines).
+
+Which Dockerfile frontend parses the file: a ``# syntax=`` line's image; else the image
+``BUILDQ_DOCKERFILE_FRONTEND`` names (passed as ``BUILDKIT_SYNTAX``, which also stands in
+for an official ``docker/dockerfile:1`` line that cannot be pulled); else the engine's
+built-in one. Engine 20.10's built-in frontend (BuildKit v0.8) knows no ``COPY --link``.
 """
 
 from __future__ import annotations
