@@ -205,6 +205,25 @@ def test_copy_link_builds_with_the_configured_frontend_for_an_official_syntax_li
     frontend_builder.remove_image(image)
 
 
+def test_copy_link_builds_with_the_configured_frontend_through_buildx_too(
+    dockerfile_frontend: str, base_image: str, lines: list[str], tmp_path: Path
+) -> None:
+    config = services.buildx_config_dir()
+    if config is None:
+        pytest.skip("the buildx plugin cannot be built here (no Go toolchain)")
+    host = DockerBuilder(cli_path=services.docker_cli_without_buildkit(tmp_path / "cli"),
+                         docker_config=config, frontend_image=dockerfile_frontend)
+    assert host.frontend == "buildkit", host.legacy_reason
+    nonce = uuid.uuid4().hex[:8]
+    image = f"buildq-test/link-buildx:{nonce}"
+    host.build(request(image, {"Dockerfile": f"FROM {base_image}\nCOPY --link --chmod=750 "
+                                             "a /a\n", "a": f"a-{nonce}\n"}), lines.append)
+    assert any("buildx build" in line for line in lines[:1]), lines
+    assert run(image, "cat /a; ls -l /a").startswith(f"a-{nonce}\n-rwxr-x---")
+    assert host.dockerfile_frontend == dockerfile_frontend
+    host.remove_image(image)
+
+
 def test_failing_step_through_the_configured_frontend_is_reported_as_on_the_built_in_one(
     frontend_builder: DockerBuilder, base_image: str, lines: list[str]
 ) -> None:
