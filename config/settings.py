@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.errors import ConfigError
+from config.references import parse_image_ref
 
 #: Where the launch agent looks for its config when neither --config nor BUILDQ_CONFIG is given.
 DEFAULT_CONFIG_PATH = Path("~/.config/wandb/launch-config.yaml")
@@ -98,6 +99,10 @@ class Settings:
     build_timeout: float = 3600.0
     #: Docker build network mode ("none" or "host" where no bridge exists).
     network_mode: str | None = None
+    #: The Dockerfile frontend image the docker pool's BuildKit builds with: every
+    #: Dockerfile without a '# syntax=' line, and one whose official docker/dockerfile:1
+    #: line cannot be pulled (BUILDQ_DOCKERFILE_FRONTEND); None: the engine's built-in one.
+    dockerfile_frontend: str | None = None
     #: Registries spoken to over plain HTTP besides loopback ones.
     insecure_registries: tuple[str, ...] = ()
     #: Basic credentials for the destination registry, when not in docker's config.json.
@@ -175,6 +180,7 @@ class Settings:
             lock_lease=_number(env, "BUILDQ_LOCK_LEASE", cls.lock_lease),
             build_timeout=_number(env, "BUILDQ_BUILD_TIMEOUT", cls.build_timeout),
             network_mode=env.get("BUILDQ_NETWORK_MODE") or None,
+            dockerfile_frontend=_image_ref(env, "BUILDQ_DOCKERFILE_FRONTEND"),
             insecure_registries=insecure,
             registry_username=env.get("BUILDQ_REGISTRY_USERNAME") or None,
             registry_password=env.get("BUILDQ_REGISTRY_PASSWORD") or None,
@@ -202,6 +208,21 @@ class Settings:
             base_ttl=_number(env, "BUILDQ_BASE_TTL", cls.base_ttl, strict=False),
             base_policy=_base_policy(env.get("BUILDQ_BASE_POLICY") or cls.base_policy),
         )
+
+
+def _image_ref(env: Mapping[str, str], name: str) -> str | None:
+    """An image reference from the environment, checked as a FROM line would be."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        parse_image_ref(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an image reference: "
+                          f"{exc.message}",
+                          f"Set {name} to an image the build hosts' engine can pull, e.g. "
+                          f"{name}=registry.example.com/tools/dockerfile:1.6.") from None
+    return raw
 
 
 def _base_policy(value: str) -> str:

@@ -407,7 +407,8 @@ def upload(state: BuildState, settings: Settings) -> str:
 def _docker_builder(settings: Settings) -> Builder:
     from workers.builders.docker import DockerBuilder
 
-    return DockerBuilder(endpoints=settings.registry_endpoints)
+    return DockerBuilder(endpoints=settings.registry_endpoints,
+                         frontend_image=settings.dockerfile_frontend)
 
 
 def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
@@ -472,6 +473,7 @@ def build(state: BuildState, settings: Settings) -> str:
         builder = _docker_builder(settings)
         builder.build(_build_request(state, settings), writer)
         state.frontend = builder.frontend
+        state.dockerfile_frontend = builder.dockerfile_frontend
     finally:
         writer.flush()
     return "push"

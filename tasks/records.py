@@ -123,6 +123,7 @@ def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
         "lock": (state.generated or {}).get("lock"),
         "job": (state.generated or {}).get("job"),
         "frontend": state.frontend,
+        "dockerfile_frontend": state.dockerfile_frontend,
         # The base images the hash covered and the digest each resolved to (empty with
         # the tag policy, which the record names), and whether the build was forced.
         "bases": list(state.bases),

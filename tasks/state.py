@@ -31,6 +31,9 @@ class BuildState:
     builder: str | None = None
     #: Which Dockerfile frontend built the image on the docker pool: ``buildkit`` or ``legacy``.
     frontend: str | None = None
+    #: Which Dockerfile frontend parsed the Dockerfile with BuildKit: the frontend image's
+    #: reference (a '# syntax=' line's, or BUILDQ_DOCKERFILE_FRONTEND), or ``built-in``.
+    dockerfile_frontend: str | None = None
     #: Options of a Dockerfile buildq generates for a Python project that has none.
     entrypoint: list[str] | None = None
     python: str | None = None

@@ -805,16 +805,23 @@ def docker_cli_without_buildkit(directory: Path) -> str | None:
 BUILDX_VERSION = "v0.11.2"
 
 
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "buildq"
+
+
+def _go() -> str | None:
+    return shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists()
+                                  else None)
+
+
 def buildx_config_dir() -> Path | None:
     """A DOCKER_CONFIG directory whose cli-plugins holds a buildx plugin, built once from its Go
     module into ~/.cache/buildq (a few minutes the first time), or None without Go."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "buildq" / \
-        f"buildx-{BUILDX_VERSION}"
+    cache = _cache_home() / f"buildx-{BUILDX_VERSION}"
     plugin = cache / "cli-plugins" / "docker-buildx"
     if plugin.exists():
         return cache
-    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists()
-                                else None)
+    go = _go()
     if go is None:
         return None
     gobin = cache / "bin"
@@ -826,3 +833,74 @@ def buildx_config_dir() -> Path | None:
     plugin.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(gobin / "buildx"), plugin)
     return cache
+
+
+#: The BuildKit release whose Dockerfile frontend (Dockerfile syntax 1.6) tests build from
+#: its Go module: the oldest release the Go module proxy serves here, and one that runs on
+#: Engine 20.10's BuildKit v0.8 (COPY --link, cache, secret and bind mounts, COPY --chmod).
+DOCKERFILE_FRONTEND_VERSION = "v0.12.5"
+#: The local image it is packed into, once per engine (a tag per version).
+DOCKERFILE_FRONTEND_IMAGE = f"local/dockerfile-frontend:{DOCKERFILE_FRONTEND_VERSION}"
+#: Why a test that needs it skips on a machine without Go (tests/conftest.py allows it).
+NO_FRONTEND = "the Dockerfile frontend cannot be built here (no Go toolchain)"
+
+
+def dockerfile_frontend_binary() -> Path | None:
+    """BuildKit's Dockerfile frontend, a static binary built once from its Go module into
+    ~/.cache/buildq (about two minutes the first time), or None without Go."""
+    cache = _cache_home() / f"dockerfile-frontend-{DOCKERFILE_FRONTEND_VERSION}"
+    binary = cache / "dockerfile-frontend"
+    if binary.exists():
+        return binary
+    go = _go()
+    if go is None:
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    module = "github.com/moby/buildkit/frontend/dockerfile/cmd/dockerfile-frontend"
+    with tempfile.TemporaryDirectory(dir=cache) as gobin:
+        # Static: the image it goes into has nothing but the binary.
+        done = subprocess.run([go, "install", f"{module}@{DOCKERFILE_FRONTEND_VERSION}"],
+                              env={**os.environ, "GOBIN": gobin, "CGO_ENABLED": "0"},
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"go install {module}@{DOCKERFILE_FRONTEND_VERSION} failed: "
+                               f"{done.stderr[-2000:]}")
+        # Whole or not at all: a concurrent session sees no half-written binary.
+        os.replace(Path(gobin) / "dockerfile-frontend", binary)
+    return binary
+
+
+def push_dockerfile_frontend(registry_host: str) -> str | None:
+    """The Dockerfile frontend as a gateway frontend image in ``registry_host``, the way
+    docker/dockerfile is packed (FROM scratch: the binary as its entrypoint, and the label
+    that lets BuildKit start it without a network, which an engine run with --bridge=none
+    has not): its reference there, or None without Go. Only the registry has the tag, so
+    BuildKit pulls it as it would on a build host."""
+    import docker
+
+    binary = dockerfile_frontend_binary()
+    if binary is None:
+        return None
+    client = docker.DockerClient(base_url=f"unix://{DOCKER_SOCKET}")
+    try:
+        client.images.get(DOCKERFILE_FRONTEND_IMAGE)
+    except docker.errors.ImageNotFound:
+        with tempfile.TemporaryDirectory() as root:
+            Path(root, "bin").mkdir()
+            shutil.copy2(binary, Path(root, "bin", "dockerfile-frontend"))
+            tar = subprocess.run(["tar", "-C", root, "-c", "."], check=True,
+                                 capture_output=True)
+        subprocess.run(["docker", "import",
+                        "--change", 'ENTRYPOINT ["/bin/dockerfile-frontend"]',
+                        "--change", 'LABEL moby.buildkit.frontend.network.none="true"',
+                        "-", DOCKERFILE_FRONTEND_IMAGE],
+                       input=tar.stdout, check=True, capture_output=True)
+    ref = f"{registry_host}/buildq/dockerfile-frontend:{DOCKERFILE_FRONTEND_VERSION}"
+    client.api.tag(DOCKERFILE_FRONTEND_IMAGE, ref)
+    try:
+        for item in client.api.push(ref, stream=True, decode=True):
+            if "error" in item:
+                raise RuntimeError(f"pushing {ref} failed: {item['error']}")
+    finally:
+        client.api.remove_image(ref)
+    return ref

@@ -1,9 +1,11 @@
 """BuildKit through the whole chain: remote docker workers and the embedded mode.
 
-A Dockerfile only BuildKit builds (cache, bind and secret mounts, COPY --chmod, two
-independent stages) must come out built and pushed, and its image must hold what each
-step made. A build on another host (a second dockerd, standing in for another build
-host) must reuse the layers the first host pushed, through the destination's last tag.
+A Dockerfile only BuildKit builds (cache, bind and secret mounts, COPY --chmod, COPY
+--link, two independent stages) must come out built and pushed, and its image must hold
+what each step made; COPY --link needs the Dockerfile frontend BUILDQ_DOCKERFILE_FRONTEND
+names (Engine 20.10's built-in one is too old for it). A build on another host (a second
+dockerd, standing in for another build host) must reuse the layers the first host pushed,
+through the destination's last tag.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ def held_out_app(parent: Path, base: str, token: str) -> tuple[Path, str]:
 def shows(image: str, nonce: str, engine: str | None = None) -> None:
     done = subprocess.run(
         ["docker", *(["-H", engine] if engine else []), "run", "--rm", "--network", "none",
-         image, "sh", "-c", "cat /tools.txt /data.txt /copied.txt /secret.txt; ls -l /run.sh"],
+         image, "sh", "-c",
+         "cat /tools.txt /data.txt /copied.txt /secret.txt /linked.txt; ls -l /run.sh"],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert f"tools-{nonce}\ndata-{nonce}\ninput-{nonce}\nsecret-ok\n" in done.stdout
+    assert f"tools-{nonce}\ndata-{nonce}\ninput-{nonce}\nsecret-ok\ninput-{nonce}\n" in \
+        done.stdout
     assert done.stdout.splitlines()[-1].startswith("-rwxr-x---"), done.stdout
 
 
@@ -53,12 +57,13 @@ def log_lines(url: str, source_hash: str) -> list[str]:
 
 
 @pytest.fixture
-def secret_cluster(tmp_path: Path, docker_engine: str,
-                   registry: services.RegistryServer) -> Iterator[tuple[Cluster, str]]:
+def secret_cluster(tmp_path: Path, docker_engine: str, registry: services.RegistryServer,
+                   dockerfile_frontend: str) -> Iterator[tuple[Cluster, str]]:
     token = f"held-out-{uuid.uuid4().hex}"
     (tmp_path / "cluster").mkdir()
     cluster = make_cluster(tmp_path / "cluster", registry, lease=10)
     cluster.env["BUILDQ_SECRET_TOKEN"] = token
+    cluster.env["BUILDQ_DOCKERFILE_FRONTEND"] = dockerfile_frontend
     try:
         cluster.start_worker("control")
         cluster.start_worker("docker")
@@ -70,7 +75,8 @@ def secret_cluster(tmp_path: Path, docker_engine: str,
 
 
 def test_buildkit_dockerfile_builds_on_remote_workers(
-        secret_cluster: tuple[Cluster, str], tmp_path: Path, base_image: str) -> None:
+        secret_cluster: tuple[Cluster, str], tmp_path: Path, base_image: str,
+        dockerfile_frontend: str) -> None:
     from tasks import build_image
 
     cluster, token = secret_cluster
@@ -79,6 +85,7 @@ def test_buildkit_dockerfile_builds_on_remote_workers(
                                builder="docker", secrets=["TOKEN"]).get(timeout=240)
     assert record["status"] == "built", record
     assert record["builder"] == "docker" and record["frontend"] == "buildkit", record
+    assert record["dockerfile_frontend"] == dockerfile_frontend, record
     assert record["digest"] == cluster.registry.digest("bk/remote", record["tag"])
     shows(record["image"], nonce)
     lines = log_lines(cluster.redis.url, record["source_hash"])
@@ -87,15 +94,18 @@ def test_buildkit_dockerfile_builds_on_remote_workers(
 
 
 def test_buildkit_dockerfile_builds_in_embedded_mode(
-        tmp_path: Path, base_image: str, registry: services.RegistryServer) -> None:
+        tmp_path: Path, base_image: str, registry: services.RegistryServer,
+        dockerfile_frontend: str) -> None:
     token = f"held-out-{uuid.uuid4().hex}"
     app, nonce = held_out_app(tmp_path / "src", base_image, token)
-    env = embedded_env(tmp_path, BUILDQ_SECRET_TOKEN=token)
+    env = embedded_env(tmp_path, BUILDQ_SECRET_TOKEN=token,
+                       BUILDQ_DOCKERFILE_FRONTEND=dockerfile_frontend)
     run = run_buildq(["build", str(app), "--destination", f"{registry.host}/bk/embedded",
                       "--secret", "TOKEN", "--json"], env, timeout=240)
     assert run.code == 0, run
     record = run.record()
     assert record["status"] == "built" and record["frontend"] == "buildkit", record
+    assert record["dockerfile_frontend"] == dockerfile_frontend, record
     shows(record["image"], nonce)
     assert token not in run.output
     assert leftovers(tmp_path) == []

@@ -18,11 +18,14 @@ from pathlib import Path
 import docker
 import pytest
 
-from config.errors import BuildError
+from config.errors import BuildError, ConfigError
+from config.settings import Settings
 from tests import services
 from tests.workers.test_docker_builder import context
 from workers.builders.base import BuildRequest
 from workers.builders.buildkit import (
+    BuildKitDriver,
+    Cli,
     Progress,
     declared_args,
     is_official_frontend,
@@ -58,6 +61,16 @@ def builder(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Doc
     return built
 
 
+@pytest.fixture(scope="module")
+def frontend_builder(docker_engine: str, dockerfile_frontend: str,
+                     tmp_path_factory: pytest.TempPathFactory) -> DockerBuilder:
+    """A build host whose BUILDQ_DOCKERFILE_FRONTEND names the frontend built from its module."""
+    built = DockerBuilder(docker_config=tmp_path_factory.mktemp("frontend-config"),
+                          frontend_image=dockerfile_frontend)
+    assert built.frontend == "buildkit", built.legacy_reason
+    return built
+
+
 @pytest.fixture
 def lines() -> list[str]:
     return []
@@ -73,6 +86,7 @@ FROM {base}
 COPY --from=tools /tools.txt /tools.txt
 COPY --from=data /data.txt /data.txt
 COPY --chmod=750 run.sh /run.sh
+COPY --link input.txt /linked.txt
 RUN --mount=type=bind,source=input.txt,target=/mnt/input.txt cp /mnt/input.txt /copied.txt
 RUN --mount=type=secret,id=TOKEN sha256sum /run/secrets/TOKEN | grep -q ^{digest} \
     && echo secret-ok > /secret.txt
@@ -81,23 +95,29 @@ RUN test ! -e /run/secrets/TOKEN && test ! -e /mnt/input.txt
 
 
 def test_buildkit_only_dockerfile_builds_and_its_image_has_the_files(
-    builder: DockerBuilder, base_image: str, lines: list[str]
+    frontend_builder: DockerBuilder, dockerfile_frontend: str, base_image: str,
+    lines: list[str]
 ) -> None:
     nonce, token = uuid.uuid4().hex[:8], f"tok-{uuid.uuid4().hex}"
     dockerfile = FEATURES.format(base=base_image, nonce=nonce,
                                  digest=hashlib.sha256(token.encode()).hexdigest())
     image = f"buildq-test/features:{nonce}"
-    builder.build(request(image, {"Dockerfile": dockerfile, "run.sh": "echo hi\n",
-                                  "input.txt": f"input-{nonce}\n"}, secrets={"TOKEN": token}),
-                  lines.append)
-    shown = run(image, "cat /tools.txt /data.txt /copied.txt /secret.txt; ls -l /run.sh")
-    assert f"tools-{nonce}\ndata-{nonce}\ninput-{nonce}\nsecret-ok\n" in shown
+    frontend_builder.build(request(image, {"Dockerfile": dockerfile, "run.sh": "echo hi\n",
+                                           "input.txt": f"input-{nonce}\n"},
+                                   secrets={"TOKEN": token}), lines.append)
+    shown = run(image, "cat /tools.txt /data.txt /copied.txt /secret.txt /linked.txt; "
+                       "ls -l /run.sh")
+    assert f"tools-{nonce}\ndata-{nonce}\ninput-{nonce}\nsecret-ok\ninput-{nonce}\n" in shown
     assert shown.splitlines()[-1].startswith("-rwxr-x---")
     assert token not in "\n".join(lines)
     # The two independent stages ran as steps of their own.
     assert any("[tools 2/2] RUN" in line for line in lines), lines
     assert any("[data 2/2] RUN" in line for line in lines), lines
-    builder.remove_image(image)
+    # The configured frontend parsed the file, pulled from the registry.
+    assert frontend_builder.dockerfile_frontend == dockerfile_frontend
+    assert any(f"resolve image config for {dockerfile_frontend}" in line for line in lines), lines
+    assert any("COPY --link input.txt /linked.txt" in line for line in lines), lines
+    frontend_builder.remove_image(image)
 
 
 def test_secret_is_in_no_layer_config_or_history_and_masked_in_the_log(
@@ -162,7 +182,82 @@ def test_copy_link_on_this_engines_built_in_frontend_says_what_it_needs(
     if "link" not in caught.value.message.lower():
         pytest.fail(f"not about --link: {caught.value}")
     hint = caught.value.hint or ""
+    assert "BUILDQ_DOCKERFILE_FRONTEND" in hint, hint
     assert "# syntax=docker/dockerfile:1" in hint and "23.0" in hint, hint
+
+
+def test_copy_link_builds_with_the_configured_frontend_for_an_official_syntax_line(
+    frontend_builder: DockerBuilder, dockerfile_frontend: str, base_image: str,
+    lines: list[str]
+) -> None:
+    # docker/dockerfile:1 cannot be pulled here: the configured frontend stands in for it.
+    nonce = uuid.uuid4().hex[:8]
+    dockerfile = (f"# syntax=docker/dockerfile:1\nFROM {base_image}\n"
+                  "COPY --link hello.txt /hello.txt\n")
+    image = f"buildq-test/link:{nonce}"
+    frontend_builder.build(request(image, {"Dockerfile": dockerfile,
+                                           "hello.txt": f"hi-{nonce}\n"}), lines.append)
+    assert run(image, "cat /hello.txt") == f"hi-{nonce}\n"
+    assert frontend_builder.dockerfile_frontend == dockerfile_frontend
+    warning = [line for line in lines if line.startswith("warning: the frontend image")]
+    assert warning and "docker/dockerfile:1 " in warning[0], lines
+    assert dockerfile_frontend in warning[0] and "BUILDQ_DOCKERFILE_FRONTEND" in warning[0]
+    frontend_builder.remove_image(image)
+
+
+def test_copy_link_builds_with_the_configured_frontend_through_buildx_too(
+    dockerfile_frontend: str, base_image: str, lines: list[str], tmp_path: Path
+) -> None:
+    config = services.buildx_config_dir()
+    if config is None:
+        pytest.skip("the buildx plugin cannot be built here (no Go toolchain)")
+    host = DockerBuilder(cli_path=services.docker_cli_without_buildkit(tmp_path / "cli"),
+                         docker_config=config, frontend_image=dockerfile_frontend)
+    assert host.frontend == "buildkit", host.legacy_reason
+    nonce = uuid.uuid4().hex[:8]
+    image = f"buildq-test/link-buildx:{nonce}"
+    host.build(request(image, {"Dockerfile": f"FROM {base_image}\nCOPY --link --chmod=750 "
+                                             "a /a\n", "a": f"a-{nonce}\n"}), lines.append)
+    assert any("buildx build" in line for line in lines[:1]), lines
+    assert run(image, "cat /a; ls -l /a").startswith(f"a-{nonce}\n-rwxr-x---")
+    assert host.dockerfile_frontend == dockerfile_frontend
+    host.remove_image(image)
+
+
+def test_failing_step_through_the_configured_frontend_is_reported_as_on_the_built_in_one(
+    frontend_builder: DockerBuilder, base_image: str, lines: list[str]
+) -> None:
+    dockerfile = (f"FROM {base_image}\nCOPY --link hello.txt /hello.txt\n"
+                  f"RUN echo {uuid.uuid4().hex} && echo about to fail && exit 3\n")
+    with pytest.raises(BuildError) as caught:
+        frontend_builder.build(request("buildq-test/link-fails:1", {
+            "Dockerfile": dockerfile, "hello.txt": "hi\n"}), lines.append)
+    message = caught.value.message
+    assert message.startswith("step 3/3 of Dockerfile (RUN echo"), message
+    assert "failed with exit code 3" in message and "about to fail" in message, message
+
+
+def test_configured_frontend_that_cannot_be_pulled_falls_back_to_the_built_in_one(
+    docker_engine: str, base_image: str, lines: list[str], tmp_path: Path
+) -> None:
+    missing = f"127.0.0.1:{services.free_port()}/nowhere/dockerfile:{uuid.uuid4().hex[:8]}"
+    host = DockerBuilder(docker_config=tmp_path / "config", frontend_image=missing)
+    nonce = uuid.uuid4().hex[:8]
+    image = f"buildq-test/no-frontend:{nonce}"
+    files = {"Dockerfile": f"FROM {base_image}\nRUN echo {nonce} > /out.txt\n"}
+    host.build(request(image, files), lines.append)
+    assert run(image, "cat /out.txt") == f"{nonce}\n"
+    assert host.dockerfile_frontend == "built-in"
+    warning = [line for line in lines if line.startswith("warning: the frontend image")]
+    assert warning and missing in warning[0] and "built-in" in warning[0], lines
+    # A flag only newer frontends know names the image that could not be pulled.
+    with pytest.raises(BuildError) as caught:
+        host.build(request("buildq-test/no-frontend:link", {
+            "Dockerfile": f"FROM {base_image}\nCOPY --link a /a\n", "a": "a\n"}), lines.append)
+    assert missing in caught.value.message and "BUILDQ_DOCKERFILE_FRONTEND" in \
+        caught.value.message, caught.value
+    assert missing in (caught.value.hint or "")
+    host.remove_image(image)
 
 
 def test_network_modes_buildkit_lacks_are_refused_with_the_setting(
@@ -422,6 +517,26 @@ def test_only_the_stable_official_frontend_falls_back() -> None:
     replaced = without_syntax(text, 0, "docker/dockerfile:1")
     assert syntax_directive(replaced) is None
     assert replaced.splitlines()[1:] == text.splitlines()[1:]
+
+
+def test_frontend_setting_is_an_image_reference_and_orders_the_frontends_tried() -> None:
+    ref = "registry.example.com/tools/dockerfile:1.6"
+    assert Settings.from_env({"BUILDQ_DOCKERFILE_FRONTEND": ref}).dockerfile_frontend == ref
+    assert Settings.from_env({}).dockerfile_frontend is None
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"BUILDQ_DOCKERFILE_FRONTEND": "Not An Image"})
+    assert "BUILDQ_DOCKERFILE_FRONTEND" in caught.value.message
+    driver = BuildKitDriver(Cli("/usr/bin/docker", buildx=False), frontend_image=ref)
+    plain = BuildRequest(image="x", open_context=context({}))
+
+    def order(syntax: tuple[str, int] | None) -> list[str]:
+        return [f.shown for f in driver._frontends(plain, syntax)]
+
+    assert order(None) == [ref, "built-in"]
+    assert order(("docker/dockerfile:1.4", 0)) == ["docker/dockerfile:1.4", ref, "built-in"]
+    # Any other frontend is never replaced, by the setting either.
+    assert order(("docker/dockerfile:1.4-labs", 0)) == ["docker/dockerfile:1.4-labs"]
+    assert [f.shown for f in BuildKitDriver(driver.cli)._frontends(plain, None)] == ["built-in"]
 
 
 def test_secret_mounts_and_build_args_are_read_from_instructions() -> None:

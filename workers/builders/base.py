@@ -59,6 +59,9 @@ class Builder(ABC):
     name: str
     #: Which Dockerfile frontend builds (``buildkit`` or ``legacy``), where the backend has a choice.
     frontend: str | None = None
+    #: The Dockerfile frontend that parsed the last build's Dockerfile with BuildKit: the
+    #: frontend image's reference, or ``built-in`` for the engine's own; None elsewhere.
+    dockerfile_frontend: str | None = None
 
     @abstractmethod
     def build(self, request: BuildRequest, log: LogFn) -> str:

@@ -10,6 +10,11 @@ registry logins the build needs (never an argument), one file per secret for
 ``--secret id=NAME,src=FILE``, and the image id file. The context streams from the store
 into the CLI's stdin; ``--progress=plain`` lines go to the build log as they come; a
 failing step is reported like the legacy builder's (step, instruction, last lines).
+
+Which Dockerfile frontend parses the file: a ``# syntax=`` line's image; else the image
+``BUILDQ_DOCKERFILE_FRONTEND`` names (passed as ``BUILDKIT_SYNTAX``, which also stands in
+for an official ``docker/dockerfile:1`` line that cannot be pulled); else the engine's
+built-in one. Engine 20.10's built-in frontend (BuildKit v0.8) knows no ``COPY --link``.
 """
 
 from __future__ import annotations
@@ -68,12 +73,17 @@ _OFFICIAL_FRONTEND = re.compile(
     r"^(?:docker\.io/)?docker/dockerfile:1(?:\.\d+){0,2}(?:@sha256:[0-9a-f]{64})?$")
 _ENGINE_GONE = ("cannot connect to the docker daemon", "error during connect",
                 "is the docker daemon running")
+#: The setting naming the Dockerfile frontend image the docker pool builds with.
+FRONTEND_SETTING = "BUILDQ_DOCKERFILE_FRONTEND"
+#: What the record says when the engine's own Dockerfile frontend built the image.
+BUILT_IN = "built-in"
 #: An instruction flag the engine's built-in Dockerfile frontend does not know yet.
 _NEWER_FRONTEND_HINT = (
     "The flag is newer than this Docker Engine's built-in Dockerfile frontend (COPY --link, "
-    "for one, needs Dockerfile syntax 1.4): start the Dockerfile with "
-    "'# syntax=docker/dockerfile:1' on build hosts that can pull that image, or upgrade the "
-    "build hosts' Docker Engine (23.0 or newer); otherwise drop the flag.")
+    f"for one, needs Dockerfile syntax 1.4): set {FRONTEND_SETTING} on the docker-pool "
+    "workers to a Dockerfile frontend image their engine can pull (see the README), start "
+    "the Dockerfile with '# syntax=docker/dockerfile:1' on build hosts that can pull that "
+    "image, or upgrade the build hosts' Docker Engine (23.0 or newer); otherwise drop the flag.")
 #: How a frontend image that was found but could not run shows in BuildKit's error.
 _NOT_STARTED = ("network bridge not found", "failed to create shim", "oci runtime")
 _PREFIXES = ("failed to solve with frontend dockerfile.v0: ", "failed to solve: ",
@@ -497,14 +507,15 @@ def _shown_ref(ref: str) -> str:
 
 
 class FrontendUnavailableError(BuildError):
-    """The ``# syntax=`` frontend image could not be pulled or started."""
+    """A Dockerfile frontend image could not be pulled or started."""
 
-    def __init__(self, ref: str, reason: str, dockerfile: str) -> None:
+    def __init__(self, ref: str, reason: str, named_by: str) -> None:
         super().__init__(
-            f"the Dockerfile frontend {ref} named by the '# syntax=' line of {dockerfile} "
-            f"cannot be used on this build host: {reason}.",
-            _frontend_hint(ref) + " Or remove the '# syntax=' line to build with the "
-            "engine's built-in Dockerfile frontend.")
+            f"the Dockerfile frontend {ref} named by {named_by} cannot be used on this build "
+            f"host: {reason}.",
+            _frontend_hint(ref) + (" Or remove the '# syntax=' line to build with the "
+                                   "engine's built-in Dockerfile frontend."
+                                   if "# syntax=" in named_by else ""))
         self.ref = ref
 
 
@@ -515,8 +526,45 @@ def _frontend_hint(ref: str) -> str:
             "host).")
 
 
+@dataclass(frozen=True)
+class Frontend:
+    """The Dockerfile frontend one attempt at a build asks the engine for."""
+
+    #: The frontend image; None for the engine's built-in Dockerfile frontend.
+    ref: str | None
+    #: Where the image was named: the '# syntax=' line, or the setting.
+    named_by: str = ""
+    #: Named by the setting: handed to the engine as ``BUILDKIT_SYNTAX``, which BuildKit's
+    #: Dockerfile frontend (the built-in one of Engine 20.10 too) runs in its stead, even
+    #: over the file's own '# syntax=' line.
+    as_build_arg: bool = False
+
+    @property
+    def shown(self) -> str:
+        """What the build log and the record call it."""
+        return self.ref or BUILT_IN
+
+
 #: Frontend images that could not be pulled, and until when they are not tried again.
 _unpullable: dict[str, float] = {}
+
+
+def _newer_flag_hint(frontend: Frontend) -> str:
+    """What to do about an instruction flag the frontend that parsed the file does not know."""
+    if frontend.ref is None:
+        return _NEWER_FRONTEND_HINT
+    return (f"The flag is newer than the Dockerfile frontend {frontend.ref} (named by "
+            f"{frontend.named_by}): name a newer frontend image there, or drop the flag.")
+
+
+def _may_pull(frontend: Frontend) -> bool:
+    return frontend.ref is None or _unpullable.get(frontend.ref, 0.0) <= time.monotonic()
+
+
+def _described(frontend: Frontend) -> str:
+    if frontend.ref is None:
+        return "the engine's built-in Dockerfile frontend"
+    return f"{frontend.ref} ({frontend.named_by})"
 
 
 @dataclass
@@ -530,8 +578,14 @@ class BuildKitDriver:
     docker_config: Path | None = None
     #: Registry host → where it is really reached (Settings.registry_endpoints).
     endpoints: Mapping[str, str] = field(default_factory=dict)
+    #: The Dockerfile frontend image for a Dockerfile without a '# syntax=' line, and for
+    #: an official one that cannot be pulled (Settings.dockerfile_frontend); None: the
+    #: engine's built-in frontend.
+    frontend_image: str | None = None
 
-    def build(self, request: BuildRequest, log: LogFn) -> str:
+    def build(self, request: BuildRequest, log: LogFn) -> tuple[str, str]:
+        """Build ``request.image``: its image id, and which frontend built it (an image
+        reference, or ``built-in``)."""
         deadline = time.monotonic() + request.timeout
         network = self._network(request)
         log(f"buildq: building {request.image} with BuildKit ({self.cli.describe()})")
@@ -540,9 +594,9 @@ class BuildKitDriver:
             write_docker_config(root / "config", self.docker_config, self._logins(request))
             secret_args = write_secrets(root / "secrets", request.secrets)
 
-            def run(chunks: Iterator[bytes], syntax: tuple[str, int] | None) -> str:
+            def run(chunks: Iterator[bytes], frontend: Frontend) -> str:
                 return self._run(request, root, network, secret_args, log, deadline, chunks,
-                                 syntax)
+                                 frontend)
 
             with request.open_context() as context, \
                     tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=scratch) as spool:
@@ -553,35 +607,66 @@ class BuildKitDriver:
                 if text is not None and request.secrets:
                     check_secret_use(text, request.secrets, request.dockerfile, log)
                 syntax = syntax_directive(text) if text is not None else None
-                if syntax is None or not is_official_frontend(syntax[0]):
-                    return run(_chunks(spool, context), syntax)
+                candidates = self._frontends(request, syntax)
+                first = candidates[0]
+                if len(candidates) == 1:
+                    return run(_chunks(spool, context), first), first.shown
                 # A frontend that just failed to come is not waited for on every build.
-                if _unpullable.get(syntax[0], 0.0) <= time.monotonic():
+                if _may_pull(first):
                     try:
-                        return run(_chunks(spool, context), syntax)
+                        return run(_chunks(spool, context), first), first.shown
                     except FrontendUnavailableError as exc:
                         _unpullable[exc.ref] = time.monotonic() + FRONTEND_RETRY_SECONDS
-            assert text is not None
-            return self._with_built_in_frontend(request, text, syntax, run, log)
+            tried = [first]
+            for frontend in candidates[1:]:
+                log(f"warning: the frontend image {tried[-1].ref} cannot be pulled; building "
+                    f"with {_described(frontend)} instead")
+                if frontend.ref is None:
+                    return self._with_built_in_frontend(request, text, syntax, tried, run), \
+                        BUILT_IN
+                if _may_pull(frontend):
+                    try:
+                        with request.open_context() as context:
+                            return run(_chunks(context), frontend), frontend.shown
+                    except FrontendUnavailableError as exc:
+                        _unpullable[exc.ref] = time.monotonic() + FRONTEND_RETRY_SECONDS
+                tried.append(frontend)
+            raise AssertionError("the built-in frontend is always the last candidate")
 
-    def _with_built_in_frontend(self, request: BuildRequest, text: str, syntax: tuple[str, int],
-                                run: Callable[[Iterator[bytes], tuple[str, int] | None], str],
-                                log: LogFn) -> str:
-        """Build with the ``# syntax=`` line made a comment: the engine's own frontend builds."""
-        ref, index = syntax
-        log(f"warning: the frontend image {ref} cannot be pulled; building with the "
-            "engine's built-in Dockerfile frontend instead")
+    def _frontends(self, request: BuildRequest,
+                   syntax: tuple[str, int] | None) -> list[Frontend]:
+        """The frontends to try, in order; each after the one before could not be pulled."""
+        line = f"the '# syntax=' line of {request.dockerfile}"
+        if syntax is not None and not is_official_frontend(syntax[0]):
+            # Another frontend is never replaced: what it parses may be no Dockerfile syntax.
+            return [Frontend(syntax[0], line)]
+        found = [Frontend(syntax[0], line)] if syntax is not None else []
+        if self.frontend_image:
+            found.append(Frontend(self.frontend_image, FRONTEND_SETTING, as_build_arg=True))
+        return [*found, Frontend(None)]
+
+    def _with_built_in_frontend(self, request: BuildRequest, text: str | None,
+                                syntax: tuple[str, int] | None, tried: Sequence[Frontend],
+                                run: Callable[[Iterator[bytes], Frontend], str]) -> str:
+        """Build with the engine's own frontend (a '# syntax=' line made a comment)."""
         with request.open_context() as context:
+            if syntax is not None:
+                assert text is not None
+                ref, index = syntax
+                chunks = replace_dockerfile(context, request.dockerfile,
+                                            without_syntax(text, index, ref))
+            else:
+                chunks = _chunks(context)
             try:
-                return run(replace_dockerfile(context, request.dockerfile,
-                                              without_syntax(text, index, ref)), None)
+                return run(chunks, Frontend(None))
             except BuildError as exc:
                 # A flag the built-in frontend lacks is what the named frontend was for.
-                hint = _frontend_hint(ref) if "unknown flag" in exc.message.lower() else exc.hint
+                hint = _frontend_hint(str(tried[-1].ref)) \
+                    if "unknown flag" in exc.message.lower() else exc.hint
+                because = " and ".join(f"{f.ref} of {f.named_by}" for f in tried)
                 raise BuildError(
                     f"{exc.message.rstrip('.')} (built with the engine's built-in Dockerfile "
-                    f"frontend, because {ref} of the '# syntax=' line could not be pulled).",
-                    hint) from None
+                    f"frontend, because {because} could not be pulled).", hint) from None
 
     def _logins(self, request: BuildRequest) -> dict[str, Mapping[str, str]]:
         logins = dict(request.registry_logins)
@@ -603,11 +688,13 @@ class BuildKitDriver:
         return network
 
     def _argv(self, request: BuildRequest, root: Path, network: str | None,
-              secret_args: Sequence[str]) -> list[str]:
+              secret_args: Sequence[str], frontend: Frontend) -> list[str]:
         argv = [*self.cli.command, "--progress=plain", "--file", request.dockerfile,
                 "--tag", request.image, "--iidfile", str(root / "image-id")]
         if network:
             argv += ["--network", network]
+        if frontend.as_build_arg and frontend.ref:
+            argv += ["--build-arg", f"BUILDKIT_SYNTAX={self._reachable(frontend.ref)}"]
         for key, value in request.build_args.items():
             argv += ["--build-arg", f"{key}={value}"]
         for key, value in request.labels.items():
@@ -642,12 +729,14 @@ class BuildKitDriver:
 
     def _run(self, request: BuildRequest, root: Path, network: str | None,
              secret_args: Sequence[str], log: LogFn, deadline: float,
-             chunks: Iterator[bytes], syntax: tuple[str, int] | None) -> str:
+             chunks: Iterator[bytes], frontend: Frontend) -> str:
         iidfile = root / "image-id"
         with contextlib.suppress(FileNotFoundError):
             iidfile.unlink()
+        if frontend.as_build_arg:
+            log(f"buildq: Dockerfile frontend {frontend.ref} ({frontend.named_by})")
         progress = Progress(log)
-        argv = self._argv(request, root, network, secret_args)
+        argv = self._argv(request, root, network, secret_args, frontend)
         reaper = shutil.which("setpriv")
         if reaper:
             # A worker killed mid-build takes the CLI with it, and the engine then cancels
@@ -688,7 +777,7 @@ class BuildKitDriver:
             # The store failed mid-stream: the CLI only saw a truncated context.
             raise feeder.error
         if code != 0:
-            raise self._failure(progress, request, syntax)
+            raise self._failure(progress, request, frontend)
         try:
             image_id = iidfile.read_text().strip()
         except OSError:
@@ -700,7 +789,7 @@ class BuildKitDriver:
         return image_id
 
     def _failure(self, progress: Progress, request: BuildRequest,
-                 syntax: tuple[str, int] | None) -> BuildqError:
+                 frontend: Frontend) -> BuildqError:
         final = progress.final_message()
         lower = " ".join(progress.trailer).lower()
         if any(words in lower for words in _ENGINE_GONE):
@@ -708,17 +797,17 @@ class BuildKitDriver:
                 f"the Docker Engine stopped answering the docker CLI: {_clip(final, 200)}.",
                 "Check that dockerd is running on the build host; buildq retries.")
         vertex = progress.failed()
-        if syntax is not None:
-            ref = syntax[0]
+        if frontend.ref is not None:
+            ref, named_by = frontend.ref, frontend.named_by
             if vertex is not None and vertex.name.startswith(_RESOLVE_FRONTEND):
                 return FrontendUnavailableError(ref, f"it cannot be pulled ({vertex.error})",
-                                                request.dockerfile)
+                                                named_by)
             if vertex is None and "frontend gateway.v0" in final and \
                     any(words in final.lower() for words in _NOT_STARTED):
                 return FrontendUnavailableError(ref, f"it cannot be started ({final})",
-                                                request.dockerfile)
+                                                named_by)
         if vertex is None:
-            return self._refused(final, request)
+            return self._refused(final, request, frontend)
         error = clean_message(vertex.error or final)
         if vertex.name.startswith(_LOAD_METADATA):
             return _base_error(_shown_ref(vertex.name[len(_LOAD_METADATA):]), "a FROM line",
@@ -745,7 +834,7 @@ class BuildKitDriver:
                 "Fix the command, or reproduce it with the same base image to see why it fails.")
         hint = "Fix that step of the Dockerfile or the build context it reads."
         if "unknown flag" in error.lower():
-            hint = _NEWER_FRONTEND_HINT
+            hint = _newer_flag_hint(frontend)
         elif re.search(r"network \S+ not found", error):
             hint = ("RUN steps use the engine's default network, which this engine does not "
                     "have: set BUILDQ_NETWORK_MODE to none (or host) on the docker-pool "
@@ -757,14 +846,14 @@ class BuildKitDriver:
             f"{where} ({instruction} {_clip(argument)}) failed while building {request.image}: "
             f"{error}.", hint)
 
-    def _refused(self, final: str, request: BuildRequest) -> BuildError:
+    def _refused(self, final: str, request: BuildRequest, frontend: Frontend) -> BuildError:
         if final == "file with no instructions":
             final = "failed to parse Dockerfile: file with no instructions"
         if "parse error" in final.lower():
             hint = ("Fix the Dockerfile at the line named; see the Dockerfile reference for the "
                     "instruction's syntax.")
             if "unknown flag" in final.lower():
-                hint = _NEWER_FRONTEND_HINT
+                hint = _newer_flag_hint(frontend)
             return BuildError(
                 f"{request.dockerfile} (the Dockerfile of {request.image}) is invalid: {final}.",
                 hint)

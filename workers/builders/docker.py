@@ -198,9 +198,12 @@ class DockerBuilder(Builder):
 
     def __init__(self, base_url: str | None = None,
                  endpoints: Mapping[str, str] | None = None, *,
-                 cli_path: str | None = None, docker_config: Path | None = None) -> None:
+                 cli_path: str | None = None, docker_config: Path | None = None,
+                 frontend_image: str | None = None) -> None:
         """``cli_path`` is where to look for a docker CLI (default ``$PATH``);
-        ``docker_config`` the worker's docker config directory (default as docker's own)."""
+        ``docker_config`` the worker's docker config directory (default as docker's own);
+        ``frontend_image`` the Dockerfile frontend BuildKit builds with
+        (``Settings.dockerfile_frontend``; default the engine's built-in one)."""
         #: Registry host → where it is really reached (Settings.registry_endpoints).
         self._endpoints = dict(endpoints or {})
         self._where = base_url or "DOCKER_HOST or the default socket /var/run/docker.sock"
@@ -232,7 +235,8 @@ class DockerBuilder(Builder):
                     k: v for k, v in os.environ.items()
                     if k in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH",
                              "DOCKER_CONTEXT")}
-                self._buildkit = BuildKitDriver(cli, engine_env, docker_config, self._endpoints)
+                self._buildkit = BuildKitDriver(cli, engine_env, docker_config, self._endpoints,
+                                                frontend_image)
         self.frontend = "buildkit" if self._buildkit is not None else "legacy"
 
     # -- build ---------------------------------------------------------------------------
@@ -261,10 +265,13 @@ class DockerBuilder(Builder):
                              log: LogFn) -> str:
         # Secrets are mounted, never build args; a RUN step may still print one.
         masker = Masker(request.secrets.values())
+        self.dockerfile_frontend = None
         try:
-            return driver.build(request, (lambda line: log(masker.mask(line))) if masker else log)
+            image_id, self.dockerfile_frontend = driver.build(
+                request, (lambda line: log(masker.mask(line))) if masker else log)
         except BuildqError as exc:
             raise masker.error(exc) from None
+        return image_id
 
     def _scrub(self, request: BuildRequest, image_id: str, masker: Masker, log: LogFn) -> str:
         """Re-load the built image with its config cleaned of the secret build-arg values.
