@@ -67,7 +67,8 @@ _AUTH_WORDS = ("denied", "unauthorized", "authentication required", "forbidden",
 _TRANSIENT_WORDS = ("connection refused", "connection reset", "no such host", "i/o timeout",
                     "timeout", "timed out", "eof", "toomanyrequests", "too many requests",
                     "500 internal", "502 bad", "503 service", "504 gateway",
-                    "unexpected http status: 5", "server misbehaving", "broken pipe")
+                    "unexpected http status: 5", "server misbehaving", "broken pipe",
+                    "use of closed network connection")
 
 _PUSH_HINT = ("Set BUILDQ_REGISTRY_USERNAME and BUILDQ_REGISTRY_PASSWORD, or put credentials for "
               "{host} in docker's config.json (DOCKER_CONFIG), and check they may push to it.")
