@@ -65,6 +65,21 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _paths(env: Mapping[str, str], name: str) -> tuple[Path, ...]:
+    """An os.pathsep-separated list of absolute directories, ``~`` expanded."""
+    paths: list[Path] = []
+    for item in env.get(name, "").split(os.pathsep):
+        if not item.strip():
+            continue
+        path = Path(item.strip()).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"environment variable {name} has {item!r}, which is not an "
+                              "absolute path.",
+                              f"Write {name}=/srv/src{os.pathsep}/home/shared/checkouts.")
+        paths.append(path)
+    return tuple(paths)
+
+
 def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
     """``a=b,c=d`` → {"a": "b", "c": "d"}."""
     pairs: dict[str, str] = {}
@@ -146,6 +161,14 @@ class Settings:
     base_policy: str = "digest"
     #: Cap on an archive's member count: millions of empty files exhaust inodes, not bytes.
     max_archive_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS
+    #: Directories under which a worker serving remote requests reads a local path or a
+    #: ``file://`` source (BUILDQ_SOURCE_ROOTS, os.pathsep-separated); buildq's own upload
+    #: area is always allowed, and by default it is the only place.
+    source_roots: tuple[Path, ...] = ()
+    #: Glob patterns over ``registry/repository`` that workers may push to
+    #: (BUILDQ_ALLOWED_DESTINATIONS, comma-separated); empty: the operator's launch-config
+    #: destination and repositories under it, plus loopback registries.
+    allowed_destinations: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -201,6 +224,10 @@ class Settings:
             build_secrets_secret=env.get("BUILDQ_BUILD_SECRETS_SECRET") or cls.build_secrets_secret,
             base_ttl=_number(env, "BUILDQ_BASE_TTL", cls.base_ttl, strict=False),
             base_policy=_base_policy(env.get("BUILDQ_BASE_POLICY") or cls.base_policy),
+            source_roots=_paths(env, "BUILDQ_SOURCE_ROOTS"),
+            allowed_destinations=tuple(
+                p.strip() for p in env.get("BUILDQ_ALLOWED_DESTINATIONS", "").split(",")
+                if p.strip()),
         )
 
 

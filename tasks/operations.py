@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from config import LaunchConfig, config_from_mapping, load_config
 from config.errors import BuildError, BuildqError, ConfigError, InputError
-from config.names import HASH_LABEL
+from config.names import HASH_LABEL, is_platform
+from config.policy import DestinationPolicy, check_push_targets
 from config.references import ImageRef, parse_destination, parse_image_ref
 from config.settings import Settings
 from tasks.app import settings as current_settings
@@ -34,14 +35,12 @@ from workers.dockerfile import PythonOptions, check_python, parse_entrypoint, pl
 from workers.registries import registry_for
 from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
+from workers.sources.base import names_local_path
+from workers.sources.roots import check_roots, check_source_text, is_shipped_source
 from workers.stores import ContextStore, split_store_url, store_for_url
 
 if TYPE_CHECKING:
     from workers.builders.kaniko import KanikoRequest
-
-#: Name prefix of source archives the CLI ships for remote workers; deleted with the build.
-UPLOAD_PREFIX = "buildq-upload-"
-
 
 def new_request_id() -> str:
     return str(uuid.uuid4())
@@ -106,23 +105,40 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
                      python: str | None = None, gpu: bool = False,
                      secrets: list[str] | tuple[str, ...] | None = None,
                      base_policy: str | None = None, force: bool = False,
+                     for_workers: bool = False, shipped: bool = False, here: bool = True,
                      ) -> tuple[BuildState, LaunchConfig, SourceSpec]:
     """The state of a request with every input of its build checked and filled in.
 
     Shared by the chain and the CLI's ``hash`` and ``kaniko-job``, so that what a build is
-    made of is decided once. Raises :class:`InputError` for a bad option.
+    made of is decided once; ``buildq build`` and ``build_image.delay()`` call it before
+    anything is shipped or queued, and the worker calls it again (it trusts no message).
+    Raises :class:`InputError` for a bad option, :class:`ForbiddenError` for a request
+    outside the operator's rules.
+
+    ``here=False``: a local path names a file on the workers, not on this host (a script's
+    ``build_image.delay()``), so this host does not look at it.
+    ``for_workers``: the request runs on workers (not in embedded mode), so their rules
+    apply: local reads only under the source roots (unless ``shipped``: the caller
+    uploads a local source itself) and pushes only to allowed destinations.
     """
+    guarded = for_workers and not settings.embedded
+    if guarded and not shipped:
+        # Before parsing, which would look at a local path.
+        check_source_text(source, settings)
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
                        platform=platform, gpu=bool(gpu))
     # Checked here so a bad option fails the request before any work; used at "hash".
     state.secrets = list(check_names(secrets, state.build_args))
+    check_platform(platform, "--platform")
     argv = parse_entrypoint(entrypoint, "--entrypoint")
     state.entrypoint = list(argv) if argv is not None else None
     state.python = check_python(python)
     cfg = resolve_config(config, settings, bool(destination))
     state.config = cfg.to_mapping()
-    spec = parse_source(source, ref)
+    spec = parse_source(source, ref, look=here)
+    if guarded and not (shipped and names_local_path(source)):
+        check_roots(spec, settings)
     state.source = spec.to_dict()
     if destination:
         cfg = with_destination(cfg, destination)
@@ -132,7 +148,17 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
     state.base_policy = check_base_policy(base_policy or cfg.builder.base_policy
                                           or settings.base_policy)
     state.force = bool(force)
+    if guarded and spec.kind != "image":
+        check_push_targets(DestinationPolicy.from_settings(settings), state.ref,
+                           cfg.builder.cache_repo, cfg.builder.kaniko_config)
     return state, cfg, spec
+
+
+def check_platform(platform: str | None, what: str) -> None:
+    """A request's platform: one ``os/arch[/variant]``, as builder.platform is checked."""
+    if platform is not None and not (isinstance(platform, str) and is_platform(platform)):
+        raise InputError(f"{what} {str(platform)[:80]!r} is not one platform written "
+                         "os/arch[/variant].", "Name a single target platform, e.g. linux/amd64.")
 
 
 def check_base_policy(policy: str) -> str:
@@ -158,7 +184,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
             request_id, source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
             build_args=build_args, target=target, platform=platform, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
-            base_policy=base_policy, force=force)
+            base_policy=base_policy, force=force, for_workers=True)
         if spec.kind == "image":
             state.ref = None
             state.platform = platform
@@ -202,6 +228,7 @@ def fetch(state: BuildState, settings: Settings) -> str:
     spec = SourceSpec.from_dict(state.source)
     if spec.kind == "image":
         return _resolve_image(state, spec, settings)
+    check_roots(spec, settings)  # again: a restarted request comes as a state, not a source
     settings.workdir.mkdir(parents=True, exist_ok=True)
     fetched = fetch_source(spec, settings.workdir, settings)
     state.workdir = str(fetched.root)
@@ -324,6 +351,7 @@ def _ensure_tree(state: BuildState, settings: Settings) -> Path:
     spec = SourceSpec.from_dict(state.source)
     if state.commit:
         spec = SourceSpec(spec.kind, spec.location, state.commit)
+    check_roots(spec, settings)
     settings.workdir.mkdir(parents=True, exist_ok=True)
     fetched = fetch_source(spec, settings.workdir, settings)
     state.workdir, state.owned = str(fetched.root), fetched.owned
@@ -547,7 +575,7 @@ def record(state: BuildState, settings: Settings) -> str:
         leftovers.append((state.context_store or settings.context_store,
                           f"{state.source_hash}.tar.gz"))
     location = str(state.source.get("location") or "")
-    if state.source.get("kind") == "archive" and location.rpartition("/")[2].startswith(UPLOAD_PREFIX):
+    if state.source.get("kind") == "archive" and is_shipped_source(location, settings):
         leftovers.append(split_store_url(location))
     for store_url, key in leftovers:
         # A leftover object must not fail the record.

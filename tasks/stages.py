@@ -418,6 +418,16 @@ class BuildImageTask(StageTask):
         # Only what the caller set travels: the message (and Flower's view of it) stays as
         # short as an untyped ``delay(source, **options)`` made it.
         options = {k: v for k, v in given.items() if v is not None and v is not False}
+        current = settings()
+        if not current.embedded:
+            # What the workers would refuse is refused here, before anything is queued
+            # (they check again). A config path is the workers' to read, not this host's.
+            operations.describe_request(
+                "local", source, current, destination=destination, ref=ref,
+                dockerfile=dockerfile, build_args=build_args, target=target, platform=platform,
+                config=config if not isinstance(config, str) else {}, entrypoint=entrypoint,
+                python=python, gpu=gpu, secrets=secrets, base_policy=base_policy, force=force,
+                for_workers=True, here=False)
         return self.apply_async(args=[source], kwargs=options)
 
 

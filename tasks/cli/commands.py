@@ -20,7 +20,7 @@ import click
 from config.errors import BuildqError, InputError, ServiceError
 
 #: Record error kinds that mean the user's input was wrong (exit 2).
-INPUT_KINDS = {"input", "config", "source"}
+INPUT_KINDS = {"input", "config", "source", "forbidden"}
 
 
 def _fail(exc: BuildqError) -> NoReturn:
@@ -163,7 +163,7 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     if settings.embedded:
         kwargs["config"] = config_path
         _report(_run_embedded(source, kwargs, settings, as_json), as_json)
-    _check_options(cfg, destination, entrypoint, python)
+    _check_request(source, kwargs, cfg, settings)
     _check_bases(source, ref, dockerfile, kwargs["build_args"])
     check_redis(settings)
     kwargs["config"] = cfg.to_mapping()
@@ -174,16 +174,15 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
         _report(record, as_json)
 
 
-def _check_options(cfg: Any, destination: str | None, entrypoint: str | None,
-                   python: str | None) -> None:
-    """Refuse bad options here rather than after a queue trip and a worker's fetch."""
-    from tasks.operations import with_destination
-    from workers.dockerfile import check_python, parse_entrypoint
+def _check_request(source: str, kwargs: dict[str, Any], cfg: Any, settings: Any) -> None:
+    """Refuse what a worker would refuse (bad options, a source or destination outside the
+    operator's rules) here, before anything is shipped or queued; the worker checks again."""
+    from tasks.operations import describe_request
 
-    if destination:
-        with_destination(cfg, destination)
-    parse_entrypoint(entrypoint, "--entrypoint")
-    check_python(python)
+    options = {k: v for k, v in kwargs.items() if k not in ("builder", "config")}
+    # A local directory or archive is shipped to the upload area, which workers may read.
+    describe_request("local", source, settings, config=cfg.to_mapping(), for_workers=True,
+                     shipped=True, **options)
 
 
 def _check_bases(source: str, ref: str | None, dockerfile: str | None,
@@ -206,16 +205,16 @@ def _check_bases(source: str, ref: str | None, dockerfile: str | None,
 
 def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> str:
     """Workers may sit on other hosts: pack a local directory into the context store."""
-    from tasks.operations import UPLOAD_PREFIX
     from workers.context import BuildInputs, write_context
     from workers.sources import parse_source
+    from workers.sources.roots import new_upload_key
     from workers.stores import store_for_url
 
     spec = parse_source(source, kwargs.get("ref"))
     if spec.kind not in ("directory", "archive") or "://" in spec.location:
         return source
     store = store_for_url(settings.context_store, settings)
-    key = f"sources/{UPLOAD_PREFIX}{uuid.uuid4().hex}.tar.gz"
+    key = new_upload_key()
     if spec.kind == "directory":
         inputs = BuildInputs.create(kwargs["dockerfile"], kwargs["build_args"], kwargs["target"],
                                     kwargs["platform"])

@@ -243,6 +243,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
         "BUILDQ_MAX_RETRIES": str(MAX_RETRIES),
         "HOME": str(root / "home"),
         "PYTHONPATH": str(REPO),
+        "BUILDQ_SOURCE_ROOTS": str(root.parent),
     }
     env.pop("BUILDQ_CONFIG", None)
     (root / "work").mkdir()

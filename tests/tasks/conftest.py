@@ -93,8 +93,12 @@ def make_cluster(root: Path, registry: services.RegistryServer, lease: float) ->
         "BUILDQ_BASE_TTL": "1",
         "HOME": str(root / "home"),
         "PYTHONPATH": str(REPO),
+        # The tests' sources live beside the cluster's own directory (pytest's temporary
+        # directories): the workers may read them there, as an operator opts in.
+        "BUILDQ_SOURCE_ROOTS": str(root.parent),
     }
-    env.pop("BUILDQ_CONFIG", None)
+    for name in ("BUILDQ_CONFIG", "BUILDQ_ALLOWED_DESTINATIONS"):
+        env.pop(name, None)
     return Cluster(red, registry, root, env)
 
 

@@ -156,6 +156,8 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
         "BUILDQ_AZURE_BLOB_ENDPOINT": f"{azurite.endpoint}/{services.AZURITE_ACCOUNT}",
         "BUILDQ_AZURE_STORAGE_KEY": services.AZURITE_KEY,
         "BUILDQ_REGISTRY_ENDPOINTS": f"{LOGICAL_REGISTRY}={registry.host}",
+        # Pushes go to the logical registry's name (and the real one's, for loopback jobs).
+        "BUILDQ_ALLOWED_DESTINATIONS": f"{LOGICAL_REGISTRY}/*,{registry.host}/*",
         "KUBECONFIG": str(kube_standin.kubeconfig(root / "kubeconfig", NAMESPACE)),
         "BUILDQ_KUBE_NAMESPACE": NAMESPACE,
     })
