@@ -104,12 +104,14 @@ def make_cluster(root: Path, registry: services.RegistryServer, lease: float) ->
 
 def use_cluster(cluster: Cluster) -> None:
     """Point this test process's Celery app at the cluster, as a script would."""
-    from tasks.app import configure
+    point_app_at(cluster.settings())
 
-    configure(cluster.settings())
-    from tasks.app import app
 
-    # Whatever was cached came from the embedded configuration of the test process.
+def point_app_at(settings: Settings) -> None:
+    from tasks.app import app, configure
+
+    configure(settings)
+    # Connections cached for the previous broker must not be reused.
     app._pool = None
     app._local = threading.local()
     app.amqp._producer_pool = None

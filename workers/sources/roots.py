@@ -96,9 +96,8 @@ def check_local_read(location: str, settings: Settings, shown: str | None = None
     raise ForbiddenError(
         f"source {shown or location!r} is outside BUILDQ_SOURCE_ROOTS ({configured}): "
         "workers read local paths for a request only under those directories.",
-        "Ship the directory with `buildq build ./dir` (it is uploaded), use a git or archive "
-        "URL, or ask the operator to add its directory to BUILDQ_SOURCE_ROOTS on the "
-        "workers (and where requests are made).")
+        "Ship it with `buildq build ./dir`, use a git or archive URL, or have the operator "
+        "add its directory to BUILDQ_SOURCE_ROOTS where workers run and requests are made.")
 
 
 def check_source_text(source: str, settings: Settings) -> None:
