@@ -369,7 +369,8 @@ def pending_entry(state: BuildState) -> dict[str, Any]:
     return {k: v for k, v in state.to_dict().items()
             if k in ("request_id", "source", "ref", "dockerfile", "build_args",
                      "target", "platform", "builder", "config", "created_at", "entrypoint",
-                     "python", "gpu", "secrets", "base_policy", "force", "bases")}
+                     "python", "gpu", "secrets", "base_policy", "force", "bases",
+                     "requester", "requester_verified")}
 
 
 def hash_source(state: BuildState, settings: Settings) -> str:

@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import inflight, operations
+from tasks import inflight, operations, requester
 from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
@@ -294,7 +294,8 @@ class StageTask(Task):
             # value (it keeps the first success): once the lock is released nothing could
             # store a lost answer.
             self.backend.store_result(
-                request_id, for_request(record, request_id, request_id != state.request_id),
+                request_id, for_request(record, request_id, request_id != state.request_id,
+                                        pending.get(request_id)),
                 "SUCCESS", request=self.request if request_id == own_id else None)
         metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
                                        if c == FIRST and r in pending})
@@ -399,6 +400,7 @@ class BuildImageTask(StageTask):
             target=target, platform=platform, builder=builder, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
             base_policy=base_policy, force=force)
+        state.requester, state.requester_verified = requester.of_task(self.request)
         return self.run_state(state)
 
     def delay(
@@ -428,7 +430,7 @@ class BuildImageTask(StageTask):
                 config=config if not isinstance(config, str) else {}, entrypoint=entrypoint,
                 python=python, gpu=gpu, secrets=secrets, base_policy=base_policy, force=force,
                 for_workers=True, here=False)
-        return self.apply_async(args=[source], kwargs=options)
+        return self.apply_async(args=[source], kwargs=options, headers=requester.headers())
 
 
 #: The entry task: ``from tasks import build_image``.

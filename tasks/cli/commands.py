@@ -305,6 +305,7 @@ def _watch(client: Any, request_id: str, since_ms: int, finished: Callable[[], b
 
 def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
                   as_json: bool) -> dict[str, Any]:
+    from tasks import requester
     from tasks.connection import redis_client
     from tasks.stages import build_image
 
@@ -314,7 +315,8 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
     def run() -> None:
         try:
             outcome["record"] = build_image.apply(args=[source], kwargs=kwargs,
-                                                  task_id=request_id).get()
+                                                  task_id=request_id,
+                                                  headers=requester.headers()).get()
         except BaseException as exc:
             outcome["error"] = exc
 
@@ -332,13 +334,14 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
 def _run_remote(source: str, kwargs: dict[str, Any], settings: Any, no_wait: bool,
                 as_json: bool, timeout: float | None = None,
                 builder: str | None = None) -> dict[str, Any] | None:
+    from tasks import requester
     from tasks.cli.lookout import Lookout, pool_notice
     from tasks.connection import redis_client
     from tasks.stages import build_image
 
     client = redis_client(settings)
     since = int(time.time() * 1000)
-    result = build_image.apply_async(args=[source], kwargs=kwargs)
+    result = build_image.apply_async(args=[source], kwargs=kwargs, headers=requester.headers())
     if no_wait:
         click.echo(result.id)
         notice = pool_notice(client, "control")
@@ -458,19 +461,25 @@ def status(ident: str) -> None:
 
 @cli.command()
 @click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--requester", metavar="USER@HOST",
+              help="Only builds this requester asked for (a glob, e.g. 'alice@*'); a claimed "
+                   "user@host, or a certificate subject with signing on.")
 @click.option("--json", "as_json", is_flag=True)
-def history(limit: int, as_json: bool) -> None:
+def history(limit: int, requester: str | None, as_json: bool) -> None:
     """The latest builds, newest first."""
     from tasks.records import history as load
 
-    rows = load(_redis(), limit)
+    rows = load(_redis(), limit, requester)
     if as_json:
         click.echo(json.dumps(rows))
         return
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("finished_at", 0)))
+        who = row.get("requester") or "-"
+        if row.get("requester") and not row.get("requester_verified"):
+            who += " (unverified)"
         click.echo(f"{when}  {row.get('status', '?'):8} {row.get('tag') or '-':24} "
-                   f"{row.get('image') or row.get('error') or ''}")
+                   f"{row.get('image') or row.get('error') or ''}  {who}")
 
 
 @cli.command()
@@ -491,7 +500,10 @@ def stale(repository: str | None, rebuild: bool, as_json: bool) -> None:
             except ValueError as exc:
                 _warn(f"{exc}; skipped.")
                 continue
-            entry["rebuild"] = build_image.delay(source, **options).id
+            try:
+                entry["rebuild"] = build_image.delay(source, **options).id
+            except BuildqError as exc:
+                _warn(f"{entry.get('image')}: {exc.message}; skipped.")
     if as_json:
         click.echo(json.dumps(found, indent=2, sort_keys=True))
         return

@@ -11,8 +11,10 @@ and ``build_image.delay()`` before anything is shipped or queued.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -172,6 +174,8 @@ def test_a_directory_shipped_by_the_cli_builds_from_outside_the_roots(
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["status"] == "built" and record["source"]["kind"] == "archive", record
+    assert record["requester"] == f"{getpass.getuser()}@{socket.gethostname()}", record
+    assert record["requester_verified"] is False
 
 
 def test_workers_refuse_destinations_outside_the_policy_before_any_work(
@@ -273,3 +277,34 @@ def test_build_image_delay_refuses_bad_fields_before_queueing(
             build_image.delay(source, **kwargs)
         assert fragment in str(caught.value), (name, caught.value)
     assert _sent(guarded.cluster) == before
+
+
+# --- who asked -------------------------------------------------------------------------------
+
+
+def test_records_name_the_claimed_requester_and_history_filters_on_it(
+        guarded: Guarded, base_image: str) -> None:
+    me = f"{getpass.getuser()}@{socket.gethostname()}"
+    app = _app(guarded.allowed, base_image)
+    by_script = build_image.delay(str(app), destination=guarded.dest()).get(timeout=180)
+    assert by_script["status"] == "built", by_script
+    assert by_script["requester"] == me and by_script["requester_verified"] is False
+
+    # A message that names nobody (as sent by any Celery client) is recorded as such.
+    nobody = build_image.apply_async(args=[str(_app(guarded.allowed, base_image))],
+                                     kwargs={"destination": guarded.dest()}).get(timeout=180)
+    assert nobody["status"] == "built" and nobody["requester"] is None, nobody
+
+    def history(*args: str) -> list[dict[str, Any]]:
+        done = subprocess.run([sys.executable, "-m", "tasks.cli", "history", "-n", "50",
+                               "--json", *args], env=guarded.cluster.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        rows: list[dict[str, Any]] = json.loads(done.stdout)
+        return rows
+
+    mine = {r["source_hash"] for r in history("--requester", me)}
+    assert by_script["source_hash"] in mine and nobody["source_hash"] not in mine
+    assert by_script["source_hash"] in {r["source_hash"] for r in
+                                        history("--requester", f"{me.split('@')[0]}@*")}
+    assert history("--requester", "somebody-else@*") == []
