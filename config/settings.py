@@ -65,6 +65,11 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    return Path(raw).expanduser() if raw else None
+
+
 def _paths(env: Mapping[str, str], name: str) -> tuple[Path, ...]:
     """An os.pathsep-separated list of absolute directories, ``~`` expanded."""
     paths: list[Path] = []
@@ -169,10 +174,22 @@ class Settings:
     #: (BUILDQ_ALLOWED_DESTINATIONS, comma-separated); empty: the operator's launch-config
     #: destination and repositories under it, plus loopback registries.
     allowed_destinations: tuple[str, ...] = ()
+    #: Message signing (Celery's ``auth`` serializer): this process's RSA private key and
+    #: its certificate, both PEM (BUILDQ_SIGNING_KEY, BUILDQ_SIGNING_CERT). With both set,
+    #: every task message it sends is signed, and it accepts only signed messages.
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    #: Directory of the certificates whose signatures a worker trusts (BUILDQ_SIGNING_CERTS_DIR).
+    signing_certs_dir: Path | None = None
 
     @property
     def embedded(self) -> bool:
         return not self.redis_url
+
+    @property
+    def signing(self) -> bool:
+        """Whether messages are signed and only signed ones accepted."""
+        return self.signing_key is not None or self.signing_cert is not None
 
     @property
     def visibility_timeout(self) -> int:
@@ -225,6 +242,9 @@ class Settings:
             base_ttl=_number(env, "BUILDQ_BASE_TTL", cls.base_ttl, strict=False),
             base_policy=_base_policy(env.get("BUILDQ_BASE_POLICY") or cls.base_policy),
             source_roots=_paths(env, "BUILDQ_SOURCE_ROOTS"),
+            signing_key=_path(env, "BUILDQ_SIGNING_KEY"),
+            signing_cert=_path(env, "BUILDQ_SIGNING_CERT"),
+            signing_certs_dir=_path(env, "BUILDQ_SIGNING_CERTS_DIR"),
             allowed_destinations=tuple(
                 p.strip() for p in env.get("BUILDQ_ALLOWED_DESTINATIONS", "").split(",")
                 if p.strip()),

@@ -14,6 +14,8 @@ import re
 import socket
 from typing import Any
 
+from tasks.signing import take_signer
+
 #: Message header carrying the claimed requester (never a build input, never a secret).
 HEADER = "buildq_requester"
 #: Longest requester kept; a header is input like any other.
@@ -46,6 +48,15 @@ def of_request(request: Any) -> str | None:
     return _UNPRINTABLE.sub("?", value.strip())[:MAX_LENGTH]
 
 
-def of_task(request: Any) -> tuple[str | None, bool]:
-    """Who a task's message says asked, and whether that is verified."""
+def of_task(request: Any, signed: bool) -> tuple[str | None, bool]:
+    """Who asked for the task being run, and whether a verified signature says so.
+
+    ``signed``: this worker accepts signed messages only, so the message it runs was
+    verified, and its signer's certificate subject is who asked. (An eager call in the
+    embedded mode was never serialized: it falls back to the claim.)
+    """
+    if signed:
+        signer = take_signer()
+        if signer is not None:
+            return signer, True
     return of_request(request), False

@@ -400,7 +400,8 @@ class BuildImageTask(StageTask):
             target=target, platform=platform, builder=builder, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
             base_policy=base_policy, force=force)
-        state.requester, state.requester_verified = requester.of_task(self.request)
+        state.requester, state.requester_verified = requester.of_task(
+            self.request, settings().signing and not self.request.is_eager)
         return self.run_state(state)
 
     def delay(
