@@ -36,7 +36,12 @@ from workers.registries import registry_for
 from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
 from workers.sources.base import names_local_path
-from workers.sources.roots import check_roots, check_source_text, is_shipped_source
+from workers.sources.roots import (
+    check_local_read,
+    check_roots,
+    check_source_text,
+    is_shipped_source,
+)
 from workers.stores import ContextStore, split_store_url, store_for_url
 
 if TYPE_CHECKING:
@@ -125,6 +130,9 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
     if guarded and not shipped:
         # Before parsing, which would look at a local path.
         check_source_text(source, settings)
+    if guarded and isinstance(config, str):
+        # A launch-config named by path is a file the worker reads for the request too.
+        check_local_read(config, settings, what="config")
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
                        platform=platform, gpu=bool(gpu))

@@ -149,6 +149,13 @@ def test_workers_refuse_local_sources_outside_the_roots_and_read_nothing(
     # apply_async, not delay(): nothing on this side checks them, only the workers do.
     results = {name: build_image.apply_async(args=[source], kwargs={"destination": guarded.dest()})
                for name, source in sources.items()}
+    # A launch-config named by path is read for the request as well.
+    config = guarded.outside / f"launch-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text("builder:\n  type: docker\n")
+    watched.update(_age(config))
+    results["config-path"] = build_image.apply_async(
+        args=[str(_app(guarded.allowed, base_image))],
+        kwargs={"destination": guarded.dest(), "config": str(config)})
     for name, result in results.items():
         record = _refused(result, "BUILDQ_SOURCE_ROOTS")
         assert str(guarded.allowed) in record["error"], (name, record)

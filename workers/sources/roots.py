@@ -79,7 +79,8 @@ def local_path(spec: SourceSpec) -> str | None:
     return None
 
 
-def check_local_read(location: str, settings: Settings, shown: str | None = None) -> None:
+def check_local_read(location: str, settings: Settings, shown: str | None = None,
+                     what: str = "source") -> None:
     """Refuse to read ``location`` (a path on this host) outside the allowed roots.
 
     Nothing is opened or listed: the path is only resolved (``realpath``). Does nothing in
@@ -94,7 +95,7 @@ def check_local_read(location: str, settings: Settings, shown: str | None = None
     configured = (os.pathsep.join(str(r) for r in settings.source_roots)
                   if settings.source_roots else "unset, so only buildq's upload area")
     raise ForbiddenError(
-        f"source {shown or location!r} is outside BUILDQ_SOURCE_ROOTS ({configured}): "
+        f"{what} {shown or location!r} is outside BUILDQ_SOURCE_ROOTS ({configured}): "
         "workers read local paths for a request only under those directories.",
         "Ship it with `buildq build ./dir`, use a git or archive URL, or have the operator "
         "add its directory to BUILDQ_SOURCE_ROOTS where workers run and requests are made.")
