@@ -47,6 +47,7 @@ from workers.stores import ContextStore, split_store_url, store_for_url
 if TYPE_CHECKING:
     from workers.builders.kaniko import KanikoRequest
 
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
 
