@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from tasks import app as app_module
 from tests import services
-from tests.tasks.conftest import Cluster, make_cluster, use_cluster
+from tests.tasks.conftest import Cluster, make_cluster, point_app_at, use_cluster
 from tests.tasks.test_embedded import embedded_env, leftovers, run_buildq
 from tests.workers.test_buildkit import FEATURES
 from workers.builders.buildkit import Progress
@@ -59,6 +60,7 @@ def secret_cluster(tmp_path: Path, docker_engine: str,
     (tmp_path / "cluster").mkdir()
     cluster = make_cluster(tmp_path / "cluster", registry, lease=10)
     cluster.env["BUILDQ_SECRET_TOKEN"] = token
+    previous = app_module._settings
     try:
         cluster.start_worker("control")
         cluster.start_worker("docker")
@@ -67,6 +69,9 @@ def secret_cluster(tmp_path: Path, docker_engine: str,
     finally:
         cluster.stop_all()
         cluster.redis.stop()
+        if previous is not None:
+            # The next test's client must not reach (or check against) this cluster.
+            point_app_at(previous)
 
 
 def test_buildkit_dockerfile_builds_on_remote_workers(
@@ -115,6 +120,7 @@ def two_hosts(tmp_path: Path, docker_engine: str,
     (tmp_path / "cluster").mkdir()
     cluster = make_cluster(tmp_path / "cluster", registry, lease=10)
     engine = services.start_second_engine(tmp_path / "host-b")
+    previous = app_module._settings
     try:
         services.copy_image(docker_engine, engine.socket)
         cluster.start_worker("control")
@@ -124,6 +130,8 @@ def two_hosts(tmp_path: Path, docker_engine: str,
         cluster.stop_all()
         cluster.redis.stop()
         engine.stop()
+        if previous is not None:
+            point_app_at(previous)
 
 
 def test_a_host_that_never_built_the_repository_reuses_the_layers_another_pushed(

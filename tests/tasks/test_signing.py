@@ -163,3 +163,12 @@ def test_a_process_signing_with_half_a_key_pair_is_refused(
 
 def _buildq() -> list[str]:
     return [sys.executable, "-m", "tasks.cli"]
+
+
+def test_a_signing_worker_without_trusted_certificates_does_not_start(
+        signed: Signed, tmp_path: Path) -> None:
+    env = {k: v for k, v in signed.cluster.env.items() if k != "BUILDQ_SIGNING_CERTS_DIR"}
+    done = subprocess.run([*_buildq(), "worker", "control"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "BUILDQ_SIGNING_CERTS_DIR" in done.stderr and "Traceback" not in done.stderr
