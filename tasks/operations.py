@@ -35,7 +35,7 @@ from workers.dockerfile import PythonOptions, check_python, parse_entrypoint, pl
 from workers.registries import registry_for
 from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
-from workers.sources.base import names_local_path
+from workers.sources.base import in_scratch, names_local_path
 from workers.sources.roots import (
     check_local_read,
     check_roots,
@@ -355,7 +355,7 @@ def _generate_dockerfile(state: BuildState, root: Path) -> None:
 
 def _ensure_tree(state: BuildState, settings: Settings) -> Path:
     """The fetched tree; fetched again (same commit) if this host never had it."""
-    if state.workdir and Path(state.workdir).is_dir():
+    if state.workdir and Path(state.workdir).is_dir() and _fetched_here(state, settings):
         return Path(state.workdir)
     spec = SourceSpec.from_dict(state.source)
     if state.commit:
@@ -367,8 +367,22 @@ def _ensure_tree(state: BuildState, settings: Settings) -> Path:
     return fetched.root
 
 
+def _fetched_here(state: BuildState, settings: Settings) -> bool:
+    """Whether the state's tree is one this host fetched for it: a scratch dir it owns, or
+    the request's own directory source (within the source roots). Anything else the state
+    names is not read: the source is fetched again."""
+    assert state.workdir
+    if state.owned:
+        return in_scratch(state.workdir, settings.workdir)
+    spec = SourceSpec.from_dict(state.source)
+    if spec.kind != "directory" or Path(state.workdir).resolve() != Path(spec.location).resolve():
+        return False
+    check_roots(spec, settings)
+    return True
+
+
 def _drop_tree(state: BuildState) -> None:
-    if state.owned and state.workdir:
+    if state.owned and state.workdir and in_scratch(state.workdir, current_settings().workdir):
         shutil.rmtree(state.workdir, ignore_errors=True)
     state.workdir = None
 

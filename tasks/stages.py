@@ -45,6 +45,7 @@ from tasks.records import (
 )
 from tasks.state import BuildState
 from workers import metrics
+from workers.sources.base import in_scratch
 
 log = logging.getLogger("buildq")
 
@@ -315,8 +316,9 @@ def _retry_budget(cfg: Settings) -> float:
 
 
 def _drop_tree(state: BuildState) -> None:
-    """Remove this host's copy of the source of a chain that stops here."""
-    if state.owned and state.workdir:
+    """Remove this host's copy of the source of a chain that stops here (only ever a
+    scratch dir under BUILDQ_WORKDIR, whatever the state says)."""
+    if state.owned and state.workdir and in_scratch(state.workdir, settings().workdir):
         shutil.rmtree(state.workdir, ignore_errors=True)
         state.workdir = None
 

@@ -315,3 +315,23 @@ def test_records_name_the_claimed_requester_and_history_filters_on_it(
     assert by_script["source_hash"] in {r["source_hash"] for r in
                                         history("--requester", f"{me.split('@')[0]}@*")}
     assert history("--requester", "somebody-else@*") == []
+
+
+def test_a_state_naming_a_tree_elsewhere_is_neither_read_nor_deleted(
+        guarded: Guarded, base_image: str) -> None:
+    # Any stage takes a state, and a state is input too: one sent straight to the broker
+    # names a directory outside the roots as the fetched tree the worker "owns".
+    from tasks.app import app
+
+    victim = _app(guarded.outside, base_image)
+    watched = _age(*_tree(victim))
+    inside = _app(guarded.allowed, base_image)
+    state = {"request_id": str(uuid.uuid4()), "builder": "docker", "owned": True,
+             "source": {"kind": "directory", "location": str(inside), "ref": None},
+             "workdir": str(victim), "source_hash": uuid.uuid4().hex * 2}
+    uploaded = app.send_task("buildq.upload", args=[state]).get(timeout=120)
+    dropped = app.send_task("buildq.record", args=[{**state, "request_id": str(uuid.uuid4())}]
+                            ).get(timeout=120)
+    assert uploaded["id"] == state["request_id"] and dropped["status"] is None, (uploaded, dropped)
+    assert victim.is_dir() and (victim / "Dockerfile").is_file(), "the worker deleted it"
+    _untouched(watched)

@@ -143,6 +143,13 @@ def scratch_dir(workdir: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"buildq-{kind}-{owner}-", dir=workdir)).resolve()
 
 
+def in_scratch(path: str | Path, workdir: Path) -> bool:
+    """Whether ``path`` lies inside ``workdir``: the only trees a worker deletes, or takes
+    as already fetched, when a task's state names them (a state is input like any other)."""
+    real, root = os.path.realpath(path), os.path.realpath(workdir)
+    return real != root and real.startswith(root + os.sep)
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
