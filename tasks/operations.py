@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shutil
 import tempfile
 import time
@@ -435,6 +436,20 @@ def exists(state: BuildState, settings: Settings) -> str:
     return "upload"
 
 
+#: A context's name in its store: the source hash, so a state can name no other object.
+_CONTEXT_KEY = re.compile(r"^[0-9a-f]{64}\.tar\.gz$")
+
+
+def context_key(state: BuildState) -> str:
+    """The store key of this build's context, ``<source hash>.tar.gz``; a state that names
+    another (sent straight to the broker) is refused rather than read or deleted."""
+    key = state.context_key or f"{state.source_hash}.tar.gz"
+    if not _CONTEXT_KEY.match(key) or key != f"{state.source_hash}.tar.gz":
+        raise InputError(f"context {key[:80]!r} is not this build's context.",
+                         "A build's context is named after its source hash.")
+    return key
+
+
 def context_store(state: BuildState, settings: Settings) -> ContextStore:
     url = state.context_store or settings.context_store
     return store_for_url(url, settings)
@@ -444,7 +459,7 @@ def upload(state: BuildState, settings: Settings) -> str:
     assert state.source_hash
     store = context_store(state, settings)
     state.context_store = store.url
-    key = f"{state.source_hash}.tar.gz"
+    key = context_key(state)
     try:
         if not store.exists(key):
             root = _ensure_tree(state, settings)
@@ -465,7 +480,7 @@ def _docker_builder(settings: Settings) -> Builder:
 def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
     assert state.ref and state.context_key and state.source_hash
     store = context_store(state, settings)
-    key = state.context_key
+    key = context_key(state)
     inputs = build_inputs(state)
     cache = cache_sources(state, settings)
     return BuildRequest(
@@ -534,7 +549,7 @@ def kaniko_request(state: BuildState, settings: Settings) -> KanikoRequest:
     from workers.builders.kaniko import KanikoRequest
 
     assert state.ref and state.ref.tag and state.source_hash
-    key = state.context_key or f"{state.source_hash}.tar.gz"
+    key = context_key(state)
     return KanikoRequest(image=state.ref, context_uri=context_store(state, settings).uri(key),
                          source_hash=state.source_hash, inputs=build_inputs(state))
 
@@ -591,13 +606,16 @@ def record(state: BuildState, settings: Settings) -> str:
     _drop_tree(state)
     remember_last_tag(_client(settings), state)
     leftovers = []
-    if state.context_key and state.context_store:
-        leftovers.append((state.context_store, state.context_key))
-    elif state.source_hash and state.builder in ("docker", "kaniko"):
+    try:
+        key: str | None = context_key(state) if state.source_hash else None
+    except InputError:
+        key = None  # a state naming another object: nothing of it is deleted
+    if key and state.context_key and state.context_store:
+        leftovers.append((state.context_store, key))
+    elif key and state.builder in ("docker", "kaniko"):
         # Ended before its upload (skipped, failed): a holder killed after uploading may
         # have left this hash's context, and only the lock's current holder can remove it.
-        leftovers.append((state.context_store or settings.context_store,
-                          f"{state.source_hash}.tar.gz"))
+        leftovers.append((state.context_store or settings.context_store, key))
     location = str(state.source.get("location") or "")
     if state.source.get("kind") == "archive" and is_shipped_source(location, settings):
         leftovers.append(split_store_url(location))

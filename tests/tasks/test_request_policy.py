@@ -335,3 +335,11 @@ def test_a_state_naming_a_tree_elsewhere_is_neither_read_nor_deleted(
     assert uploaded["id"] == state["request_id"] and dropped["status"] is None, (uploaded, dropped)
     assert victim.is_dir() and (victim / "Dockerfile").is_file(), "the worker deleted it"
     _untouched(watched)
+
+    # Nor can it name another object of a store as its context, to be deleted after.
+    precious = guarded.outside / f"precious-{uuid.uuid4().hex[:6]}.tar.gz"
+    precious.write_bytes(b"not a context")
+    app.send_task("buildq.record", args=[{
+        **state, "request_id": str(uuid.uuid4()), "owned": False, "workdir": None,
+        "context_store": guarded.outside.as_uri(), "context_key": precious.name}]).get(timeout=120)
+    assert precious.is_file(), "the worker deleted a file the state named as its context"
