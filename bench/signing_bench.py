@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster.start(root, [])
     try:
         cluster.env["BUILDQ_BASE_POLICY"] = "tag"
-        cluster.env["BUILDQ_SOURCE_ROOTS"] = str(root)
         ctx = root / "ctx"
         ctx.mkdir()
         (ctx / "Dockerfile").write_text(f"FROM {services.BASE_IMAGE}\nCOPY . /app\n")
