@@ -119,6 +119,9 @@ class Cluster:
                 "BUILDQ_MAX_RETRIES": "3",
                 "HOME": str(root / "home"),
                 "PYTHONPATH": str(REPO),
+                # The benchmarks' sources live under root: the workers (and this client,
+                # which checks requests before sending them) may read them there.
+                "BUILDQ_SOURCE_ROOTS": str(root),
             }
             c.env.pop("BUILDQ_CONFIG", None)
             for pool, concurrency in workers:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from config.errors import ConfigError
 from config.kaniko_flags import NOT_A_FLAG_HINT, RESERVED_FLAGS, needs_value_hint, split_arg
-from config.names import STORE_EXAMPLES, StoreKind, classify_store_url, is_dns_label
+from config.names import STORE_EXAMPLES, StoreKind, classify_store_url, is_dns_label, is_platform
 from config.problems import Problems, show
 from config.references import (
     ImageRef,
@@ -42,7 +42,6 @@ _GCP_REGION_RE = re.compile(r"^[a-z]+(?:-[a-z]+)*[0-9]+$")
 #: Artifact Registry multi-regions and the region prefixes they cover.
 _GAR_MULTI_REGIONS = {"us": "us-", "europe": "europe-", "asia": "asia-"}
 _GAR_REPOSITORY_FORM = "<region>-docker.pkg.dev/<project-id>/<repository>/<image-name>"
-_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?$")
 _EXTRA_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 #: The stores a builder in each environment can read; no environment allows any.
 _STORES_FOR: dict[str | None, tuple[StoreKind, ...]] = {
@@ -302,7 +301,7 @@ def _check_builder(
                     "a repository other than the destination",
                     f"Use e.g. {dest.name}-cache so cache layers stay out of the image repository.",
                 )
-    if builder.platform is not None and not _PLATFORM_RE.match(builder.platform):
+    if builder.platform is not None and not is_platform(builder.platform):
         problems.add(
             "builder.platform",
             show(builder.platform),

@@ -45,6 +45,13 @@ class SourceError(InputError):
     kind = "source"
 
 
+class ForbiddenError(InputError):
+    """The request is well formed but outside what the operator allows: a source outside
+    BUILDQ_SOURCE_ROOTS, a destination outside BUILDQ_ALLOWED_DESTINATIONS."""
+
+    kind = "forbidden"
+
+
 class BuildError(BuildqError):
     """The image build itself failed: a Dockerfile error, a failing RUN step, a timeout."""
 

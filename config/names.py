@@ -1,6 +1,6 @@
 """Naming rules that several layers apply: one definition each.
 
-A Kubernetes name, a loopback host and a context-store URL are each decided here and
+A Kubernetes name, a platform, a loopback host and a context-store URL are each decided here and
 nowhere else, so the config check, the registries, the kaniko manifest and the stores
 can never disagree about them.
 """
@@ -20,6 +20,14 @@ HASH_LABEL = "buildq.source-hash"
 DNS_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?$")
 #: Kubernetes' limit on a DNS label.
 MAX_DNS_LABEL = 63
+
+
+#: One target platform, ``os/arch[/variant]`` (``linux/amd64``, ``linux/arm64/v8``).
+PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?$")
+
+
+def is_platform(value: str) -> bool:
+    return bool(PLATFORM_RE.match(value))
 
 
 def is_dns_label(name: str) -> bool:

@@ -66,6 +66,26 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    return Path(raw).expanduser() if raw else None
+
+
+def _paths(env: Mapping[str, str], name: str) -> tuple[Path, ...]:
+    """An os.pathsep-separated list of absolute directories, ``~`` expanded."""
+    paths: list[Path] = []
+    for item in env.get(name, "").split(os.pathsep):
+        if not item.strip():
+            continue
+        path = Path(item.strip()).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"environment variable {name} has {item!r}, which is not an "
+                              "absolute path.",
+                              f"Write {name}=/srv/src{os.pathsep}/home/shared/checkouts.")
+        paths.append(path)
+    return tuple(paths)
+
+
 def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
     """``a=b,c=d`` → {"a": "b", "c": "d"}."""
     pairs: dict[str, str] = {}
@@ -151,10 +171,30 @@ class Settings:
     base_policy: str = "digest"
     #: Cap on an archive's member count: millions of empty files exhaust inodes, not bytes.
     max_archive_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS
+    #: Directories under which a worker serving remote requests reads a local path or a
+    #: ``file://`` source (BUILDQ_SOURCE_ROOTS, os.pathsep-separated); buildq's own upload
+    #: area is always allowed, and by default it is the only place.
+    source_roots: tuple[Path, ...] = ()
+    #: Glob patterns over ``registry/repository`` that workers may push to
+    #: (BUILDQ_ALLOWED_DESTINATIONS, comma-separated); empty: the operator's launch-config
+    #: destination and repositories under it, plus loopback registries.
+    allowed_destinations: tuple[str, ...] = ()
+    #: Message signing (Celery's ``auth`` serializer): this process's RSA private key and
+    #: its certificate, both PEM (BUILDQ_SIGNING_KEY, BUILDQ_SIGNING_CERT). With both set,
+    #: every task message it sends is signed, and it accepts only signed messages.
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    #: Directory of the certificates whose signatures a worker trusts (BUILDQ_SIGNING_CERTS_DIR).
+    signing_certs_dir: Path | None = None
 
     @property
     def embedded(self) -> bool:
         return not self.redis_url
+
+    @property
+    def signing(self) -> bool:
+        """Whether messages are signed and only signed ones accepted."""
+        return self.signing_key is not None or self.signing_cert is not None
 
     @property
     def visibility_timeout(self) -> int:
@@ -207,6 +247,13 @@ class Settings:
             build_secrets_secret=env.get("BUILDQ_BUILD_SECRETS_SECRET") or cls.build_secrets_secret,
             base_ttl=_number(env, "BUILDQ_BASE_TTL", cls.base_ttl, strict=False),
             base_policy=_base_policy(env.get("BUILDQ_BASE_POLICY") or cls.base_policy),
+            source_roots=_paths(env, "BUILDQ_SOURCE_ROOTS"),
+            signing_key=_path(env, "BUILDQ_SIGNING_KEY"),
+            signing_cert=_path(env, "BUILDQ_SIGNING_CERT"),
+            signing_certs_dir=_path(env, "BUILDQ_SIGNING_CERTS_DIR"),
+            allowed_destinations=tuple(
+                p.strip() for p in env.get("BUILDQ_ALLOWED_DESTINATIONS", "").split(",")
+                if p.strip()),
         )
 
 

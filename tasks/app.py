@@ -8,6 +8,7 @@ from celery import Celery
 from kombu import Queue
 
 from config.settings import Settings
+from tasks import signing
 from tasks.connection import redis_ssl_options
 
 #: Queue of each stage: control hosts fetch, hash, check, upload and record;
@@ -84,14 +85,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # text to a TLS port, and its backend refuses a rediss:// URL that omits
             # ssl_cert_reqs. Flower's broker view needs broker_use_ssl too.
             base.update(broker_use_ssl=tls, redis_backend_use_ssl=tls)
+    base.update(signing.celery_options(settings))
     return base
 
 
 def configure(settings: Settings) -> Celery:
     """Point the app at ``settings``; call before the first task is sent."""
     global _settings
+    if settings.signing:
+        signing.enable(settings)
     _settings = settings
     app.conf.update(celery_config(settings))
+    if app.finalized:
+        # A task reads its serializer from the config once, when it is bound; signing
+        # turned on (or off) afterwards must reach the next message it sends.
+        for task in app.tasks.values():
+            task.serializer = app.conf.task_serializer
+            task._exec_options = None
     return app
 
 

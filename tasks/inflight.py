@@ -27,7 +27,7 @@ from tasks.state import BuildState
 
 
 def submit(client: redis.Redis, request_id: str, source: str, options: dict[str, Any],
-           lease_seconds: float) -> None:
+           headers: dict[str, Any], lease_seconds: float) -> None:
     """Note a request about to be sent, so that losing its message loses nothing.
 
     Between the broker's list and a worker's first stage, a message can vanish: a Redis
@@ -37,7 +37,7 @@ def submit(client: redis.Redis, request_id: str, source: str, options: dict[str,
     sends it again (see :func:`lost_submissions`).
     """
     pipe = client.pipeline(transaction=True)
-    pipe.hset(SUBMITTED, request_id, json.dumps({"source": source, "options": options}))
+    pipe.hset(SUBMITTED, request_id, json.dumps({"source": source, "options": options, "headers": headers}))
     pipe.set(submitted_lease_key(request_id), "1", px=int(lease_seconds * 1000))
     pipe.execute()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shutil
 import tempfile
 import time
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from config import LaunchConfig, config_from_mapping, load_config
 from config.errors import BuildError, BuildqError, ConfigError, InputError
-from config.names import HASH_LABEL
+from config.names import HASH_LABEL, is_platform
+from config.policy import DestinationPolicy, check_push_targets
 from config.references import ImageRef, parse_destination, parse_image_ref
 from config.settings import Settings
 from tasks.app import settings as current_settings
@@ -34,13 +36,17 @@ from workers.dockerfile import PythonOptions, check_python, parse_entrypoint, pl
 from workers.registries import registry_for
 from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
+from workers.sources.base import in_scratch, names_local_path
+from workers.sources.roots import (
+    check_local_read,
+    check_roots,
+    check_source_text,
+    is_shipped_source,
+)
 from workers.stores import ContextStore, split_store_url, store_for_url
 
 if TYPE_CHECKING:
     from workers.builders.kaniko import KanikoRequest
-
-#: Name prefix of source archives the CLI ships for remote workers; deleted with the build.
-UPLOAD_PREFIX = "buildq-upload-"
 
 
 def new_request_id() -> str:
@@ -106,23 +112,43 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
                      python: str | None = None, gpu: bool = False,
                      secrets: list[str] | tuple[str, ...] | None = None,
                      base_policy: str | None = None, force: bool = False,
+                     for_workers: bool = False, shipped: bool = False, here: bool = True,
                      ) -> tuple[BuildState, LaunchConfig, SourceSpec]:
     """The state of a request with every input of its build checked and filled in.
 
     Shared by the chain and the CLI's ``hash`` and ``kaniko-job``, so that what a build is
-    made of is decided once. Raises :class:`InputError` for a bad option.
+    made of is decided once; ``buildq build`` and ``build_image.delay()`` call it before
+    anything is shipped or queued, and the worker calls it again (it trusts no message).
+    Raises :class:`InputError` for a bad option, :class:`ForbiddenError` for a request
+    outside the operator's rules.
+
+    ``here=False``: a local path names a file on the workers, not on this host (a script's
+    ``build_image.delay()``), so this host does not look at it.
+    ``for_workers``: the request runs on workers (not in embedded mode), so their rules
+    apply: local reads only under the source roots (unless ``shipped``: the caller
+    uploads a local source itself) and pushes only to allowed destinations.
     """
+    guarded = for_workers and not settings.embedded
+    if guarded and not shipped:
+        # Before parsing, which would look at a local path.
+        check_source_text(source, settings)
+    if guarded and isinstance(config, str):
+        # A launch-config named by path is a file the worker reads for the request too.
+        check_local_read(config, settings, what="config")
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
                        platform=platform, gpu=bool(gpu))
     # Checked here so a bad option fails the request before any work; used at "hash".
     state.secrets = list(check_names(secrets, state.build_args))
+    check_platform(platform, "--platform")
     argv = parse_entrypoint(entrypoint, "--entrypoint")
     state.entrypoint = list(argv) if argv is not None else None
     state.python = check_python(python)
     cfg = resolve_config(config, settings, bool(destination))
     state.config = cfg.to_mapping()
-    spec = parse_source(source, ref)
+    spec = parse_source(source, ref, look=here)
+    if guarded and not (shipped and names_local_path(source)):
+        check_roots(spec, settings)
     state.source = spec.to_dict()
     if destination:
         cfg = with_destination(cfg, destination)
@@ -132,7 +158,17 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
     state.base_policy = check_base_policy(base_policy or cfg.builder.base_policy
                                           or settings.base_policy)
     state.force = bool(force)
+    if guarded and spec.kind != "image":
+        check_push_targets(DestinationPolicy.from_settings(settings), state.ref,
+                           cfg.builder.cache_repo, cfg.builder.kaniko_config)
     return state, cfg, spec
+
+
+def check_platform(platform: str | None, what: str) -> None:
+    """A request's platform: one ``os/arch[/variant]``, as builder.platform is checked."""
+    if platform is not None and not (isinstance(platform, str) and is_platform(platform)):
+        raise InputError(f"{what} {str(platform)[:80]!r} is not one platform written "
+                         "os/arch[/variant].", "Name a single target platform, e.g. linux/amd64.")
 
 
 def check_base_policy(policy: str) -> str:
@@ -158,7 +194,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
             request_id, source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
             build_args=build_args, target=target, platform=platform, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
-            base_policy=base_policy, force=force)
+            base_policy=base_policy, force=force, for_workers=True)
         if spec.kind == "image":
             state.ref = None
             state.platform = platform
@@ -202,6 +238,7 @@ def fetch(state: BuildState, settings: Settings) -> str:
     spec = SourceSpec.from_dict(state.source)
     if spec.kind == "image":
         return _resolve_image(state, spec, settings)
+    check_roots(spec, settings)  # again: a restarted request comes as a state, not a source
     settings.workdir.mkdir(parents=True, exist_ok=True)
     fetched = fetch_source(spec, settings.workdir, settings)
     state.workdir = str(fetched.root)
@@ -319,19 +356,34 @@ def _generate_dockerfile(state: BuildState, root: Path) -> None:
 
 def _ensure_tree(state: BuildState, settings: Settings) -> Path:
     """The fetched tree; fetched again (same commit) if this host never had it."""
-    if state.workdir and Path(state.workdir).is_dir():
+    if state.workdir and Path(state.workdir).is_dir() and _fetched_here(state, settings):
         return Path(state.workdir)
     spec = SourceSpec.from_dict(state.source)
     if state.commit:
         spec = SourceSpec(spec.kind, spec.location, state.commit)
+    check_roots(spec, settings)
     settings.workdir.mkdir(parents=True, exist_ok=True)
     fetched = fetch_source(spec, settings.workdir, settings)
     state.workdir, state.owned = str(fetched.root), fetched.owned
     return fetched.root
 
 
+def _fetched_here(state: BuildState, settings: Settings) -> bool:
+    """Whether the state's tree is one this host fetched for it: a scratch dir it owns, or
+    the request's own directory source (within the source roots). Anything else the state
+    names is not read: the source is fetched again."""
+    assert state.workdir
+    if state.owned:
+        return in_scratch(state.workdir, settings.workdir)
+    spec = SourceSpec.from_dict(state.source)
+    if spec.kind != "directory" or Path(state.workdir).resolve() != Path(spec.location).resolve():
+        return False
+    check_roots(spec, settings)
+    return True
+
+
 def _drop_tree(state: BuildState) -> None:
-    if state.owned and state.workdir:
+    if state.owned and state.workdir and in_scratch(state.workdir, current_settings().workdir):
         shutil.rmtree(state.workdir, ignore_errors=True)
     state.workdir = None
 
@@ -341,7 +393,8 @@ def pending_entry(state: BuildState) -> dict[str, Any]:
     return {k: v for k, v in state.to_dict().items()
             if k in ("request_id", "source", "ref", "dockerfile", "build_args",
                      "target", "platform", "builder", "config", "created_at", "entrypoint",
-                     "python", "gpu", "secrets", "base_policy", "force", "bases")}
+                     "python", "gpu", "secrets", "base_policy", "force", "bases",
+                     "requester", "requester_verified")}
 
 
 def hash_source(state: BuildState, settings: Settings) -> str:
@@ -383,6 +436,20 @@ def exists(state: BuildState, settings: Settings) -> str:
     return "upload"
 
 
+#: A context's name in its store: the source hash, so a state can name no other object.
+_CONTEXT_KEY = re.compile(r"^[0-9a-f]{64}\.tar\.gz$")
+
+
+def context_key(state: BuildState) -> str:
+    """The store key of this build's context, ``<source hash>.tar.gz``; a state that names
+    another (sent straight to the broker) is refused rather than read or deleted."""
+    key = state.context_key or f"{state.source_hash}.tar.gz"
+    if not _CONTEXT_KEY.match(key) or key != f"{state.source_hash}.tar.gz":
+        raise InputError(f"context {key[:80]!r} is not this build's context.",
+                         "A build's context is named after its source hash.")
+    return key
+
+
 def context_store(state: BuildState, settings: Settings) -> ContextStore:
     url = state.context_store or settings.context_store
     return store_for_url(url, settings)
@@ -392,7 +459,7 @@ def upload(state: BuildState, settings: Settings) -> str:
     assert state.source_hash
     store = context_store(state, settings)
     state.context_store = store.url
-    key = f"{state.source_hash}.tar.gz"
+    key = context_key(state)
     try:
         if not store.exists(key):
             root = _ensure_tree(state, settings)
@@ -414,7 +481,7 @@ def _docker_builder(settings: Settings) -> Builder:
 def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
     assert state.ref and state.context_key and state.source_hash
     store = context_store(state, settings)
-    key = state.context_key
+    key = context_key(state)
     inputs = build_inputs(state)
     cache = cache_sources(state, settings)
     return BuildRequest(
@@ -484,7 +551,7 @@ def kaniko_request(state: BuildState, settings: Settings) -> KanikoRequest:
     from workers.builders.kaniko import KanikoRequest
 
     assert state.ref and state.ref.tag and state.source_hash
-    key = state.context_key or f"{state.source_hash}.tar.gz"
+    key = context_key(state)
     return KanikoRequest(image=state.ref, context_uri=context_store(state, settings).uri(key),
                          source_hash=state.source_hash, inputs=build_inputs(state))
 
@@ -541,15 +608,18 @@ def record(state: BuildState, settings: Settings) -> str:
     _drop_tree(state)
     remember_last_tag(_client(settings), state)
     leftovers = []
-    if state.context_key and state.context_store:
-        leftovers.append((state.context_store, state.context_key))
-    elif state.source_hash and state.builder in ("docker", "kaniko"):
+    try:
+        key: str | None = context_key(state) if state.source_hash else None
+    except InputError:
+        key = None  # a state naming another object: nothing of it is deleted
+    if key and state.context_key and state.context_store:
+        leftovers.append((state.context_store, key))
+    elif key and state.builder in ("docker", "kaniko"):
         # Ended before its upload (skipped, failed): a holder killed after uploading may
         # have left this hash's context, and only the lock's current holder can remove it.
-        leftovers.append((state.context_store or settings.context_store,
-                          f"{state.source_hash}.tar.gz"))
+        leftovers.append((state.context_store or settings.context_store, key))
     location = str(state.source.get("location") or "")
-    if state.source.get("kind") == "archive" and location.rpartition("/")[2].startswith(UPLOAD_PREFIX):
+    if state.source.get("kind") == "archive" and is_shipped_source(location, settings):
         leftovers.append(split_store_url(location))
     for store_url, key in leftovers:
         # A leftover object must not fail the record.

@@ -7,6 +7,7 @@ hash so ``buildq status`` takes either.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from typing import Any
@@ -131,6 +132,9 @@ def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
         "forced": state.force,
         # What was asked, so an image can be built again as it was (buildq stale --rebuild).
         "request": request_of(state),
+        # Who asked: a verified certificate subject with signing on, else a claim.
+        "requester": state.requester,
+        "requester_verified": state.requester_verified,
         "attached": attached,
         # How many times the source was built for this record (0: the image existed), and
         # why when more than once: a second build is reported, never silent.
@@ -159,9 +163,15 @@ def request_of(state: BuildState) -> dict[str, Any]:
     return asked
 
 
-def for_request(record: dict[str, Any], request_id: str, attached: bool) -> dict[str, Any]:
-    """The same build, as the answer to another request."""
-    return {**record, "id": request_id, "attached": attached}
+def for_request(record: dict[str, Any], request_id: str, attached: bool,
+                entry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The same build, as the answer to another request (``entry``: its pending entry,
+    which names who asked it)."""
+    answer = {**record, "id": request_id, "attached": attached}
+    if entry is not None and attached:
+        answer["requester"] = entry.get("requester")
+        answer["requester_verified"] = bool(entry.get("requester_verified"))
+    return answer
 
 
 def remember_request(client: redis.Redis, request_id: str, source_hash: str) -> None:
@@ -193,12 +203,25 @@ def find(client: redis.Redis, ident: str) -> dict[str, Any] | None:
     return None
 
 
-def history(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
-    hashes = client.zrevrange(HISTORY, 0, limit - 1)
-    if not hashes:
-        return []
-    raws = client.mget([record_key(str(h)) for h in hashes])
-    return [json.loads(str(r)) for r in raws if r]
+def history(client: redis.Redis, limit: int, requester: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` records; with ``requester`` (a glob: ``alice@*``), the newest
+    ``limit`` of those it names."""
+    if requester is None:
+        hashes = client.zrevrange(HISTORY, 0, limit - 1)
+        raws = client.mget([record_key(str(h)) for h in hashes]) if hashes else []
+        return [json.loads(str(r)) for r in raws if r]
+    found: list[dict[str, Any]] = []
+    start, batch = 0, max(limit, 100)
+    while len(found) < limit:
+        hashes = client.zrevrange(HISTORY, start, start + batch - 1)
+        if not hashes:
+            break
+        for raw in client.mget([record_key(str(h)) for h in hashes]):
+            record = json.loads(str(raw)) if raw else None
+            if record and fnmatch.fnmatchcase(str(record.get("requester") or ""), requester):
+                found.append(record)
+        start += batch
+    return found[:limit]
 
 
 def remember_last_tag(client: redis.Redis, state: BuildState) -> None:

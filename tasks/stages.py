@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import inflight, operations
+from tasks import inflight, operations, requester
 from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
@@ -45,6 +45,7 @@ from tasks.records import (
 )
 from tasks.state import BuildState
 from workers import metrics
+from workers.sources.base import in_scratch
 
 log = logging.getLogger("buildq")
 
@@ -294,7 +295,8 @@ class StageTask(Task):
             # value (it keeps the first success): once the lock is released nothing could
             # store a lost answer.
             self.backend.store_result(
-                request_id, for_request(record, request_id, request_id != state.request_id),
+                request_id, for_request(record, request_id, request_id != state.request_id,
+                                        pending.get(request_id)),
                 "SUCCESS", request=self.request if request_id == own_id else None)
         metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
                                        if c == FIRST and r in pending})
@@ -314,8 +316,9 @@ def _retry_budget(cfg: Settings) -> float:
 
 
 def _drop_tree(state: BuildState) -> None:
-    """Remove this host's copy of the source of a chain that stops here."""
-    if state.owned and state.workdir:
+    """Remove this host's copy of the source of a chain that stops here (only ever a
+    scratch dir under BUILDQ_WORKDIR, whatever the state says)."""
+    if state.owned and state.workdir and in_scratch(state.workdir, settings().workdir):
         shutil.rmtree(state.workdir, ignore_errors=True)
         state.workdir = None
 
@@ -399,6 +402,8 @@ class BuildImageTask(StageTask):
             target=target, platform=platform, builder=builder, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
             base_policy=base_policy, force=force)
+        state.requester, state.requester_verified = requester.of_task(
+            self.request, settings().signing and not self.request.is_eager)
         return self.run_state(state)
 
     def delay(
@@ -418,7 +423,17 @@ class BuildImageTask(StageTask):
         # Only what the caller set travels: the message (and Flower's view of it) stays as
         # short as an untyped ``delay(source, **options)`` made it.
         options = {k: v for k, v in given.items() if v is not None and v is not False}
-        return self.apply_async(args=[source], kwargs=options)
+        current = settings()
+        if not current.embedded:
+            # What the workers would refuse is refused here, before anything is queued
+            # (they check again). A config path is the workers' to read, not this host's.
+            operations.describe_request(
+                "local", source, current, destination=destination, ref=ref,
+                dockerfile=dockerfile, build_args=build_args, target=target, platform=platform,
+                config=config if not isinstance(config, str) else {}, entrypoint=entrypoint,
+                python=python, gpu=gpu, secrets=secrets, base_policy=base_policy, force=force,
+                for_workers=True, here=False)
+        return self.apply_async(args=[source], kwargs=options, headers=requester.headers())
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     *more: Any, **options: Any) -> AsyncResult:
@@ -426,7 +441,7 @@ class BuildImageTask(StageTask):
         if not (cfg.embedded or app.conf.task_always_eager) and args:
             task_id = task_id or operations.new_request_id()
             inflight.submit(redis_client(cfg), task_id, str(args[0]), dict(kwargs or {}),
-                            cfg.lock_lease)
+                            dict(options.get("headers") or {}), cfg.lock_lease)
         return super().apply_async(args, kwargs, task_id, *more, **options)
 
 

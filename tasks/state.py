@@ -52,6 +52,9 @@ class BuildState:
     force: bool = False
     #: Base images as written (after ARG substitution) and the digest each resolved to.
     bases: list[dict[str, str]] = field(default_factory=list)
+    #: Who asked (tasks/requester.py), and whether a verified signature says so.
+    requester: str | None = None
+    requester_verified: bool = False
     #: A token handed over by the watchdog: this chain continues a dead holder's build.
     token: str | None = None
     source_hash: str | None = None

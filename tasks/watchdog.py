@@ -75,8 +75,10 @@ def restart_orphans(client: redis.Redis, settings: Settings) -> int:
             continue
         log.warning("request %s was lost between the broker and a worker; sending it again",
                     request_id)
+        # The same id (its caller waits on it) and headers (who asked); with signing on,
+        # this worker signs the copy.
         build_image.apply_async(args=[sent["source"]], kwargs=sent["options"],
-                                task_id=request_id)
+                                task_id=request_id, headers=sent.get("headers") or {})
         metrics.takeover()
         restarted += 1
     for data in reclaim_orphans(client, settings.lock_lease):

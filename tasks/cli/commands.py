@@ -20,7 +20,7 @@ import click
 from config.errors import BuildqError, InputError, ServiceError
 
 #: Record error kinds that mean the user's input was wrong (exit 2).
-INPUT_KINDS = {"input", "config", "source"}
+INPUT_KINDS = {"input", "config", "source", "forbidden"}
 
 
 def _fail(exc: BuildqError) -> NoReturn:
@@ -163,7 +163,7 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
     if settings.embedded:
         kwargs["config"] = config_path
         _report(_run_embedded(source, kwargs, settings, as_json), as_json)
-    _check_options(cfg, destination, entrypoint, python)
+    _check_request(source, kwargs, cfg, settings)
     _check_bases(source, ref, dockerfile, kwargs["build_args"])
     check_redis(settings)
     kwargs["config"] = cfg.to_mapping()
@@ -174,16 +174,15 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
         _report(record, as_json)
 
 
-def _check_options(cfg: Any, destination: str | None, entrypoint: str | None,
-                   python: str | None) -> None:
-    """Refuse bad options here rather than after a queue trip and a worker's fetch."""
-    from tasks.operations import with_destination
-    from workers.dockerfile import check_python, parse_entrypoint
+def _check_request(source: str, kwargs: dict[str, Any], cfg: Any, settings: Any) -> None:
+    """Refuse what a worker would refuse (bad options, a source or destination outside the
+    operator's rules) here, before anything is shipped or queued; the worker checks again."""
+    from tasks.operations import describe_request
 
-    if destination:
-        with_destination(cfg, destination)
-    parse_entrypoint(entrypoint, "--entrypoint")
-    check_python(python)
+    options = {k: v for k, v in kwargs.items() if k not in ("builder", "config")}
+    # A local directory or archive is shipped to the upload area, which workers may read.
+    describe_request("local", source, settings, config=cfg.to_mapping(), for_workers=True,
+                     shipped=True, **options)
 
 
 def _check_bases(source: str, ref: str | None, dockerfile: str | None,
@@ -206,16 +205,16 @@ def _check_bases(source: str, ref: str | None, dockerfile: str | None,
 
 def _ship_local_source(source: str, kwargs: dict[str, Any], settings: Any) -> str:
     """Workers may sit on other hosts: pack a local directory into the context store."""
-    from tasks.operations import UPLOAD_PREFIX
     from workers.context import BuildInputs, write_context
     from workers.sources import parse_source
+    from workers.sources.roots import new_upload_key
     from workers.stores import store_for_url
 
     spec = parse_source(source, kwargs.get("ref"))
     if spec.kind not in ("directory", "archive") or "://" in spec.location:
         return source
     store = store_for_url(settings.context_store, settings)
-    key = f"sources/{UPLOAD_PREFIX}{uuid.uuid4().hex}.tar.gz"
+    key = new_upload_key()
     if spec.kind == "directory":
         inputs = BuildInputs.create(kwargs["dockerfile"], kwargs["build_args"], kwargs["target"],
                                     kwargs["platform"])
@@ -306,6 +305,7 @@ def _watch(client: Any, request_id: str, since_ms: int, finished: Callable[[], b
 
 def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
                   as_json: bool) -> dict[str, Any]:
+    from tasks import requester
     from tasks.connection import redis_client
     from tasks.stages import build_image
 
@@ -315,7 +315,8 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
     def run() -> None:
         try:
             outcome["record"] = build_image.apply(args=[source], kwargs=kwargs,
-                                                  task_id=request_id).get()
+                                                  task_id=request_id,
+                                                  headers=requester.headers()).get()
         except BaseException as exc:
             outcome["error"] = exc
 
@@ -333,13 +334,14 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
 def _run_remote(source: str, kwargs: dict[str, Any], settings: Any, no_wait: bool,
                 as_json: bool, timeout: float | None = None,
                 builder: str | None = None) -> dict[str, Any] | None:
+    from tasks import requester
     from tasks.cli.lookout import Lookout, pool_notice
     from tasks.connection import redis_client
     from tasks.stages import build_image
 
     client = redis_client(settings)
     since = int(time.time() * 1000)
-    result = build_image.apply_async(args=[source], kwargs=kwargs)
+    result = build_image.apply_async(args=[source], kwargs=kwargs, headers=requester.headers())
     if no_wait:
         click.echo(result.id)
         notice = pool_notice(client, "control")
@@ -459,19 +461,25 @@ def status(ident: str) -> None:
 
 @cli.command()
 @click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--requester", metavar="USER@HOST",
+              help="Only builds this requester asked for (a glob, e.g. 'alice@*'); a claimed "
+                   "user@host, or a certificate subject with signing on.")
 @click.option("--json", "as_json", is_flag=True)
-def history(limit: int, as_json: bool) -> None:
+def history(limit: int, requester: str | None, as_json: bool) -> None:
     """The latest builds, newest first."""
     from tasks.records import history as load
 
-    rows = load(_redis(), limit)
+    rows = load(_redis(), limit, requester)
     if as_json:
         click.echo(json.dumps(rows))
         return
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("finished_at", 0)))
+        who = row.get("requester") or "-"
+        if row.get("requester") and not row.get("requester_verified"):
+            who += " (unverified)"
         click.echo(f"{when}  {row.get('status', '?'):8} {row.get('tag') or '-':24} "
-                   f"{row.get('image') or row.get('error') or ''}")
+                   f"{row.get('image') or row.get('error') or ''}  {who}")
 
 
 @cli.command()
@@ -492,7 +500,10 @@ def stale(repository: str | None, rebuild: bool, as_json: bool) -> None:
             except ValueError as exc:
                 _warn(f"{exc}; skipped.")
                 continue
-            entry["rebuild"] = build_image.delay(source, **options).id
+            try:
+                entry["rebuild"] = build_image.delay(source, **options).id
+            except BuildqError as exc:
+                _warn(f"{entry.get('image')}: {exc.message}; skipped.")
     if as_json:
         click.echo(json.dumps(found, indent=2, sort_keys=True))
         return

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from config.errors import ServiceError
+from config.errors import ConfigError, ServiceError
 from config.settings import Settings
 from tasks.app import POOL_QUEUES, app, configure
 from tasks.connection import check_redis, redis_client
@@ -145,6 +145,11 @@ def _run_worker(pool: str, settings: Settings, concurrency: int | None, loglevel
                            " and client).")
     check_redis(settings)
     check_pool_can_start(pool)
+    if settings.signing and settings.signing_certs_dir is None:
+        raise ConfigError("with message signing on, a worker needs BUILDQ_SIGNING_CERTS_DIR: "
+                          "the certificates whose signatures it trusts.",
+                          "Put every client's and worker's certificate (PEM) in one directory "
+                          "and set BUILDQ_SIGNING_CERTS_DIR to it.")
     configure(settings)
     hostname = worker_hostname(pool, name)
     if listen is not None:

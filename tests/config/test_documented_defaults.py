@@ -120,3 +120,28 @@ def test_no_warning_when_the_secret_is_what_the_job_reads(change: dict[str, Any]
         else:
             data[section][key] = value
     assert config_from_mapping(data).warnings == ()
+
+
+def settings_default(variable: str) -> str:
+    """The default column of ``variable``'s row in the README's settings table."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and variable in cells[0]:
+            return cells[1]
+    raise AssertionError(f"the README's settings table has no row for {variable}")
+
+
+@pytest.mark.parametrize(("variable", "field", "says"), [
+    ("BUILDQ_SOURCE_ROOTS", "source_roots", "upload area only"),
+    ("BUILDQ_ALLOWED_DESTINATIONS", "allowed_destinations", "launch-config's destination"),
+    ("BUILDQ_SIGNING_KEY", "signing_key", "signing off"),
+    ("BUILDQ_SIGNING_CERTS_DIR", "signing_certs_dir", "—"),
+])
+def test_readme_settings_defaults_are_what_an_unset_variable_gives(
+        variable: str, field: str, says: str) -> None:
+    from config.settings import Settings
+
+    unset = Settings.from_env({"HOME": "/nonexistent"})
+    # Unset, each of these is empty: the README says what empty means.
+    assert getattr(unset, field) in ((), None)
+    assert says in settings_default(variable)

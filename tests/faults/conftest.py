@@ -27,7 +27,7 @@ from tasks.keys import INFLIGHT, PENDING_INDEX, lock_key, pending_key
 from tests import services
 from tests.conftest import AWS_ENV
 from tests.faults.proxy import FaultProxy
-from tests.tasks.conftest import REPO, Cluster, use_cluster, use_settings
+from tests.tasks.conftest import REPO, Cluster, point_app_at, use_cluster
 
 #: The lock lease of the fault cluster, seconds (as tests/tasks uses).
 LEASE = 6.0
@@ -242,6 +242,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
         "BUILDQ_MAX_RETRIES": str(MAX_RETRIES),
         "HOME": str(root / "home"),
         "PYTHONPATH": str(REPO),
+        "BUILDQ_SOURCE_ROOTS": str(root.parent),
     }
     env.pop("BUILDQ_CONFIG", None)
     (root / "work").mkdir()
@@ -274,7 +275,7 @@ def faults(fault_cluster: FaultCluster) -> Iterator[FaultCluster]:
     if fault_cluster.registry.process is None:
         fault_cluster.restart_registry()
     fault_cluster.top_up()
-    use_settings(previous)
+    point_app_at(previous)
 
 
 @pytest.fixture

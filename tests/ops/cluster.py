@@ -143,6 +143,7 @@ def start_ops_cluster(root: Path, registry: services.RegistryServer, control: in
         "BUILDQ_LOCK_LEASE": "20",
         "HOME": str(root / "home"),
         "PYTHONPATH": str(REPO),
+        "BUILDQ_SOURCE_ROOTS": str(root.parent),
     }
     env.pop("BUILDQ_CONFIG", None)
     cluster = OpsCluster(root, red, registry, env)

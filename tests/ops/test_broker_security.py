@@ -86,7 +86,8 @@ def secured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     server = services.start_secure_redis(root, password, tls=mode == "tls")
     env = {**os.environ, "BUILDQ_REDIS_URL": server.url, "BUILDQ_LOCK_LEASE": "6",
            "BUILDQ_WORKDIR": str(root / "work"), "BUILDQ_CONTEXT_STORE": (root / "contexts").as_uri(),
-           "BUILDQ_NETWORK_MODE": "none", "HOME": str(root / "home"), "PYTHONPATH": str(REPO)}
+           "BUILDQ_NETWORK_MODE": "none", "HOME": str(root / "home"), "PYTHONPATH": str(REPO),
+           "BUILDQ_SOURCE_ROOTS": str(root.parent)}
     for name in ("BUILDQ_CONFIG", "BUILDQ_FLOWER_BASIC_AUTH"):
         env.pop(name, None)
     cluster = Cluster(server, registry, root, env)

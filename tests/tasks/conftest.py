@@ -93,23 +93,25 @@ def make_cluster(root: Path, registry: services.RegistryServer, lease: float) ->
         "BUILDQ_BASE_TTL": "1",
         "HOME": str(root / "home"),
         "PYTHONPATH": str(REPO),
+        # The tests' sources live beside the cluster's own directory (pytest's temporary
+        # directories): the workers may read them there, as an operator opts in.
+        "BUILDQ_SOURCE_ROOTS": str(root.parent),
     }
-    env.pop("BUILDQ_CONFIG", None)
+    for name in ("BUILDQ_CONFIG", "BUILDQ_ALLOWED_DESTINATIONS"):
+        env.pop(name, None)
     return Cluster(red, registry, root, env)
 
 
 def use_cluster(cluster: Cluster) -> None:
     """Point this test process's Celery app at the cluster, as a script would."""
-    use_settings(cluster.settings())
+    point_app_at(cluster.settings())
 
 
-def use_settings(settings: Settings) -> None:
-    from tasks.app import configure
+def point_app_at(settings: Settings) -> None:
+    from tasks.app import app, configure
 
     configure(settings)
-    from tasks.app import app
-
-    # Whatever was cached came from the embedded configuration of the test process.
+    # Connections cached for the previous broker must not be reused.
     app._pool = None
     app._local = threading.local()
     app.amqp._producer_pool = None
@@ -123,7 +125,7 @@ def app_handed_back() -> Iterator[None]:
     previous = tasks.app.settings()
     yield
     if tasks.app.settings() is not previous:
-        use_settings(previous)
+        point_app_at(previous)
 
 
 @pytest.fixture(scope="session")

@@ -136,6 +136,14 @@ def build_arg_without_equals(e: Env) -> Setup:
     return Setup(e.build(e.app(), "--build-arg", "ONLYNAME"))
 
 
+def secret_name_that_is_a_path(e: Env) -> Setup:
+    return Setup(e.build(e.app(), "--secret", "../../etc/passwd"))
+
+
+def platform_that_is_not_one(e: Env) -> Setup:
+    return Setup(e.build(e.app(), "--platform", "linux"))
+
+
 def ref_on_a_directory(e: Env) -> Setup:
     return Setup(e.build(e.app(), "--ref", "main"))
 
@@ -232,6 +240,10 @@ CASES = [
                  id="missing-source-path"),
     pytest.param(Case(build_arg_without_equals, 2, ["--build-arg", "ONLYNAME", "KEY=VALUE"]),
                  id="build-arg-without-equals"),
+    pytest.param(Case(secret_name_that_is_a_path, 2, ["../../etc/passwd", "secret name"], "input"),
+                 id="secret-name-path"),
+    pytest.param(Case(platform_that_is_not_one, 2, ["'linux'", "os/arch"], "input"),
+                 id="platform-not-one"),
     pytest.param(Case(ref_on_a_directory, 2, ["only applies to git"], "source"),
                  id="ref-on-a-directory"),
     pytest.param(Case(git_ref_that_is_an_option, 2, ["--upload-pack=x", "option"], "source"),
@@ -317,8 +329,9 @@ def test_bad_requests_on_a_cluster_fail_alone_and_good_builds_go_through(
     bad: dict[str, tuple[Any, str, list[str]]] = {
         "hostile-archive": (build_image.delay(str(hostile), destination=e.dest()),
                             "source", ["hostile.tar.gz", "../escaped-on-cluster"]),
-        "git-ref-option": (build_image.delay(bare.as_uri(), ref="--upload-pack=x",
-                                             destination=e.dest()),
+        # delay() would refuse it before queueing: sent as anybody could, the worker must.
+        "git-ref-option": (build_image.apply_async(args=[bare.as_uri()], kwargs={
+                               "ref": "--upload-pack=x", "destination": e.dest()}),
                            "source", ["--upload-pack=x", "option"]),
         "failing-run": (build_image.delay(str(e.app("RUN sh -c 'exit 3'\n")), destination=e.dest()),
                         "build", ["exit code 3", "RUN sh -c 'exit 3'"]),

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import signal
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +27,12 @@ import pytest
 import redis
 
 from config.names import HASH_LABEL
-from config.settings import Settings
 from tasks import build_image
 from tasks.keys import events_key
 from tests import services
 from tests.conftest import AWS_ENV
 from tests.k8s_standin import KubeStandIn, role_rules
-from tests.tasks.conftest import REPO, Cluster, make_cluster, use_cluster
+from tests.tasks.conftest import REPO, Cluster, make_cluster, point_app_at, use_cluster
 from workers.kube import KANIKO_ACCESS
 
 NAMESPACE = "buildq-kaniko"
@@ -122,16 +120,6 @@ def _azure(azurite: services.StandIn) -> Store:
                   "BUILDQ_AZURE_BLOB_ENDPOINT": f"{azurite.endpoint}/{services.AZURITE_ACCOUNT}"})
 
 
-def _point_app_at(settings: Settings) -> None:
-    from tasks.app import app, configure
-
-    configure(settings)
-    # Connections cached for the previous broker must not be reused.
-    app._pool = None
-    app._local = threading.local()
-    app.amqp._producer_pool = None
-
-
 @pytest.fixture(scope="module")
 def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
                    registry: services.RegistryServer, kube_standin: KubeStandIn,
@@ -156,6 +144,8 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
         "BUILDQ_AZURE_BLOB_ENDPOINT": f"{azurite.endpoint}/{services.AZURITE_ACCOUNT}",
         "BUILDQ_AZURE_STORAGE_KEY": services.AZURITE_KEY,
         "BUILDQ_REGISTRY_ENDPOINTS": f"{LOGICAL_REGISTRY}={registry.host}",
+        # Pushes go to the logical registry's name (and the real one's, for loopback jobs).
+        "BUILDQ_ALLOWED_DESTINATIONS": f"{LOGICAL_REGISTRY}/*,{registry.host}/*",
         "KUBECONFIG": str(kube_standin.kubeconfig(root / "kubeconfig", NAMESPACE)),
         "BUILDQ_KUBE_NAMESPACE": NAMESPACE,
     })
@@ -175,7 +165,7 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
         cluster.redis.stop()
         moto_server.stop()
         if previous is not None:
-            _point_app_at(previous)
+            point_app_at(previous)
 
 
 @pytest.fixture

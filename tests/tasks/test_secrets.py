@@ -89,6 +89,7 @@ def cluster_with_secrets(tmp_path: Path, docker_engine: str, google: services.Go
         "BUILDQ_REGISTRY_USERNAME": USER, "BUILDQ_REGISTRY_PASSWORD": password,
         "GOOGLE_APPLICATION_CREDENTIALS": str(google.service_account_file(tmp_path / "key.json")),
         "BUILDQ_REGISTRY_ENDPOINTS": f"{GAR_HOST}={gar_registry.host}",
+        "BUILDQ_ALLOWED_DESTINATIONS": f"{GAR_HOST}/*,{registry.host}/*",
     })
     try:
         yield cluster, password, registry

@@ -131,6 +131,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "AWS_DEFAULT_REGION": ECR_REGION,
         "BUILDQ_ECR_ENDPOINT_URL": ecr.url,
         "BUILDQ_REGISTRY_ENDPOINTS": ",".join(f"{h}={e}" for h, e in endpoints.items()),
+        "BUILDQ_ALLOWED_DESTINATIONS": ",".join(f"{h}/*" for h in endpoints),
         "GOOGLE_APPLICATION_CREDENTIALS": str(google.service_account_file(root / "sa.json")),
         "IDENTITY_ENDPOINT": acr.msi_endpoint,
         "IDENTITY_HEADER": acr.identity_header,

@@ -143,6 +143,13 @@ def scratch_dir(workdir: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"buildq-{kind}-{owner}-", dir=workdir)).resolve()
 
 
+def in_scratch(path: str | Path, workdir: Path) -> bool:
+    """Whether ``path`` lies inside ``workdir``: the only trees a worker deletes, or takes
+    as already fetched, when a task's state names them (a state is input like any other)."""
+    real, root = os.path.realpath(path), os.path.realpath(workdir)
+    return real != root and real.startswith(root + os.sep)
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -303,10 +310,18 @@ def check_spec(spec: SourceSpec) -> None:
                           "Write image:<registry>/<repository>:<tag>.")
 
 
-def parse_source(source: str, ref: str | None = None) -> SourceSpec:
+def names_local_path(source: str) -> bool:
+    """Whether :func:`parse_source` takes ``source`` for a path on this host."""
+    return not (source.startswith(("image:", "git+")) or "://" in source
+                or _SCP_LIKE.match(source) or _TRANSPORT.match(source))
+
+
+def parse_source(source: str, ref: str | None = None, look: bool = True) -> SourceSpec:
     """Turn what a user typed into a checked ``SourceSpec``.
 
     Local paths are resolved here, on the host that enqueues; URLs are only parsed.
+    ``look=False``: a local path is a path on another host (a worker's), taken as
+    written (absolute, its kind told by its name) without looking at this host's files.
     """
     if ref is not None:
         check_ref(ref)
@@ -331,8 +346,10 @@ def parse_source(source: str, ref: str | None = None) -> SourceSpec:
         spec = SourceSpec("git", source.removeprefix("git+"), ref)
     elif "://" in source:
         spec = _parse_url(source, ref)
-    elif _SCP_LIKE.match(source):
-        spec = SourceSpec("git", source, ref)
+    elif not names_local_path(source):
+        spec = SourceSpec("git", source, ref)  # user@host:path
+    elif not look:
+        spec = SourceSpec("archive" if _is_archive_name(source) else "directory", source, ref)
     else:
         spec = _parse_local(source, ref)
     check_spec(spec)
