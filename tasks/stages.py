@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
@@ -31,6 +31,7 @@ from tasks import inflight, operations
 from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
+from tasks.failures import BuildFailed, failure_for
 from tasks.lock import Lease, new_token
 from tasks.records import (
     FIRST,
@@ -71,6 +72,9 @@ class StageTask(Task):
 
     acks_late = True
     reject_on_worker_lost = True
+    #: A failed build ends its task in FAILURE (see tasks/failures.py): expected, so the
+    #: worker logs it as a build outcome, not as a task that crashed.
+    throws = (BuildFailed,)
     stage_name = ""
     body: StageBody
 
@@ -263,7 +267,7 @@ class StageTask(Task):
             record = make_record(state, attached=own_id != state.request_id)
             store_unhashed(client, record)
             metrics.build_finished(state, None)
-            return record
+            return _answer(record)
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
         waiting = lease.pending_requests()
@@ -293,15 +297,27 @@ class StageTask(Task):
             # Stored here for the chain's own request too, as Celery would store the return
             # value (it keeps the first success): once the lock is released nothing could
             # store a lost answer.
+            answer = for_request(record, request_id, request_id != state.request_id)
+            failure = failure_for(answer)
             self.backend.store_result(
-                request_id, for_request(record, request_id, request_id != state.request_id),
-                "SUCCESS", request=self.request if request_id == own_id else None)
+                request_id, answer if failure is None else failure,
+                states.SUCCESS if failure is None else states.FAILURE,
+                request=self.request if request_id == own_id else None)
         metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
                                        if c == FIRST and r in pending})
         lease.release(requests)
         if own_id in requests and own_id not in ours:
             raise Ignore()
-        return for_request(record, own_id, own_id != state.request_id)
+        return _answer(for_request(record, own_id, own_id != state.request_id))
+
+
+def _answer(record: dict[str, Any]) -> dict[str, Any]:
+    """The chain's return value: the record of a request with an image; a failed or
+    cancelled one raises it inside :class:`BuildFailed`, so its task ends in FAILURE."""
+    failure = failure_for(record)
+    if failure is not None:
+        raise failure
+    return record
 
 
 #: Stages whose body builds the image, noted under the lease (see tasks/lock.py). The

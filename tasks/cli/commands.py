@@ -326,6 +326,10 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
            block_ms=None)
     worker.join()
     if "error" in outcome:
+        from tasks.failures import BuildFailed
+
+        if isinstance(outcome["error"], BuildFailed):
+            return outcome["error"].record
         raise outcome["error"]
     return dict(outcome["record"])
 
@@ -351,7 +355,9 @@ def _run_remote(source: str, kwargs: dict[str, Any], settings: Any, no_wait: boo
     _watch(client, result.id, since, result.ready, as_json, lookout=lookout)
     if lookout.expired and not result.ready():
         raise ServiceError(*lookout.gave_up(result.id))
-    return dict(result.get(propagate=True))
+    from tasks.failures import outcome
+
+    return outcome(result)
 
 
 def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
