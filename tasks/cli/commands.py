@@ -446,7 +446,8 @@ def _redis() -> Any:
 @click.argument("ident")
 def status(ident: str) -> None:
     """Show the record of a request id or source hash (or tag)."""
-    from tasks.cli.lookout import find_queued, pool_notice
+    from tasks.cli.lookout import pool_notice
+    from tasks.queued import find_queued
     from tasks.records import find
 
     client = _redis()
