@@ -74,6 +74,12 @@ def answered_key(request_id: str) -> str:
     return f"{PREFIX}:answered:{request_id}"
 
 
+def cancel_key(request_id: str) -> str:
+    """String: who cancelled the request and when (JSON); its chain stops when it sees it
+    (tasks/cancelling.py)."""
+    return f"{PREFIX}:cancel:{request_id}"
+
+
 def request_hash_key(request_id: str) -> str:
     """String: the source hash a request was built (or attached) under."""
     return f"{PREFIX}:request:{request_id}"

@@ -22,6 +22,7 @@ from config.names import HASH_LABEL
 from config.references import ImageRef, parse_destination, parse_image_ref
 from config.settings import Settings
 from tasks.app import settings as current_settings
+from tasks.cancelling import current_stop
 from tasks.connection import redis_client
 from tasks.events import LogWriter, emit
 from tasks.lock import Lease, new_token
@@ -432,6 +433,8 @@ def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
         no_cache=state.force,
         registry_logins=_registry_logins([state.ref, *cache], settings),
         dockerfile_text=inputs.dockerfile_text,
+        # Set when the request is cancelled while it builds: the builder stops the build.
+        cancel=current_stop(),
     )
 
 
@@ -546,14 +549,30 @@ def record(state: BuildState, settings: Settings) -> str:
         # have left this hash's context, and only the lock's current holder can remove it.
         leftovers.append((state.context_store or settings.context_store,
                           f"{state.source_hash}.tar.gz"))
+    leftovers += _shipped(state)
+    _delete(leftovers, settings)
+    return ""
+
+
+def discard(state: BuildState, settings: Settings) -> None:
+    """Cleanup of a request that stops before the lock (cancelled): its fetched tree and
+    the source archive the CLI shipped for it. The hash's context belongs to the lock."""
+    _drop_tree(state)
+    _delete(_shipped(state), settings)
+
+
+def _shipped(state: BuildState) -> list[tuple[str, str]]:
     location = str(state.source.get("location") or "")
     if state.source.get("kind") == "archive" and location.rpartition("/")[2].startswith(UPLOAD_PREFIX):
-        leftovers.append(split_store_url(location))
+        return [split_store_url(location)]
+    return []
+
+
+def _delete(leftovers: list[tuple[str, str]], settings: Settings) -> None:
     for store_url, key in leftovers:
         # A leftover object must not fail the record.
         with contextlib.suppress(Exception):
             store_for_url(store_url, settings).delete(key)
-    return ""
 
 
 __all__ = ["current_settings"]

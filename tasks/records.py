@@ -139,6 +139,9 @@ def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
         "log": f"redis:{log_key(state.source_hash)}" if state.source_hash else None,
         "error": state.error,
         "error_kind": state.error_kind,
+        # Only a cancelled record says who cancelled it and when.
+        **({"cancelled_by": state.cancelled_by, "cancelled_at": state.cancelled_at}
+           if state.status == "cancelled" else {}),
         "created_at": state.created_at,
         "finished_at": time.time(),
     }

@@ -27,11 +27,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import inflight, operations
+from tasks import cancelling, inflight, operations
 from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
-from tasks.failures import BuildFailed, failure_for
+from tasks.failures import BuildCancelled, BuildFailed, failure_for
 from tasks.lock import Lease, new_token
 from tasks.records import (
     FIRST,
@@ -39,6 +39,7 @@ from tasks.records import (
     answered_by,
     claim_answer,
     count_late_build,
+    find,
     for_request,
     make_record,
     rebuilt_reason,
@@ -122,6 +123,11 @@ class StageTask(Task):
         """The stage loop from ``at`` = [stage, retries], kept current for a resume."""
         stage, retries = at
         while True:
+            if stage != "record" and not state.done:
+                flag = cancelling.abandoned(client, state)
+                if flag is not None:
+                    # Cancelled, and nobody else waits for this build: stop here.
+                    stage, retries = self._stop_cancelled(state, cfg, client, flag), 0
             at[:] = [stage, retries]
             lease = self._lease(state, cfg, client, stage)
             emit(client, state.request_id, "stage", stage=stage, state="started")
@@ -209,8 +215,38 @@ class StageTask(Task):
             signature.set(queue=queue)
         return self.replace(signature)
 
+    def _stop_cancelled(self, state: BuildState, cfg: Settings, client: Any,
+                        flag: dict[str, Any]) -> str:
+        """End a chain whose request was cancelled: before the lock, drop what it fetched and
+        end the task; holding it, go to ``record`` as cancelled (cleanup, lock released)."""
+        if not state.token:
+            inflight.forget(client, state.request_id)
+            operations.discard(state, cfg)
+            raise self._ended_elsewhere(client, state.request_id)
+        state.cancel(str(flag.get("by")), float(flag.get("at") or time.time()))
+        return "record"
+
+    def _ended_elsewhere(self, client: Any, request_id: str) -> BaseException:
+        """How a task whose request was answered by someone else ends: as that answer when
+        it was a cancel (so Flower shows the task failed), else ignored."""
+        if (self.request.id or request_id) == request_id and cancelling.cancelled(client, request_id):
+            found = find(client, request_id)
+            if found is not None and found.get("status") == "cancelled":
+                return BuildCancelled(found)
+        return Ignore()
+
     def _attempt(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None,
                  attempt: str) -> str:
+        """One stage body, watched for a cancel of its request."""
+        client = redis_client(cfg)
+        with cancelling.watch(client, state) as watched:
+            next_stage = self._attempt_body(stage, state, cfg, lease, attempt)
+        if watched.flag is not None and stage != "record":
+            return self._stop_cancelled(state, cfg, client, watched.flag)
+        return next_stage
+
+    def _attempt_body(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None,
+                      attempt: str) -> str:
         """One stage body; a user-facing error or a crash becomes a failed state."""
         try:
             if state.done and stage != "record":
@@ -263,7 +299,7 @@ class StageTask(Task):
         own_id = self.request.id or state.request_id
         if not state.source_hash or not state.token:
             if claim_answer(client, state.request_id, attempt) == OTHER:
-                raise Ignore()
+                raise self._ended_elsewhere(client, state.request_id)
             record = make_record(state, attached=own_id != state.request_id)
             store_unhashed(client, record)
             metrics.build_finished(state, None)
@@ -272,10 +308,10 @@ class StageTask(Task):
                       state.request_id)
         waiting = lease.pending_requests()
         if waiting and all(answered_by(client, r) not in (None, attempt) for r in waiting):
-            # A copy of requests that others answered (restarted while alive): their record
-            # stands; only the lock is left to release.
+            # A copy of requests that others answered (restarted while alive), or a request
+            # cancelled meanwhile: that answer stands; only the lock is left to release.
             lease.release(waiting)
-            raise Ignore()
+            raise self._ended_elsewhere(client, own_id)
         while True:
             notes = lease.build_notes()
             written = lease.write_record(
@@ -307,7 +343,7 @@ class StageTask(Task):
                                        if c == FIRST and r in pending})
         lease.release(requests)
         if own_id in requests and own_id not in ours:
-            raise Ignore()
+            raise self._ended_elsewhere(client, own_id)
         return _answer(for_request(record, own_id, own_id != state.request_id))
 
 

@@ -368,7 +368,8 @@ def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
         click.echo(f"{status}{note}: {record['image']}@{record['digest']}", file=out)
         code = 0
     else:
-        click.secho(f"failed: {record.get('error')}", fg="red", file=out)
+        label = "cancelled" if status == "cancelled" else "failed"
+        click.secho(f"{label}: {record.get('error')}", fg="red", file=out)
         code = 2 if record.get("error_kind") in INPUT_KINDS else 1
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
@@ -511,6 +512,28 @@ def stale(repository: str | None, rebuild: bool, as_json: bool) -> None:
             click.echo(f"{entry['image']}: base {base['image']} moved {base['built_with']} -> {now}")
         if entry.get("rebuild"):
             click.echo(f"  rebuilding: request {entry['rebuild']}")
+
+
+@cli.command()
+@click.argument("ident", required=False)
+@click.option("--all", "everyone", is_flag=True,
+              help="Also cancel every request attached to the same build.")
+def cancel(ident: str | None, everyone: bool) -> None:
+    """Cancel a request (id), or the build of a source hash or tag, wherever it is."""
+    from tasks.cancelling import cancel as cancel_request
+    from tasks.cancelling import requests_of
+
+    if not ident:
+        raise InputError("cancel needs the request to stop.",
+                         "buildq cancel <request-id | source-hash | tag> [--all]")
+    client = _redis()
+    for request_id in requests_of(client, ident, everyone):
+        done = cancel_request(request_id)
+        if done.finished:
+            click.echo(f"{request_id}: already finished ({done.record.get('status')}); "
+                       "nothing to cancel")
+        else:
+            click.echo(f"{request_id}: cancelled")
 
 
 @cli.command()
