@@ -42,6 +42,7 @@ from tasks.keys import (
     INFLIGHT,
     PENDING_INDEX,
     cancel_key,
+    events_key,
     pending_key,
     record_key,
     request_hash_key,
@@ -101,7 +102,8 @@ def requests_of(client: redis.Redis, ident: str, everyone: bool = False) -> list
 
 def _known_request(client: redis.Redis, ident: str) -> bool:
     pipe = client.pipeline(transaction=False)
-    for key in (request_hash_key(ident), request_record_key(ident), cancel_key(ident)):
+    for key in (request_hash_key(ident), request_record_key(ident), cancel_key(ident),
+                events_key(ident)):
         pipe.exists(key)
     pipe.hexists(INFLIGHT, ident)
     if any(pipe.execute()) or answered(client, ident):

@@ -120,7 +120,9 @@ def _show_bases(state: Any) -> None:
               help="Override builder.type.")
 @click.option("--force", is_flag=True,
               help="Build and push even when the tag exists (same hash, same tag).")
-@click.option("--no-wait", is_flag=True, help="Enqueue and print the request id.")
+@click.option("--no-wait", "--detach", "no_wait", is_flag=True,
+              help="Enqueue, print the request id and return at once (follow it with "
+                   "buildq logs --follow ID).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop waiting for the record after SECONDS (exit 2); the request goes on. "
                    "Default: wait as long as it takes.")
@@ -538,16 +540,40 @@ def cancel(ident: str | None, everyone: bool) -> None:
 
 @cli.command()
 @click.argument("ident")
-def logs(ident: str) -> None:
+@click.option("--follow", "-f", is_flag=True,
+              help="Stream the stages and the build log live until the request ends, then "
+                   "print its status line and exit as `buildq build` would.")
+def logs(ident: str, follow: bool) -> None:
     """Print the build log of a request id, source hash or tag."""
     from tasks.keys import log_key
     from tasks.records import find
 
     client = _redis()
+    if follow:
+        _follow(client, ident)
     found = find(client, ident)
     source_hash = (found or {}).get("source_hash") or ident
     for _, fields in client.xrange(log_key(source_hash)):
         click.echo(fields.get("line", ""))
+
+
+def _follow(client: Any, ident: str) -> NoReturn:
+    """``logs --follow``: blocking reads of the request's streams (XREAD BLOCK) until it is
+    answered; Ctrl-C stops following, never the build."""
+    from tasks.app import app
+    from tasks.cancelling import requests_of
+    from tasks.failures import outcome
+    from tasks.records import answered
+
+    request_id = requests_of(client, ident)[0]
+    try:
+        _watch(client, request_id, 0, lambda: answered(client, request_id), False, block_ms=1000)
+        record = outcome(app.AsyncResult(request_id), timeout=60)
+    except KeyboardInterrupt:
+        click.echo(f"stopped following; request {request_id} goes on "
+                   f"(buildq logs --follow {request_id} picks it up again).", err=True)
+        sys.exit(130)
+    _report(record, False)
 
 
 @cli.group("config")
