@@ -146,6 +146,12 @@ class Settings:
     base_policy: str = "digest"
     #: Cap on an archive's member count: millions of empty files exhaust inodes, not bytes.
     max_archive_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS
+    #: Where every ended request's record is POSTed (BUILDQ_NOTIFY_URL); None: nowhere.
+    notify_url: str | None = None
+    #: Key of the X-Buildq-Signature HMAC of each notification (BUILDQ_NOTIFY_SECRET).
+    notify_secret: str | None = field(default=None, repr=False)
+    #: Retries of a notification answered 5xx or not reached, with backoff (then given up).
+    notify_retries: int = 5
 
     @property
     def embedded(self) -> bool:
@@ -201,7 +207,24 @@ class Settings:
             build_secrets_secret=env.get("BUILDQ_BUILD_SECRETS_SECRET") or cls.build_secrets_secret,
             base_ttl=_number(env, "BUILDQ_BASE_TTL", cls.base_ttl, strict=False),
             base_policy=_base_policy(env.get("BUILDQ_BASE_POLICY") or cls.base_policy),
+            notify_url=(check_notify_url(env["BUILDQ_NOTIFY_URL"], "BUILDQ_NOTIFY_URL")
+                        if env.get("BUILDQ_NOTIFY_URL") else None),
+            notify_secret=env.get("BUILDQ_NOTIFY_SECRET") or None,
+            notify_retries=int(_number(env, "BUILDQ_NOTIFY_RETRIES", cls.notify_retries,
+                                       strict=False)),
         )
+
+
+def check_notify_url(url: str, origin: str) -> str:
+    """A notification target: an absolute http(s) URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{origin} {url!r} is not an http:// or https:// URL.",
+                          "Give the full URL that receives the record, e.g. "
+                          "https://ci.example.com/hooks/buildq.")
+    return url.strip()
 
 
 def _base_policy(value: str) -> str:

@@ -48,6 +48,7 @@ from tasks.keys import (
     request_hash_key,
     request_record_key,
 )
+from tasks.notifications import announce
 from tasks.queued import find_queued
 from tasks.records import OTHER, REQUEST_TTL, answered, claim_answer, find, make_record, store_unhashed
 from tasks.state import BuildState
@@ -146,6 +147,8 @@ def cancel(request_id: str, by: str | None = None) -> Cancelled:
     if state.source_hash:
         client.hdel(pending_key(state.source_hash), request_id)
     app.backend.store_result(request_id, BuildCancelled(record), states.FAILURE)
+    # To BUILDQ_NOTIFY_URL as the workers have it, and to the request's own receiver.
+    announce(record, state.notify, settings(), everyone=True)
     return Cancelled(request_id, record, finished=False)
 
 

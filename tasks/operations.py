@@ -20,7 +20,7 @@ from config import LaunchConfig, config_from_mapping, load_config
 from config.errors import BuildError, BuildqError, ConfigError, InputError
 from config.names import HASH_LABEL
 from config.references import ImageRef, parse_destination, parse_image_ref
-from config.settings import Settings
+from config.settings import Settings, check_notify_url
 from tasks.app import settings as current_settings
 from tasks.cancelling import current_stop
 from tasks.connection import redis_client
@@ -107,6 +107,7 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
                      python: str | None = None, gpu: bool = False,
                      secrets: list[str] | tuple[str, ...] | None = None,
                      base_policy: str | None = None, force: bool = False,
+                     notify: str | None = None,
                      ) -> tuple[BuildState, LaunchConfig, SourceSpec]:
     """The state of a request with every input of its build checked and filled in.
 
@@ -133,6 +134,7 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
     state.base_policy = check_base_policy(base_policy or cfg.builder.base_policy
                                           or settings.base_policy)
     state.force = bool(force)
+    state.notify = check_notify_url(notify, "notify") if notify else None
     return state, cfg, spec
 
 
@@ -149,7 +151,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
                 python: str | None = None, gpu: bool = False,
                 secrets: list[str] | None = None, base_policy: str | None = None,
-                force: bool = False) -> BuildState:
+                force: bool = False, notify: str | None = None) -> BuildState:
     """The state of a fresh request; input errors become a failed state, never an exception."""
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
@@ -159,7 +161,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
             request_id, source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
             build_args=build_args, target=target, platform=platform, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
-            base_policy=base_policy, force=force)
+            base_policy=base_policy, force=force, notify=notify)
         if spec.kind == "image":
             state.ref = None
             state.platform = platform
@@ -178,6 +180,10 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
             state.context_store = kaniko_store(cfg)
     except InputError as exc:
         state.fail(str(exc), exc.kind)
+        if notify and state.notify is None:
+            # Refused for another reason: still tell a well-formed receiver.
+            with contextlib.suppress(InputError):
+                state.notify = check_notify_url(notify, "notify")
     return state
 
 
@@ -342,7 +348,7 @@ def pending_entry(state: BuildState) -> dict[str, Any]:
     return {k: v for k, v in state.to_dict().items()
             if k in ("request_id", "source", "ref", "dockerfile", "build_args",
                      "target", "platform", "builder", "config", "created_at", "entrypoint",
-                     "python", "gpu", "secrets", "base_policy", "force", "bases")}
+                     "python", "gpu", "secrets", "base_policy", "force", "bases", "notify")}
 
 
 def hash_source(state: BuildState, settings: Settings) -> str:

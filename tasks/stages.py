@@ -33,6 +33,7 @@ from tasks.connection import redis_client
 from tasks.events import emit
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
 from tasks.lock import Lease, new_token
+from tasks.notifications import announce
 from tasks.records import (
     FIRST,
     OTHER,
@@ -303,6 +304,7 @@ class StageTask(Task):
             record = make_record(state, attached=own_id != state.request_id)
             store_unhashed(client, record)
             metrics.build_finished(state, None)
+            announce(record, state.notify, settings())
             return _answer(record)
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
@@ -342,6 +344,13 @@ class StageTask(Task):
         metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
                                        if c == FIRST and r in pending})
         lease.release(requests)
+        for request_id, claim in claims.items():
+            # After the answers and the release: a receiver never holds up the build.
+            if claim == FIRST:
+                url = state.notify if request_id == state.request_id else \
+                    pending.get(request_id, {}).get("notify")
+                announce(for_request(record, request_id, request_id != state.request_id), url,
+                         settings())
         if own_id in requests and own_id not in ours:
             raise self._ended_elsewhere(client, own_id)
         return _answer(for_request(record, own_id, own_id != state.request_id))
@@ -435,7 +444,8 @@ class BuildImageTask(StageTask):
     generated for a Python project that has none (see workers/dockerfile/); ``secrets``
     names secret build args, whose values the building worker looks up (see
     workers/secrets.py); ``base_policy`` is ``digest`` (base images resolved, hashed and
-    pinned) or ``tag``; ``force`` builds and pushes even when the tag exists.
+    pinned) or ``tag``; ``force`` builds and pushes even when the tag exists; ``notify`` is an
+    http(s) URL that receives the record when the request ends (see tasks/notifications.py).
     """
 
     def run(  # type: ignore[override]
@@ -444,13 +454,14 @@ class BuildImageTask(StageTask):
             target: str | None = None, platform: str | None = None, builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False, secrets: list[str] | None = None,
-            base_policy: str | None = None, force: bool = False) -> Any:
+            base_policy: str | None = None, force: bool = False,
+            notify: str | None = None) -> Any:
         state = operations.new_request(
             self.request.id or operations.new_request_id(), source, settings(),
             destination=destination, ref=ref, dockerfile=dockerfile, build_args=build_args,
             target=target, platform=platform, builder=builder, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
-            base_policy=base_policy, force=force)
+            base_policy=base_policy, force=force, notify=notify)
         return self.run_state(state)
 
     def delay(
@@ -460,13 +471,13 @@ class BuildImageTask(StageTask):
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False,
             secrets: list[str] | None = None, base_policy: str | None = None,
-            force: bool = False) -> AsyncResult:
+            force: bool = False, notify: str | None = None) -> AsyncResult:
         """Queue a build of ``source``; the same parameters as :meth:`run`."""
         given = {"destination": destination, "ref": ref, "dockerfile": dockerfile,
                  "build_args": build_args, "target": target, "platform": platform,
                  "builder": builder, "config": config, "entrypoint": entrypoint,
                  "python": python, "gpu": gpu, "secrets": secrets, "base_policy": base_policy,
-                 "force": force}
+                 "force": force, "notify": notify}
         # Only what the caller set travels: the message (and Flower's view of it) stays as
         # short as an untyped ``delay(source, **options)`` made it.
         options = {k: v for k, v in given.items() if v is not None and v is not False}

@@ -47,6 +47,8 @@ class BuildState:
     base_policy: str | None = None
     #: Build and push even when the tag exists (same hash, same tag).
     force: bool = False
+    #: Where this request's record is POSTed when it ends, besides BUILDQ_NOTIFY_URL.
+    notify: str | None = None
     #: Base images as written (after ARG substitution) and the digest each resolved to.
     bases: list[dict[str, str]] = field(default_factory=list)
     #: A token handed over by the watchdog: this chain continues a dead holder's build.

@@ -127,11 +127,15 @@ def _show_bases(state: Any) -> None:
               help="Stop waiting for the record after SECONDS (exit 2); the request goes on. "
                    "Default: wait as long as it takes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on the last line.")
+@click.option("--notify", metavar="URL",
+              help="POST the record to this http(s) URL when the request ends (besides "
+                   "BUILDQ_NOTIFY_URL).")
 def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
           build_args: tuple[str, ...], target: str | None, platform: str | None,
           secrets: tuple[str, ...], base_policy: str | None, entrypoint: str | None,
           python: str | None, gpu: bool, config_path: str | None, builder: str | None,
-          force: bool, no_wait: bool, timeout: float | None, as_json: bool) -> None:
+          force: bool, no_wait: bool, timeout: float | None, as_json: bool,
+          notify: str | None) -> None:
     """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists.
 
     A Python project without a Dockerfile gets a generated one (see `buildq dockerfile`).
@@ -158,6 +162,10 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
         "secrets": list(secrets),
     }
     # Only options that were given travel, so a request reads as it did without them.
+    if notify:
+        from config.settings import check_notify_url
+
+        kwargs["notify"] = check_notify_url(notify, "--notify")
     if base_policy:
         kwargs["base_policy"] = base_policy
     if force:
