@@ -547,6 +547,37 @@ def cancel(ident: str | None, everyone: bool) -> None:
 
 
 @cli.command()
+@click.option("--repository", required=True, metavar="REGISTRY/REPOSITORY",
+              help="The repository to clean, as builds name their destination.")
+@click.option("--keep", type=click.IntRange(min=0), metavar="N",
+              help="Keep the N newest of buildq's tags.")
+@click.option("--older-than", "older_than", metavar="AGE",
+              help="Delete only images older than AGE (90s, 30m, 12h, 30d, 4w).")
+@click.option("--dry-run", is_flag=True, help="List what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def gc(repository: str, keep: int | None, older_than: str | None, dry_run: bool,
+       as_json: bool) -> None:
+    """Delete tags buildq made in a repository beyond the N newest or older than an age."""
+    from tasks.retention import collect, parse_age, plan
+
+    age = parse_age(older_than) if older_than is not None else None
+    settings = _settings()
+    found = plan(_redis(), settings, repository, keep, age)
+    doomed = [t for t in found if t.verdict == "delete"]
+    if not dry_run:
+        collect(settings, repository, doomed)
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in found], indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for t in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.created))
+        action = verb if t.verdict == "delete" else f"kept ({t.verdict})"
+        click.echo(f"{action:24} {t.tag}  {when}  {t.digest}")
+    click.echo(f"{len(doomed)} of {len(found)} buildq tag(s) {verb}.", err=True)
+
+
+@cli.command()
 @click.argument("ident")
 @click.option("--follow", "-f", is_flag=True,
               help="Stream the stages and the build log live until the request ends, then "
