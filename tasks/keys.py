@@ -16,6 +16,9 @@ PREFIX = "buildq"
 PENDING_INDEX = f"{PREFIX}:pending"
 #: Sorted set of source hashes by the time their last record was written.
 HISTORY = f"{PREFIX}:history"
+#: Sorted set of request ids whose record is stored by request (never hashed: refused
+#: input, cancelled before the hash), by the time it was written.
+REQUEST_HISTORY = f"{PREFIX}:history:requests"
 
 
 def lock_key(source_hash: str) -> str:

@@ -7,8 +7,10 @@ hash so ``buildq status`` takes either.
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -16,6 +18,7 @@ import redis
 from tasks.events import EVENTS_MAXLEN, STREAM_TTL
 from tasks.keys import (
     HISTORY,
+    REQUEST_HISTORY,
     answered_key,
     events_key,
     last_tag_key,
@@ -24,6 +27,7 @@ from tasks.keys import (
     request_hash_key,
     request_record_key,
 )
+from tasks.lock import HISTORY_SIZE
 from tasks.scripts import script
 from tasks.state import BuildState
 from workers.sources.base import redact_credentials
@@ -171,8 +175,13 @@ def remember_request(client: redis.Redis, request_id: str, source_hash: str) -> 
 
 
 def store_unhashed(client: redis.Redis, record: dict[str, Any]) -> None:
-    """A record for a request that never reached the lock (bad input, noop builder)."""
-    client.set(request_record_key(record["id"]), json.dumps(record), ex=REQUEST_TTL)
+    """A record for a request that never reached the lock (bad input, noop builder) or
+    was cancelled; indexed for ``buildq history`` (the newest HISTORY_SIZE, REQUEST_TTL)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set(request_record_key(record["id"]), json.dumps(record), ex=REQUEST_TTL)
+    pipe.zadd(REQUEST_HISTORY, {record["id"]: float(record.get("finished_at") or time.time())})
+    pipe.zremrangebyrank(REQUEST_HISTORY, 0, -HISTORY_SIZE - 1)
+    pipe.execute()
 
 
 def find(client: redis.Redis, ident: str) -> dict[str, Any] | None:
@@ -201,6 +210,54 @@ def history(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
         return []
     raws = client.mget([record_key(str(h)) for h in hashes])
     return [json.loads(str(r)) for r in raws if r]
+
+
+#: Records read per round trip while ``search`` filters.
+SEARCH_BATCH = 200
+
+
+def _newest_first(client: redis.Redis, index: str, key_of: Callable[[str], str], since: float,
+                  before: float | None) -> Iterator[tuple[float, dict[str, Any]]]:
+    top: str = f"({before}" if before is not None else "+inf"
+    start = 0
+    while True:
+        batch: list[tuple[str, float]] = client.zrevrangebyscore(  # type: ignore[assignment]
+            index, top, since, start=start, num=SEARCH_BATCH, withscores=True)
+        if not batch:
+            return
+        start += len(batch)
+        raws = client.mget([key_of(str(member)) for member, _ in batch])
+        for (_, score), raw in zip(batch, raws, strict=True):
+            if raw:  # a request's record may have expired before its index entry
+                yield float(score), dict(json.loads(str(raw)))
+
+
+def search(client: redis.Redis, limit: int, *, status: tuple[str, ...] = (),
+           repository: str | None = None, since: float | None = None,
+           before: float | None = None) -> tuple[list[dict[str, Any]], float | None]:
+    """Records newest first: each hash's last build and each record kept by request,
+    filtered; and the cursor of the next page (``before``), or None when this is the last."""
+    merged = heapq.merge(
+        _newest_first(client, HISTORY, record_key, since or 0.0, before),
+        _newest_first(client, REQUEST_HISTORY, request_record_key, since or 0.0, before),
+        key=lambda pair: -pair[0])
+    rows: list[dict[str, Any]] = []
+    last = None
+    seen: set[str] = set()
+    for score, record in merged:
+        # A request cancelled while it held the lock is in both indexes: once is enough.
+        if record.get("id") in seen:
+            continue
+        seen.add(str(record.get("id")))
+        if status and record.get("status") not in status:
+            continue
+        if repository and record.get("destination") != repository:
+            continue
+        if len(rows) == limit:
+            return rows, last
+        rows.append(record)
+        last = score
+    return rows, None
 
 
 def remember_last_tag(client: redis.Redis, state: BuildState) -> None:

@@ -31,10 +31,12 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 AGE_FORMS = "a number and a unit: 90s, 30m, 12h, 30d or 4w"
 
 
-def parse_age(text: str) -> float:
+def parse_age(text: str, option: str = "--older-than") -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
     if not match:
-        raise InputError(f"--older-than {text!r} is not an age.", f"Write it as {AGE_FORMS}.")
+        hint = f"Write it as {AGE_FORMS}" + (
+            ", or a UTC date/time: 2026-11-30, 2026-11-30T12:00." if option == "--since" else ".")
+        raise InputError(f"{option} {text!r} is not an age.", hint)
     return float(match.group(1)) * UNITS[match.group(2)]
 
 

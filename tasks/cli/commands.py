@@ -477,19 +477,48 @@ def status(ident: str) -> None:
 
 @cli.command()
 @click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True)
-def history(limit: int, as_json: bool) -> None:
-    """The latest builds, newest first."""
-    from tasks.records import history as load
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["built", "skipped", "failed", "cancelled"]),
+              help="Only records with this status; repeatable.")
+@click.option("--repository", metavar="REGISTRY/REPOSITORY",
+              help="Only images of this repository (as builds name their destination).")
+@click.option("--since", metavar="AGE|DATE",
+              help="Only records written since then: an age (90s, 30m, 12h, 30d, 4w) or a "
+                   "UTC date/time (2026-11-30, 2026-11-30T12:00).")
+@click.option("--before", type=float, metavar="CURSOR",
+              help="The next page: the cursor the previous page printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON list.")
+def history(limit: int, statuses: tuple[str, ...], repository: str | None, since: str | None,
+            before: float | None, as_json: bool) -> None:
+    """The latest records, newest first (each source hash's last build, and requests that
+    ended before a hash: refused or cancelled)."""
+    from tasks.records import search
 
-    rows = load(_redis(), limit)
+    rows, more = search(_redis(), limit, status=statuses, repository=repository,
+                        since=_since(since) if since else None, before=before)
     if as_json:
         click.echo(json.dumps(rows))
-        return
-    for row in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("finished_at", 0)))
-        click.echo(f"{when}  {row.get('status', '?'):8} {row.get('tag') or '-':24} "
-                   f"{row.get('image') or row.get('error') or ''}")
+    else:
+        for row in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("finished_at", 0)))
+            click.echo(f"{when}  {row.get('status', '?'):9} {row.get('tag') or '-':24} "
+                       f"{row.get('image') or row.get('error') or ''}")
+    if more is not None:
+        click.echo(f"more: add --before {more!r} for the next page", err=True)
+
+
+def _since(text: str) -> float:
+    from datetime import UTC, datetime
+
+    from tasks.retention import parse_age
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return time.time() - parse_age(text, "--since")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 @cli.command()
