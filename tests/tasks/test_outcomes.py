@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 import pytest
 import requests
 
-from tasks import BuildFailed, build_image, outcome
-from tasks.failures import FailedBuild, record_of
+from tasks import BuildFailed, build_image, cancel, outcome
+from tasks.failures import BuildCancelled, FailedBuild, record_of
+from tasks.keys import request_hash_key
 from tests import services
 from tests.tasks.conftest import REPO, Cluster
 
@@ -101,6 +103,20 @@ def test_failed_build_is_a_failure_in_celery_and_flower_with_its_record(
     failed_ids = set(requests.get(f"{flower}/api/tasks", params={"state": "FAILURE"},
                                   auth=FLOWER_LOGIN, timeout=30).json())
     assert failing.id in failed_ids and built.id not in failed_ids
+
+    # A cancelled build ends failed too, as BuildCancelled.
+    until = int(time.time()) + 60
+    long_app = _app(tmp_path, base_image,
+                    f"RUN echo go && while [ $(date +%s) -lt {until} ]; do sleep 0.2; done\n",
+                    "cancelled")
+    running = build_image.delay(str(long_app), destination=dest)
+    services.wait_for(lambda: cluster.client().exists(request_hash_key(running.id)), 60,
+                      "the long build to be hashed")
+    cancel(running.id)
+    with pytest.raises(BuildCancelled):
+        running.get(timeout=60)
+    shown = _flower_task(flower, running.id, "FAILURE")
+    assert "BuildCancelled" in shown["exception"] and "cancelled by" in shown["exception"], shown
 
     # And its task page, in a headless browser: the Failed filter lists it.
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
