@@ -628,19 +628,30 @@ def logs(ident: str, follow: bool) -> None:
 def _follow(client: Any, ident: str) -> NoReturn:
     """``logs --follow``: blocking reads of the request's streams (XREAD BLOCK) until it is
     answered; Ctrl-C stops following, never the build."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
     from tasks.app import app
     from tasks.cancelling import requests_of
     from tasks.failures import outcome
-    from tasks.records import answered
+    from tasks.records import answered, find
 
     request_id = requests_of(client, ident)[0]
     try:
         _watch(client, request_id, 0, lambda: answered(client, request_id), False, block_ms=1000)
-        record = outcome(app.AsyncResult(request_id), timeout=60)
     except KeyboardInterrupt:
         click.echo(f"stopped following; request {request_id} goes on "
                    f"(buildq logs --follow {request_id} picks it up again).", err=True)
         sys.exit(130)
+    # The request's own answer while Celery keeps it (result_expires), else its record.
+    try:
+        # Stored a moment after the request is marked answered.
+        record: dict[str, Any] | None = outcome(app.AsyncResult(request_id), timeout=5)
+    except CeleryTimeout:
+        record = find(client, request_id)
+    if record is None:
+        raise ServiceError(f"request {request_id} ended, but its record is no longer kept.",
+                           f"buildq history lists what is kept; buildq logs {request_id} "
+                           "prints its build log while that is kept.")
     _report(record, False)
 
 
