@@ -11,6 +11,7 @@ and counts it (``buildq_notifications_total{outcome="failed"}``).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -82,15 +83,30 @@ def announce(record: dict[str, Any], url: str | None, cfg: Settings,
         delivery = str(uuid.uuid4())
         try:
             if cfg.embedded:
-                # No broker in-process: a thread delivers, the build's answer does not wait.
-                threading.Thread(target=_deliver_here, args=(record, target or cfg.notify_url,
-                                                             cfg, delivery),
-                                 name=f"notify-{delivery[:8]}").start()
+                # No broker in-process: a thread delivers, the build's answer does not wait;
+                # the process waits for it at exit, a little (EXIT_WAIT).
+                thread = threading.Thread(target=_deliver_here, daemon=True,
+                                          args=(record, target or cfg.notify_url, cfg, delivery),
+                                          name=f"notify-{delivery[:8]}")
+                thread.start()
+                _in_process.append(thread)
             else:
                 notify.apply_async(args=[record], kwargs={"url": target, "delivery": delivery})
         except Exception:
             log.warning("could not send the notification of request %s", record.get("id"),
                         exc_info=True)
+
+
+#: Seconds an in-process build's CLI waits at exit for its notifications still on their way.
+EXIT_WAIT = 15.0
+_in_process: list[threading.Thread] = []
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_WAIT
+    for thread in _in_process:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _deliver_here(record: dict[str, Any], url: str | None, cfg: Settings, delivery: str) -> None:

@@ -205,3 +205,20 @@ def test_bad_notify_urls_are_refused_with_the_accepted_form(
                                        destination=f"{notified.registry.host}/notify/refused"),
                      timeout=60)
     assert record["status"] == "failed" and record["error_kind"] == "config", record
+
+
+def test_an_in_process_build_notifies_too(receiver: Receiver, registry: services.RegistryServer,
+                                           tmp_path: Path, base_image: str) -> None:
+    from tests.tasks.test_embedded import embedded_env, run_buildq
+
+    env = embedded_env(tmp_path, BUILDQ_NOTIFY_URL=f"{receiver.url}/embedded",
+                       BUILDQ_NOTIFY_SECRET=SECRET)
+    app = _app(tmp_path, base_image, "embedded")
+    run = run_buildq(["build", str(app), "--destination", f"{registry.host}/notify/embedded",
+                      "--json"], env)
+    assert run.code == 0, run
+    record = run.record()
+    # The CLI delivered before it exited.
+    (post,) = receiver.for_request(record["id"], "/embedded")
+    assert json.loads(post.body)["digest"] == record["digest"]
+    assert _verify()(post.body, post.headers["x-buildq-signature"], SECRET.encode())
