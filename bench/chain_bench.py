@@ -177,7 +177,7 @@ def _sleep_app(root: Path, name: str, sleep: int) -> Path:
 def concurrent(cluster: Cluster, root: Path, requests: int, sleep: int) -> dict[str, Any]:
     import redis
 
-    from tasks import build_image
+    from tasks import build_image, outcome
     from tasks.keys import log_key
 
     assert cluster.registry is not None and cluster.redis is not None
@@ -199,7 +199,7 @@ def concurrent(cluster: Cluster, root: Path, requests: int, sleep: int) -> dict[
     finished: list[float] = []
 
     def wait(result: Any) -> dict[str, Any]:
-        rec = result.get(timeout=600)
+        rec = outcome(result, timeout=600)
         finished.append(time.perf_counter() - t0)
         return rec
 

@@ -36,7 +36,7 @@ from tests.ops.cluster import make_apps, point_app_at, start_ops_cluster  # noqa
 
 def run(root: Path, registry: services.RegistryServer, builds: int, control: int, docker: int,
         duplicates: bool, name: str) -> dict[str, Any]:
-    from tasks import build_image
+    from tasks import build_image, outcome
 
     cluster = start_ops_cluster(root / name, registry, control=control, docker=docker,
                                 flower=duplicates)
@@ -53,9 +53,9 @@ def run(root: Path, registry: services.RegistryServer, builds: int, control: int
             results = []
             for a in apps:
                 r = build_image.delay(str(a), destination=dest)
-                r.get(timeout=600)
+                outcome(r, timeout=600)
                 results.append(r)
-        records = [r.get(timeout=900) for r in results]
+        records = [outcome(r, timeout=900) for r in results]
         wall = time.monotonic() - started
     finally:
         cluster.stop()

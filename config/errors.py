@@ -58,6 +58,12 @@ class BuildError(BuildqError):
     kind = "build"
 
 
+class BuildCancelledError(BuildqError):
+    """The build was stopped because its request was cancelled (buildq cancel)."""
+
+    kind = "cancelled"
+
+
 class RegistryError(BuildqError):
     """The registry refused or could not be reached."""
 

@@ -186,6 +186,12 @@ class Settings:
     signing_cert: Path | None = None
     #: Directory of the certificates whose signatures a worker trusts (BUILDQ_SIGNING_CERTS_DIR).
     signing_certs_dir: Path | None = None
+    #: Where every ended request's record is POSTed (BUILDQ_NOTIFY_URL); None: nowhere.
+    notify_url: str | None = None
+    #: Key of the X-Buildq-Signature HMAC of each notification (BUILDQ_NOTIFY_SECRET).
+    notify_secret: str | None = field(default=None, repr=False)
+    #: Retries of a notification answered 5xx or not reached, with backoff (then given up).
+    notify_retries: int = 5
 
     @property
     def embedded(self) -> bool:
@@ -254,6 +260,11 @@ class Settings:
             allowed_destinations=tuple(
                 p.strip() for p in env.get("BUILDQ_ALLOWED_DESTINATIONS", "").split(",")
                 if p.strip()),
+            notify_url=(check_notify_url(env["BUILDQ_NOTIFY_URL"], "BUILDQ_NOTIFY_URL")
+                        if env.get("BUILDQ_NOTIFY_URL") else None),
+            notify_secret=env.get("BUILDQ_NOTIFY_SECRET") or None,
+            notify_retries=int(_number(env, "BUILDQ_NOTIFY_RETRIES", cls.notify_retries,
+                                       strict=False)),
         )
 
 
@@ -270,6 +281,18 @@ def _image_ref(env: Mapping[str, str], name: str) -> str | None:
                           f"Set {name} to an image the build hosts' engine can pull, e.g. "
                           f"{name}=registry.example.com/tools/dockerfile:1.6.") from None
     return raw
+
+
+def check_notify_url(url: str, origin: str) -> str:
+    """A notification target: an absolute http(s) URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{origin} {url!r} is not an http:// or https:// URL.",
+                          "Give the full URL that receives the record, e.g. "
+                          "https://ci.example.com/hooks/buildq.")
+    return url.strip()
 
 
 def _base_policy(value: str) -> str:

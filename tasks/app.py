@@ -23,6 +23,8 @@ ROUTES: dict[str, str] = {
     "buildq.push": "docker",
     "buildq.kaniko": "kaniko",
     "buildq.record": "control",
+    # Notifications of ended requests (tasks/notifications.py).
+    "buildq.notify": "control",
 }
 
 #: Queues each pool consumes.

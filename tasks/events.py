@@ -7,6 +7,7 @@ which every request attached to that build can follow too.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,33 +35,54 @@ def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:
         pass
 
 
+#: Longest a build log line waits in a writer's buffer before it reaches the stream.
+FLUSH_AFTER = 0.2
+
+
 class LogWriter:
-    """Appends build log lines to the hash's stream, batched to keep round trips few."""
+    """Appends build log lines to the hash's stream, batched to keep round trips few.
+
+    A line never waits longer than FLUSH_AFTER: when no later line comes to flush it (a step
+    that prints once, then works), a timer does, so a follower sees it as it is written.
+    """
 
     def __init__(self, client: redis.Redis, source_hash: str) -> None:
         self.client = client
         self.key = log_key(source_hash)
         self.buffer: list[str] = []
         self.last_flush = time.monotonic()
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
 
     def __call__(self, line: str) -> None:
-        self.buffer.append(line.rstrip("\n"))
-        if len(self.buffer) >= 50 or time.monotonic() - self.last_flush > 0.2:
+        with self._lock:
+            self.buffer.append(line.rstrip("\n"))
+            due = len(self.buffer) >= 50 or time.monotonic() - self.last_flush > FLUSH_AFTER
+            if not due and self._timer is None:
+                self._timer = threading.Timer(FLUSH_AFTER, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for line in self.buffer:
-                pipe.xadd(self.key, {"line": line}, maxlen=LOG_MAXLEN, approximate=True)
-            pipe.expire(self.key, STREAM_TTL)
-            pipe.execute()
-        except redis.RedisError:
-            pass
-        self.buffer.clear()
-        self.last_flush = time.monotonic()
+        # Under the lock throughout, so the timer's flush and the builder's never reorder lines.
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            lines, self.buffer = self.buffer, []
+            self.last_flush = time.monotonic()
+            if not lines:
+                return
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for line in lines:
+                    pipe.xadd(self.key, {"line": line}, maxlen=LOG_MAXLEN, approximate=True)
+                pipe.expire(self.key, STREAM_TTL)
+                pipe.execute()
+            except redis.RedisError:
+                pass
 
 
 def _order(entry_id: str, is_event: bool) -> tuple[int, bool, int]:

@@ -16,6 +16,9 @@ PREFIX = "buildq"
 PENDING_INDEX = f"{PREFIX}:pending"
 #: Sorted set of source hashes by the time their last record was written.
 HISTORY = f"{PREFIX}:history"
+#: Sorted set of request ids whose record is stored by request (never hashed: refused
+#: input, cancelled before the hash), by the time it was written.
+REQUEST_HISTORY = f"{PREFIX}:history:requests"
 
 
 def lock_key(source_hash: str) -> str:
@@ -81,6 +84,12 @@ def answered_key(request_id: str) -> str:
     that was alive after all finds it and stops); that attempt may repeat its answer after
     a lost reply, nobody else may."""
     return f"{PREFIX}:answered:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """String: who cancelled the request and when (JSON); its chain stops when it sees it
+    (tasks/cancelling.py)."""
+    return f"{PREFIX}:cancel:{request_id}"
 
 
 def request_hash_key(request_id: str) -> str:

@@ -42,7 +42,7 @@ from tasks.keys import (
 )
 from tasks.scripts import script
 
-#: How many hashes the history index keeps.
+#: How many hashes the history index keeps (and so how many hashes' records are kept).
 HISTORY_SIZE = 10_000
 #: How long the build notes a record counted are kept: a build that ends later than this
 #: after its record (past any stage's time limit) is not looked for.
@@ -127,7 +127,7 @@ class Lease:
                   record_key(self.source_hash), HISTORY, answering_key(self.source_hash),
                   builds_key(self.source_hash)],
             args=[self.token, json.dumps(record), self.source_hash, time.time(), HISTORY_SIZE,
-                  attempt, self._lease_ms, builds],
+                  attempt, self._lease_ms, builds, record_key("")],
         )
         if not reply:
             self.lost.set()

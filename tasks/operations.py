@@ -22,8 +22,9 @@ from config.errors import BuildError, BuildqError, ConfigError, InputError
 from config.names import HASH_LABEL, is_platform
 from config.policy import DestinationPolicy, check_push_targets
 from config.references import ImageRef, parse_destination, parse_image_ref
-from config.settings import Settings
+from config.settings import Settings, check_notify_url
 from tasks.app import settings as current_settings
+from tasks.cancelling import current_stop
 from tasks.connection import redis_client
 from tasks.events import LogWriter, emit
 from tasks.lock import Lease, new_token
@@ -113,6 +114,7 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
                      secrets: list[str] | tuple[str, ...] | None = None,
                      base_policy: str | None = None, force: bool = False,
                      for_workers: bool = False, shipped: bool = False, here: bool = True,
+                     notify: str | None = None,
                      ) -> tuple[BuildState, LaunchConfig, SourceSpec]:
     """The state of a request with every input of its build checked and filled in.
 
@@ -161,6 +163,7 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
     if guarded and spec.kind != "image":
         check_push_targets(DestinationPolicy.from_settings(settings), state.ref,
                            cfg.builder.cache_repo, cfg.builder.kaniko_config)
+    state.notify = check_notify_url(notify, "notify") if notify else None
     return state, cfg, spec
 
 
@@ -184,7 +187,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
                 python: str | None = None, gpu: bool = False,
                 secrets: list[str] | None = None, base_policy: str | None = None,
-                force: bool = False) -> BuildState:
+                force: bool = False, notify: str | None = None) -> BuildState:
     """The state of a fresh request; input errors become a failed state, never an exception."""
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
@@ -194,7 +197,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
             request_id, source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
             build_args=build_args, target=target, platform=platform, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
-            base_policy=base_policy, force=force, for_workers=True)
+            base_policy=base_policy, force=force, for_workers=True, notify=notify)
         if spec.kind == "image":
             state.ref = None
             state.platform = platform
@@ -213,6 +216,10 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
             state.context_store = kaniko_store(cfg)
     except InputError as exc:
         state.fail(str(exc), exc.kind)
+        if notify and state.notify is None:
+            # Refused for another reason: still tell a well-formed receiver.
+            with contextlib.suppress(InputError):
+                state.notify = check_notify_url(notify, "notify")
     return state
 
 
@@ -394,7 +401,7 @@ def pending_entry(state: BuildState) -> dict[str, Any]:
             if k in ("request_id", "source", "ref", "dockerfile", "build_args",
                      "target", "platform", "builder", "config", "created_at", "entrypoint",
                      "python", "gpu", "secrets", "base_policy", "force", "bases",
-                     "requester", "requester_verified")}
+                     "requester", "requester_verified", "notify")}
 
 
 def hash_source(state: BuildState, settings: Settings) -> str:
@@ -500,6 +507,8 @@ def _build_request(state: BuildState, settings: Settings) -> BuildRequest:
         no_cache=state.force,
         registry_logins=_registry_logins([state.ref, *cache], settings),
         dockerfile_text=inputs.dockerfile_text,
+        # Set when the request is cancelled while it builds: the builder stops the build.
+        cancel=current_stop(),
     )
 
 
@@ -618,14 +627,32 @@ def record(state: BuildState, settings: Settings) -> str:
         # Ended before its upload (skipped, failed): a holder killed after uploading may
         # have left this hash's context, and only the lock's current holder can remove it.
         leftovers.append((state.context_store or settings.context_store, key))
+    leftovers += _shipped(state, settings)
+    _delete(leftovers, settings)
+    return ""
+
+
+def discard(state: BuildState, settings: Settings) -> None:
+    """Cleanup of a request that stops before the lock (cancelled): its fetched tree and
+    the source archive the CLI shipped for it. The hash's context belongs to the lock."""
+    _drop_tree(state)
+    _delete(_shipped(state, settings), settings)
+
+
+def _shipped(state: BuildState, settings: Settings) -> list[tuple[str, str]]:
+    """The archive the CLI shipped for this request, when it lies in buildq's upload area
+    (a state naming any other object deletes nothing)."""
     location = str(state.source.get("location") or "")
     if state.source.get("kind") == "archive" and is_shipped_source(location, settings):
-        leftovers.append(split_store_url(location))
+        return [split_store_url(location)]
+    return []
+
+
+def _delete(leftovers: list[tuple[str, str]], settings: Settings) -> None:
     for store_url, key in leftovers:
         # A leftover object must not fail the record.
         with contextlib.suppress(Exception):
             store_for_url(store_url, settings).delete(key)
-    return ""
 
 
 __all__ = ["current_settings"]

@@ -8,8 +8,10 @@ hash so ``buildq status`` takes either.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import json
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -17,6 +19,7 @@ import redis
 from tasks.events import EVENTS_MAXLEN, STREAM_TTL
 from tasks.keys import (
     HISTORY,
+    REQUEST_HISTORY,
     answered_key,
     events_key,
     last_tag_key,
@@ -25,6 +28,7 @@ from tasks.keys import (
     request_hash_key,
     request_record_key,
 )
+from tasks.lock import HISTORY_SIZE
 from tasks.scripts import script
 from tasks.state import BuildState
 from workers.sources.base import redact_credentials
@@ -144,6 +148,9 @@ def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
         "log": f"redis:{log_key(state.source_hash)}" if state.source_hash else None,
         "error": state.error,
         "error_kind": state.error_kind,
+        # Only a cancelled record says who cancelled it and when.
+        **({"cancelled_by": state.cancelled_by, "cancelled_at": state.cancelled_at}
+           if state.status == "cancelled" else {}),
         "created_at": state.created_at,
         "finished_at": time.time(),
     }
@@ -179,8 +186,13 @@ def remember_request(client: redis.Redis, request_id: str, source_hash: str) -> 
 
 
 def store_unhashed(client: redis.Redis, record: dict[str, Any]) -> None:
-    """A record for a request that never reached the lock (bad input, noop builder)."""
-    client.set(request_record_key(record["id"]), json.dumps(record), ex=REQUEST_TTL)
+    """A record for a request that never reached the lock (bad input, noop builder) or
+    was cancelled; indexed for ``buildq history`` (the newest HISTORY_SIZE, REQUEST_TTL)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set(request_record_key(record["id"]), json.dumps(record), ex=REQUEST_TTL)
+    pipe.zadd(REQUEST_HISTORY, {record["id"]: float(record.get("finished_at") or time.time())})
+    pipe.zremrangebyrank(REQUEST_HISTORY, 0, -HISTORY_SIZE - 1)
+    pipe.execute()
 
 
 def find(client: redis.Redis, ident: str) -> dict[str, Any] | None:
@@ -203,25 +215,63 @@ def find(client: redis.Redis, ident: str) -> dict[str, Any] | None:
     return None
 
 
-def history(client: redis.Redis, limit: int, requester: str | None = None) -> list[dict[str, Any]]:
-    """The newest ``limit`` records; with ``requester`` (a glob: ``alice@*``), the newest
-    ``limit`` of those it names."""
-    if requester is None:
-        hashes = client.zrevrange(HISTORY, 0, limit - 1)
-        raws = client.mget([record_key(str(h)) for h in hashes]) if hashes else []
-        return [json.loads(str(r)) for r in raws if r]
-    found: list[dict[str, Any]] = []
-    start, batch = 0, max(limit, 100)
-    while len(found) < limit:
-        hashes = client.zrevrange(HISTORY, start, start + batch - 1)
-        if not hashes:
-            break
-        for raw in client.mget([record_key(str(h)) for h in hashes]):
-            record = json.loads(str(raw)) if raw else None
-            if record and fnmatch.fnmatchcase(str(record.get("requester") or ""), requester):
-                found.append(record)
-        start += batch
-    return found[:limit]
+def history(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` records by source hash."""
+    hashes = client.zrevrange(HISTORY, 0, limit - 1)
+    raws = client.mget([record_key(str(h)) for h in hashes]) if hashes else []
+    return [json.loads(str(r)) for r in raws if r]
+
+
+#: Records read per round trip while ``search`` filters.
+SEARCH_BATCH = 200
+
+
+def _newest_first(client: redis.Redis, index: str, key_of: Callable[[str], str], since: float,
+                  before: float | None) -> Iterator[tuple[float, dict[str, Any]]]:
+    top: str = f"({before}" if before is not None else "+inf"
+    start = 0
+    while True:
+        batch: list[tuple[str, float]] = client.zrevrangebyscore(  # type: ignore[assignment]
+            index, top, since, start=start, num=SEARCH_BATCH, withscores=True)
+        if not batch:
+            return
+        start += len(batch)
+        raws = client.mget([key_of(str(member)) for member, _ in batch])
+        for (_, score), raw in zip(batch, raws, strict=True):
+            if raw:  # a request's record may have expired before its index entry
+                yield float(score), dict(json.loads(str(raw)))
+
+
+def search(client: redis.Redis, limit: int, *, status: tuple[str, ...] = (),
+           repository: str | None = None, since: float | None = None,
+           before: float | None = None,
+           requester: str | None = None) -> tuple[list[dict[str, Any]], float | None]:
+    """Records newest first: each hash's last build and each record kept by request,
+    filtered (``requester`` is a glob: ``alice@*``); and the cursor of the next page
+    (``before``), or None when this is the last."""
+    merged = heapq.merge(
+        _newest_first(client, HISTORY, record_key, since or 0.0, before),
+        _newest_first(client, REQUEST_HISTORY, request_record_key, since or 0.0, before),
+        key=lambda pair: -pair[0])
+    rows: list[dict[str, Any]] = []
+    last = None
+    seen: set[str] = set()
+    for score, record in merged:
+        # A request cancelled while it held the lock is in both indexes: once is enough.
+        if record.get("id") in seen:
+            continue
+        seen.add(str(record.get("id")))
+        if status and record.get("status") not in status:
+            continue
+        if repository and record.get("destination") != repository:
+            continue
+        if requester and not fnmatch.fnmatchcase(str(record.get("requester") or ""), requester):
+            continue
+        if len(rows) == limit:
+            return rows, last
+        rows.append(record)
+        last = score
+    return rows, None
 
 
 def remember_last_tag(client: redis.Redis, state: BuildState) -> None:

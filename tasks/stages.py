@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
@@ -27,17 +27,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import inflight, operations, requester
+from tasks import cancelling, inflight, operations, requester
 from tasks.app import ROUTES, app, settings
 from tasks.connection import redis_client
 from tasks.events import emit
+from tasks.failures import BuildCancelled, BuildFailed, failure_for
 from tasks.lock import Lease, new_token
+from tasks.notifications import announce
 from tasks.records import (
     FIRST,
     OTHER,
     answered_by,
     claim_answer,
     count_late_build,
+    find,
     for_request,
     make_record,
     rebuilt_reason,
@@ -72,6 +75,9 @@ class StageTask(Task):
 
     acks_late = True
     reject_on_worker_lost = True
+    #: A failed build ends its task in FAILURE (see tasks/failures.py): expected, so the
+    #: worker logs it as a build outcome, not as a task that crashed.
+    throws = (BuildFailed,)
     stage_name = ""
     body: StageBody
 
@@ -119,6 +125,11 @@ class StageTask(Task):
         """The stage loop from ``at`` = [stage, retries], kept current for a resume."""
         stage, retries = at
         while True:
+            if stage != "record" and not state.done:
+                flag = cancelling.abandoned(client, state)
+                if flag is not None:
+                    # Cancelled, and nobody else waits for this build: stop here.
+                    stage, retries = self._stop_cancelled(state, cfg, client, flag), 0
             at[:] = [stage, retries]
             lease = self._lease(state, cfg, client, stage)
             emit(client, state.request_id, "stage", stage=stage, state="started")
@@ -206,8 +217,38 @@ class StageTask(Task):
             signature.set(queue=queue)
         return self.replace(signature)
 
+    def _stop_cancelled(self, state: BuildState, cfg: Settings, client: Any,
+                        flag: dict[str, Any]) -> str:
+        """End a chain whose request was cancelled: before the lock, drop what it fetched and
+        end the task; holding it, go to ``record`` as cancelled (cleanup, lock released)."""
+        if not state.token:
+            inflight.forget(client, state.request_id)
+            operations.discard(state, cfg)
+            raise self._ended_elsewhere(client, state.request_id)
+        state.cancel(str(flag.get("by")), float(flag.get("at") or time.time()))
+        return "record"
+
+    def _ended_elsewhere(self, client: Any, request_id: str) -> BaseException:
+        """How a task whose request was answered by someone else ends: as that answer when
+        it was a cancel (so Flower shows the task failed), else ignored."""
+        if (self.request.id or request_id) == request_id and cancelling.cancelled(client, request_id):
+            found = find(client, request_id)
+            if found is not None and found.get("status") == "cancelled":
+                return BuildCancelled(found)
+        return Ignore()
+
     def _attempt(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None,
                  attempt: str) -> str:
+        """One stage body, watched for a cancel of its request."""
+        client = redis_client(cfg)
+        with cancelling.watch(client, state) as watched:
+            next_stage = self._attempt_body(stage, state, cfg, lease, attempt)
+        if watched.flag is not None and stage != "record":
+            return self._stop_cancelled(state, cfg, client, watched.flag)
+        return next_stage
+
+    def _attempt_body(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None,
+                      attempt: str) -> str:
         """One stage body; a user-facing error or a crash becomes a failed state."""
         try:
             if state.done and stage != "record":
@@ -260,19 +301,20 @@ class StageTask(Task):
         own_id = self.request.id or state.request_id
         if not state.source_hash or not state.token:
             if claim_answer(client, state.request_id, attempt) == OTHER:
-                raise Ignore()
+                raise self._ended_elsewhere(client, state.request_id)
             record = make_record(state, attached=own_id != state.request_id)
             store_unhashed(client, record)
             metrics.build_finished(state, None)
-            return record
+            announce(record, state.notify, settings())
+            return _answer(record)
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
         waiting = lease.pending_requests()
         if waiting and all(answered_by(client, r) not in (None, attempt) for r in waiting):
-            # A copy of requests that others answered (restarted while alive): their record
-            # stands; only the lock is left to release.
+            # A copy of requests that others answered (restarted while alive), or a request
+            # cancelled meanwhile: that answer stands; only the lock is left to release.
             lease.release(waiting)
-            raise Ignore()
+            raise self._ended_elsewhere(client, own_id)
         while True:
             notes = lease.build_notes()
             written = lease.write_record(
@@ -294,16 +336,35 @@ class StageTask(Task):
             # Stored here for the chain's own request too, as Celery would store the return
             # value (it keeps the first success): once the lock is released nothing could
             # store a lost answer.
+            answer = for_request(record, request_id, request_id != state.request_id,
+                                 pending.get(request_id))
+            failure = failure_for(answer)
             self.backend.store_result(
-                request_id, for_request(record, request_id, request_id != state.request_id,
-                                        pending.get(request_id)),
-                "SUCCESS", request=self.request if request_id == own_id else None)
+                request_id, answer if failure is None else failure,
+                states.SUCCESS if failure is None else states.FAILURE,
+                request=self.request if request_id == own_id else None)
         metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
                                        if c == FIRST and r in pending})
         lease.release(requests)
+        for request_id, claim in claims.items():
+            # After the answers and the release: a receiver never holds up the build.
+            if claim == FIRST:
+                url = state.notify if request_id == state.request_id else \
+                    pending.get(request_id, {}).get("notify")
+                announce(for_request(record, request_id, request_id != state.request_id,
+                                     pending.get(request_id)), url, settings())
         if own_id in requests and own_id not in ours:
-            raise Ignore()
-        return for_request(record, own_id, own_id != state.request_id)
+            raise self._ended_elsewhere(client, own_id)
+        return _answer(for_request(record, own_id, own_id != state.request_id))
+
+
+def _answer(record: dict[str, Any]) -> dict[str, Any]:
+    """The chain's return value: the record of a request with an image; a failed or
+    cancelled one raises it inside :class:`BuildFailed`, so its task ends in FAILURE."""
+    failure = failure_for(record)
+    if failure is not None:
+        raise failure
+    return record
 
 
 #: Stages whose body builds the image, noted under the lease (see tasks/lock.py). The
@@ -386,7 +447,8 @@ class BuildImageTask(StageTask):
     generated for a Python project that has none (see workers/dockerfile/); ``secrets``
     names secret build args, whose values the building worker looks up (see
     workers/secrets.py); ``base_policy`` is ``digest`` (base images resolved, hashed and
-    pinned) or ``tag``; ``force`` builds and pushes even when the tag exists.
+    pinned) or ``tag``; ``force`` builds and pushes even when the tag exists; ``notify`` is an
+    http(s) URL that receives the record when the request ends (see tasks/notifications.py).
     """
 
     def run(  # type: ignore[override]
@@ -395,13 +457,14 @@ class BuildImageTask(StageTask):
             target: str | None = None, platform: str | None = None, builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False, secrets: list[str] | None = None,
-            base_policy: str | None = None, force: bool = False) -> Any:
+            base_policy: str | None = None, force: bool = False,
+            notify: str | None = None) -> Any:
         state = operations.new_request(
             self.request.id or operations.new_request_id(), source, settings(),
             destination=destination, ref=ref, dockerfile=dockerfile, build_args=build_args,
             target=target, platform=platform, builder=builder, config=config,
             entrypoint=entrypoint, python=python, gpu=gpu, secrets=secrets,
-            base_policy=base_policy, force=force)
+            base_policy=base_policy, force=force, notify=notify)
         state.requester, state.requester_verified = requester.of_task(
             self.request, settings().signing and not self.request.is_eager)
         return self.run_state(state)
@@ -413,13 +476,13 @@ class BuildImageTask(StageTask):
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False,
             secrets: list[str] | None = None, base_policy: str | None = None,
-            force: bool = False) -> AsyncResult:
+            force: bool = False, notify: str | None = None) -> AsyncResult:
         """Queue a build of ``source``; the same parameters as :meth:`run`."""
         given = {"destination": destination, "ref": ref, "dockerfile": dockerfile,
                  "build_args": build_args, "target": target, "platform": platform,
                  "builder": builder, "config": config, "entrypoint": entrypoint,
                  "python": python, "gpu": gpu, "secrets": secrets, "base_policy": base_policy,
-                 "force": force}
+                 "force": force, "notify": notify}
         # Only what the caller set travels: the message (and Flower's view of it) stays as
         # short as an untyped ``delay(source, **options)`` made it.
         options = {k: v for k, v in given.items() if v is not None and v is not False}
@@ -432,7 +495,7 @@ class BuildImageTask(StageTask):
                 dockerfile=dockerfile, build_args=build_args, target=target, platform=platform,
                 config=config if not isinstance(config, str) else {}, entrypoint=entrypoint,
                 python=python, gpu=gpu, secrets=secrets, base_policy=base_policy, force=force,
-                for_workers=True, here=False)
+                notify=notify, for_workers=True, here=False)
         return self.apply_async(args=[source], kwargs=options, headers=requester.headers())
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,

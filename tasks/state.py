@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from config.references import ImageRef
 
-Status = Literal["built", "skipped", "failed"]
+Status = Literal["built", "skipped", "failed", "cancelled"]
 
 
 @dataclass
@@ -50,6 +50,8 @@ class BuildState:
     base_policy: str | None = None
     #: Build and push even when the tag exists (same hash, same tag).
     force: bool = False
+    #: Where this request's record is POSTed when it ends, besides BUILDQ_NOTIFY_URL.
+    notify: str | None = None
     #: Base images as written (after ARG substitution) and the digest each resolved to.
     bases: list[dict[str, str]] = field(default_factory=list)
     #: Who asked (tasks/requester.py), and whether a verified signature says so.
@@ -72,6 +74,9 @@ class BuildState:
     error: str | None = None
     error_kind: str | None = None
     stages: dict[str, float] = field(default_factory=dict)
+    #: Who cancelled the request (user@host) and when, for a cancelled one.
+    cancelled_by: str | None = None
+    cancelled_at: float | None = None
     #: Retries already spent on the stage this state is handed to.
     retries: int = 0
     created_at: float = field(default_factory=time.time)
@@ -90,6 +95,13 @@ class BuildState:
         self.status = "failed"
         self.error = message
         self.error_kind = kind
+
+    def cancel(self, by: str, at: float) -> None:
+        self.status = "cancelled"
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+        self.error = f"cancelled by {by} at {when}."
+        self.error_kind = "cancelled"
+        self.cancelled_by, self.cancelled_at = by, at
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

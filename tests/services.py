@@ -173,7 +173,9 @@ class RegistryServer:
         return list(r.json().get("tags") or [])
 
 
-def start_registry(root: Path, htpasswd: Path | None = None, port: int | None = None) -> RegistryServer:
+def start_registry(root: Path, htpasswd: Path | None = None, port: int | None = None,
+                   delete: bool = True) -> RegistryServer:
+    """A CNCF distribution registry; ``delete`` is its storage.delete.enabled."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     auth = ""
@@ -183,7 +185,8 @@ def start_registry(root: Path, htpasswd: Path | None = None, port: int | None = 
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"  delete:\n    enabled: {str(delete).lower()}\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
         + auth
     )

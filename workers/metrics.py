@@ -104,6 +104,9 @@ def _get() -> dict[str, Any]:
             "context_bytes": Counter("buildq_context_bytes_uploaded",
                                      "Compressed build-context bytes uploaded to a context store.",
                                      ["pool", "scheme"]),
+            "notifications": Counter("buildq_notifications",
+                                     "Notifications of ended requests, by outcome (delivered, "
+                                     "retried, failed).", ["pool", "outcome"]),
         }
         _metrics.update(made)
     return _metrics
@@ -162,6 +165,16 @@ def build_finished(state: Any, waiting: dict[str, dict[str, Any]] | None) -> Non
 def takeover() -> None:
     if _process.enabled:
         _get()["takeovers"].labels(_process.pool).inc()
+
+
+def notification(outcome: str) -> None:
+    """A notification was delivered, will be retried, or was given up."""
+    if not _process.enabled:
+        return
+    try:
+        _get()["notifications"].labels(_process.pool, outcome).inc()
+    except Exception:
+        log.warning("could not record notification metrics", exc_info=True)
 
 
 def heartbeat() -> None:

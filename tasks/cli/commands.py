@@ -120,16 +120,22 @@ def _show_bases(state: Any) -> None:
               help="Override builder.type.")
 @click.option("--force", is_flag=True,
               help="Build and push even when the tag exists (same hash, same tag).")
-@click.option("--no-wait", is_flag=True, help="Enqueue and print the request id.")
+@click.option("--no-wait", "--detach", "no_wait", is_flag=True,
+              help="Enqueue, print the request id and return at once (follow it with "
+                   "buildq logs --follow ID).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop waiting for the record after SECONDS (exit 2); the request goes on. "
                    "Default: wait as long as it takes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on the last line.")
+@click.option("--notify", metavar="URL",
+              help="POST the record to this http(s) URL when the request ends (besides "
+                   "BUILDQ_NOTIFY_URL).")
 def build(source: str, destination: str | None, ref: str | None, dockerfile: str | None,
           build_args: tuple[str, ...], target: str | None, platform: str | None,
           secrets: tuple[str, ...], base_policy: str | None, entrypoint: str | None,
           python: str | None, gpu: bool, config_path: str | None, builder: str | None,
-          force: bool, no_wait: bool, timeout: float | None, as_json: bool) -> None:
+          force: bool, no_wait: bool, timeout: float | None, as_json: bool,
+          notify: str | None) -> None:
     """Build SOURCE (directory, .tar/.tar.gz, git URL) and push it, unless the tag exists.
 
     A Python project without a Dockerfile gets a generated one (see `buildq dockerfile`).
@@ -156,6 +162,10 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
         "secrets": list(secrets),
     }
     # Only options that were given travel, so a request reads as it did without them.
+    if notify:
+        from config.settings import check_notify_url
+
+        kwargs["notify"] = check_notify_url(notify, "--notify")
     if base_policy:
         kwargs["base_policy"] = base_policy
     if force:
@@ -327,6 +337,10 @@ def _run_embedded(source: str, kwargs: dict[str, Any], settings: Any,
            block_ms=None)
     worker.join()
     if "error" in outcome:
+        from tasks.failures import BuildFailed
+
+        if isinstance(outcome["error"], BuildFailed):
+            return outcome["error"].record
         raise outcome["error"]
     return dict(outcome["record"])
 
@@ -353,7 +367,9 @@ def _run_remote(source: str, kwargs: dict[str, Any], settings: Any, no_wait: boo
     _watch(client, result.id, since, result.ready, as_json, lookout=lookout)
     if lookout.expired and not result.ready():
         raise ServiceError(*lookout.gave_up(result.id))
-    return dict(result.get(propagate=True))
+    from tasks.failures import outcome
+
+    return outcome(result)
 
 
 def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
@@ -364,7 +380,8 @@ def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
         click.echo(f"{status}{note}: {record['image']}@{record['digest']}", file=out)
         code = 0
     else:
-        click.secho(f"failed: {record.get('error')}", fg="red", file=out)
+        label = "cancelled" if status == "cancelled" else "failed"
+        click.secho(f"{label}: {record.get('error')}", fg="red", file=out)
         code = 2 if record.get("error_kind") in INPUT_KINDS else 1
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
@@ -442,7 +459,8 @@ def _redis() -> Any:
 @click.argument("ident")
 def status(ident: str) -> None:
     """Show the record of a request id or source hash (or tag)."""
-    from tasks.cli.lookout import find_queued, pool_notice
+    from tasks.cli.lookout import pool_notice
+    from tasks.queued import find_queued
     from tasks.records import find
 
     client = _redis()
@@ -461,25 +479,55 @@ def status(ident: str) -> None:
 
 @cli.command()
 @click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["built", "skipped", "failed", "cancelled"]),
+              help="Only records with this status; repeatable.")
+@click.option("--repository", metavar="REGISTRY/REPOSITORY",
+              help="Only images of this repository (as builds name their destination).")
+@click.option("--since", metavar="AGE|DATE",
+              help="Only records written since then: an age (90s, 30m, 12h, 30d, 4w) or a "
+                   "UTC date/time (2026-11-30, 2026-11-30T12:00).")
+@click.option("--before", type=float, metavar="CURSOR",
+              help="The next page: the cursor the previous page printed.")
 @click.option("--requester", metavar="USER@HOST",
               help="Only builds this requester asked for (a glob, e.g. 'alice@*'); a claimed "
                    "user@host, or a certificate subject with signing on.")
-@click.option("--json", "as_json", is_flag=True)
-def history(limit: int, requester: str | None, as_json: bool) -> None:
-    """The latest builds, newest first."""
-    from tasks.records import history as load
+@click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON list.")
+def history(limit: int, statuses: tuple[str, ...], repository: str | None, since: str | None,
+            before: float | None, requester: str | None, as_json: bool) -> None:
+    """The latest records, newest first (each source hash's last build, and requests that
+    ended before a hash: refused or cancelled)."""
+    from tasks.records import search
 
-    rows = load(_redis(), limit, requester)
+    rows, more = search(_redis(), limit, status=statuses, repository=repository,
+                        since=_since(since) if since else None, before=before,
+                        requester=requester)
     if as_json:
         click.echo(json.dumps(rows))
-        return
-    for row in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("finished_at", 0)))
-        who = row.get("requester") or "-"
-        if row.get("requester") and not row.get("requester_verified"):
-            who += " (unverified)"
-        click.echo(f"{when}  {row.get('status', '?'):8} {row.get('tag') or '-':24} "
-                   f"{row.get('image') or row.get('error') or ''}  {who}")
+    else:
+        for row in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("finished_at", 0)))
+            who = row.get("requester") or "-"
+            if row.get("requester") and not row.get("requester_verified"):
+                who += " (unverified)"
+            click.echo(f"{when}  {row.get('status', '?'):9} {row.get('tag') or '-':24} "
+                       f"{row.get('image') or row.get('error') or ''}  {who}")
+    if more is not None:
+        click.echo(f"more: add --before {more!r} for the next page", err=True)
+
+
+def _since(text: str) -> float:
+    from datetime import UTC, datetime
+
+    from tasks.retention import parse_age
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return time.time() - parse_age(text, "--since")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 @cli.command()
@@ -518,17 +566,105 @@ def stale(repository: str | None, rebuild: bool, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("ident", required=False)
+@click.option("--all", "everyone", is_flag=True,
+              help="Also cancel every request attached to the same build.")
+def cancel(ident: str | None, everyone: bool) -> None:
+    """Cancel a request (id), or the build of a source hash or tag, wherever it is."""
+    from tasks.cancelling import cancel as cancel_request
+    from tasks.cancelling import requests_of
+
+    if not ident:
+        raise InputError("cancel needs the request to stop.",
+                         "buildq cancel <request-id | source-hash | tag> [--all]")
+    client = _redis()
+    for request_id in requests_of(client, ident, everyone):
+        done = cancel_request(request_id)
+        if done.finished:
+            click.echo(f"{request_id}: already finished ({done.record.get('status')}); "
+                       "nothing to cancel")
+        else:
+            click.echo(f"{request_id}: cancelled")
+
+
+@cli.command()
+@click.option("--repository", required=True, metavar="REGISTRY/REPOSITORY",
+              help="The repository to clean, as builds name their destination.")
+@click.option("--keep", type=click.IntRange(min=0), metavar="N",
+              help="Keep the N newest of buildq's tags.")
+@click.option("--older-than", "older_than", metavar="AGE",
+              help="Delete only images older than AGE (90s, 30m, 12h, 30d, 4w).")
+@click.option("--dry-run", is_flag=True, help="List what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def gc(repository: str, keep: int | None, older_than: str | None, dry_run: bool,
+       as_json: bool) -> None:
+    """Delete tags buildq made in a repository beyond the N newest or older than an age."""
+    from tasks.retention import collect, parse_age, plan
+
+    age = parse_age(older_than) if older_than is not None else None
+    settings = _settings()
+    found = plan(_redis(), settings, repository, keep, age)
+    doomed = [t for t in found if t.verdict == "delete"]
+    if not dry_run:
+        collect(settings, repository, doomed)
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in found], indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for t in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.created))
+        action = verb if t.verdict == "delete" else f"kept ({t.verdict})"
+        click.echo(f"{action:24} {t.tag}  {when}  {t.digest}")
+    click.echo(f"{len(doomed)} of {len(found)} buildq tag(s) {verb}.", err=True)
+
+
+@cli.command()
 @click.argument("ident")
-def logs(ident: str) -> None:
+@click.option("--follow", "-f", is_flag=True,
+              help="Stream the stages and the build log live until the request ends, then "
+                   "print its status line and exit as `buildq build` would.")
+def logs(ident: str, follow: bool) -> None:
     """Print the build log of a request id, source hash or tag."""
     from tasks.keys import log_key
     from tasks.records import find
 
     client = _redis()
+    if follow:
+        _follow(client, ident)
     found = find(client, ident)
     source_hash = (found or {}).get("source_hash") or ident
     for _, fields in client.xrange(log_key(source_hash)):
         click.echo(fields.get("line", ""))
+
+
+def _follow(client: Any, ident: str) -> NoReturn:
+    """``logs --follow``: blocking reads of the request's streams (XREAD BLOCK) until it is
+    answered; Ctrl-C stops following, never the build."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from tasks.app import app
+    from tasks.cancelling import requests_of
+    from tasks.failures import outcome
+    from tasks.records import answered, find
+
+    request_id = requests_of(client, ident)[0]
+    try:
+        _watch(client, request_id, 0, lambda: answered(client, request_id), False, block_ms=1000)
+    except KeyboardInterrupt:
+        click.echo(f"stopped following; request {request_id} goes on "
+                   f"(buildq logs --follow {request_id} picks it up again).", err=True)
+        sys.exit(130)
+    # The request's own answer while Celery keeps it (result_expires), else its record.
+    try:
+        # Stored a moment after the request is marked answered.
+        record: dict[str, Any] | None = outcome(app.AsyncResult(request_id), timeout=5)
+    except CeleryTimeout:
+        record = find(client, request_id)
+    if record is None:
+        raise ServiceError(f"request {request_id} ended, but its record is no longer kept.",
+                           f"buildq history lists what is kept; buildq logs {request_id} "
+                           "prints its build log while that is kept.")
+    _report(record, False)
 
 
 @cli.group("config")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tasks import build_image
+from tasks import build_image, outcome
 from tests.faults.conftest import (
     MAX_RETRIES,
     RETRY_BASE,
@@ -110,7 +110,7 @@ def test_registry_down_for_good_fails_naming_it_within_the_retry_budget(
     down_at = time.monotonic()
     gates.release("push")
 
-    record = result.get(timeout=retry_budget() + 90)
+    record = outcome(result, timeout=retry_budget() + 90)
     elapsed = time.monotonic() - down_at
     assert record["status"] == "failed", record
     assert faults.registry.host in record["error"], record["error"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tasks import build_image
+from tasks import build_image, outcome
 from tests import services
 from tests.tasks.conftest import REPO, Cluster
 from tests.tasks.test_embedded import Run, embedded_env, leftovers, make_app, run_buildq
@@ -341,7 +341,7 @@ def test_bad_requests_on_a_cluster_fail_alone_and_good_builds_go_through(
                                  "registry", [dead_registry]),
     }
     with ThreadPoolExecutor(len(bad) + 1) as pool:
-        futures = {name: pool.submit(result.get, timeout=180) for name, (result, _, _) in bad.items()}
+        futures = {name: pool.submit(outcome, result, timeout=180) for name, (result, _, _) in bad.items()}
         good_record = pool.submit(good.get, timeout=180).result()
         records = {name: future.result() for name, future in futures.items()}
     stdout, stderr = cli.communicate(timeout=180)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import build_image
+from tasks import build_image, outcome
 from tasks.keys import events_key, log_key
 from tests import services
 from tests.tasks.conftest import REPO, Cluster, make_cluster, use_cluster
@@ -163,16 +163,18 @@ def test_copy_from_an_image_and_an_arg_parameterised_from_are_resolved_and_pinne
 def test_a_base_that_cannot_be_resolved_fails_the_record_naming_it(
         cluster: Cluster, tmp_path: Path) -> None:
     missing = _app(tmp_path, f"FROM {cluster.registry.host}/bases/none:1\n")
-    record = build_image.delay(str(missing), destination=f"{cluster.registry.host}/bases/x",
-                               base_policy="digest").get(timeout=120)
+    record = outcome(build_image.delay(str(missing), destination=f"{cluster.registry.host}/bases/x",
+                                       base_policy="digest"),
+                     timeout=120)
     assert record["status"] == "failed" and record["error_kind"] == "build", record
     assert "bases/none:1 does not exist" in record["error"]
 
     down = services.free_port()
     unreachable = _app(tmp_path, f"FROM 127.0.0.1:{down}/bases/gone:1\n")
     started = time.monotonic()
-    record = build_image.delay(str(unreachable), destination=f"{cluster.registry.host}/bases/y",
-                               base_policy="digest").get(timeout=180)
+    record = outcome(build_image.delay(str(unreachable), destination=f"{cluster.registry.host}/bases/y",
+                                       base_policy="digest"),
+                     timeout=180)
     assert record["status"] == "failed" and record["error_kind"] == "registry", record
     assert f"127.0.0.1:{down}" in record["error"]
     assert time.monotonic() - started < 60  # the retry budget of the cluster (0.5 s base, 3)

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from config import config_from_mapping
-from tasks import build_image
+from tasks import build_image, outcome
 from tasks.operations import build_inputs
 from tasks.state import BuildState
 from tests.tasks.conftest import REPO, Cluster
@@ -193,8 +193,9 @@ def test_nothing_to_start_fails_the_request_with_what_to_add(
     app = tmp_path / "lib-only"
     app.mkdir()
     (app / "lib.py").write_text("X = 1\n")
-    record = build_image.delay(str(app), destination=f"{cluster.registry.host}/generated/none",
-                               config={"builder": {"base-image": python_base_image}}).get(timeout=60)
+    record = outcome(build_image.delay(str(app), destination=f"{cluster.registry.host}/generated/none",
+                                       config={"builder": {"base-image": python_base_image}}),
+                     timeout=60)
     assert record["status"] == "failed" and record["error_kind"] == "source", record
     assert "cannot tell how to start it" in record["error"] and "--entrypoint" in record["error"]
 

@@ -28,6 +28,7 @@ import redis
 
 from config.names import HASH_LABEL
 from tasks import build_image
+from tasks.failures import outcome as answer_of
 from tasks.keys import events_key
 from tests import services
 from tests.conftest import AWS_ENV
@@ -261,8 +262,9 @@ def test_failing_run_step_is_recorded_and_everything_is_deleted(
         kc: KanikoCluster, tmp_path: Path, base_image: str) -> None:
     app = _app(tmp_path, base_image, "RUN echo doomed-step && false\n")
     repo = _repo("failing")
-    record = build_image.delay(str(app), builder="kaniko",
-                               config=kc.config(repo, "s3")).get(timeout=180)
+    record = answer_of(build_image.delay(str(app), builder="kaniko",
+                                       config=kc.config(repo, "s3")),
+                     timeout=180)
     assert record["status"] == "failed", record
     assert record["error_kind"] == "build"
     assert "kaniko exited with code 1" in record["error"] and "doomed-step" in record["error"]
@@ -286,7 +288,7 @@ def test_job_failures_give_a_clear_record_and_leave_nothing(
     if kaniko_config:
         config["builder"]["kaniko-config"] = kaniko_config
     kc.standin.plan(outcome)
-    record = build_image.delay(str(app), builder="kaniko", config=config).get(timeout=180)
+    record = answer_of(build_image.delay(str(app), builder="kaniko", config=config), timeout=180)
     assert record["status"] == "failed", record
     assert expected in record["error"] and record["error_kind"] == "build", record
     assert len(kc.standin.requests_for("POST")) == 1
@@ -312,7 +314,7 @@ def test_store_down_is_retried_then_a_clear_record(kc: KanikoCluster, tmp_path: 
     kc.moto.stop()
     try:
         result = build_image.delay(str(app), builder="kaniko", config=kc.config(_repo("down"), "s3"))
-        record = result.get(timeout=180)
+        record = answer_of(result, timeout=180)
     finally:
         kc.moto.start(services.moto_ready(kc.moto))
         # moto keeps its buckets in memory: give the restarted one the same bucket back.
@@ -348,7 +350,7 @@ def test_revoked_build_deletes_the_job_and_the_context(
     processes = set(_children(main))
 
     result.revoke(terminate=True)  # SIGTERM to the pool process running the kaniko stage
-    record = waiter.get(timeout=120)
+    record = answer_of(waiter, timeout=120)
     assert record["status"] == "failed" and record["error_kind"] == "cancelled", record
     assert "cancelled (SIGTERM)" in record["error"]
     assert [r.body for r in kc.standin.requests_for("DELETE")] == [{"propagationPolicy": "Background"}]

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.cli.lookout import NOTICE_AFTER, Lookout, find_queued
+from tasks.cli.lookout import NOTICE_AFTER, Lookout
 from tasks.presence import announce
+from tasks.queued import find_queued
 from tests import services
 from tests.tasks.conftest import REPO, Cluster, make_cluster
 

@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from tasks import build_image
+from tasks import build_image, outcome
 from tests.services import free_port
 from tests.tasks.conftest import REPO, Cluster
 
@@ -81,7 +81,8 @@ def test_image_job_reports_the_registry_digest_without_building(
     assert record["digest"] == built["digest"]
     assert "build" not in record["stages"]
 
-    missing = build_image.delay(f"image:{cluster.registry.host}/remote/image:nope").get(timeout=60)
+    missing = outcome(build_image.delay(f"image:{cluster.registry.host}/remote/image:nope"),
+                      timeout=60)
     assert missing["status"] == "failed"
     assert "does not exist" in missing["error"]
 

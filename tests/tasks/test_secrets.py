@@ -418,13 +418,14 @@ def test_secret_build_arg_and_registry_password_appear_nowhere_on_the_docker_poo
 
 def test_missing_secret_is_a_failed_record_naming_it_and_the_fix(
         cluster: Cluster, tmp_path: Path, base_image: str) -> None:
-    from tasks import build_image
+    from tasks import build_image, outcome
 
     app = tmp_path / "app"
     app.mkdir()
     (app / "Dockerfile").write_text(f"FROM {base_image}\nARG ABSENT_TOKEN\nRUN true\n")
-    record = build_image.delay(str(app), destination=f"{cluster.registry.host}/secret/missing",
-                               builder="docker", secrets=["ABSENT_TOKEN"]).get(timeout=120)
+    record = outcome(build_image.delay(str(app), destination=f"{cluster.registry.host}/secret/missing",
+                                       builder="docker", secrets=["ABSENT_TOKEN"]),
+                     timeout=120)
     assert record["status"] == "failed", record
     assert record["error_kind"] == "secret"
     error = record["error"]

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import docker
 import pytest
 
 from config.errors import (
+    BuildCancelledError,
     BuildError,
     BuildqError,
     InputError,
@@ -224,6 +226,35 @@ def test_build_past_its_timeout_is_cancelled_within_seconds(
         time.sleep(0.2)
     assert not running and not sleeping(seconds)
     assert not builder.has_image("buildq-test/slow:1")
+
+
+def test_a_cancelled_build_is_stopped_on_the_engine(
+    builder: DockerBuilder, base_image: str, lines: list[str]
+) -> None:
+    seconds = random.randint(300, 999)
+    marker = f"started-{uuid.uuid4().hex}"
+    dockerfile = f"FROM {base_image}\nRUN echo {marker} && sleep {seconds}\n"
+    cancel = threading.Event()
+
+    def cancel_once_running() -> None:
+        # When the step's own process runs on the host (its output may lag behind it).
+        deadline = time.monotonic() + 120
+        while not sleeping(seconds) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cancel.set()
+
+    threading.Thread(target=cancel_once_running, daemon=True).start()
+    slow = request("buildq-test/cancelled:1", dockerfile, timeout=600.0)
+    slow.cancel = cancel
+    with pytest.raises(BuildCancelledError) as caught:
+        builder.build(slow, lines.append)
+    assert cancel.is_set() and "cancelled" in caught.value.message
+    # The engine stopped the step (it would sleep for minutes): give it a few seconds.
+    deadline = time.monotonic() + 20
+    while sleeping(seconds) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not sleeping(seconds)
+    assert not builder.has_image("buildq-test/cancelled:1")
 
 
 def test_push_with_wrong_credentials_is_a_registry_error_with_a_hint(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -50,6 +51,9 @@ class BuildRequest:
     #: Build every step afresh (a forced rebuild): no layer from the engine's cache or an
     #: imported one may stand in for a step.
     no_cache: bool = False
+    #: Set when the build's request is cancelled: the builder stops the build on the engine
+    #: and raises :class:`~config.errors.BuildCancelledError`.
+    cancel: threading.Event | None = field(default=None, repr=False, compare=False)
 
 
 class Builder(ABC):

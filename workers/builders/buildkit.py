@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from config.errors import BuildError, BuildqError
+from config.errors import BuildCancelledError, BuildError, BuildqError
 from workers.builders.base import BuildRequest, EngineUnavailableError, LogFn
 from workers.secrets import SecretUsageError
 
@@ -755,6 +755,10 @@ class BuildKitDriver:
         timer = threading.Timer(max(deadline - time.monotonic(), 0.0), feeder.expire)
         timer.daemon = True
         timer.start()
+        ended = threading.Event()
+        if request.cancel is not None:
+            threading.Thread(target=feeder.stop_on, args=(request.cancel, ended), daemon=True,
+                             name="buildq-build-cancel").start()
         try:
             feeder.start()
             assert proc.stdout is not None
@@ -762,11 +766,15 @@ class BuildKitDriver:
                 progress.feed(raw.decode("utf-8", "replace"))
             code = proc.wait()
         finally:
+            ended.set()
             timer.cancel()
             if proc.poll() is None:
                 feeder.kill()
                 proc.wait()
             feeder.join(5.0)
+        if feeder.cancelled:
+            raise BuildCancelledError(f"the build of {request.image} was stopped: its request "
+                                      "was cancelled.")
         if feeder.expired:
             raise BuildError(
                 f"the build of {request.image} exceeded its time limit of "
@@ -890,6 +898,7 @@ class _Feeder(threading.Thread):
         self._chunks = chunks
         self.error: BaseException | None = None
         self.expired = False
+        self.cancelled = False
 
     def run(self) -> None:
         stdin = self._proc.stdin
@@ -909,6 +918,15 @@ class _Feeder(threading.Thread):
     def expire(self) -> None:
         self.expired = True
         self.kill()
+
+    def stop_on(self, cancel: threading.Event, ended: threading.Event) -> None:
+        """Kill the build once ``cancel`` is set, unless it ``ended`` first."""
+        while not ended.is_set():
+            if cancel.wait(0.2):
+                if not ended.is_set():
+                    self.cancelled = True
+                    self.kill()
+                return
 
     def kill(self) -> None:
         # The whole group: buildx runs as a plugin process under the CLI. The engine cancels

@@ -32,6 +32,7 @@ import urllib3
 from docker.errors import APIError, DockerException, NotFound
 
 from config.errors import (
+    BuildCancelledError,
     BuildError,
     BuildqError,
     RegistryError,
@@ -100,28 +101,53 @@ class _DeadlineReader:
 
 
 class _Watchdog:
-    """Shuts the engine connection when the deadline passes, even while a read blocks."""
+    """Shuts the engine connection when the deadline passes or the build is cancelled, even
+    while a read blocks."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, cancel: threading.Event | None = None) -> None:
         self.expired = False
+        self.cancelled = False
         self._response: requests.Response | None = None
         self._lock = threading.Lock()
         self._timer = threading.Timer(max(seconds, 0.0), self._expire)
         self._timer.daemon = True
+        self._cancel = cancel
+        self._over = threading.Event()
 
     def __enter__(self) -> _Watchdog:
         self._timer.start()
+        if self._cancel is not None:
+            threading.Thread(target=self._watch_cancel, daemon=True,
+                             name="buildq-build-cancel").start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
+        self._over.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.expired or self.cancelled
 
     def hook(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
         with self._lock:
             self._response = response
-            late = self.expired
+            late = self.stopped
         if late:
             _shut(response)
+
+    def _watch_cancel(self) -> None:
+        assert self._cancel is not None
+        while not self._over.is_set():
+            if self._cancel.wait(0.2):
+                with self._lock:
+                    if self._over.is_set():
+                        return
+                    self.cancelled = True
+                    response = self._response
+                if response is not None:
+                    _shut(response)
+                return
 
     def _expire(self) -> None:
         with self._lock:
@@ -329,7 +355,7 @@ class DockerBuilder(Builder):
         # A client of its own per build: the watchdog's response hook must see only this
         # build's connection, and a concurrent build on the shared client must not be shut.
         api = docker.APIClient(version=self._client.api.api_version, **self._client_kwargs)
-        watchdog = _Watchdog(request.timeout)
+        watchdog = _Watchdog(request.timeout, request.cancel)
         api.hooks["response"].append(watchdog.hook)
         lines = _BuildLog(log)
         try:
@@ -358,23 +384,29 @@ class DockerBuilder(Builder):
             raise self._timeout_error(request) from None
         except BuildError:
             # A stream cut by the watchdog can end like a build that produced nothing.
-            if watchdog.expired:
-                raise self._timeout_error(request) from None
+            if watchdog.stopped:
+                raise self._stopped_error(watchdog, request) from None
             raise
         except APIError as exc:
-            if watchdog.expired:
-                raise self._timeout_error(request) from None
+            if watchdog.stopped:
+                raise self._stopped_error(watchdog, request) from None
             raise self._refused_error(exc, request) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, DockerException,
                 OSError) as exc:
-            if watchdog.expired:
-                raise self._timeout_error(request) from None
+            if watchdog.stopped:
+                raise self._stopped_error(watchdog, request) from None
             raise self._engine_lost(exc) from None
         finally:
             api.close()
-        if watchdog.expired:
-            raise self._timeout_error(request)
+        if watchdog.stopped:
+            raise self._stopped_error(watchdog, request)
         return image_id
+
+    def _stopped_error(self, watchdog: _Watchdog, request: BuildRequest) -> BuildqError:
+        if watchdog.cancelled:
+            return BuildCancelledError(f"the build of {request.image} was stopped: its request "
+                                       "was cancelled.")
+        return self._timeout_error(request)
 
     def _follow_build(
         self, stream: Iterable[dict[str, Any]], lines: _BuildLog, request: BuildRequest

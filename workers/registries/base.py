@@ -24,7 +24,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -239,6 +239,64 @@ class Registry(ABC):
             # Best effort: a session left open costs nothing and expires by itself.
             with contextlib.suppress(RegistryError):
                 self._send("DELETE", urljoin(self.base_url + path, location), scope, {})
+
+    # -- retention (buildq gc) ----------------------------------------------------------
+
+    #: The setting that allows deletion, named when the registry refuses it.
+    delete_setting = "storage.delete.enabled: true in the registry's config (the CNCF distribution " \
+        "registry; REGISTRY_STORAGE_DELETE_ENABLED=true in its environment)"
+
+    def tags(self, ref: ImageRef) -> list[str]:
+        """Every tag of ``ref``'s repository (following the API's pagination)."""
+        found: list[str] = []
+        path: str | None = f"/v2/{ref.repository}/tags/list?n=1000"
+        scope = f"repository:{ref.repository}:pull"
+        while path:
+            response = self._send("GET", path, scope, {})
+            if response.status_code == 404:
+                return found
+            self._raise_for_status(response, f"the tags of {ref.repository}")
+            found += list((response.json() or {}).get("tags") or [])
+            link = response.headers.get("Link", "")
+            match = re.match(r"<([^>]+)>", link)
+            path = urljoin(self.base_url + "/", match.group(1)) if match else None
+        return found
+
+    def image_config(self, ref: ImageRef, tag: str) -> tuple[str, dict[str, Any]] | None:
+        """The manifest digest of ``tag`` and its image config (the first platform's, for an
+        index), or None when the tag is gone."""
+        scope = f"repository:{ref.repository}:pull"
+        response = self._send("GET", f"/v2/{ref.repository}/manifests/{tag}", scope,
+                              {"Accept": MANIFEST_ACCEPT})
+        if response.status_code == 404:
+            return None
+        self._raise_for_status(response, f"{ref.repository}:{tag}")
+        digest = response.headers.get("Docker-Content-Digest") or \
+            "sha256:" + hashlib.sha256(response.content).hexdigest()
+        manifest = response.json()
+        if manifest.get("manifests"):
+            child = manifest["manifests"][0]["digest"]
+            response = self._send("GET", f"/v2/{ref.repository}/manifests/{child}", scope,
+                                  {"Accept": MANIFEST_ACCEPT})
+            self._raise_for_status(response, f"{ref.repository}@{child}")
+            manifest = response.json()
+        config = (manifest.get("config") or {}).get("digest")
+        if not config:
+            return digest, {}
+        response = self._send("GET", f"/v2/{ref.repository}/blobs/{config}", scope, {})
+        self._raise_for_status(response, f"the config of {ref.repository}:{tag}")
+        return digest, dict(response.json())
+
+    def delete_manifest(self, ref: ImageRef, digest: str) -> None:
+        """Delete the manifest ``digest`` (and so every tag naming it) from the repository."""
+        response = self._send("DELETE", f"/v2/{ref.repository}/manifests/{digest}",
+                              f"repository:{ref.repository}:delete", {})
+        if response.status_code in (404, 202, 200):
+            return
+        if response.status_code == 405 or "UNSUPPORTED" in response.text:
+            raise RegistryError(f"registry {self.host} does not allow deleting images "
+                                f"({response.status_code}).", f"Enable it: {self.delete_setting}.")
+        self._raise_for_status(response, f"deleting {ref.repository}@{digest}")
 
     # -- HTTP and auth -------------------------------------------------------------------
 
