@@ -43,8 +43,10 @@ def test_history_filters_and_pages(cluster: Cluster, tmp_path: Path, base_image:
              for _ in range(3)]
     failed = outcome(build_image.delay(str(_app(tmp_path, base_image, "RUN false\n")),
                                        destination=dest), timeout=180)
-    refused = outcome(build_image.delay(str(_app(tmp_path, base_image)),
-                                        destination="Not A Registry/x"), timeout=60)
+    # delay() would refuse it before queueing: sent as anybody could, the worker refuses it.
+    refused = outcome(build_image.apply_async(args=[str(_app(tmp_path, base_image))],
+                                              kwargs={"destination": "Not A Registry/x"}),
+                      timeout=60)
     assert failed["status"] == "failed" and refused["status"] == "failed"
 
     mine = _rows(buildq(cluster, "history", "--repository", dest, "--json"))

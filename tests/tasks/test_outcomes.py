@@ -26,8 +26,9 @@ FLOWER_LOGIN = ("flower", "outcomes-test-password")
 
 
 @pytest.fixture(scope="module")
-def flower(cluster: Cluster) -> Iterator[str]:
+def flower(shared_cluster: Cluster) -> Iterator[str]:
     """Flower on the cluster's Redis, started before the builds so it sees their events."""
+    cluster = shared_cluster
     port = services.free_port()
     log = (cluster.root / f"flower-{port}.log").open("ab")
     proc = subprocess.Popen(

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from config.errors import ForbiddenError, InputError
-from tasks import build_image
+from tasks import build_image, outcome
 from tests import services
 from tests.tasks.conftest import REPO, Cluster, make_cluster, point_app_at, use_cluster
 
@@ -123,7 +123,7 @@ def _bare_repo(parent: Path, base: str) -> Path:
 
 
 def _refused(result: Any, setting: str) -> dict[str, Any]:
-    record: dict[str, Any] = result.get(timeout=120)
+    record = outcome(result, timeout=120)
     assert record["status"] == "failed", record
     assert record["error_kind"] == "forbidden", record
     assert setting in record["error"], record
@@ -212,8 +212,8 @@ def test_workers_refuse_destinations_outside_the_policy_before_any_work(
     # A --destination in kaniko-config is buildq's own flag: refused as such, before work.
     smuggled = {**kaniko, "kaniko-config": {"spec": {"template": {"spec": {"containers": [
         {"args": ["--destination=registry.example.com/elsewhere/app:x"]}]}}}}}
-    record = build_image.apply_async(args=[str(app)],
-                                     kwargs={"config": {"builder": smuggled}}).get(timeout=120)
+    record = outcome(build_image.apply_async(args=[str(app)],
+                                             kwargs={"config": {"builder": smuggled}}), timeout=120)
     assert record["status"] == "failed" and record["error_kind"] == "config", record
     assert "--destination" in record["error"]
     assert set((guarded.cluster.root / "contexts").rglob("*")) == before
@@ -329,9 +329,9 @@ def test_a_state_naming_a_tree_elsewhere_is_neither_read_nor_deleted(
     state = {"request_id": str(uuid.uuid4()), "builder": "docker", "owned": True,
              "source": {"kind": "directory", "location": str(inside), "ref": None},
              "workdir": str(victim), "source_hash": uuid.uuid4().hex * 2}
-    uploaded = app.send_task("buildq.upload", args=[state]).get(timeout=120)
-    dropped = app.send_task("buildq.record", args=[{**state, "request_id": str(uuid.uuid4())}]
-                            ).get(timeout=120)
+    uploaded = outcome(app.send_task("buildq.upload", args=[state]), timeout=120)
+    dropped = outcome(app.send_task("buildq.record",
+                                    args=[{**state, "request_id": str(uuid.uuid4())}]), timeout=120)
     assert uploaded["id"] == state["request_id"] and dropped["status"] is None, (uploaded, dropped)
     assert victim.is_dir() and (victim / "Dockerfile").is_file(), "the worker deleted it"
     _untouched(watched)
@@ -339,7 +339,7 @@ def test_a_state_naming_a_tree_elsewhere_is_neither_read_nor_deleted(
     # Nor can it name another object of a store as its context, to be deleted after.
     precious = guarded.outside / f"precious-{uuid.uuid4().hex[:6]}.tar.gz"
     precious.write_bytes(b"not a context")
-    app.send_task("buildq.record", args=[{
+    outcome(app.send_task("buildq.record", args=[{
         **state, "request_id": str(uuid.uuid4()), "owned": False, "workdir": None,
-        "context_store": guarded.outside.as_uri(), "context_key": precious.name}]).get(timeout=120)
+        "context_store": guarded.outside.as_uri(), "context_key": precious.name}]), timeout=120)
     assert precious.is_file(), "the worker deleted a file the state named as its context"
