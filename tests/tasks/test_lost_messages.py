@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks import build_image
-from tasks.keys import SUBMITTED, events_key
+from tasks.keys import SUBMITTED, answered_key, events_key
 from tests import services
 from tests.tasks.conftest import Cluster, make_cluster, use_cluster
 
@@ -56,6 +56,8 @@ def test_a_message_lost_before_any_worker_took_it_is_sent_again_and_answered_onc
         [r["attached"] for r in records].count(True) == 1, records
     assert records[0]["digest"] == records[1]["digest"]
     assert client.hlen(SUBMITTED) == 0
-    # One answer each: the resent request's events end once.
+    # One answer each, claimed once: the resent request's events end at most once (a
+    # request answered as attached to the other's build has no "done" of its own).
+    assert client.get(answered_key(lost.id)) is not None
     done = [f for _, f in client.xrange(events_key(lost.id)) if f.get("kind") == "done"]
-    assert len(done) == 1, done
+    assert len(done) <= 1, done

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from config.errors import ConfigError
 from tasks import build_image, cancel, outcome
 from tests import services
 from tests.tasks.conftest import REPO, Cluster, make_cluster, use_cluster
@@ -201,9 +202,14 @@ def test_bad_notify_urls_are_refused_with_the_accepted_form(
                              timeout=120)
         assert run.returncode == 2, run.stderr
         assert "http:// or https:// URL" in run.stderr and "Traceback" not in run.stderr
-    record = outcome(build_image.delay(str(app), notify="ftp://example.com/hook",
-                                       destination=f"{notified.registry.host}/notify/refused"),
-                     timeout=60)
+    # A script is refused before anything is queued; a message sent as anybody could is
+    # refused by the worker, with a record.
+    with pytest.raises(ConfigError, match="http:// or https:// URL"):
+        build_image.delay(str(app), notify="ftp://example.com/hook",
+                          destination=f"{notified.registry.host}/notify/refused")
+    record = outcome(build_image.apply_async(args=[str(app)], kwargs={
+        "notify": "ftp://example.com/hook",
+        "destination": f"{notified.registry.host}/notify/refused"}), timeout=60)
     assert record["status"] == "failed" and record["error_kind"] == "config", record
 
 
