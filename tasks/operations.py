@@ -246,6 +246,9 @@ def fetch(state: BuildState, settings: Settings) -> str:
     if spec.kind == "image":
         return _resolve_image(state, spec, settings)
     check_roots(spec, settings)  # again: a restarted request comes as a state, not a source
+    # A fetch repeated in the same task (Redis was unreachable at the stage's end) would
+    # otherwise leave the tree it fetched the first time behind.
+    _drop_tree(state)
     settings.workdir.mkdir(parents=True, exist_ok=True)
     fetched = fetch_source(spec, settings.workdir, settings)
     state.workdir = str(fetched.root)
