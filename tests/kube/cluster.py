@@ -41,8 +41,9 @@ ISSUER = "https://kubernetes.default.svc.cluster.local"
 #: The issue's three, plus what a Job's pod needs to be admitted and to mount its token:
 #: the `default` ServiceAccount (serviceaccount), the `kube-root-ca.crt` ConfigMap
 #: (root-ca-cert-publisher), and namespace deletion (namespace).
-CONTROLLERS = ("job", "garbagecollector", "ttl-after-finished", "serviceaccount",
-               "root-ca-cert-publisher", "namespace")
+CONTROLLERS = ("job-controller", "garbage-collector-controller", "ttl-after-finished-controller",
+               "serviceaccount-controller", "root-ca-certificate-publisher-controller",
+               "namespace-controller")
 
 
 def free_port() -> int:
@@ -236,7 +237,6 @@ class ControlPlane:
             f"--authentication-kubeconfig={kcm_config}", f"--authorization-kubeconfig={kcm_config}",
             "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", "--leader-elect=false",
             f"--controllers={','.join(CONTROLLERS)}", "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki.path('sa.key')}",
             f"--root-ca-file={pki.path('ca.crt')}", f"--service-cluster-ip-range={SERVICE_CIDR}", "--v=1"])
         say(f"kube up: kube-controller-manager (controllers {','.join(CONTROLLERS)})")
         wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0,
