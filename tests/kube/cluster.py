@@ -4,6 +4,7 @@ Binaries come from ``tests.kube.build`` (built once per version). Everything lis
 127.0.0.1 at free ports; state lives in one directory. No node yet (issue 12, step 2).
 
     python -m tests.kube.cluster up [DIR]     # prints the admin kubeconfig's path last
+    python -m tests.kube.cluster smoke DIR    # Job -> pod, Background delete, server validation
     python -m tests.kube.cluster down DIR
 
 Nothing here is wired into the test suite yet.
@@ -118,6 +119,14 @@ class Pki:
                                   ("controller-manager", "system:kube-controller-manager", None)):
             key = _key()
             self._save(name, _cert(_name(common, org), key, ca_name, ca_key, client=True), key)
+        # The front proxy's own CA (the aggregation layer's request-header authentication).
+        proxy_ca_key = _key()
+        proxy_ca_name = _name("buildq-test-front-proxy-ca")
+        self._save("front-proxy-ca", _cert(proxy_ca_name, proxy_ca_key, proxy_ca_name, proxy_ca_key, ca=True),
+                   proxy_ca_key)
+        proxy_key = _key()
+        self._save("front-proxy-client", _cert(_name("front-proxy-client"), proxy_key, proxy_ca_name,
+                                               proxy_ca_key, client=True), proxy_key)
         sa_key = _key()
         self.path("sa.key").write_bytes(_pem_key(sa_key))
         self.path("sa.pub").write_bytes(sa_key.public_key().public_bytes(
@@ -183,9 +192,10 @@ class ControlPlane:
     def state_file(self) -> Path:
         return self.directory / "cluster.json"
 
-    def kubectl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def kubectl(self, *args: str, timeout: float = 30, stdin: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(build.bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-                              capture_output=True, text=True, timeout=timeout)
+                              input=stdin, capture_output=True, text=True, timeout=timeout)
 
     def _start(self, name: str, args: list[str]) -> Path:
         log = self.directory / f"{name}.log"
@@ -222,6 +232,12 @@ class ControlPlane:
             f"--service-account-issuer={ISSUER}", f"--service-account-key-file={pki.path('sa.pub')}",
             f"--service-account-signing-key-file={pki.path('sa.key')}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--requestheader-client-ca-file={pki.path('front-proxy-ca.crt')}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki.path('front-proxy-client.crt')}",
+            f"--proxy-client-key-file={pki.path('front-proxy-client.key')}",
             # The `kubernetes` Endpoints may not hold a loopback address; nothing reads them here.
             "--endpoint-reconciler-type=none", "--profiling=false", "--v=1"])
         write_kubeconfig(self.kubeconfig, self.server, pki, "admin")
@@ -264,6 +280,43 @@ class ControlPlane:
         self.state_file.unlink(missing_ok=True)
 
 
+SMOKE_JOB = {
+    "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "buildq-smoke"},
+    "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 600, "template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "c", "image": "local/busybox:base"}]}}},
+}
+
+
+def smoke(plane: ControlPlane, say: Callable[[str], None] = print) -> None:
+    """The controllers answer: a Job gets a pod, a Background delete removes both, and an
+    invalid Job is refused by the server's own validation."""
+    def kubectl(*args: str, stdin: str | None = None) -> str:
+        proc = plane.kubectl(*args, stdin=stdin)
+        if proc.returncode:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def pods() -> list[str]:
+        return kubectl("get", "pods", "-l", "job-name=buildq-smoke", "-o", "name").split()
+
+    kubectl("create", "-f", "-", stdin=json.dumps(SMOKE_JOB))
+    wait_for(lambda: len(pods()) == 1, 60, "the Job controller's pod")
+    say("kube smoke: Job controller created the pod")
+    kubectl("delete", "job", "buildq-smoke", "--cascade=background")
+    wait_for(lambda: not pods(), 60, "the garbage collector removing the pod")
+    say("kube smoke: garbage collector removed the pod after a Background delete")
+    bad = json.loads(json.dumps(SMOKE_JOB))
+    bad["spec"]["backoffLimit"] = -1
+    try:
+        kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(bad))
+    except RuntimeError as exc:
+        if "backoffLimit" not in str(exc):
+            raise
+        say("kube smoke: server-side validation refused backoffLimit -1")
+    else:
+        raise RuntimeError("the API server accepted a Job with backoffLimit -1")
+
+
 def _http_ok(url: str) -> bool:
     import urllib.request
 
@@ -281,10 +334,14 @@ def main(argv: list[str]) -> int:
             plane.down()
             raise
         return 0
+    if argv[:1] == ["smoke"] and len(argv) == 2:
+        plane = ControlPlane(Path(argv[1]).resolve())
+        smoke(plane, say=lambda line: print(line, flush=True))
+        return 0
     if argv[:1] == ["down"] and len(argv) == 2:
         ControlPlane(Path(argv[1]).resolve()).down()
         return 0
-    print("usage: python -m tests.kube.cluster up [DIR] | down DIR", file=sys.stderr)
+    print("usage: python -m tests.kube.cluster up [DIR] | smoke DIR | down DIR", file=sys.stderr)
     return 2
 
 
