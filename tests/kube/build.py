@@ -250,7 +250,8 @@ def build(names: Sequence[str] = (), *, jobs: int | None = None, niceness: int =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.kube.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.kube.build",
+                                     description=(__doc__ or "").split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"some of {[b.name for b in BINARIES]} (default: all)")
     parser.add_argument("--jobs", type=int, default=None, help="GOMAXPROCS and go build -p (default: cores)")
     parser.add_argument("--nice", type=int, default=19, help="niceness of the compiler (default 19)")
