@@ -1,0 +1,1 @@
+"""The test cluster: binaries built from Go modules (issue 12)."""

@@ -1,0 +1,349 @@
+"""A real control plane on loopback: etcd, kube-apiserver (RBAC) and kube-controller-manager.
+
+Binaries come from ``tests.kube.build`` (built once per version). Everything listens on
+127.0.0.1 at free ports; state lives in one directory. No node yet (issue 12, step 2).
+
+    python -m tests.kube.cluster up [DIR]     # prints the admin kubeconfig's path last
+    python -m tests.kube.cluster smoke DIR    # Job -> pod, Background delete, server validation
+    python -m tests.kube.cluster down DIR
+
+Nothing here is wired into the test suite yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.kube import build
+
+#: The Service range; its first address is the `kubernetes` Service's. Never contacted.
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_IP = "10.0.0.1"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+#: The issue's three, plus what a Job's pod needs to be admitted and to mount its token:
+#: the `default` ServiceAccount (serviceaccount), the `kube-root-ca.crt` ConfigMap
+#: (root-ca-cert-publisher), and namespace deletion (namespace).
+CONTROLLERS = ("job-controller", "garbage-collector-controller", "ttl-after-finished-controller",
+               "serviceaccount-controller", "root-ca-certificate-publisher-controller",
+               "namespace-controller")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- PKI ---------------------------------------------------------------------------------
+
+def _key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+
+
+def _cert(subject: x509.Name, key: rsa.RSAPrivateKey, issuer: x509.Name, signer: rsa.RSAPrivateKey, *,
+          ca: bool = False, server_names: tuple[str, ...] = (), server_ips: tuple[str, ...] = (),
+          client: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
+    else:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _name(common: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+@dataclass
+class Pki:
+    directory: Path
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def write(self) -> None:
+        """CA, API serving cert, admin and controller-manager client certs, SA signing key."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ca_key = _key()
+        ca_name = _name("buildq-test-ca")
+        ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
+        self._save("ca", ca, ca_key)
+        server_key = _key()
+        self._save("apiserver", _cert(
+            _name("kube-apiserver"), server_key, ca_name, ca_key,
+            server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                          "kubernetes.default.svc.cluster.local"),
+            server_ips=("127.0.0.1", SERVICE_IP)), server_key)
+        for name, common, org in (("admin", "kubernetes-admin", "system:masters"),
+                                  ("controller-manager", "system:kube-controller-manager", None)):
+            key = _key()
+            self._save(name, _cert(_name(common, org), key, ca_name, ca_key, client=True), key)
+        # The front proxy's own CA (the aggregation layer's request-header authentication).
+        proxy_ca_key = _key()
+        proxy_ca_name = _name("buildq-test-front-proxy-ca")
+        self._save("front-proxy-ca", _cert(proxy_ca_name, proxy_ca_key, proxy_ca_name, proxy_ca_key, ca=True),
+                   proxy_ca_key)
+        proxy_key = _key()
+        self._save("front-proxy-client", _cert(_name("front-proxy-client"), proxy_key, proxy_ca_name,
+                                               proxy_ca_key, client=True), proxy_key)
+        sa_key = _key()
+        self.path("sa.key").write_bytes(_pem_key(sa_key))
+        self.path("sa.pub").write_bytes(sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        for file in self.directory.iterdir():
+            if file.suffix == ".key":
+                file.chmod(0o600)
+
+    def _save(self, name: str, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> None:
+        self.path(f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.path(f"{name}.key").write_bytes(_pem_key(key))
+
+
+def write_kubeconfig(path: Path, server: str, pki: Pki, user: str) -> Path:
+    """A kubeconfig (JSON is YAML) with everything inline, for the client cert ``user``."""
+    def data(name: str) -> str:
+        return base64.b64encode(pki.path(name).read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "buildq-test",
+        "clusters": [{"name": "buildq-test", "cluster": {
+            "server": server, "certificate-authority-data": data("ca.crt")}}],
+        "users": [{"name": user, "user": {
+            "client-certificate-data": data(f"{user}.crt"), "client-key-data": data(f"{user}.key")}}],
+        "contexts": [{"name": "buildq-test", "context": {"cluster": "buildq-test", "user": user}}],
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+# --- processes ---------------------------------------------------------------------------
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    tail = ""
+    if log and log.exists():
+        tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f}s{tail}")
+
+
+@dataclass
+class ControlPlane:
+    directory: Path
+    etcd_port: int = 0
+    api_port: int = 0
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / "admin.kubeconfig"
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / "cluster.json"
+
+    def kubectl(self, *args: str, timeout: float = 30, stdin: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(build.bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+                              input=stdin, capture_output=True, text=True, timeout=timeout)
+
+    def _start(self, name: str, args: list[str]) -> Path:
+        log = self.directory / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.pids[name] = proc.pid
+        self.state_file.write_text(json.dumps(
+            {"etcd_port": self.etcd_port, "api_port": self.api_port, "pids": self.pids}) + "\n")
+        return log
+
+    def up(self, say: Callable[[str], None] = print) -> Path:
+        bins = build.build(say=say)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pki = Pki(self.directory / "pki")
+        pki.write()
+        self.etcd_port, peer_port, self.api_port, kcm_port = (free_port() for _ in range(4))
+
+        etcd_url, peer_url = f"http://127.0.0.1:{self.etcd_port}", f"http://127.0.0.1:{peer_port}"
+        log = self._start("etcd", [
+            str(bins["etcd"]), "--name=test", f"--data-dir={self.directory / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=test={peer_url}", "--unsafe-no-fsync", "--log-level=warn"])
+        say(f"kube up: etcd on {etcd_url}")
+        wait_for(lambda: _http_ok(f"{etcd_url}/health"), 60, "etcd", log)
+
+        log = self._start("kube-apiserver", [
+            str(bins["kube-apiserver"]), "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={self.api_port}", f"--etcd-servers={etcd_url}",
+            f"--tls-cert-file={pki.path('apiserver.crt')}",
+            f"--tls-private-key-file={pki.path('apiserver.key')}",
+            f"--client-ca-file={pki.path('ca.crt')}", "--authorization-mode=RBAC",
+            f"--service-account-issuer={ISSUER}", f"--service-account-key-file={pki.path('sa.pub')}",
+            f"--service-account-signing-key-file={pki.path('sa.key')}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--requestheader-client-ca-file={pki.path('front-proxy-ca.crt')}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki.path('front-proxy-client.crt')}",
+            f"--proxy-client-key-file={pki.path('front-proxy-client.key')}",
+            # The `kubernetes` Endpoints may not hold a loopback address; nothing reads them here.
+            "--endpoint-reconciler-type=none", "--profiling=false", "--v=1"])
+        write_kubeconfig(self.kubeconfig, self.server, pki, "admin")
+        say(f"kube up: kube-apiserver on {self.server}")
+        wait_for(lambda: self.kubectl("get", "--raw", "/readyz", timeout=10).stdout.strip() == "ok",
+                 180, "kube-apiserver /readyz", log)
+        say("kube up: /readyz ok")
+
+        kcm_config = write_kubeconfig(self.directory / "controller-manager.kubeconfig", self.server, pki,
+                                      "controller-manager")
+        log = self._start("kube-controller-manager", [
+            str(bins["kube-controller-manager"]), f"--kubeconfig={kcm_config}",
+            f"--authentication-kubeconfig={kcm_config}", f"--authorization-kubeconfig={kcm_config}",
+            "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", "--leader-elect=false",
+            f"--controllers={','.join(CONTROLLERS)}", "--use-service-account-credentials=true",
+            f"--root-ca-file={pki.path('ca.crt')}", f"--service-cluster-ip-range={SERVICE_CIDR}", "--v=1"])
+        say(f"kube up: kube-controller-manager (controllers {','.join(CONTROLLERS)})")
+        wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0,
+                 120, "kube-controller-manager (the default ServiceAccount)", log)
+        say("kube up: controller-manager serving (default ServiceAccount created)")
+        return self.kubeconfig
+
+    def down(self) -> None:
+        if self.state_file.exists():
+            self.pids = json.loads(self.state_file.read_text())["pids"]
+        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+            pid = self.pids.pop(name, None)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(pid, 0)  # raises once it is gone (or reaped)
+                    with contextlib.suppress(ChildProcessError):
+                        if os.waitpid(pid, os.WNOHANG)[0]:
+                            break
+                    time.sleep(0.1)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        self.state_file.unlink(missing_ok=True)
+
+
+SMOKE_JOB = {
+    "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "buildq-smoke"},
+    "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 600, "template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "c", "image": "local/busybox:base"}]}}},
+}
+
+
+def smoke(plane: ControlPlane, say: Callable[[str], None] = print) -> None:
+    """The controllers answer: a Job gets a pod, a Background delete removes both, and an
+    invalid Job is refused by the server's own validation."""
+    def kubectl(*args: str, stdin: str | None = None) -> str:
+        proc = plane.kubectl(*args, stdin=stdin)
+        if proc.returncode:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def pods() -> list[str]:
+        return kubectl("get", "pods", "-l", "job-name=buildq-smoke", "-o", "name").split()
+
+    kubectl("create", "-f", "-", stdin=json.dumps(SMOKE_JOB))
+    wait_for(lambda: len(pods()) == 1, 60, "the Job controller's pod")
+    say("kube smoke: Job controller created the pod")
+    kubectl("delete", "job", "buildq-smoke", "--cascade=background")
+    wait_for(lambda: not pods(), 60, "the garbage collector removing the pod")
+    say("kube smoke: garbage collector removed the pod after a Background delete")
+    bad = json.loads(json.dumps(SMOKE_JOB))
+    bad["spec"]["backoffLimit"] = -1
+    try:
+        kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(bad))
+    except RuntimeError as exc:
+        if "backoffLimit" not in str(exc):
+            raise
+        say("kube smoke: server-side validation refused backoffLimit -1")
+    else:
+        raise RuntimeError("the API server accepted a Job with backoffLimit -1")
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["up"] and len(argv) <= 2:
+        directory = Path(argv[1]) if len(argv) == 2 else Path(tempfile.mkdtemp(prefix="buildq-kube-"))
+        plane = ControlPlane(directory.resolve())
+        try:
+            print(plane.up(say=lambda line: print(line, flush=True)))
+        except Exception:
+            plane.down()
+            raise
+        return 0
+    if argv[:1] == ["smoke"] and len(argv) == 2:
+        plane = ControlPlane(Path(argv[1]).resolve())
+        smoke(plane, say=lambda line: print(line, flush=True))
+        return 0
+    if argv[:1] == ["down"] and len(argv) == 2:
+        ControlPlane(Path(argv[1]).resolve()).down()
+        return 0
+    print("usage: python -m tests.kube.cluster up [DIR] | smoke DIR | down DIR", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
