@@ -19,9 +19,7 @@ to only leaves: the build goes on for them.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
-import socket
 import threading
 import time
 import uuid
@@ -51,6 +49,7 @@ from tasks.keys import (
 from tasks.notifications import announce
 from tasks.queued import find_queued
 from tasks.records import OTHER, REQUEST_TTL, answered, claim_answer, find, make_record, store_unhashed
+from tasks.requester import claimed
 from tasks.state import BuildState
 
 #: Seconds between two looks at the cancel flag while a stage runs.
@@ -65,15 +64,6 @@ class Cancelled:
     request_id: str
     record: dict[str, Any]
     finished: bool
-
-
-def who() -> str:
-    """The canceller, as records name it: user@host."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def requests_of(client: redis.Redis, ident: str, everyone: bool = False) -> list[str]:
@@ -133,7 +123,7 @@ def cancel(request_id: str, by: str | None = None) -> Cancelled:
     if answered(client, request_id):
         return Cancelled(request_id, _answer_of(client, request_id), finished=True)
     state = _state_of(client, request_id)
-    canceller, at = by or who(), time.time()
+    canceller, at = by or claimed(), time.time()
     flag = {"by": canceller, "at": at}
     state.cancel(canceller, at)
     record = make_record(state)

@@ -102,6 +102,15 @@ def make_cluster(root: Path, registry: services.RegistryServer, lease: float) ->
     return Cluster(red, registry, root, env)
 
 
+def tiny_app(tmp_path: Path, base: str, name: str, step: str = "") -> Path:
+    """A one-file app under ``tmp_path/name`` whose contents no other test has (a new tag)."""
+    root = tmp_path / name
+    root.mkdir()
+    (root / "Dockerfile").write_text(f"FROM {base}\nCOPY msg.txt /msg.txt\n{step}")
+    (root / "msg.txt").write_text(f"{name} {uuid.uuid4()}\n")
+    return root
+
+
 def use_cluster(cluster: Cluster) -> None:
     """Point this test process's Celery app at the cluster, as a script would."""
     point_app_at(cluster.settings())

@@ -24,7 +24,7 @@ from tasks.keys import INFLIGHT, events_key, lock_key, log_key, pending_key, req
 from tasks.queued import find_queued
 from tests import services
 from tests.faults.conftest import Gates
-from tests.tasks.conftest import REPO, Cluster, make_cluster, use_cluster
+from tests.tasks.conftest import REPO, Cluster, make_cluster, tiny_app, use_cluster
 
 
 class GatedCluster(Cluster):
@@ -54,11 +54,7 @@ def gates(gated: Cluster) -> Iterator[Gates]:
 
 
 def _app(tmp_path: Path, base: str, name: str, step: str = "") -> Path:
-    root = tmp_path / name
-    root.mkdir()
-    (root / "Dockerfile").write_text(f"FROM {base}\nCOPY msg.txt /msg.txt\n{step}")
-    (root / "msg.txt").write_text(f"{name} {uuid.uuid4()}\n")
-    return root
+    return tiny_app(tmp_path, base, name, step)
 
 
 def buildq(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,22 +6,16 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 from tasks import outcome
 from tasks.app import app
 from tests import services
-from tests.tasks.conftest import REPO, Cluster
+from tests.tasks.conftest import REPO, Cluster, tiny_app
 
 
 def _app(tmp_path: Path, base: str, name: str, step: str) -> Path:
-    root = tmp_path / name
-    root.mkdir()
-    (root / "Dockerfile").write_text(f"FROM {base}\nCOPY msg.txt /msg.txt\n{step}")
-    (root / "msg.txt").write_text(f"{name} {uuid.uuid4()}\n")
-    return root
+    return tiny_app(tmp_path, base, name, step)
 
 
 def _cli(cluster: Cluster, *args: str) -> list[str]:
@@ -40,6 +34,16 @@ def _follow(cluster: Cluster, request_id: str) -> subprocess.Popen[str]:
     return subprocess.Popen(_cli(cluster, "logs", "--follow", request_id), cwd=REPO,
                             env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def _follow_until(cluster: Cluster, request_id: str, word: str) -> subprocess.Popen[str]:
+    """A follower that has shown the build step's own ``word`` line (not the RUN echoing it)."""
+    follower = _follow(cluster, request_id)
+    assert follower.stdout is not None
+    for line in follower.stdout:
+        if line.rstrip().endswith(word) and "echo" not in line:
+            break
+    return follower
 
 
 def _uptime() -> float:
@@ -81,15 +85,12 @@ def test_follow_ends_with_the_exit_code_of_a_failed_and_a_cancelled_build(
     assert follower.returncode == 1, (out, err)
     assert out.strip().splitlines()[-1].startswith("failed: ") and "exit code 3" in out
 
-    until = int(time.time()) + 60
-    long_step = f"RUN echo started && while [ $(date +%s) -lt {until} ]; do sleep 0.2; done\n"
+    # Counted from when the step starts: the cancel lands while it runs.
+    long_step = "RUN echo started && sleep 60\n"
     running = _detach(cluster, _app(tmp_path, base_image, "cancelled", long_step),
                       "follow/cancelled")
-    follower = _follow(cluster, running)
+    follower = _follow_until(cluster, running, "started")
     assert follower.stdout is not None
-    for line in follower.stdout:
-        if line.rstrip().endswith("started") and "echo" not in line:
-            break
     cancelled = subprocess.run(_cli(cluster, "cancel", running), cwd=REPO, env=cluster.env,
                                capture_output=True, text=True, timeout=60)
     assert cancelled.returncode == 0, cancelled.stderr
@@ -105,11 +106,7 @@ def test_ctrl_c_stops_following_not_the_build(cluster: Cluster, tmp_path: Path,
     step = "RUN echo waiting && sleep 30\n"
     request_id = _detach(cluster, _app(tmp_path, base_image, "interrupted", step),
                          "follow/interrupted")
-    follower = _follow(cluster, request_id)
-    assert follower.stdout is not None
-    for line in follower.stdout:
-        if line.rstrip().endswith("waiting") and "echo" not in line:
-            break
+    follower = _follow_until(cluster, request_id, "waiting")
     follower.send_signal(signal.SIGINT)
     assert follower.wait(30) == 130
     assert follower.stderr is not None and "stopped following" in follower.stderr.read()

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +21,7 @@ import pytest
 from config.errors import ConfigError
 from tasks import build_image, cancel, outcome
 from tests import services
-from tests.tasks.conftest import REPO, Cluster, make_cluster, use_cluster
+from tests.tasks.conftest import REPO, Cluster, make_cluster, tiny_app, use_cluster
 
 SECRET = "notify-test-secret"
 
@@ -108,11 +107,7 @@ def _verify() -> Any:
 
 
 def _app(tmp_path: Path, base: str, name: str, step: str = "") -> Path:
-    root = tmp_path / name
-    root.mkdir()
-    (root / "Dockerfile").write_text(f"FROM {base}\nCOPY msg.txt /msg.txt\n{step}")
-    (root / "msg.txt").write_text(f"{name} {uuid.uuid4()}\n")
-    return root
+    return tiny_app(tmp_path, base, name, step)
 
 
 def _wait_posts(receiver: Receiver, request_id: str, path: str, count: int) -> list[Received]:

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from tasks import BuildFailed, build_image, cancel, outcome
 from tasks.failures import BuildCancelled, FailedBuild, record_of
 from tasks.keys import request_hash_key
 from tests import services
-from tests.tasks.conftest import REPO, Cluster
+from tests.tasks.conftest import REPO, Cluster, tiny_app
 
 FLOWER_LOGIN = ("flower", "outcomes-test-password")
 
@@ -46,11 +45,7 @@ def flower(shared_cluster: Cluster) -> Iterator[str]:
 
 
 def _app(tmp_path: Path, base: str, step: str, name: str) -> Path:
-    root = tmp_path / name
-    root.mkdir()
-    (root / "Dockerfile").write_text(f"FROM {base}\nCOPY msg.txt /msg.txt\n{step}")
-    (root / "msg.txt").write_text(f"{name} {uuid.uuid4()}\n")
-    return root
+    return tiny_app(tmp_path, base, name, step)
 
 
 def _flower_task(url: str, task_id: str, state: str) -> dict[str, Any]:
