@@ -5,20 +5,30 @@ from __future__ import annotations
 
 from config.errors import ConfigError
 
-#: Kaniko's boolean flags: written bare they mean "=true"; every other flag needs a value.
+#: Kaniko's boolean flags (pflag ``Bool``): written bare they mean "=true"; every other
+#: flag needs a value. Read from the executor's flag set: upstream's (which the
+#: chainguard-dev fork built by the tests keeps) plus what the default image's fork,
+#: osscontainertools v1.28.2, adds (``--dryrun``, ``--pre-cleanup``, ``--materialize``,
+#: ``--preserve-context``). tests/kube/test_kaniko_executor.py checks a built executor's
+#: ``--help`` against both tables.
 BOOLEAN_FLAGS = frozenset({
     "--cache", "--cache-copy-layers", "--cache-run-layers", "--cleanup", "--compressed-caching",
-    "--force", "--ignore-var-run", "--insecure", "--insecure-pull", "--log-timestamp",
-    "--no-push", "--no-push-cache", "--push-ignore-immutable-tag-errors", "--reproducible",
-    "--single-snapshot", "--skip-default-registry-fallback", "--skip-push-permission-check",
-    "--skip-tls-verify", "--skip-tls-verify-pull", "--skip-unused-stages", "--use-new-run",
-    "--preserve-context",
+    "--dryrun", "--force", "--force-build-metadata", "--ignore-var-run", "--insecure",
+    "--insecure-pull", "--log-timestamp", "--materialize", "--no-push", "--no-push-cache",
+    "--pre-cleanup", "--preserve-context", "--push-ignore-immutable-tag-errors",
+    "--reproducible", "--single-snapshot", "--skip-default-registry-fallback",
+    "--skip-push-permission-check", "--skip-tls-verify", "--skip-tls-verify-pull",
+    "--skip-unused-stages", "--use-new-run", "--whitelist-var-run",
 })
-#: Kaniko flags that may be given many times; every value is kept.
+#: Kaniko flags that may be given many times, every value kept: the multi-value and
+#: key=value types of its flag set. ``--git`` sets one clone option per use
+#: (``branch=…``, ``depth=1``); ``--credential-helpers``, ``--secret`` and a repeatable
+#: ``--target`` are the osscontainertools fork's.
 REPEATABLE_FLAGS = frozenset({
-    "--build-arg", "--destination", "--label", "--annotation", "--registry-mirror",
-    "--insecure-registry", "--skip-tls-verify-registry", "--ignore-path",
-    "--registry-certificate", "--registry-client-cert", "--registry-map",
+    "--annotation", "--build-arg", "--credential-helpers", "--destination", "--git",
+    "--ignore-path", "--insecure-registry", "--label", "--registry-certificate",
+    "--registry-client-cert", "--registry-map", "--registry-mirror", "--secret",
+    "--skip-tls-verify-registry", "--target",
 })
 #: Flags buildq sets per build: the build would read another context, lose its digest,
 #: or push under a tag that is not its source hash.

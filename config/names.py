@@ -63,11 +63,15 @@ STORE_EXAMPLES: dict[StoreKind, str] = {
     "azure": "https://<storage-account>.blob.core.windows.net/<container>",
     "file": "file:///<absolute/path>",
 }
-#: Host suffix of Azure Blob Storage accounts (https://<account>.blob.core.windows.net).
+#: Host suffix of Azure Blob Storage accounts in Azure's public cloud.
 AZURE_BLOB_SUFFIX = ".blob.core.windows.net"
-
+#: Blob host suffixes of every Azure cloud kaniko reads a context from: public, China,
+#: US Government and Germany (kaniko's own list; it reads no other https:// host as Blob).
+AZURE_BLOB_SUFFIXES = (AZURE_BLOB_SUFFIX, ".blob.core.chinacloudapi.cn",
+                       ".blob.core.usgovcloudapi.net", ".blob.core.cloudapi.de")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-_AZURE_ACCOUNT_RE = re.compile(rf"^([a-z0-9]{{3,24}}){re.escape(AZURE_BLOB_SUFFIX)}$")
+_AZURE_ACCOUNT_RE = re.compile(
+    rf"^([a-z0-9]{{3,24}})(?:{'|'.join(map(re.escape, AZURE_BLOB_SUFFIXES))})$")
 _AZURE_CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
 
 
@@ -81,7 +85,7 @@ def classify_store_url(url: str) -> tuple[StoreKind | None, str | None]:
         if not _BUCKET_RE.match(parts.netloc):
             return bucket_kind, f"a bucket name after {scheme}:// ({STORE_EXAMPLES[bucket_kind]})"
         return bucket_kind, None
-    if scheme == "https" and parts.netloc.endswith(AZURE_BLOB_SUFFIX):
+    if scheme == "https" and parts.netloc.endswith(AZURE_BLOB_SUFFIXES):
         container = parts.path.strip("/").split("/")[0]
         if not _AZURE_ACCOUNT_RE.match(parts.netloc):
             return "azure", "a storage account of 3-24 lowercase letters and digits"

@@ -136,6 +136,9 @@ class Settings:
     max_retries: int = 5
     #: S3-compatible endpoint for context stores (MinIO, moto); None means AWS itself.
     s3_endpoint_url: str | None = None
+    #: Region a kaniko Job's S3 client signs for when the launch-config's environment names
+    #: none (an S3-compatible store, or aws without a region): kaniko's client needs one.
+    s3_region: str = "us-east-1"
     #: Cloud Storage endpoint (gcp-storage-emulator in tests), reached anonymously;
     #: None means Google itself with google.auth.default() credentials.
     gcs_endpoint_url: str | None = None
@@ -234,6 +237,7 @@ class Settings:
             retry_base=_number(env, "BUILDQ_RETRY_BASE", cls.retry_base),
             max_retries=int(_number(env, "BUILDQ_MAX_RETRIES", cls.max_retries, strict=False)),
             s3_endpoint_url=env.get("BUILDQ_S3_ENDPOINT_URL") or None,
+            s3_region=env.get("BUILDQ_S3_REGION") or cls.s3_region,
             # STORAGE_EMULATOR_HOST is the name Google's own clients (and kaniko's) honour.
             gcs_endpoint_url=(env.get("BUILDQ_GCS_ENDPOINT_URL") or env.get("STORAGE_EMULATOR_HOST")
                               or None),

@@ -119,9 +119,13 @@ def check_pins(pins: Pins) -> list[str]:
     return problems
 
 
+def cache_root() -> Path:
+    """Where every Go-built test binary is cached: ``BUILDQ_KUBE_CACHE`` or ~/.cache/buildq."""
+    return Path(os.environ.get("BUILDQ_KUBE_CACHE") or Path.home() / ".cache" / "buildq")
+
+
 def cache_dir(pins: Pins) -> Path:
-    root = Path(os.environ.get("BUILDQ_KUBE_CACHE") or Path.home() / ".cache" / "buildq")
-    return root / f"kube-{pins.kubernetes}"
+    return cache_root() / f"kube-{pins.kubernetes}"
 
 
 def bin_dir(pins: Pins | None = None) -> Path:
@@ -166,7 +170,7 @@ def stamp(binary: Binary, pins: Pins, go_version: str) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -176,7 +180,8 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_go_build(cmd: list[str], env: dict[str, str], name: str, say: Callable[[str], None]) -> None:
+def run_go_build(cmd: list[str], env: dict[str, str], name: str, say: Callable[[str], None],
+                 cwd: Path = MODULE_DIR) -> None:
     """Run ``go build -v``, saying every HEARTBEAT_SECONDS how many packages it compiled."""
     started = time.monotonic()
     compiled = 0
@@ -187,7 +192,7 @@ def _run_go_build(cmd: list[str], env: dict[str, str], name: str, say: Callable[
         while not done.wait(HEARTBEAT_SECONDS):
             say(f"  {name}: {compiled} packages compiled, {time.monotonic() - started:.0f}s")
 
-    proc = subprocess.Popen(cmd, cwd=MODULE_DIR, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     ticker = threading.Thread(target=heartbeat, daemon=True)
     ticker.start()
@@ -221,7 +226,7 @@ def build(names: Sequence[str] = (), *, jobs: int | None = None, niceness: int =
     out_dir = bin_dir(pins)
     times_file = cache_dir(pins) / "build-times.json"
     paths: dict[str, Path] = {}
-    with _locked(cache_dir(pins) / ".lock"):
+    with locked(cache_dir(pins) / ".lock"):
         out_dir.mkdir(parents=True, exist_ok=True)
         times: dict[str, float] = json.loads(times_file.read_text()) if times_file.exists() else {}
         for index, binary in enumerate(wanted, 1):
@@ -239,7 +244,7 @@ def build(names: Sequence[str] = (), *, jobs: int | None = None, niceness: int =
             cmd = ["nice", "-n", str(niceness), go, "build", "-v", "-trimpath",
                    "-ldflags", " ".join(ldflags(binary, pins)), "-o", str(partial), binary.package]
             started = time.monotonic()
-            _run_go_build(cmd, env, binary.name, say)
+            run_go_build(cmd, env, binary.name, say)
             partial.replace(target)
             stamp_file.write_text(want)
             times[binary.name] = round(time.monotonic() - started, 1)

@@ -632,7 +632,8 @@ def test_s3_context_read_with_the_pods_endpoint_env(
                         inputs=BuildInputs())
     manifest = validated(render_job(req, config, settings))
     assert {e["name"]: e["value"] for e in container(manifest)["env"]} == {
-        "S3_ENDPOINT": moto_server.endpoint, "S3_FORCE_PATH_STYLE": "true"}
+        "S3_ENDPOINT": moto_server.endpoint, "S3_FORCE_PATH_STYLE": "true",
+        "AWS_REGION": Settings.s3_region}
     result = KanikoDispatcher(config, settings, standin.api_client()).run(req, lambda _: None)
     assert result == registry.digest("kaniko/s3", digest[:24])
     store.delete(f"{digest}.tar.gz")

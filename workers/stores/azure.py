@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
 from config.errors import ConfigError, ContextStoreError
-from config.names import AZURE_BLOB_SUFFIX, classify_store_url
+from config.names import classify_store_url
 from workers.sdk_errors import AZURE, Fault
 from workers.stores.base import ContextStore
 from workers.stores.errors import StoreErrors, Wording
@@ -58,7 +58,8 @@ class AzureBlobStore(ContextStore):
         if kind != "azure" or not segments[0]:
             raise ConfigError(f"{url!r} is not an Azure Blob store URL.",
                               "Write it as https://<account>.blob.core.windows.net/<container>/prefix.")
-        self.account = host[: -len(AZURE_BLOB_SUFFIX)]
+        # The first label, in every Azure cloud (classify_store_url checked the suffix).
+        self.account = host.split(".", 1)[0]
         self.container = segments[0]
         self.prefix = segments[1].strip("/") if len(segments) > 1 else ""
         self.account_url = (settings.azure_blob_endpoint or f"https://{host}").rstrip("/")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,13 @@ from urllib.parse import unquote, urlsplit
 
 from config.errors import ConfigError
 from config.kaniko_flags import REPEATABLE_FLAGS, RESERVED_FLAGS, parse_arg
-from config.names import HASH_LABEL, MAX_DNS_LABEL, classify_store_url, is_dns_label, is_loopback_host
+from config.names import (
+    HASH_LABEL,
+    MAX_DNS_LABEL,
+    classify_store_url,
+    is_dns_label,
+    is_loopback_host,
+)
 from config.references import ImageRef, classify_registry, parse_destination
 from config.schema import LaunchConfig
 from config.settings import Settings
@@ -199,9 +206,12 @@ def _credentials(request: KanikoRequest, cfg: LaunchConfig, settings: Settings) 
     kind = classify_registry(dest).kind
     store, _ = classify_store_url(request.context_uri)
 
-    if env_type == "aws" and cfg.environment and cfg.environment.region:
-        # IRSA comes from kaniko-config's serviceAccountName; kaniko needs the region.
-        wiring.env.append({"name": "AWS_REGION", "value": cfg.environment.region})
+    region = cfg.environment.region if env_type == "aws" and cfg.environment else None
+    if store == "s3":
+        # Kaniko's S3 client signs for a region and has no default, endpoint or not.
+        region = region or settings.s3_region
+    if region:
+        wiring.env.append({"name": "AWS_REGION", "value": region})
     if store == "s3" and settings.s3_endpoint_url:
         wiring.env += [{"name": "S3_ENDPOINT", "value": settings.s3_endpoint_url},
                        {"name": "S3_FORCE_PATH_STYLE", "value": "true"}]
@@ -218,8 +228,18 @@ def _credentials(request: KanikoRequest, cfg: LaunchConfig, settings: Settings) 
             # a blob endpoint is only ever set for a stand-in (Azurite), whose kubelet
             # reads this. Harmless to a real kaniko, which ignores the variable.
             wiring.env.append({"name": AZURE_ENDPOINT_ENV, "value": settings.azure_blob_endpoint})
+    if store == "file":
+        # The worker wrote the object to its own directory: the pod reads it through the
+        # node's filesystem, which works where that directory is the node's too (a
+        # single-node cluster, or a shared filesystem mounted at the same path on every
+        # node). Read-only: kaniko only unpacks it.
+        directory = posixpath.dirname(file_store_path(request.context_uri))
+        wiring.volumes.append({"name": "context-store",
+                               "hostPath": {"path": directory, "type": "Directory"}})
+        wiring.mounts.append({"name": "context-store", "mountPath": directory, "readOnly": True})
     if env_type == "azure":
-        # acr-env and the blob client read the federated token workload identity injects.
+        # ACR's credential helper (acr-env) reads the federated token workload identity
+        # injects. Kaniko's Blob context reader does not: it knows the shared key only.
         wiring.labels["azure.workload.identity/use"] = "true"
     if env_type == "gcp" and builder.secret_name:
         key_file = builder.secret_key or "key.json"
@@ -257,10 +277,16 @@ def _credentials(request: KanikoRequest, cfg: LaunchConfig, settings: Settings) 
 
 
 def kaniko_context(uri: str) -> str:
-    """The ``--context`` kaniko understands: a ``file://`` object is a local ``tar://`` path."""
+    """The ``--context`` kaniko reads: a ``file://`` object is a ``tar://`` path (the pod
+    sees the store's directory through a hostPath volume, see :func:`_credentials`)."""
     if classify_store_url(uri)[0] == "file":
-        return f"tar://{unquote(urlsplit(uri).path)}"
+        return f"tar://{file_store_path(uri)}"
     return uri
+
+
+def file_store_path(uri: str) -> str:
+    """The local path a ``file://`` store URL names."""
+    return unquote(urlsplit(uri).path)
 
 
 def reached_as(ref: ImageRef, settings: Settings) -> str:

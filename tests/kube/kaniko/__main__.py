@@ -1,0 +1,37 @@
+"""``python -m tests.kube.kaniko``: build the kaniko executor and its image (see the package)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tests.kube.build import BuildError
+from tests.kube.kaniko import build_executor, ensure_image, push_image
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.kube.kaniko",
+                                     description="Build the kaniko executor from its Go module "
+                                                 "and pack it as a local image.")
+    parser.add_argument("--jobs", type=int, default=1, help="GOMAXPROCS and go build -p (default 1)")
+    parser.add_argument("--nice", type=int, default=19, help="niceness of the compiler (default 19)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--push", metavar="HOST:PORT", help="also push the image to this test registry")
+    args = parser.parse_args(argv)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        build_executor(jobs=args.jobs, niceness=args.nice, force=args.force, say=say)
+        ref = push_image(args.push, say=say) if args.push else ensure_image(say=say)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(ref)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
