@@ -13,6 +13,7 @@ backoff and end as :class:`KubeUnavailableError` (transient: the stage is retrie
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -210,6 +211,24 @@ def in_cluster_namespace() -> str | None:
     except OSError:
         return None
     return text or None
+
+
+def in_cluster_service_account() -> str | None:
+    """The name of the ServiceAccount this pod runs as, when it runs in one.
+
+    Read from the token's ``sub`` claim (``system:serviceaccount:<namespace>:<name>``),
+    which projected and legacy tokens both carry; the signature is the API server's
+    business, this only names the account.
+    """
+    try:
+        token = (SERVICE_ACCOUNT_DIR / "token").read_text().strip()
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (OSError, IndexError, ValueError):
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    prefix, _, name = str(subject or "").rpartition(":")
+    return name if prefix.startswith("system:serviceaccount:") and name else None
 
 
 class Kube:

@@ -224,8 +224,9 @@ class Doctor:
         if builder == "noop":
             self._add(Check("builder", "SKIP", "builder.type is noop: nothing is built"))
         elif builder == "kaniko":
-            self._kube_check(self.settings.kube_namespace if cfg is None else _namespace(cfg,
-                                                                                       self.settings))
+            namespace = self.settings.kube_namespace if cfg is None else _namespace(cfg, self.settings)
+            if self._kube_check(namespace) and cfg is not None:
+                self._service_account_check(cfg, namespace)
         else:
             self._docker_check(builder)
 
@@ -255,17 +256,21 @@ class Doctor:
             return
         self._add(Check(name, "PASS", f"Docker Engine {version.get('Version', '?')} at {where}"))
 
-    def _kube_check(self, namespace: str) -> None:
+    def _api_client(self) -> Any:
+        if self._kube_client is None:
+            from workers.kube import new_api_client
+
+            self._kube_client = new_api_client()
+        return self._kube_client
+
+    def _kube_check(self, namespace: str) -> bool:
+        """Whether the API server answered (what else to ask it depends on that)."""
         name = "Kubernetes API"
         # The pool's own table: what it asks of the API server is what is checked here.
         from workers.kube import KANIKO_ACCESS
 
         try:
-            api_client = self._kube_client
-            if api_client is None:
-                from workers.kube import new_api_client
-
-                api_client = new_api_client()
+            api_client = self._api_client()
             from kubernetes import client
 
             auth = client.AuthorizationV1Api(api_client)
@@ -282,13 +287,13 @@ class Doctor:
                     missing.append(access)
         except BuildqError as exc:
             self._add(_fail(name, exc))
-            return
+            return False
         except Exception as exc:  # the client raises many kinds
             self._add(Check(name, "FAIL",
                             f"the SelfSubjectAccessReview could not be made: "
                             f"{type(exc).__name__} {getattr(exc, 'status', '')}".rstrip(),
                             "Check KUBECONFIG or the pod's service account."))
-            return
+            return False
         if missing:
             self._add(Check(
                 name, "FAIL", f"the kaniko pool may not {', '.join(map(str, missing))} in namespace "
@@ -296,9 +301,46 @@ class Doctor:
                 f"needs {missing[0]}. Grant a Role in {namespace!r} with the rules "
                 f"{access_rules()} (deploy/kubernetes/role.yaml), bound to the workers' "
                 "service account."))
-            return
+            return True
         self._add(Check(name, "PASS", f"may {', '.join(map(str, KANIKO_ACCESS))} in namespace "
                                       f"{namespace!r}"))
+        return True
+
+    def _service_account_check(self, cfg: LaunchConfig, namespace: str) -> None:
+        """The ServiceAccount the Jobs will run as exists: a Job naming a missing one is
+        accepted, and then its controller creates no pod until the deadline."""
+        from workers.builders.kaniko.manifest import resolve_service_account
+
+        name = "kaniko service account"
+        account = resolve_service_account(cfg, namespace)
+        if account is None:
+            self._add(Check(name, "SKIP", f"Jobs run as namespace {namespace!r}'s default account "
+                            "(no serviceAccountName in kaniko-config, and the pool runs outside "
+                            "that namespace)"))
+            return
+        try:
+            from kubernetes import client
+
+            client.CoreV1Api(self._api_client()).read_namespaced_service_account(account, namespace)
+        except Exception as exc:  # the client raises many kinds
+            status = getattr(exc, "status", None)
+            if status == 404:
+                self._add(Check(name, "FAIL", f"ServiceAccount {account!r} does not exist in "
+                                f"namespace {namespace!r}; the kaniko Jobs name it",
+                                "Create it (deploy/kubernetes/serviceaccount.yaml) with the cloud "
+                                "role kaniko pushes with, or name another in kaniko-config's "
+                                "spec.template.spec.serviceAccountName."))
+            elif status == 403:
+                self._add(Check(name, "SKIP", f"Jobs run as {account!r}; whether it exists in "
+                                f"{namespace!r} is not checked (the pool's Role grants no get "
+                                "serviceaccounts, and needs none)"))
+            else:
+                self._add(Check(name, "FAIL", f"could not read ServiceAccount {account!r} in "
+                                f"{namespace!r}: {type(exc).__name__} {status or ''}".rstrip(),
+                                "Check KUBECONFIG or the pod's service account."))
+            return
+        self._add(Check(name, "PASS", f"Jobs run as ServiceAccount {account!r}, which exists in "
+                                      f"namespace {namespace!r}"))
 
 
 def access_rules() -> str:

@@ -467,6 +467,10 @@ def test_context_store_scheme_must_fit_environment(
         "s3://bucket/prefix",
         "gs://bucket/prefix",
         "https://acct123.blob.core.windows.net/contexts",
+        # Azure's China, US Government and Germany clouds, whose Blob hosts kaniko reads too.
+        "https://acct123.blob.core.chinacloudapi.cn/contexts",
+        "https://acct123.blob.core.usgovcloudapi.net/contexts",
+        "https://acct123.blob.core.cloudapi.de/contexts",
     ],
 )
 def test_any_known_store_is_accepted_without_environment(store: str) -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -223,13 +224,22 @@ def test_invalid_config_fails_first_and_skips_what_needs_it(tmp_path: Path) -> N
 class KubeAuthStandIn(services.HTTPStandIn):
     """The SelfSubjectAccessReview endpoint of a Kubernetes API server, with a fixed RBAC."""
 
-    def __init__(self, allowed: set[tuple[str, str, str]]) -> None:
+    def __init__(self, allowed: set[tuple[str, str, str]],
+                 service_accounts: Collection[tuple[str, str]] = ()) -> None:
         super().__init__()
         self.allowed = allowed
+        #: (namespace, name) of the ServiceAccounts that exist, read only if "get" is allowed.
+        self.service_accounts = service_accounts
         self.reviews: list[dict[str, str]] = []
 
     def route(self, method: str, path: str, headers: dict[str, str],
               body: bytes) -> tuple[int, dict[str, str], bytes]:
+        account = re.fullmatch(r"/api/v1/namespaces/([^/]+)/serviceaccounts/([^/]+)", path)
+        if method == "GET" and account:
+            if ("get", "serviceaccounts", "") not in self.allowed:
+                return self.json(403, {"kind": "Status", "code": 403})
+            found = (account[1], account[2]) in self.service_accounts
+            return self.json(200 if found else 404, {"kind": "ServiceAccount" if found else "Status"})
         if method != "POST" or path != "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
             return self.json(404, {"kind": "Status", "code": 404})
         review = json.loads(body)
@@ -283,6 +293,35 @@ def test_kaniko_pool_rbac_via_self_subject_access_review(
         assert f"may not {missing} in namespace 'builds'" in kube.detail
         assert kube.fix.startswith(f"needs {missing}.") and "role.yaml" in kube.fix
         assert "Docker Engine" not in rows(checks)
+
+
+@pytest.mark.parametrize(("exists", "readable", "status"), [
+    (True, True, "PASS"), (False, True, "FAIL"), (False, False, "SKIP")],
+    ids=["exists", "missing", "not-readable"])
+def test_the_jobs_service_account_must_exist(
+        tmp_path: Path, base_settings: Settings, registry: services.RegistryServer,
+        exists: bool, readable: bool, status: str) -> None:
+    from kubernetes import client
+
+    granted = KANIKO_RBAC | ({("get", "serviceaccounts", "")} if readable else set())
+    api = KubeAuthStandIn(granted, {("builds", "irsa-kaniko")} if exists else set())
+    try:
+        config = write_config(tmp_path / "launch.yaml", "builder:\n  type: kaniko\n"
+                              f"  destination: {registry.host}/team/app\n"
+                              f"  build-context-store: {(tmp_path / 'ctx').as_uri()}\n"
+                              "  kaniko-config:\n    metadata:\n      namespace: builds\n"
+                              "    spec:\n      template:\n        spec:\n"
+                              "          serviceAccountName: irsa-kaniko\n")
+        configuration = client.Configuration()
+        configuration.host = api.url
+        checks = Doctor(base_settings, config, kube_client=client.ApiClient(configuration)).run()
+    finally:
+        api.stop()
+    row = rows(checks)["kaniko service account"]
+    assert row.status == status, checks
+    assert "'irsa-kaniko'" in row.detail
+    if status == "FAIL":
+        assert "does not exist in namespace 'builds'" in row.detail and "serviceAccountName" in row.fix
 
 
 def test_table_on_a_terminal_and_plain_lines_otherwise() -> None:

@@ -361,6 +361,71 @@ def test_a_loopback_look_alike_host_is_not_made_insecure() -> None:
         assert args_of(m, "--insecure-registry") == insecure, host
 
 
+def test_repeatable_and_bare_boolean_flags_of_kaniko() -> None:
+    """Two --git or --credential-helpers both reach kaniko; --dryrun alone means true."""
+    kaniko = {"spec": {"template": {"spec": {"containers": [{"args": [
+        "--git=branch=main", "--git=depth=1", "--credential-helpers=ecr",
+        "--credential-helpers=google", "--secret=id=npm,env=NPM_TOKEN", "--dryrun",
+        "--pre-cleanup", "--materialize"]}]}}}}
+    m = validated(render_job(request(), cfg({"kaniko-config": kaniko}), SETTINGS))
+    assert args_of(m, "--git") == ["branch=main", "depth=1"]
+    assert args_of(m, "--credential-helpers") == ["ecr", "google"]
+    assert args_of(m, "--secret") == ["id=npm,env=NPM_TOKEN"]
+    assert [args_of(m, f) for f in ("--dryrun", "--pre-cleanup", "--materialize")] == [["true"]] * 3
+
+
+def test_every_s3_store_gives_kaniko_a_region() -> None:
+    """Kaniko's S3 client needs a region even for an S3-compatible endpoint."""
+    def region(config: LaunchConfig, settings: Settings) -> list[str]:
+        env = container(validated(render_job(request(), config, settings))).get("env", [])
+        return [e["value"] for e in env if e["name"] == "AWS_REGION"]
+
+    assert region(cfg(), SETTINGS) == [Settings.s3_region] == ["us-east-1"]
+    assert region(cfg(), Settings.from_env({"BUILDQ_S3_REGION": "eu-west-3"})) == ["eu-west-3"]
+    assert region(cfg(environment={"type": "aws", "region": "ap-south-1"}),
+                  Settings.from_env({"BUILDQ_S3_REGION": "eu-west-3"})) == ["ap-south-1"]
+    gs = render_job(request(context_uri=f"gs://ctx-bucket/p/{HASH}.tar.gz"),
+                    cfg({"build-context-store": "gs://ctx-bucket/p"}), SETTINGS)
+    assert "env" not in container(gs)
+
+
+def test_a_file_store_is_mounted_where_kaniko_reads_it() -> None:
+    m = validated(render_job(request(context_uri=f"file:///srv/ctx/{HASH}.tar.gz"),
+                             cfg({"build-context-store": "file:///srv/ctx"}), SETTINGS))
+    assert args_of(m, "--context") == [f"tar:///srv/ctx/{HASH}.tar.gz"]
+    (volume,) = m["spec"]["template"]["spec"]["volumes"]
+    assert volume == {"name": "context-store", "hostPath": {"path": "/srv/ctx", "type": "Directory"}}
+    assert container(m)["volumeMounts"] == [{"name": "context-store", "mountPath": "/srv/ctx",
+                                             "readOnly": True}]
+
+
+def _service_account_token(directory: Path, namespace: str, name: str) -> None:
+    import base64
+
+    claims = {"sub": f"system:serviceaccount:{namespace}:{name}"}
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    (directory / "token").write_text(f"eyJhbGciOiJSUzI1NiJ9.{payload}.c2lnbmF0dXJl")
+    (directory / "namespace").write_text(namespace)
+
+
+def test_job_runs_as_the_pools_service_account_unless_kaniko_config_names_one(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def account(config: LaunchConfig) -> str | None:
+        pod = validated(render_job(request(), config, SETTINGS))["spec"]["template"]["spec"]
+        return pod.get("serviceAccountName")
+
+    # Out of a cluster there is no own account: the namespace's default, unless named.
+    monkeypatch.setattr(kube_module, "SERVICE_ACCOUNT_DIR", tmp_path)
+    assert account(cfg()) is None
+    _service_account_token(tmp_path, "buildq", "buildq-kaniko")
+    assert account(cfg()) == "buildq-kaniko"
+    named = {"spec": {"template": {"spec": {"serviceAccountName": "irsa-kaniko"}}}}
+    assert account(cfg({"kaniko-config": named})) == "irsa-kaniko"
+    # In another namespace the pool's account does not exist: nothing is guessed.
+    elsewhere = {"metadata": {"namespace": "other"}}
+    assert account(cfg({"kaniko-config": elsewhere})) is None
+
+
 # --------------------------------------------------------------------------- dispatcher
 
 

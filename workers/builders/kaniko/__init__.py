@@ -19,6 +19,7 @@ from workers.builders.kaniko.manifest import (
     reached_as,
     render_job,
     resolve_namespace,
+    resolve_service_account,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "reached_as",
     "render_job",
     "resolve_namespace",
+    "resolve_service_account",
 ]

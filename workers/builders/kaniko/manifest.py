@@ -30,7 +30,7 @@ from config.references import ImageRef, classify_registry, parse_destination
 from config.schema import LaunchConfig
 from config.settings import Settings
 from workers.context import BuildInputs
-from workers.kube import in_cluster_namespace
+from workers.kube import in_cluster_namespace, in_cluster_service_account
 
 #: The kaniko executor image used when neither ``builder.kaniko-image`` nor the
 #: kaniko-config container names one. Upstream GoogleContainerTools/kaniko was archived
@@ -174,6 +174,31 @@ def _config_namespace(cfg: LaunchConfig) -> str | None:
 def resolve_namespace(cfg: LaunchConfig, settings: Settings) -> str:
     """kaniko-config's ``metadata.namespace``, else this pod's namespace, else the setting."""
     return _config_namespace(cfg) or in_cluster_namespace() or settings.kube_namespace
+
+
+def _config_service_account(cfg: LaunchConfig) -> str | None:
+    spec = (cfg.builder.kaniko_config or {}).get("spec")
+    template = spec.get("template") if isinstance(spec, Mapping) else None
+    pod = template.get("spec") if isinstance(template, Mapping) else None
+    name = pod.get("serviceAccountName") if isinstance(pod, Mapping) else None
+    return name if isinstance(name, str) and name else None
+
+
+def resolve_service_account(cfg: LaunchConfig, namespace: str) -> str | None:
+    """The ServiceAccount the Job's pod runs as: kaniko-config's ``serviceAccountName``,
+    else the pool's own account when the Job is in the pool's namespace (where that
+    account exists), else None: the namespace's ``default``.
+
+    The README tells operators to give the pool's account the cloud role (IRSA, GKE or
+    Azure workload identity) kaniko pushes and reads the context with; without a name the
+    pod would run as ``default``, which has none of it.
+    """
+    named = _config_service_account(cfg)
+    if named:
+        return named
+    if in_cluster_namespace() == namespace:
+        return in_cluster_service_account()
+    return None
 
 
 # --------------------------------------------------------------------------- credentials
@@ -428,6 +453,9 @@ def render_job(request: KanikoRequest, cfg: LaunchConfig, settings: Settings,
             "Kaniko Jobs must use restartPolicy: Never (a restarted kaniko would build on a "
             "dirty filesystem); remove the key.")
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "volumes": wiring.volumes}
+    account = resolve_service_account(cfg, namespace)
+    if account:
+        pod_spec["serviceAccountName"] = account
     pod_spec = deep_merge(pod_spec, user_pod)
     pod_spec["containers"] = [container]
     if not pod_spec.get("volumes"):
