@@ -20,7 +20,7 @@ def kaniko_executor() -> Path:
 @pytest.fixture(scope="session")
 def kaniko_image(docker_engine: str, kaniko_executor: Path) -> str:
     """The executor packed as kaniko's own image is (a local reference: nothing is pulled)."""
-    return kaniko.ensure_image(say=lambda _line: None)
+    return kaniko.ensure_image(kaniko_executor, say=lambda _line: None)
 
 
 #: The one login the push registry accepts (bcrypt in its htpasswd file).

@@ -148,9 +148,10 @@ def _docker(*args: str, data: bytes | None = None) -> subprocess.CompletedProces
     return subprocess.run(["docker", *args], input=data, capture_output=True, check=False)
 
 
-def ensure_image(*, say: Callable[[str], None] = print, force: bool = False) -> str:
-    """The local image reference, built (executor and image) if missing."""
-    executor = build_executor(say=say, force=force)
+def ensure_image(executor: Path | None = None, *, say: Callable[[str], None] = print,
+                 force: bool = False) -> str:
+    """The local image reference, packed if missing (and the executor built, unless given)."""
+    executor = executor or build_executor(say=say, force=force)
     layout = _layout(executor)
     content = hashlib.sha256(layout + "\n".join(_image_changes()).encode()).hexdigest()
     ref = f"{IMAGE_REPOSITORY}:{kaniko_version()}-{content[:12]}"
@@ -167,12 +168,13 @@ def ensure_image(*, say: Callable[[str], None] = print, force: bool = False) -> 
     return ref
 
 
-def push_image(registry_host: str, *, say: Callable[[str], None] = print) -> str:
+def push_image(registry_host: str, executor: Path | None = None, *,
+               say: Callable[[str], None] = print) -> str:
     """The image in ``registry_host`` (a plain-HTTP test registry): its reference there.
 
     Only the registry keeps the tag, so whatever runs it pulls it as a cluster node would.
     """
-    local = ensure_image(say=say)
+    local = ensure_image(executor, say=say)
     ref = f"{registry_host}/{local}"
     for args in (("tag", local, ref), ("push", ref)):
         done = _docker(*args)

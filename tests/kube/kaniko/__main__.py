@@ -24,8 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, flush=True)
 
     try:
-        build_executor(jobs=args.jobs, niceness=args.nice, force=args.force, say=say)
-        ref = push_image(args.push, say=say) if args.push else ensure_image(say=say)
+        executor = build_executor(jobs=args.jobs, niceness=args.nice, force=args.force, say=say)
+        ref = (push_image(args.push, executor, say=say) if args.push
+               else ensure_image(executor, say=say, force=args.force))
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
