@@ -38,6 +38,10 @@ from tests.kube.conftest import PUSH_USER
 from workers.builders.kaniko import KanikoRequest, render_job
 from workers.context import BuildInputs
 
+#: The first test here may build the executor (about nine minutes cold on two shared cores,
+#: see tests/kube/README.md); pytest-timeout's 600 s covers fixture setup too.
+pytestmark = pytest.mark.timeout(1800)
+
 # --------------------------------------------------------------------------- the flag set
 
 #: One flag line of pflag's help: ``  -d, --destination multi-arg type   Registry...``; a
@@ -395,3 +399,22 @@ def test_kaniko_cannot_address_azurite(kaniko_image: str, azurite: services.Stan
     run = run_pod(job, tmp_path, {})
     assert run.exit_code != 0
     assert "unknown build context prefix" in run.log, run.log
+
+
+def test_kaniko_takes_the_azure_secret_as_a_base64_shared_key(
+        kaniko_image: str, push_registry: services.RegistryServer, tmp_path: Path) -> None:
+    """The Job wires builder.secret-name/secret-key into AZURE_STORAGE_ACCESS_KEY, which
+    kaniko decodes as the account's base64 shared key before it reaches the network: a
+    registry login there (what `config check` warns about) fails the pod on the spot."""
+    config = config_from_mapping({"environment": {"type": "azure"}, "builder": {
+        "type": "kaniko", "destination": f"{push_registry.host}/kaniko/azure",
+        "build-context-store": "https://acct1.blob.core.windows.net/ctx",
+        "kaniko-image": kaniko_image, "secret-name": "azure-key", "secret-key": ".dockerconfigjson"}})
+    request = KanikoRequest(image=parse_image_ref(f"{push_registry.host}/kaniko/azure:{'d' * 24}"),
+                            context_uri=f"https://acct1.blob.core.windows.net/ctx/{'d' * 64}.tar.gz",
+                            source_hash="d" * 64, inputs=BuildInputs())
+    job = render_job(request, config, Settings(), namespace="builds")
+    login = {"azure-key": {".dockerconfigjson": _docker_config(push_registry)}}
+    run = run_pod(job, tmp_path, login)
+    assert run.exit_code != 0
+    assert "decode account key" in run.log, run.log
