@@ -318,6 +318,12 @@ class Doctor:
                             "(no serviceAccountName in kaniko-config, and the pool runs outside "
                             "that namespace)"))
             return
+        from workers.kube import in_cluster_namespace, in_cluster_service_account
+
+        if (account, namespace) == (in_cluster_service_account(), in_cluster_namespace()):
+            self._add(Check(name, "PASS", f"Jobs run as this pool's own ServiceAccount {account!r} "
+                                          f"in namespace {namespace!r}"))
+            return
         try:
             from kubernetes import client
 

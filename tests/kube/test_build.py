@@ -41,3 +41,16 @@ def test_version_stamped_into_kubernetes_binaries_only() -> None:
     apiserver, etcd = build.BINARIES[0], build.BINARIES[-1]
     assert f"-X=k8s.io/component-base/version.gitVersion={pins.kubernetes}" in build.ldflags(apiserver, pins)
     assert not any(f.startswith("-X") for f in build.ldflags(etcd, pins))
+
+
+def test_kaniko_is_a_go_module_of_its_own_pinning_one_release() -> None:
+    from tests.kube import kaniko
+
+    text = (kaniko.MODULE_DIR / "go.mod").read_text()
+    assert re.fullmatch(r"v1\.\d+\.\d+", kaniko.kaniko_version())
+    assert re.search(rf"^tool {re.escape(kaniko.EXECUTOR_PACKAGE)}$", text, re.M)
+    # Its own module, so kaniko's dependency versions never meet Kubernetes' in one build list.
+    assert re.search(r"^module buildq\.local/tests/kube/kaniko$", text, re.M)
+    assert kaniko.KANIKO_MODULE not in (build.MODULE_DIR / "go.mod").read_text()
+    assert f"-X={kaniko.KANIKO_MODULE}/pkg/version.version={kaniko.kaniko_version()}" in kaniko.ldflags(
+        kaniko.kaniko_version())

@@ -324,6 +324,34 @@ def test_the_jobs_service_account_must_exist(
         assert "does not exist in namespace 'builds'" in row.detail and "serviceAccountName" in row.fix
 
 
+def test_the_pools_own_service_account_passes_without_asking(
+        tmp_path: Path, base_settings: Settings, registry: services.RegistryServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In its pod, with the Jobs in its namespace, the pool runs as the account they get."""
+    import base64
+
+    from kubernetes import client
+
+    from workers import kube
+
+    claims = base64.urlsafe_b64encode(b'{"sub": "system:serviceaccount:builds:buildq-kaniko"}')
+    (tmp_path / "token").write_text(f"eyJhbGciOiJSUzI1NiJ9.{claims.decode().rstrip('=')}.c2ln")
+    (tmp_path / "namespace").write_text("builds")
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", tmp_path)
+    api = KubeAuthStandIn(KANIKO_RBAC)  # no get serviceaccounts: not needed
+    try:
+        config = write_config(tmp_path / "launch.yaml", "builder:\n  type: kaniko\n"
+                              f"  destination: {registry.host}/team/app\n"
+                              f"  build-context-store: {(tmp_path / 'ctx').as_uri()}\n")
+        configuration = client.Configuration()
+        configuration.host = api.url
+        checks = Doctor(base_settings, config, kube_client=client.ApiClient(configuration)).run()
+    finally:
+        api.stop()
+    row = rows(checks)["kaniko service account"]
+    assert row.status == "PASS" and "own ServiceAccount 'buildq-kaniko'" in row.detail, checks
+
+
 def test_table_on_a_terminal_and_plain_lines_otherwise() -> None:
     checks = [Check("config valid", "PASS", "x.yaml"),
               Check("push permitted", "FAIL", "denied [push]", "needs AcrPush. Grant it."),

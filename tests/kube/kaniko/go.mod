@@ -1,3 +1,8 @@
+// The kaniko executor for buildq's tests (issue 12). Nothing here is product code: this
+// module only pins the release tests/kube/kaniko/__init__.py compiles into ~/.cache/buildq.
+// A module apart from tests/kube/go.mod, so kaniko's dependency versions and Kubernetes'
+// never have to agree. Which fork and why: tests/kube/README.md. Bumping: change the
+// require, then `go mod tidy`.
 module buildq.local/tests/kube/kaniko
 
 go 1.26.0
