@@ -145,3 +145,10 @@ def test_readme_settings_defaults_are_what_an_unset_variable_gives(
     # Unset, each of these is empty: the README says what empty means.
     assert getattr(unset, field) in ((), None)
     assert says in settings_default(variable)
+
+
+def test_readme_s3_region_default_is_the_settings_default() -> None:
+    from config.settings import Settings
+
+    assert settings_default("BUILDQ_S3_REGION") == f"`{Settings.from_env({}).s3_region}`"
+    assert Settings.from_env({"BUILDQ_S3_REGION": "eu-west-3"}).s3_region == "eu-west-3"

@@ -77,6 +77,17 @@ def test_flag_tables_hold_every_boolean_and_repeatable_flag_of_the_executor(
             if f in flags and flags[f] not in REPEATABLE_TYPES} == FORK_TYPED_OTHERWISE
 
 
+def test_the_image_is_pushed_for_a_node_to_pull(kaniko_executor: Path,
+                                                registry: services.RegistryServer) -> None:
+    from tests.kube import kaniko
+
+    ref = kaniko.push_image(registry.host, kaniko_executor, say=lambda _line: None)
+    repository, tag = ref.removeprefix(f"{registry.host}/").rsplit(":", 1)
+    assert registry.digest(repository, tag)
+    # Only the registry keeps that name: a node pulls it.
+    assert subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode != 0
+
+
 # --------------------------------------------------------------------------- a pod on docker
 
 
