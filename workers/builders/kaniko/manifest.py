@@ -19,13 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from config.errors import ConfigError
 from config.kaniko_flags import REPEATABLE_FLAGS, RESERVED_FLAGS, parse_arg
-from config.names import (
-    HASH_LABEL,
-    MAX_DNS_LABEL,
-    classify_store_url,
-    is_dns_label,
-    is_loopback_host,
-)
+from config.names import HASH_LABEL, MAX_DNS_LABEL, classify_store_url, is_dns_label, is_loopback_host
 from config.references import ImageRef, classify_registry, parse_destination
 from config.schema import LaunchConfig
 from config.settings import Settings
