@@ -491,6 +491,22 @@ def _check_azure_store_key(builder: BuilderConfig, env: Environment | None,
     )
 
 
+def _check_kaniko_file_store(builder: BuilderConfig, warnings: list[str]) -> None:
+    # A kaniko Job reads a file:// store through a hostPath volume of its directory
+    # (workers/builders/kaniko/manifest.py): valid everywhere, working only where the
+    # worker's directory is also the node's, and refused by a Pod Security baseline.
+    if not (builder.type == "kaniko" and builder.build_context_store
+            and classify_store_url(builder.build_context_store)[0] == "file"):
+        return
+    warnings.append(
+        f"builder.build-context-store {builder.build_context_store!r} is a directory: kaniko "
+        "Jobs read it through a hostPath volume, which works only where that directory is the "
+        "node's own (a single-node cluster, or a filesystem shared at the same path on every "
+        "node) and the namespace's Pod Security level allows hostPath. Use an s3://, gs:// or "
+        "Azure Blob store otherwise."
+    )
+
+
 def check_config(
     config: LaunchConfig, problems: Problems, warnings: list[str], *, check_builder: bool = True,
     destination_given: bool = False,
@@ -507,5 +523,6 @@ def check_config(
     if check_builder:
         _check_builder(config.builder, env, problems, destination_given)
         _check_azure_store_key(config.builder, env, warnings)
+        _check_kaniko_file_store(config.builder, warnings)
     if config.registry is not None:
         _check_legacy(config.registry, config.builder, env, problems, warnings)

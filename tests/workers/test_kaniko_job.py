@@ -390,8 +390,11 @@ def test_every_s3_store_gives_kaniko_a_region() -> None:
 
 
 def test_a_file_store_is_mounted_where_kaniko_reads_it() -> None:
-    m = validated(render_job(request(context_uri=f"file:///srv/ctx/{HASH}.tar.gz"),
-                             cfg({"build-context-store": "file:///srv/ctx"}), SETTINGS))
+    config = cfg({"build-context-store": "file:///srv/ctx"})
+    # Valid, with a warning: a hostPath volume works on a single node or a shared filesystem.
+    (warning,) = config.warnings
+    assert "hostPath" in warning and "single-node" in warning
+    m = validated(render_job(request(context_uri=f"file:///srv/ctx/{HASH}.tar.gz"), config, SETTINGS))
     assert args_of(m, "--context") == [f"tar:///srv/ctx/{HASH}.tar.gz"]
     (volume,) = m["spec"]["template"]["spec"]["volumes"]
     assert volume == {"name": "context-store", "hostPath": {"path": "/srv/ctx", "type": "Directory"}}
