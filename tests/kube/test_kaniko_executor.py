@@ -184,10 +184,10 @@ class Build:
     secrets: dict[str, dict[str, str]]
 
 
-def _context(base: str) -> tuple[bytes, str, str]:
+def _context(base: str, steps: str = "") -> tuple[bytes, str, str]:
     """A .tar.gz context, its sha256 (standing in for the source hash) and its message."""
     message = uuid.uuid4().hex
-    dockerfile = f"FROM {base}\nCOPY msg.txt /msg.txt\nRUN cat /msg.txt > /copied.txt\n"
+    dockerfile = f"FROM {base}\nCOPY msg.txt /msg.txt\nRUN cat /msg.txt > /copied.txt\n{steps}"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, data in (("Dockerfile", dockerfile.encode()), ("msg.txt", message.encode())):
@@ -209,14 +209,15 @@ def _config(store: str, push: services.RegistryServer, base_registry: str, kanik
 
 
 def _prepare(store: Any, settings: Settings, push: services.RegistryServer, base: str,
-             kaniko_image: str, repository: str) -> Build:
-    data, source_hash, message = _context(base)
+             kaniko_image: str, repository: str, steps: str = "",
+             inputs: BuildInputs | None = None) -> Build:
+    data, source_hash, message = _context(base, steps)
     with store.writer(f"{source_hash}.tar.gz") as out:
         out.write(data)
     config = _config(store.url, push, base.split("/", 1)[0], kaniko_image, repository)
     request = KanikoRequest(image=parse_image_ref(f"{push.host}/{repository}:{source_hash[:24]}"),
                             context_uri=store.uri(f"{source_hash}.tar.gz"), source_hash=source_hash,
-                            inputs=BuildInputs())
+                            inputs=inputs or BuildInputs())
     job = render_job(request, config, settings, namespace="builds")
     secrets = {REGISTRY_SECRET: {".dockerconfigjson": _docker_config(push)}}
     return Build(job, request, message, secrets)
@@ -382,6 +383,32 @@ def test_file_store_is_read_through_its_host_path_volume(
     build = _prepare(store, settings, push_registry, base_in_registry, kaniko_image, "kaniko/file")
     run = run_pod(build.job, tmp_path / "pod", build.secrets)
     _built_and_runs(build, run, push_registry, tmp_path)
+
+
+def test_a_secret_build_arg_reaches_kaniko_from_its_secret_only(
+        kaniko_image: str, push_registry: services.RegistryServer, base_in_registry: str,
+        tmp_path: Path) -> None:
+    """A value-less --build-arg makes kaniko read the value from its env, which the Job
+    takes from the build-secrets Secret: the value is in no manifest, yet the RUN sees it."""
+    from workers.stores.file import FileStore
+
+    directory = tmp_path / "contexts"
+    directory.mkdir()
+    settings = Settings()
+    value = f"token-{uuid.uuid4().hex}"
+    build = _prepare(FileStore(directory.as_uri(), settings), settings, push_registry,
+                     base_in_registry, kaniko_image, "kaniko/secret",
+                     steps='ARG PIP_TOKEN\nRUN printf %s "$PIP_TOKEN" | sha256sum > /token.sha\n',
+                     inputs=BuildInputs(secrets=("PIP_TOKEN",)))
+    assert value not in json.dumps(build.job)
+    secrets = {**build.secrets, settings.build_secrets_secret: {"PIP_TOKEN": value}}
+    run = run_pod(build.job, tmp_path / "pod", secrets)
+    assert run.exit_code == 0, run.log
+    image = build.request.image
+    digest = _manifest_digest(push_registry, image.repository, image.tag or "")
+    shown = _image_file(push_registry, f"{push_registry.host}/{image.repository}@{digest}",
+                        "/token.sha", tmp_path)
+    assert shown.split()[0] == hashlib.sha256(value.encode()).hexdigest()
 
 
 def test_a_push_refused_for_its_credentials_fails_the_pod(
