@@ -1,13 +1,14 @@
-"""A real control plane on loopback: etcd, kube-apiserver (RBAC) and kube-controller-manager.
+"""A real control plane on loopback: etcd, kube-apiserver (RBAC), kube-controller-manager,
+and one node: the test kubelet (``tests.kube.kubelet``) running pods on the Docker Engine.
 
 Binaries come from ``tests.kube.build`` (built once per version). Everything listens on
-127.0.0.1 at free ports; state lives in one directory. No node yet (issue 12, step 2).
+127.0.0.1 at free ports; state lives in one directory.
 
     python -m tests.kube.cluster up [DIR]     # prints the admin kubeconfig's path last
     python -m tests.kube.cluster smoke DIR    # Job -> pod, Background delete, server validation
     python -m tests.kube.cluster down DIR
 
-Nothing here is wired into the test suite yet.
+``python -m tests.services kube-up|kube-down`` and the ``kube`` fixture start it the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.kube import build
+from tests.kube import build, kubelet
+
+#: The one node's name (and its ``kubernetes.io/hostname``).
+NODE_NAME = "buildq-node"
+REPO = Path(__file__).resolve().parents[2]
 
 #: The Service range; its first address is the `kubernetes` Service's. Never contacted.
 SERVICE_CIDR = "10.0.0.0/24"
@@ -103,7 +108,8 @@ class Pki:
         return self.directory / name
 
     def write(self) -> None:
-        """CA, API serving cert, admin and controller-manager client certs, SA signing key."""
+        """CA, API serving cert, admin and controller-manager client certs, SA signing key,
+        the kubelet's serving cert and the API server's client cert for the kubelet API."""
         self.directory.mkdir(parents=True, exist_ok=True)
         ca_key = _key()
         ca_name = _name("buildq-test-ca")
@@ -115,8 +121,13 @@ class Pki:
             server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                           "kubernetes.default.svc.cluster.local"),
             server_ips=("127.0.0.1", SERVICE_IP)), server_key)
+        kubelet_key = _key()
+        self._save("kubelet", _cert(_name(f"system:node:{NODE_NAME}", "system:nodes"), kubelet_key, ca_name,
+                                    ca_key, server_names=("localhost", NODE_NAME),
+                                    server_ips=(kubelet.NODE_IP,)), kubelet_key)
         for name, common, org in (("admin", "kubernetes-admin", "system:masters"),
-                                  ("controller-manager", "system:kube-controller-manager", None)):
+                                  ("controller-manager", "system:kube-controller-manager", None),
+                                  ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", None)):
             key = _key()
             self._save(name, _cert(_name(common, org), key, ca_name, ca_key, client=True), key)
         # The front proxy's own CA (the aggregation layer's request-header authentication).
@@ -178,6 +189,7 @@ class ControlPlane:
     directory: Path
     etcd_port: int = 0
     api_port: int = 0
+    kubelet_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -197,22 +209,37 @@ class ControlPlane:
         return subprocess.run([str(build.bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
                               input=stdin, capture_output=True, text=True, timeout=timeout)
 
+    @property
+    def kubelet_directory(self) -> Path:
+        return self.directory / "kubelet"
+
     def _start(self, name: str, args: list[str]) -> Path:
         log = self.directory / f"{name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd=REPO)
         self.pids[name] = proc.pid
         self.state_file.write_text(json.dumps(
-            {"etcd_port": self.etcd_port, "api_port": self.api_port, "pids": self.pids}) + "\n")
+            {"etcd_port": self.etcd_port, "api_port": self.api_port, "kubelet_port": self.kubelet_port,
+             "pids": self.pids}) + "\n")
         return log
+
+    @classmethod
+    def load(cls, directory: Path) -> ControlPlane:
+        """The cluster ``up`` left running in ``directory``."""
+        plane = cls(directory)
+        state = json.loads(plane.state_file.read_text())
+        plane.etcd_port, plane.api_port = state["etcd_port"], state["api_port"]
+        plane.kubelet_port, plane.pids = state.get("kubelet_port", 0), state["pids"]
+        return plane
 
     def up(self, say: Callable[[str], None] = print) -> Path:
         bins = build.build(say=say)
         self.directory.mkdir(parents=True, exist_ok=True)
         pki = Pki(self.directory / "pki")
         pki.write()
-        self.etcd_port, peer_port, self.api_port, kcm_port = (free_port() for _ in range(4))
+        ports = [free_port() for _ in range(5)]
+        self.etcd_port, peer_port, self.api_port, kcm_port, self.kubelet_port = ports
 
         etcd_url, peer_url = f"http://127.0.0.1:{self.etcd_port}", f"http://127.0.0.1:{peer_port}"
         log = self._start("etcd", [
@@ -239,7 +266,12 @@ class ControlPlane:
             f"--proxy-client-cert-file={pki.path('front-proxy-client.crt')}",
             f"--proxy-client-key-file={pki.path('front-proxy-client.key')}",
             # The `kubernetes` Endpoints may not hold a loopback address; nothing reads them here.
-            "--endpoint-reconciler-type=none", "--profiling=false", "--v=1"])
+            "--endpoint-reconciler-type=none", "--profiling=false", "--v=1",
+            # Logs and the like go API server -> kubelet API, over TLS both ways, as in a cluster.
+            f"--kubelet-client-certificate={pki.path('apiserver-kubelet-client.crt')}",
+            f"--kubelet-client-key={pki.path('apiserver-kubelet-client.key')}",
+            f"--kubelet-certificate-authority={pki.path('ca.crt')}",
+            "--kubelet-preferred-address-types=InternalIP"])
         write_kubeconfig(self.kubeconfig, self.server, pki, "admin")
         say(f"kube up: kube-apiserver on {self.server}")
         wait_for(lambda: self.kubectl("get", "--raw", "/readyz", timeout=10).stdout.strip() == "ok",
@@ -258,12 +290,23 @@ class ControlPlane:
         wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0,
                  120, "kube-controller-manager (the default ServiceAccount)", log)
         say("kube up: controller-manager serving (default ServiceAccount created)")
+
+        log = self._start("kubelet", [
+            sys.executable, "-m", "tests.kube.kubelet", f"--node-name={NODE_NAME}",
+            f"--directory={self.kubelet_directory}", f"--kubeconfig={self.kubeconfig}",
+            f"--pki={pki.directory}", f"--port={self.kubelet_port}", f"--api-port={self.api_port}",
+            f"--kubernetes-version={build.read_pins().kubernetes}"])
+        say(f"kube up: test kubelet (node {NODE_NAME}, kubelet API on {kubelet.NODE_IP}:{self.kubelet_port})")
+        ready = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
+        wait_for(lambda: "True" in self.kubectl("get", "node", NODE_NAME, "-o", ready).stdout,
+                 60, f"node {NODE_NAME} Ready", log)
+        say(f"kube up: node {NODE_NAME} Ready")
         return self.kubeconfig
 
     def down(self) -> None:
         if self.state_file.exists():
             self.pids = json.loads(self.state_file.read_text())["pids"]
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in ("kubelet", "kube-controller-manager", "kube-apiserver", "etcd"):
             pid = self.pids.pop(name, None)
             if pid is None:
                 continue
@@ -277,6 +320,8 @@ class ControlPlane:
                     time.sleep(0.1)
                 else:
                     os.kill(pid, signal.SIGKILL)
+        if self.kubelet_directory.exists():
+            kubelet.remove_containers(self.kubelet_directory.resolve())
         self.state_file.unlink(missing_ok=True)
 
 
