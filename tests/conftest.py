@@ -117,6 +117,38 @@ def kube_standin(docker_engine: str) -> Iterator[object]:
     server.stop()
 
 
+# --- the real control plane and its node (tests/kube) --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kube(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """etcd, kube-apiserver (RBAC), kube-controller-manager and the test kubelet, once per
+    session (``tests.kube.cluster.ControlPlane``): ``.kubeconfig`` (admin), ``.api_client()``,
+    ``.kubectl(...)``, ``.create_namespace()``, ``.server``. Pods run on the host's network,
+    so the session's registry and store stand-ins answer them at their 127.0.0.1 ports."""
+    from tests.kube.cluster import ControlPlane
+
+    plane = ControlPlane(tmp_path_factory.mktemp("kube"))
+    try:
+        plane.up(say=lambda line: None)
+    except BaseException:
+        plane.down()
+        raise
+    yield plane
+    plane.down()
+
+
+@pytest.fixture
+def kube_namespace(kube: object) -> Iterator[str]:
+    """A fresh namespace on the ``kube`` cluster, deleted (with what is in it) afterwards."""
+    from tests.kube.cluster import ControlPlane
+
+    assert isinstance(kube, ControlPlane)
+    name = kube.create_namespace()
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false")
+
+
 # --- BuildKit's Dockerfile frontend (tests/workers/test_buildkit.py, test_buildkit_chain.py) ---
 
 

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,15 +229,6 @@ def demo_up() -> str:
              "docker-registry")
     port_file.write_text(str(port))
     return server.host
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["demo-up"]:
-        print(demo_up())
-    else:
-        sys.exit("usage: python -m tests.services demo-up")
 
 
 def make_htpasswd(path: Path, users: dict[str, str]) -> Path:
@@ -907,3 +898,74 @@ def push_dockerfile_frontend(registry_host: str) -> str | None:
     finally:
         client.api.remove_image(ref)
     return ref
+
+
+# --- the test cluster: a real control plane and one node (tests/kube) ---------------------
+
+def kube_directory() -> Path:
+    """Where ``kube-up`` keeps a cluster a person started, when no directory is given."""
+    home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return home / "buildq" / "kube"
+
+
+def kube_up(directory: Path, say: Callable[[str], None] = print) -> Path:
+    """Start the control plane and its node in ``directory`` (building what is missing);
+    the admin kubeconfig's path. A cluster already answering there is kept."""
+    from tests.kube.cluster import ControlPlane
+
+    directory = directory.resolve()
+    plane = ControlPlane(directory)
+    if plane.state_file.exists():
+        plane = ControlPlane.load(directory)
+        with contextlib.suppress(Exception):
+            if plane.kubectl("get", "--raw", "/readyz", timeout=10).stdout.strip() == "ok":
+                say(f"kube up: already running in {directory}")
+                return plane.kubeconfig
+        plane.down()
+        plane = ControlPlane(directory)
+    ensure_docker_engine()
+    ensure_base_image()
+    try:
+        return plane.up(say=say)
+    except BaseException:
+        plane.down()
+        raise
+
+
+def kube_down(directory: Path) -> None:
+    from tests.kube.cluster import ControlPlane
+
+    directory = directory.resolve()
+    plane = ControlPlane.load(directory) if (directory / "cluster.json").exists() else ControlPlane(directory)
+    plane.down()
+
+
+USAGE = "usage: python -m tests.services demo-up | kube-up [DIR] | kube-down [DIR]"
+
+
+def main(argv: list[str]) -> int:
+    import sys
+
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "demo-up" and not rest:
+        print(demo_up())
+        return 0
+    if command in ("kube-up", "kube-down") and len(rest) <= 1:
+        directory = Path(rest[0]) if rest else kube_directory()
+        try:
+            if command == "kube-up":
+                print(kube_up(directory, say=lambda line: print(line, flush=True)))
+            else:
+                kube_down(directory)
+        except (RuntimeError, OSError) as exc:  # a build or a process that did not come up
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

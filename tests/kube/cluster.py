@@ -19,6 +19,7 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -204,6 +206,22 @@ class ControlPlane:
     def state_file(self) -> Path:
         return self.directory / "cluster.json"
 
+    def api_client(self) -> Any:
+        """A ``kubernetes`` ApiClient with the admin credentials (close it when done)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def create_namespace(self, prefix: str = "t") -> str:
+        """A new namespace whose ``default`` ServiceAccount exists (pods need it to be admitted)."""
+        name = f"{prefix}-{os.urandom(4).hex()}"
+        created = self.kubectl("create", "namespace", name)
+        if created.returncode:
+            raise RuntimeError(f"kubectl create namespace {name}: {created.stderr.strip()}")
+        wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0,
+                 60, f"the default ServiceAccount of namespace {name}")
+        return name
+
     def kubectl(self, *args: str, timeout: float = 30, stdin: str | None = None
                 ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(build.bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
@@ -236,6 +254,8 @@ class ControlPlane:
     def up(self, say: Callable[[str], None] = print) -> Path:
         bins = build.build(say=say)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A fresh cluster every time: the PKI is new, so an older etcd's tokens and pods are stale.
+        shutil.rmtree(self.directory / "etcd", ignore_errors=True)
         pki = Pki(self.directory / "pki")
         pki.write()
         ports = [free_port() for _ in range(5)]

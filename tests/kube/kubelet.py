@@ -563,8 +563,6 @@ class PodWorker:
                     self.phase = "Failed"
                 self.publish()
                 return
-        with self.lock:
-            self.phase = "Running"
         codes: dict[str, int | None] = {}
         threads = [threading.Thread(target=lambda c=c: codes.__setitem__(c["name"], self._run_container(
             c, mounts, init=False)), daemon=True) for c in mains]
@@ -639,6 +637,9 @@ class PodWorker:
             else:
                 made.reload()
                 started = made.attrs["State"].get("StartedAt") or started
+                if not init:
+                    with self.lock:
+                        self.phase = "Running"  # Pending until a container of its own has started
                 self._set(container, init, self._status_for(
                     container, {"running": {"startedAt": _seconds(started)}}, restarts, last, image_id,
                     made.id))
