@@ -6,10 +6,10 @@ the four programs as ``tool`` lines. This compiles them with the machine's own G
 ``~/.cache/buildq/kube-<version>/bin/`` (``BUILDQ_KUBE_CACHE`` moves the root), once: a
 binary whose stamp (go.mod, go.sum, package, flags, Go version) is unchanged is kept.
 
-    python -m tests.kube.build [--jobs N] [--nice N] [--force] [NAME ...]
+    python -m tests.kube.build [--jobs N] [--nice N] [--force] [--quiet] [NAME ...]
 
 prints a line per step (and a heartbeat while the compiler runs) and the bin directory on
-its last line. Nothing here is wired into the test suite yet (issue 12).
+its last line. scripts/bootstrap runs it (``--quiet``), so the test session finds them built.
 """
 
 from __future__ import annotations
@@ -261,14 +261,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="GOMAXPROCS and go build -p (default: cores)")
     parser.add_argument("--nice", type=int, default=19, help="niceness of the compiler (default 19)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--quiet", action="store_true",
+                        help="say only what is built (on stderr); not what is up to date, nor the bin dir")
     args = parser.parse_args(argv)
+
+    def say(line: str) -> None:
+        if not (args.quiet and line.endswith(")") and ": up to date (" in line):
+            print(line, file=sys.stderr if args.quiet else sys.stdout, flush=True)
+
     try:
-        paths = build(args.names, jobs=args.jobs, niceness=args.nice, force=args.force,
-                      say=lambda line: print(line, flush=True))
+        paths = build(args.names, jobs=args.jobs, niceness=args.nice, force=args.force, say=say)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(next(iter(paths.values())).parent if paths else bin_dir())
+    if not args.quiet:
+        print(next(iter(paths.values())).parent if paths else bin_dir())
     return 0
 
 
