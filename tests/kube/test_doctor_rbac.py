@@ -1,0 +1,107 @@
+"""``buildq doctor``'s RBAC check on the real API server: the shipped Role, bound to a
+ServiceAccount whose token is all the doctor holds, passes; the same Role missing any one
+verb fails, naming it (the real SelfSubjectAccessReview, the real RBAC authorizer)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from config.settings import Settings
+from tasks.cli.doctor import Check, Doctor
+from tests import services
+from tests.kube.cluster import REPO, ControlPlane, wait_for
+from workers.kube import KANIKO_ACCESS, Access
+
+pytestmark = pytest.mark.slow
+
+ROLE = yaml.safe_load((REPO / "deploy" / "kubernetes" / "role.yaml").read_text())
+
+
+def role_without(access: Access | None) -> dict[str, Any]:
+    """deploy/kubernetes/role.yaml, less ``access`` (its verb dropped from the rule that grants it)."""
+    role = copy.deepcopy(ROLE)
+    if access is not None:
+        for rule in role["rules"]:
+            if access.group in rule["apiGroups"] and access.resource in rule["resources"]:
+                rule["verbs"].remove(access.verb)
+        role["rules"] = [rule for rule in role["rules"] if rule["verbs"]]
+    return dict(role)
+
+
+def allowed(api: Any, namespace: str, access: Access) -> bool:
+    from kubernetes import client
+
+    resource, _, sub = access.resource.partition("/")
+    review = client.AuthorizationV1Api(api).create_self_subject_access_review({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": {"namespace": namespace, "verb": access.verb, "resource": resource,
+                                        "group": access.group, "subresource": sub}}})
+    return bool(review.status.allowed)
+
+
+@pytest.fixture
+def service_account_client(kube: ControlPlane, kube_namespace: str) -> Iterator[Any]:
+    """An ApiClient holding only the token of ServiceAccount ``buildq`` in the namespace."""
+    from kubernetes import client
+
+    admin = kube.api_client()
+    core = client.CoreV1Api(admin)
+    core.create_namespaced_service_account(kube_namespace, {"metadata": {"name": "buildq"}})
+    answer = core.create_namespaced_service_account_token(
+        "buildq", kube_namespace, {"spec": {"expirationSeconds": 600}}, _preload_content=False)
+    token = json.loads(answer.data)["status"]["token"]
+    admin.close()
+    configuration = client.Configuration()
+    configuration.host = kube.server
+    configuration.ssl_ca_cert = str(kube.directory / "pki" / "ca.crt")
+    configuration.api_key = {"authorization": token}
+    configuration.api_key_prefix = {"authorization": "Bearer"}
+    api = client.ApiClient(configuration)
+    yield api
+    api.close()
+
+
+@pytest.mark.parametrize("missing", [None, *KANIKO_ACCESS], ids=lambda a: str(a or "role.yaml"))
+def test_doctor_names_the_verb_the_role_lacks(kube: ControlPlane, kube_namespace: str,
+                                              service_account_client: Any, tmp_path: Path,
+                                              registry: services.RegistryServer,
+                                              missing: Access | None) -> None:
+    from kubernetes import client
+
+    admin = kube.api_client()
+    rbac = client.RbacAuthorizationV1Api(admin)
+    rbac.create_namespaced_role(kube_namespace, role_without(missing))
+    rbac.create_namespaced_role_binding(kube_namespace, {
+        "metadata": {"name": "buildq-kaniko"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": ROLE["metadata"]["name"]},
+        "subjects": [{"kind": "ServiceAccount", "name": "buildq", "namespace": kube_namespace}]})
+    admin.close()
+    # The authorizer reads Roles through an informer: wait until it sees every rule granted.
+    granted = [a for a in KANIKO_ACCESS if a != missing]
+    wait_for(lambda: all(allowed(service_account_client, kube_namespace, a) for a in granted),
+             60, "the RBAC authorizer seeing the Role")
+    config = tmp_path / "launch.yaml"
+    config.write_text("builder:\n  type: kaniko\n"
+                      f"  destination: {registry.host}/team/app\n"
+                      f"  build-context-store: {(tmp_path / 'ctx').as_uri()}\n"
+                      f"  kaniko-config:\n    metadata:\n      namespace: {kube_namespace}\n")
+    settings = Settings(workdir=tmp_path / "work", docker_config_dir=tmp_path / "docker",
+                        context_store=(tmp_path / "contexts").as_uri())
+
+    checks: list[Check] = Doctor(settings, str(config), kube_client=service_account_client).run()
+
+    check = next(c for c in checks if c.name == "Kubernetes API")
+    if missing is None:
+        assert check.status == "PASS", check
+    else:
+        assert check.status == "FAIL", check
+        assert f"may not {missing} in namespace '{kube_namespace}'" in check.detail
+        assert check.fix.startswith(f"needs {missing}.")
