@@ -6,10 +6,14 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests import services
+
+if TYPE_CHECKING:
+    from tests.kube.cluster import ControlPlane
 
 # The fleet's bases (local/busybox:base, the Debian python base) are images the Engine
 # made itself and no registry serves, so builds hash them by their text; the default
@@ -121,10 +125,11 @@ def kube_standin(docker_engine: str) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def kube(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def kube(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """etcd, kube-apiserver (RBAC), kube-controller-manager and the test kubelet, once per
     session (``tests.kube.cluster.ControlPlane``): ``.kubeconfig`` (admin), ``.api_client()``,
-    ``.kubectl(...)``, ``.create_namespace()``, ``.server``. Pods run on the host's network,
+    ``.kubectl(...)``, ``.create_namespace()``, ``.token_kubeconfig()`` (a ServiceAccount's
+    token only), ``.server``. Pods run on the host's network,
     so the session's registry and store stand-ins answer them at their 127.0.0.1 ports."""
     from tests.kube.cluster import ControlPlane
 
@@ -139,11 +144,8 @@ def kube(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture
-def kube_namespace(kube: object) -> Iterator[str]:
+def kube_namespace(kube: ControlPlane) -> Iterator[str]:
     """A fresh namespace on the ``kube`` cluster, deleted (with what is in it) afterwards."""
-    from tests.kube.cluster import ControlPlane
-
-    assert isinstance(kube, ControlPlane)
     name = kube.create_namespace()
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false")

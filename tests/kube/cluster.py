@@ -222,6 +222,30 @@ class ControlPlane:
                  60, f"the default ServiceAccount of namespace {name}")
         return name
 
+    def token_kubeconfig(self, path: Path, namespace: str, account: str, seconds: int = 3600) -> Path:
+        """A kubeconfig holding only a token of ServiceAccount ``account`` (TokenRequest API):
+        what a process running as that account in ``namespace`` may do, RBAC decides."""
+        from kubernetes import client
+
+        api = self.api_client()
+        try:
+            answer = client.CoreV1Api(api).create_namespaced_service_account_token(
+                account, namespace, {"spec": {"expirationSeconds": seconds}}, _preload_content=False)
+        finally:
+            api.close()
+        ca = base64.b64encode((self.directory / "pki" / "ca.crt").read_bytes()).decode()
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": account,
+            "clusters": [{"name": "buildq-test", "cluster": {"server": self.server,
+                                                             "certificate-authority-data": ca}}],
+            "users": [{"name": account, "user": {"token": json.loads(answer.data)["status"]["token"]}}],
+            "contexts": [{"name": account, "context": {"cluster": "buildq-test", "user": account,
+                                                       "namespace": namespace}}],
+        }
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        path.chmod(0o600)
+        return path
+
     def kubectl(self, *args: str, timeout: float = 30, stdin: str | None = None
                 ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(build.bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],

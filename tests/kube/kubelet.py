@@ -78,6 +78,8 @@ MESSAGE_BYTES, FALLBACK_LINES, FALLBACK_BYTES = 4096, 80, 2048
 BACKOFF_START, BACKOFF_CAP = 10.0, 300.0
 #: How long a watch request lasts before it is renewed.
 WATCH_SECONDS = 240
+#: How long a container's SIGKILL (137) waits for the Engine's late ``oom`` event.
+OOM_EVENT_SECONDS = 10.0
 UNSCHEDULABLE_MESSAGE = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
 
 
@@ -627,6 +629,7 @@ class PodWorker:
                 self.running[container["name"]] = made
             if self.stopping.is_set():
                 return None
+            oom = OomWatch(self.kubelet.docker, made.id)
             try:
                 made.start()
             except docker.errors.APIError as exc:
@@ -645,7 +648,9 @@ class PodWorker:
                     made.id))
                 made.wait()
                 made.reload()
-                state, code = self._terminated(container, made, log_file)
+                state, code = self._terminated(container, made, log_file, oom)
+            finally:
+                oom.close()
             with self.lock:
                 self.running.pop(container["name"], None)
             self._set(container, init, self._status_for(container, state, restarts, last, image_id, made.id))
@@ -662,10 +667,18 @@ class PodWorker:
             backoff = min(backoff * 2, BACKOFF_CAP)
         return None
 
-    def _terminated(self, container: dict[str, Any], made: Any, log_file: Path) -> tuple[dict[str, Any], int]:
+    def _terminated(self, container: dict[str, Any], made: Any, log_file: Path,
+                    oom: OomWatch) -> tuple[dict[str, Any], int]:
         state = made.attrs["State"]
         code = int(state.get("ExitCode", 0))
-        reason = "OOMKilled" if state.get("OOMKilled") else ("Completed" if code == 0 else "Error")
+        # SIGKILLed: the Engine's OOMKilled flag misses an OOM event that lands after the exit
+        # event; the event itself still comes. (Not when this kubelet killed it.)
+        killed_for_memory = bool(state.get("OOMKilled")) or (
+            code == 137 and not self.stopping.is_set() and oom.seen(OOM_EVENT_SECONDS))
+        if killed_for_memory and not state.get("OOMKilled"):
+            log.info("%s/%s %s: OOMKilled (the Engine's oom event came after its exit)", self.namespace,
+                     self.name, container["name"])
+        reason = "OOMKilled" if killed_for_memory else ("Completed" if code == 0 else "Error")
         message = log_file.read_bytes()[:MESSAGE_BYTES].decode(errors="replace")
         if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             tail = made.logs(stdout=True, stderr=True, tail=FALLBACK_LINES)
@@ -960,6 +973,30 @@ class PodWorker:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
             path.chmod(mode if mode is not None else default_mode if default_mode is not None else 0o644)
+
+
+class OomWatch:
+    """The Engine's ``oom`` events of one container, from before it starts."""
+
+    def __init__(self, client: Any, container_id: str) -> None:
+        self._event = threading.Event()
+        # `since` replays what the Engine already logged, so no event falls between calls.
+        self._stream = client.events(since=int(time.time()) - 1, decode=True,
+                                     filters={"container": container_id, "event": "oom"})
+        threading.Thread(target=self._read, daemon=True, name=f"oom-{container_id[:12]}").start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(Exception):  # closed under it
+            for _ in self._stream:
+                self._event.set()
+                return
+
+    def seen(self, wait: float) -> bool:
+        return self._event.wait(wait)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stream.close()
 
 
 def _seconds(stamp: str) -> str:

@@ -5,7 +5,6 @@ verb fails, naming it (the real SelfSubjectAccessReview, the real RBAC authorize
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,23 +46,16 @@ def allowed(api: Any, namespace: str, access: Access) -> bool:
 
 
 @pytest.fixture
-def service_account_client(kube: ControlPlane, kube_namespace: str) -> Iterator[Any]:
+def service_account_client(kube: ControlPlane, kube_namespace: str, tmp_path: Path) -> Iterator[Any]:
     """An ApiClient holding only the token of ServiceAccount ``buildq`` in the namespace."""
-    from kubernetes import client
+    from kubernetes import client, config
 
     admin = kube.api_client()
-    core = client.CoreV1Api(admin)
-    core.create_namespaced_service_account(kube_namespace, {"metadata": {"name": "buildq"}})
-    answer = core.create_namespaced_service_account_token(
-        "buildq", kube_namespace, {"spec": {"expirationSeconds": 600}}, _preload_content=False)
-    token = json.loads(answer.data)["status"]["token"]
+    client.CoreV1Api(admin).create_namespaced_service_account(kube_namespace,
+                                                              {"metadata": {"name": "buildq"}})
     admin.close()
-    configuration = client.Configuration()
-    configuration.host = kube.server
-    configuration.ssl_ca_cert = str(kube.directory / "pki" / "ca.crt")
-    configuration.api_key = {"authorization": token}
-    configuration.api_key_prefix = {"authorization": "Bearer"}
-    api = client.ApiClient(configuration)
+    kubeconfig = kube.token_kubeconfig(tmp_path / "buildq.kubeconfig", kube_namespace, "buildq")
+    api = config.new_client_from_config(config_file=str(kubeconfig))
     yield api
     api.close()
 
