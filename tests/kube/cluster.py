@@ -193,6 +193,8 @@ class ControlPlane:
     api_port: int = 0
     kubelet_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
+    #: Each process's command line, so one can be restarted as it was started.
+    commands: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def server(self) -> str:
@@ -261,10 +263,42 @@ class ControlPlane:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=REPO)
         self.pids[name] = proc.pid
+        self.commands[name] = args
         self.state_file.write_text(json.dumps(
             {"etcd_port": self.etcd_port, "api_port": self.api_port, "kubelet_port": self.kubelet_port,
-             "pids": self.pids}) + "\n")
+             "pids": self.pids, "commands": self.commands}) + "\n")
         return log
+
+    def restart(self, name: str) -> None:
+        """Stop one process and start it again as it was started (an API server restarted in
+        the middle of a build, a kubelet restarted); back once it answers again."""
+        self._stop(name)
+        log = self._start(name, self.commands[name])
+        if name == "kube-apiserver":
+            wait_for(lambda: self.kubectl("get", "--raw", "/readyz", timeout=10).stdout.strip() == "ok",
+                     180, "kube-apiserver /readyz", log)
+        elif name == "etcd":
+            wait_for(lambda: _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), 60, "etcd", log)
+        elif name == "kubelet":
+            wait_for(lambda: socket.create_connection(("127.0.0.1", self.kubelet_port), 2).close() is None,
+                     60, "the kubelet API", log)
+
+    def _stop(self, name: str) -> None:
+        pid = self.pids.pop(name, None)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                os.kill(pid, 0)  # raises once it is gone (or reaped)
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
 
     @classmethod
     def load(cls, directory: Path) -> ControlPlane:
@@ -273,6 +307,7 @@ class ControlPlane:
         state = json.loads(plane.state_file.read_text())
         plane.etcd_port, plane.api_port = state["etcd_port"], state["api_port"]
         plane.kubelet_port, plane.pids = state.get("kubelet_port", 0), state["pids"]
+        plane.commands = state.get("commands", {})
         return plane
 
     def up(self, say: Callable[[str], None] = print) -> Path:
@@ -351,19 +386,7 @@ class ControlPlane:
         if self.state_file.exists():
             self.pids = json.loads(self.state_file.read_text())["pids"]
         for name in ("kubelet", "kube-controller-manager", "kube-apiserver", "etcd"):
-            pid = self.pids.pop(name, None)
-            if pid is None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(100):
-                    os.kill(pid, 0)  # raises once it is gone (or reaped)
-                    with contextlib.suppress(ChildProcessError):
-                        if os.waitpid(pid, os.WNOHANG)[0]:
-                            break
-                    time.sleep(0.1)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+            self._stop(name)
         if self.kubelet_directory.exists():
             kubelet.remove_containers(self.kubelet_directory.resolve())
         self.state_file.unlink(missing_ok=True)

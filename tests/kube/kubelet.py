@@ -78,6 +78,8 @@ MESSAGE_BYTES, FALLBACK_LINES, FALLBACK_BYTES = 4096, 80, 2048
 BACKOFF_START, BACKOFF_CAP = 10.0, 300.0
 #: How long a watch request lasts before it is renewed.
 WATCH_SECONDS = 240
+#: How long a call waits for an API server that does not answer (one being restarted).
+API_OUTAGE_SECONDS = 180.0
 #: How long a container's SIGKILL (137) waits for the Engine's late ``oom`` event.
 OOM_EVENT_SECONDS = 10.0
 UNSCHEDULABLE_MESSAGE = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
@@ -251,8 +253,7 @@ class Kubelet:
                    "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
                    "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name}}
         try:
-            self.core.create_namespaced_pod_binding(meta["name"], meta["namespace"], binding,
-                                                    _preload_content=False)
+            self.call(self.core.create_namespaced_pod_binding, meta["name"], meta["namespace"], binding)
         except ApiException as exc:
             if exc.status not in (404, 409):  # deleted, or bound meanwhile
                 raise
@@ -275,8 +276,7 @@ class Kubelet:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                 "preconditions": {"uid": meta["uid"]}}
         try:
-            self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=body,
-                                            _preload_content=False)
+            self.call(self.core.delete_namespaced_pod, meta["name"], meta["namespace"], body=body)
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
@@ -306,7 +306,7 @@ class Kubelet:
 
         for _ in range(20):
             try:
-                pod = _raw(self.core.read_namespaced_pod(name, namespace, _preload_content=False))
+                pod = _raw(self.call(self.core.read_namespaced_pod, name, namespace))
             except ApiException as exc:
                 if exc.status == 404:
                     return False
@@ -316,7 +316,7 @@ class Kubelet:
             status = pod.setdefault("status", {})
             change(status)
             try:
-                self.core.replace_namespaced_pod_status(name, namespace, pod, _preload_content=False)
+                self.call(self.core.replace_namespaced_pod_status, name, namespace, pod)
                 return True
             except ApiException as exc:
                 if exc.status == 404:
@@ -325,12 +325,29 @@ class Kubelet:
                     raise
         raise RuntimeError(f"pod {namespace}/{name}: status update kept conflicting")
 
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)`` (raw answer), retried while the API server is away (restarted, say)."""
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
+        deadline = time.monotonic() + API_OUTAGE_SECONDS
+        while True:
+            try:
+                return fn(*args, _preload_content=False, _request_timeout=30, **kwargs)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+                status = getattr(exc, "status", 0) or 0
+                transient = not isinstance(exc, ApiException) or status >= 500 or status in (0, 429)
+                if not transient or time.monotonic() > deadline or self.stopping.is_set():
+                    raise
+                log.info("API server away (%s); retrying", type(exc).__name__)
+                time.sleep(1)
+
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         fn = self.core.read_namespaced_secret if kind == "Secret" else self.core.read_namespaced_config_map
         try:
-            return _raw(fn(name, namespace, _preload_content=False))
+            return _raw(self.call(fn, name, namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -345,8 +362,8 @@ class Kubelet:
         if source.get("audience"):
             spec["audiences"] = [source["audience"]]
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-        answer = _raw(self.core.create_namespaced_service_account_token(
-            account, meta["namespace"], body, _preload_content=False))
+        answer = _raw(self.call(self.core.create_namespaced_service_account_token, account,
+                                meta["namespace"], body))
         return str(answer["status"]["token"])
 
     # -- the loop ----------------------------------------------------------------------------

@@ -263,6 +263,35 @@ def test_deleting_a_running_pod_stops_and_removes_its_container(kube_namespace: 
     assert engine_containers(uid) == []
 
 
+def test_a_pod_runs_to_its_end_through_an_api_server_restart(kube: ControlPlane, kube_namespace: str,
+                                                             core: Any, tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)
+    core.create_namespaced_pod(kube_namespace, pod_manifest(
+        "through", ["sh", "-c", "while [ ! -e /signal/go ]; do sleep 0.1; done; echo done"],
+        container={"volumeMounts": [{"name": "signal", "mountPath": "/signal"}]},
+        volumes=[{"name": "signal", "hostPath": {"path": str(tmp_path)}}]))
+    wait_pod(core, kube_namespace, "through", lambda p: p["status"].get("phase") == "Running", "Running")
+
+    kube.restart("kube-apiserver")
+    (tmp_path / "go").touch()
+
+    pod = wait_pod(core, kube_namespace, "through", finished, "finished")
+    assert pod["status"]["phase"] == "Succeeded"
+    assert core.read_namespaced_pod_log("through", kube_namespace) == "done\n"
+
+
+def test_a_restarted_kubelet_removes_the_containers_it_left(kube: ControlPlane, kube_namespace: str,
+                                                             core: Any) -> None:
+    core.create_namespaced_pod(kube_namespace, pod_manifest("left", ["sleep", "3600"]))
+    pod = wait_pod(core, kube_namespace, "left", lambda p: p["status"].get("phase") == "Running", "Running")
+    [before] = [c.id for c in engine_containers(pod["metadata"]["uid"])]
+
+    kube.restart("kubelet")
+
+    wait_for(lambda: before not in [c.id for c in engine_containers(pod["metadata"]["uid"])],
+             SETTLE_SECONDS, "the restarted kubelet removing the container it had left")
+
+
 def test_the_kubelet_api_answers_only_a_client_with_a_cluster_certificate(kube: ControlPlane) -> None:
     pki = kube.directory / "pki"
     url = f"https://127.0.0.1:{kube.kubelet_port}/healthz"
