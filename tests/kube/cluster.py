@@ -231,7 +231,8 @@ class ControlPlane:
 
         api = self.api_client()
         try:
-            answer = client.CoreV1Api(api).create_namespaced_service_account_token(
+            core: Any = client.CoreV1Api(api)  # dicts in, raw JSON out
+            answer = core.create_namespaced_service_account_token(
                 account, namespace, {"spec": {"expirationSeconds": seconds}}, _preload_content=False)
         finally:
             api.close()
@@ -280,8 +281,11 @@ class ControlPlane:
         elif name == "etcd":
             wait_for(lambda: _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), 60, "etcd", log)
         elif name == "kubelet":
-            wait_for(lambda: socket.create_connection(("127.0.0.1", self.kubelet_port), 2).close() is None,
-                     60, "the kubelet API", log)
+            def accepts() -> bool:
+                socket.create_connection(("127.0.0.1", self.kubelet_port), 2).close()
+                return True
+
+            wait_for(accepts, 60, "the kubelet API", log)
 
     def _stop(self, name: str) -> None:
         pid = self.pids.pop(name, None)

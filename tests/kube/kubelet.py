@@ -138,7 +138,8 @@ class Kubelet:
         self.api_port = api_port
         self.docker_url = docker_url
         self.api = config.new_client_from_config(config_file=str(kubeconfig))
-        self.core = client.CoreV1Api(self.api)
+        # Typed as Any: every call here sends and reads plain dicts (the API's JSON).
+        self.core: Any = client.CoreV1Api(self.api)
         self.docker = docker.DockerClient(base_url=docker_url)
         self.node_labels = {"kubernetes.io/arch": _arch(), "kubernetes.io/os": "linux",
                             "kubernetes.io/hostname": node_name}

@@ -38,7 +38,8 @@ def allowed(api: Any, namespace: str, access: Access) -> bool:
     from kubernetes import client
 
     resource, _, sub = access.resource.partition("/")
-    review = client.AuthorizationV1Api(api).create_self_subject_access_review({
+    authorization: Any = client.AuthorizationV1Api(api)  # dicts in
+    review = authorization.create_self_subject_access_review({
         "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
         "spec": {"resourceAttributes": {"namespace": namespace, "verb": access.verb, "resource": resource,
                                         "group": access.group, "subresource": sub}}})
@@ -51,8 +52,8 @@ def service_account_client(kube: ControlPlane, kube_namespace: str, tmp_path: Pa
     from kubernetes import client, config
 
     admin = kube.api_client()
-    client.CoreV1Api(admin).create_namespaced_service_account(kube_namespace,
-                                                              {"metadata": {"name": "buildq"}})
+    core: Any = client.CoreV1Api(admin)
+    core.create_namespaced_service_account(kube_namespace, {"metadata": {"name": "buildq"}})
     admin.close()
     kubeconfig = kube.token_kubeconfig(tmp_path / "buildq.kubeconfig", kube_namespace, "buildq")
     api = config.new_client_from_config(config_file=str(kubeconfig))
@@ -68,7 +69,7 @@ def test_doctor_names_the_verb_the_role_lacks(kube: ControlPlane, kube_namespace
     from kubernetes import client
 
     admin = kube.api_client()
-    rbac = client.RbacAuthorizationV1Api(admin)
+    rbac: Any = client.RbacAuthorizationV1Api(admin)
     rbac.create_namespaced_role(kube_namespace, role_without(missing))
     rbac.create_namespaced_role_binding(kube_namespace, {
         "metadata": {"name": "buildq-kaniko"},

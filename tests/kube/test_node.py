@@ -119,7 +119,8 @@ def test_pod_gets_env_from_a_secret_a_configmap_and_the_downward_api(
         "ACCOUNT": "default", "POD_IP": "127.0.0.1", "file": "s3cr3t-value", "label": "builders",
         "namespace-file": kube_namespace, "pwd": "/scratch"}
     # The projected token came from the TokenRequest API: the API server authenticates it.
-    review = client.AuthenticationV1Api(core.api_client).create_token_review(
+    authentication: Any = client.AuthenticationV1Api(core.api_client)
+    review = authentication.create_token_review(
         {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}})
     assert review.status.authenticated
     assert review.status.user.username == f"system:serviceaccount:{kube_namespace}:default"
@@ -188,7 +189,7 @@ def test_a_job_runs_and_a_background_delete_removes_its_pod(kube: ControlPlane, 
                                                             core: Any) -> None:
     from kubernetes import client
 
-    batch = client.BatchV1Api(core.api_client)
+    batch: Any = client.BatchV1Api(core.api_client)
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "hello"},
            "spec": {"backoffLimit": 0, "template": {"spec": {
                "restartPolicy": "Never", "containers": [
