@@ -80,8 +80,13 @@ BACKOFF_START, BACKOFF_CAP = 10.0, 300.0
 WATCH_SECONDS = 240
 #: How long a call waits for an API server that does not answer (one being restarted).
 API_OUTAGE_SECONDS = 180.0
-#: How long a container's SIGKILL (137) waits for the Engine's late ``oom`` event.
-OOM_EVENT_SECONDS = 10.0
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: How much higher than the pod's memory limit a container's own cgroup limit is (see _create).
+LIMIT_MARGIN_BYTES = 256 * os.sysconf("SC_PAGE_SIZE")
+#: The cgroup (in every hierarchy) under which containers with a memory limit get a parent.
+CGROUP_PARENT = "buildq-test-kubelet"
+#: How long a container's SIGKILL (137) waits for the kernel's OOM line to be read.
+OOM_LOG_SECONDS = 5.0
 UNSCHEDULABLE_MESSAGE = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
 
 
@@ -149,6 +154,7 @@ class Kubelet:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.server: ThreadingHTTPServer | None = None
+        self.oom_log = KernelOomLog()
 
     # -- node ------------------------------------------------------------------------------
 
@@ -298,6 +304,9 @@ class Kubelet:
         for container in self.docker.containers.list(all=True, filters={"label": f"{UID_LABEL}={uid}"}):
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 container.remove(force=True)
+            remove_cgroup(container.attrs.get("HostConfig", {}).get("CgroupParent") or "")
+        for made in (CGROUP_ROOT / "memory" / CGROUP_PARENT).glob(f"{uid}-*"):  # for containers not made
+            remove_cgroup(f"/{CGROUP_PARENT}/{made.name}")
         shutil.rmtree(self.directory / "pods" / uid, ignore_errors=True)
 
     def put_status(self, namespace: str, name: str, uid: str,
@@ -442,7 +451,52 @@ def remove_containers(directory: Path, docker_url: str = DOCKER_URL) -> int:
     for container in found:
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             container.remove(force=True)
+        remove_cgroup(container.attrs.get("HostConfig", {}).get("CgroupParent") or "")
     return len(found)
+
+
+# --- memory limits on cgroup v1 ---------------------------------------------------------------
+
+def memory_cgroups_writable() -> bool:
+    """A cgroup v1 memory hierarchy this process may make cgroups in (root, cgroupfs)."""
+    memory = CGROUP_ROOT / "memory"
+    return (memory / "memory.limit_in_bytes").exists() and os.access(memory, os.W_OK)
+
+
+def make_memory_parent(key: str, limit: int) -> str:
+    """A memory cgroup limited to ``limit`` bytes (no swap), as a Docker ``cgroup_parent``."""
+    parent = f"/{CGROUP_PARENT}/{key}"
+    memory = CGROUP_ROOT / "memory" / parent.lstrip("/")
+    memory.mkdir(parents=True, exist_ok=True)
+    (memory / "memory.limit_in_bytes").write_text(str(limit))
+    if (memory / "memory.memsw.limit_in_bytes").exists():
+        (memory / "memory.memsw.limit_in_bytes").write_text(str(limit))
+    return parent
+
+
+def memory_limit_hit(parent: str) -> bool:
+    """Whether the cgroup's usage ever reached its limit (its failcnt stays 0 on this kernel,
+    6.18, even when the kernel OOM-kills in it)."""
+    memory = CGROUP_ROOT / "memory" / parent.lstrip("/")
+    try:
+        peak, limit = (int((memory / f"memory.{name}").read_text())
+                       for name in ("max_usage_in_bytes", "limit_in_bytes"))
+        return peak >= limit or int((memory / "memory.failcnt").read_text()) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def remove_cgroup(parent: str) -> None:
+    """Remove a cgroup parent this kubelet made, in every hierarchy the Engine put it in."""
+    if not parent.startswith(f"/{CGROUP_PARENT}/"):
+        return
+    for hierarchy in CGROUP_ROOT.iterdir():
+        top = hierarchy / parent.lstrip("/")
+        if not top.is_dir():
+            continue
+        for directory in [*sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True), top]:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def _set_condition(status: dict[str, Any], kind: str, value: str, reason: str = "",
@@ -479,6 +533,7 @@ class PodWorker:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.running: dict[str, Any] = {}  # container name -> its Docker container now
+        self.memory_parents: dict[str, str] = {}  # container name -> its limit's cgroup now
         self.statuses: dict[str, dict[str, Any]] = {}
         self.init_statuses: dict[str, dict[str, Any]] = {}
         self.phase = "Pending"
@@ -647,7 +702,6 @@ class PodWorker:
                 self.running[container["name"]] = made
             if self.stopping.is_set():
                 return None
-            oom = OomWatch(self.kubelet.docker, made.id)
             try:
                 made.start()
             except docker.errors.APIError as exc:
@@ -666,9 +720,7 @@ class PodWorker:
                     made.id))
                 made.wait()
                 made.reload()
-                state, code = self._terminated(container, made, log_file, oom)
-            finally:
-                oom.close()
+                state, code = self._terminated(container, made, log_file)
             with self.lock:
                 self.running.pop(container["name"], None)
             self._set(container, init, self._status_for(container, state, restarts, last, image_id, made.id))
@@ -685,17 +737,20 @@ class PodWorker:
             backoff = min(backoff * 2, BACKOFF_CAP)
         return None
 
-    def _terminated(self, container: dict[str, Any], made: Any, log_file: Path,
-                    oom: OomWatch) -> tuple[dict[str, Any], int]:
+    def _terminated(self, container: dict[str, Any], made: Any, log_file: Path) -> tuple[dict[str, Any], int]:
         state = made.attrs["State"]
         code = int(state.get("ExitCode", 0))
-        # SIGKILLed: the Engine's OOMKilled flag misses an OOM event that lands after the exit
-        # event; the event itself still comes. (Not when this kubelet killed it.)
+        # The Engine's OOMKilled flag misses some OOM kills (containerd's event lands after the
+        # exit, or never: 4 in 60 here). A SIGKILL (137) this kubelet did not send is an OOM
+        # kill if the limit's cgroup was pushed to its limit, or (without one) if the kernel
+        # logged killing in the container (its log is rate-limited, hence not first choice).
+        parent = self.memory_parents.pop(container["name"], None)
         killed_for_memory = bool(state.get("OOMKilled")) or (
-            code == 137 and not self.stopping.is_set() and oom.seen(OOM_EVENT_SECONDS))
+            code == 137 and not self.stopping.is_set()
+            and (memory_limit_hit(parent) if parent else self.kubelet.oom_log.killed(made.id)))
         if killed_for_memory and not state.get("OOMKilled"):
-            log.info("%s/%s %s: OOMKilled (the Engine's oom event came after its exit)", self.namespace,
-                     self.name, container["name"])
+            log.info("%s/%s %s: OOMKilled (the Engine missed it)", self.namespace, self.name,
+                     container["name"])
         reason = "OOMKilled" if killed_for_memory else ("Completed" if code == 0 else "Error")
         message = log_file.read_bytes()[:MESSAGE_BYTES].decode(errors="replace")
         if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
@@ -792,7 +847,15 @@ class PodWorker:
         limits = (container.get("resources") or {}).get("limits") or {}
         options: dict[str, Any] = {}
         if "memory" in limits:
-            options["mem_limit"] = options["memswap_limit"] = memory_bytes(limits["memory"])
+            limit = memory_bytes(limits["memory"])
+            options["mem_limit"] = options["memswap_limit"] = limit
+        if "memory" in limits and memory_cgroups_writable():
+            # The limit also goes on a parent cgroup, which outlives the container: its peak usage
+            # says the limit was hit (see _terminated). The container's own is a little higher
+            # (more than the kernel's charge batch, 64 pages), so the parent's is the one reached.
+            parent = make_memory_parent(f"{self.uid}-{container['name']}-{attempt}", limit)
+            options["cgroup_parent"] = self.memory_parents[container["name"]] = parent
+            options["mem_limit"] = options["memswap_limit"] = limit + LIMIT_MARGIN_BYTES
         if "cpu" in limits:
             from kubernetes.utils.quantity import parse_quantity
 
@@ -993,28 +1056,42 @@ class PodWorker:
             path.chmod(mode if mode is not None else default_mode if default_mode is not None else 0o644)
 
 
-class OomWatch:
-    """The Engine's ``oom`` events of one container, from before it starts."""
+class KernelOomLog:
+    """The containers the kernel OOM-killed, from its ``oom-kill:`` lines in /dev/kmsg (as
+    the kubelet's OOM watcher reads them), by the container ID ending ``task_memcg``."""
 
-    def __init__(self, client: Any, container_id: str) -> None:
-        self._event = threading.Event()
-        # `since` replays what the Engine already logged, so no event falls between calls.
-        self._stream = client.events(since=int(time.time()) - 1, decode=True,
-                                     filters={"container": container_id, "event": "oom"})
-        threading.Thread(target=self._read, daemon=True, name=f"oom-{container_id[:12]}").start()
+    PATTERN = re.compile(r"oom-kill:.*?task_memcg=[^,]*?([0-9a-f]{64})")
+
+    def __init__(self) -> None:
+        self._killed: set[str] = set()
+        self._changed = threading.Condition()
+        try:
+            self._fd = os.open("/dev/kmsg", os.O_RDONLY)
+            os.lseek(self._fd, 0, os.SEEK_END)  # only what is logged from now on
+        except OSError as exc:
+            log.warning("no /dev/kmsg (%s): OOMKilled only as the Engine reports it", exc)
+            return
+        threading.Thread(target=self._read, daemon=True, name="kmsg-oom").start()
 
     def _read(self) -> None:
-        with contextlib.suppress(Exception):  # closed under it
-            for _ in self._stream:
-                self._event.set()
+        while True:
+            try:
+                record = os.read(self._fd, 8192)  # one record per read
+            except BrokenPipeError:  # records overwritten before they were read
+                continue
+            except OSError:
                 return
+            found = self.PATTERN.search(record.decode(errors="replace"))
+            if found:
+                with self._changed:
+                    self._killed.add(found.group(1))
+                    self._changed.notify_all()
 
-    def seen(self, wait: float) -> bool:
-        return self._event.wait(wait)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stream.close()
+    def killed(self, container_id: str, wait: float = OOM_LOG_SECONDS) -> bool:
+        """Whether the kernel OOM-killed in that container; the line precedes the exit, but
+        the reader may not have reached it yet."""
+        with self._changed:
+            return self._changed.wait_for(lambda: container_id in self._killed, wait)
 
 
 def _seconds(stamp: str) -> str:
