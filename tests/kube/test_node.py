@@ -211,6 +211,31 @@ def test_a_job_runs_and_a_background_delete_removes_its_pod(kube: ControlPlane, 
     wait_for(lambda: not engine_containers(uid), SETTLE_SECONDS, "the kubelet removing the pod's container")
 
 
+def test_the_job_controller_ends_a_job_past_its_deadline(kube_namespace: str, core: Any) -> None:
+    from kubernetes import client
+
+    batch: Any = client.BatchV1Api(core.api_client)
+    batch.create_namespaced_job(kube_namespace, {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "late"},
+        "spec": {"backoffLimit": 0, "activeDeadlineSeconds": 2, "template": {"spec": {
+            "restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [
+                {"name": "main", "image": services.BASE_IMAGE, "command": ["sleep", "3600"]}]}}}})
+    def pods() -> list[Any]:
+        return list(core.list_namespaced_pod(kube_namespace, label_selector="job-name=late").items)
+
+    wait_for(lambda: bool(pods()), SETTLE_SECONDS, "the Job's pod")
+    [uid] = [p.metadata.uid for p in pods()]
+
+    def failed_condition() -> Any:
+        conditions = batch.read_namespaced_job("late", kube_namespace).status.conditions or []
+        return next((c for c in conditions if c.type == "Failed" and c.status == "True"), None)
+
+    wait_for(lambda: failed_condition() is not None, SETTLE_SECONDS, "the Job Failed")
+    assert failed_condition().reason == "DeadlineExceeded"
+    # The controller deleted the pod; the kubelet stopped it and removed its container.
+    wait_for(lambda: not engine_containers(uid), SETTLE_SECONDS, "the pod's container removed")
+
+
 def test_logs_follow_through_the_api_server(kube_namespace: str, core: Any, tmp_path: Path) -> None:
     # The container waits for a file the test makes, so the stream is read while it runs.
     tmp_path.chmod(0o777)
