@@ -428,6 +428,19 @@ class Kubelet:
             f"{CONTAINER_LABEL}={name}"]})
         return max(found, key=lambda c: c.attrs.get("Created", "")) if found else None
 
+    def waiting_reason(self, namespace: str, pod: str, container: str) -> str:
+        """Why a container that has not started yet waits, as its status says (for the log API)."""
+        with contextlib.suppress(Exception):
+            found = _raw(self.call(self.core.read_namespaced_pod, pod, namespace))
+            status_of_pod = found.get("status") or {}
+            statuses = [*(status_of_pod.get("initContainerStatuses") or []),
+                        *(status_of_pod.get("containerStatuses") or [])]
+            for status in statuses:
+                waiting = (status.get("state") or {}).get("waiting") or {}
+                if status.get("name") == container and waiting.get("reason"):
+                    return str(waiting["reason"])
+        return "ContainerCreating"
+
     def run(self) -> None:
         removed = self.remove_leftovers()
         if removed:
@@ -1141,7 +1154,8 @@ def _handler(kubelet: Kubelet) -> type[BaseHTTPRequestHandler]:
             _, namespace, pod, name = parts
             container = kubelet.container_for(namespace, pod, name)
             if container is None:
-                self._text(400, f'container "{name}" in pod "{pod}" is waiting to start: ContainerCreating')
+                self._text(400, f'container "{name}" in pod "{pod}" is waiting to start: '
+                                f"{kubelet.waiting_reason(namespace, pod, name)}")
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")

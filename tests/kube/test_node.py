@@ -162,6 +162,14 @@ def test_an_image_that_cannot_be_pulled_backs_off(kube_namespace: str, core: Any
     assert waiting["reason"] == "ImagePullBackOff"
     assert image in waiting["message"] and "not found" in waiting["message"].lower()
     assert pod["status"]["phase"] == "Pending"
+    # Its log, asked of the API server, is the kubelet's answer for a container not started.
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as refused:
+        core.read_namespaced_pod_log("missing", kube_namespace)
+    assert refused.value.status == 400
+    assert 'container \\"main\\" in pod \\"missing\\" is waiting to start: ImagePullBackOff' in str(
+        refused.value.body)
 
 
 def test_exit_1_is_an_error_with_the_termination_message(kube_namespace: str, core: Any) -> None:
