@@ -33,7 +33,14 @@ lifecycle controller). It talks to the API server with the admin credentials: th
 has no Node authorizer, and this process stands in for the node, not for its identity.
 
 Every Docker container it makes carries :data:`DIR_LABEL` (its state directory), so a
-kubelet restarted on the same directory, and ``kube-down``, remove what it left behind.
+kubelet restarted on the same directory, and ``kube-down``, remove what it left behind (a
+restarted kubelet then runs again the pods that had not finished: it adopts nothing).
+
+``OOMKilled``: the Engine's own flag misses a few OOM kills (containerd's event comes after
+the exit, or never), so on cgroup v1 a memory limit is also set on a parent cgroup of the
+container's (``/sys/fs/cgroup/*/buildq-test-kubelet/<pod uid>-<container>-<attempt>``,
+removed with the container) whose peak usage outlives it; elsewhere the kernel's
+``oom-kill:`` lines in /dev/kmsg are read, as the kubelet's OOM watcher does.
 """
 
 from __future__ import annotations
