@@ -552,6 +552,7 @@ class PodWorker:
         self.root = kubelet.directory / "pods" / self.uid
         self.stopping = threading.Event()
         self.lock = threading.Lock()
+        self.publishing = threading.Lock()
         self.running: dict[str, Any] = {}  # container name -> its Docker container now
         self.memory_parents: dict[str, str] = {}  # container name -> its limit's cgroup now
         self.statuses: dict[str, dict[str, Any]] = {}
@@ -588,6 +589,11 @@ class PodWorker:
         return status
 
     def publish(self) -> None:
+        # One at a time, each with what is known when it starts: the last write is the newest.
+        with self.publishing:
+            self._publish()
+
+    def _publish(self) -> None:
         with self.lock:
             containers = [self.statuses[c["name"]] for c in self.spec.get("containers") or []
                           if c["name"] in self.statuses]

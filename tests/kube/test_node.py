@@ -193,6 +193,19 @@ def test_exit_1_is_an_error_with_the_termination_message(kube_namespace: str, co
     assert state_of(from_logs)["terminated"]["message"] == "last words\n"
 
 
+def test_a_pod_with_two_containers_fails_if_one_does(kube_namespace: str, core: Any) -> None:
+    manifest = pod_manifest("pair", ["sh", "-c", "echo fine"])
+    manifest["spec"]["containers"].append(
+        {"name": "second", "image": services.BASE_IMAGE, "command": ["sh", "-c", "exit 2"]})
+    pod = run_pod(core, kube_namespace, manifest)
+
+    assert pod["status"]["phase"] == "Failed"
+    ends = {s["name"]: s["state"]["terminated"] for s in pod["status"]["containerStatuses"]}
+    assert {name: (end["exitCode"], end["reason"]) for name, end in ends.items()} == {
+        "main": (0, "Completed"), "second": (2, "Error")}
+    assert core.read_namespaced_pod_log("pair", kube_namespace, container="main") == "fine\n"
+
+
 def test_a_job_runs_and_a_background_delete_removes_its_pod(kube: ControlPlane, kube_namespace: str,
                                                             core: Any) -> None:
     from kubernetes import client
