@@ -131,8 +131,13 @@ def kube(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     ``.kubectl(...)``, ``.create_namespace()``, ``.token_kubeconfig()`` (a ServiceAccount's
     token only), ``.server``. Pods run on the host's network,
     so the session's registry and store stand-ins answer them at their 127.0.0.1 ports."""
+    from tests.kube import build
     from tests.kube.cluster import ControlPlane
 
+    stale = build.out_of_date()
+    if stale:  # building them here would take a test's whole timeout, and more
+        pytest.fail(f"the test cluster's {', '.join(stale)} not built for tests/kube/go.mod: run "
+                    "scripts/bootstrap (python -m tests.kube.build) first", pytrace=False)
     plane = ControlPlane(tmp_path_factory.mktemp("kube"))
     try:
         plane.up(say=lambda line: None)

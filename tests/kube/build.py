@@ -210,6 +210,21 @@ def run_go_build(cmd: list[str], env: dict[str, str], name: str, say: Callable[[
         raise BuildError(f"go build of {name} failed (exit {code}):\n" + "\n".join(tail))
 
 
+def out_of_date() -> list[str]:
+    """The binaries :func:`build` would build now (missing, or built from other pins)."""
+    pins = read_pins()
+    env = go_env(1)
+    go_version = subprocess.run([go_command(), "env", "GOVERSION"], cwd=MODULE_DIR, env=env, check=True,
+                                capture_output=True, text=True).stdout.strip()
+    stale = []
+    for binary in BINARIES:
+        target, stamp_file = bin_dir(pins) / binary.name, bin_dir(pins) / f".{binary.name}.stamp"
+        if not (target.exists() and stamp_file.exists()
+                and stamp_file.read_text() == stamp(binary, pins, go_version)):
+            stale.append(binary.name)
+    return stale
+
+
 def build(names: Sequence[str] = (), *, jobs: int | None = None, niceness: int = 19, force: bool = False,
           say: Callable[[str], None] = print) -> dict[str, Path]:
     """Build what is missing or stale; return every binary's path. Safe to run concurrently."""
