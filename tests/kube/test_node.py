@@ -3,6 +3,8 @@ and report what a kubelet reports (tests/kube/kubelet.py), and the real controll
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import ssl
 import urllib.error
@@ -59,6 +61,11 @@ def wait_pod(core: Any, namespace: str, name: str, check: Callable[[dict[str, An
 
 def finished(pod: dict[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def backing_off(pod: dict[str, Any]) -> bool:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return any(s["state"].get("waiting", {}).get("reason") == "ImagePullBackOff" for s in statuses)
 
 
 def state_of(pod: dict[str, Any]) -> dict[str, Any]:
@@ -155,8 +162,7 @@ def test_an_image_that_cannot_be_pulled_backs_off(kube_namespace: str, core: Any
                                                   registry: services.RegistryServer) -> None:
     image = f"{registry.host}/buildq/never-pushed:v1"
     core.create_namespaced_pod(kube_namespace, pod_manifest("missing", ["true"], container={"image": image}))
-    pod = wait_pod(core, kube_namespace, "missing",
-                   lambda p: "ImagePullBackOff" in json.dumps(p.get("status") or {}), "ImagePullBackOff")
+    pod = wait_pod(core, kube_namespace, "missing", backing_off, "ImagePullBackOff")
 
     waiting = state_of(pod)["waiting"]
     assert waiting["reason"] == "ImagePullBackOff"
@@ -170,6 +176,39 @@ def test_an_image_that_cannot_be_pulled_backs_off(kube_namespace: str, core: Any
     assert refused.value.status == 400
     assert 'container \\"main\\" in pod \\"missing\\" is waiting to start: ImagePullBackOff' in str(
         refused.value.body)
+
+
+def test_an_image_from_a_private_registry_is_pulled_with_the_pods_pull_secret(
+        kube_namespace: str, core: Any, tmp_path: Path) -> None:
+    user, password = "puller", "pull-secret-password"
+    server = services.start_htpasswd_registry(tmp_path / "registry", {user: password})
+    try:
+        image = f"{server.host}/team/private:v1"
+        engine = docker.DockerClient(base_url=kubelet.DOCKER_URL)
+        engine.api.tag(services.BASE_IMAGE, image)
+        for item in engine.api.push(image, auth_config={"username": user, "password": password},
+                                    stream=True, decode=True):
+            assert "error" not in item, item
+        engine.api.remove_image(image)  # only the registry has it: the kubelet must pull it
+        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+        core.create_namespaced_secret(kube_namespace, {
+            "metadata": {"name": "pull"}, "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64.b64encode(json.dumps(
+                {"auths": {server.host: {"auth": auth}}}).encode()).decode()}})
+
+        without = pod_manifest("without", ["true"], container={"image": image})
+        core.create_namespaced_pod(kube_namespace, without)
+        refused = wait_pod(core, kube_namespace, "without", backing_off, "ImagePullBackOff")
+        pulled = run_pod(core, kube_namespace, pod_manifest(
+            "with", ["echo", "pulled"], container={"image": image}, imagePullSecrets=[{"name": "pull"}]))
+    finally:
+        server.stop()
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            engine.api.remove_image(image)
+
+    assert "no basic auth credentials" in state_of(refused)["waiting"]["message"]
+    assert pulled["status"]["phase"] == "Succeeded"
+    assert core.read_namespaced_pod_log("with", kube_namespace) == "pulled\n"
 
 
 def test_exit_1_is_an_error_with_the_termination_message(kube_namespace: str, core: Any) -> None:
