@@ -14,7 +14,9 @@ import pytest
 from tests import services
 from tests.kube.cluster import ControlPlane, wait_for
 
-pytestmark = pytest.mark.slow
+#: The `kaniko_image` fixture may be the executor's cold build (about 9 minutes, see
+#: tests/kube/README.md), which pytest-timeout's 600 s would count.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture
