@@ -27,8 +27,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import cancelling, inflight, operations, requester
-from tasks.app import ROUTES, app, settings
+from tasks import cancelling, inflight, multiplatform, operations, requester
+from tasks.app import ROUTES, app, platform_queue, settings
 from tasks.connection import redis_client
 from tasks.events import emit
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
@@ -417,7 +417,11 @@ def _queue_of(stage: str, state: BuildState) -> str:
     if stage == "push" and state.builder == "kaniko":
         # Kaniko pushed already; the in-cluster pool verifies, no engine needed.
         return "kaniko"
-    return ROUTES[STAGES[stage].name]
+    queue = ROUTES[STAGES[stage].name]
+    if queue == "docker" and state.platform:
+        # Only a host whose engine builds this platform takes it (see tasks/cli/pools.py).
+        return platform_queue(state.platform)
+    return queue
 
 STAGES: dict[str, StageTask] = {}
 
@@ -449,12 +453,15 @@ class BuildImageTask(StageTask):
     workers/secrets.py); ``base_policy`` is ``digest`` (base images resolved, hashed and
     pinned) or ``tag``; ``force`` builds and pushes even when the tag exists; ``notify`` is an
     http(s) URL that receives the record when the request ends (see tasks/notifications.py).
+    ``platform`` is one platform, or several (a list, or comma-separated): one image per
+    platform and an image index over them (see tasks/multiplatform.py).
     """
 
     def run(  # type: ignore[override]
             self, source: str, *, destination: str | None = None, ref: str | None = None,
             dockerfile: str | None = None, build_args: dict[str, str] | None = None,
-            target: str | None = None, platform: str | None = None, builder: str | None = None,
+            target: str | None = None, platform: str | list[str] | None = None,
+            builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False, secrets: list[str] | None = None,
             base_policy: str | None = None, force: bool = False,
@@ -467,12 +474,16 @@ class BuildImageTask(StageTask):
             base_policy=base_policy, force=force, notify=notify)
         state.requester, state.requester_verified = requester.of_task(
             self.request, settings().signing and not self.request.is_eager)
+        if state.platforms and not state.done:
+            # Several platforms: one ordinary build each, then their index.
+            return multiplatform.start(self, state)
         return self.run_state(state)
 
     def delay(
             self, source: str, *, destination: str | None = None, ref: str | None = None,
             dockerfile: str | None = None, build_args: dict[str, str] | None = None,
-            target: str | None = None, platform: str | None = None, builder: str | None = None,
+            target: str | None = None, platform: str | list[str] | None = None,
+            builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False,
             secrets: list[str] | None = None, base_policy: str | None = None,

@@ -216,6 +216,40 @@ class Registry(ABC):
         self._raise_for_status(response, f"{ref.repository}:{tag}")
         return "sha256:" + hashlib.sha256(response.content).hexdigest()
 
+    def manifest(self, ref: ImageRef, reference: str) -> tuple[str, bytes, str] | None:
+        """The manifest ``reference`` (a tag or digest) names: its media type, its bytes as
+        served and its digest; None when absent."""
+        path = f"/v2/{ref.repository}/manifests/{reference}"
+        response = self._send("GET", path, f"repository:{ref.repository}:pull",
+                              {"Accept": MANIFEST_ACCEPT})
+        if response.status_code == 404:
+            return None
+        self._raise_for_status(response, f"{ref.repository}:{reference}")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+        return media_type or str(response.json().get("mediaType") or ""), response.content, digest
+
+    def put_manifest(self, ref: ImageRef, tag: str, media_type: str, body: bytes) -> str:
+        """Store ``body`` (of ``media_type``) as ``repository:tag``; its digest.
+
+        Raises :class:`ManifestRefusedError` when the registry refuses this media type or
+        this manifest (400/415), so a caller may offer it in another form.
+        """
+        path = f"/v2/{ref.repository}/manifests/{tag}"
+        scope = f"repository:{ref.repository}:pull,push"
+        response = self._send("PUT", path, scope, {"Content-Type": media_type}, body)
+        if response.status_code in (400, 415):
+            raise ManifestRefusedError(
+                f"registry {self.host} refused a manifest of type {media_type} for "
+                f"{ref.repository}:{tag}: {response.status_code} {response.text[:200].strip()}",
+                "The registry may not support this manifest type.")
+        if response.status_code in (401, 403):
+            raise self._auth_error(response.status_code, self._credentials() is not None,
+                                   self.push_permission)
+        self._raise_for_status(response, f"{ref.repository}:{tag}")
+        return response.headers.get("Docker-Content-Digest") or \
+            "sha256:" + hashlib.sha256(body).hexdigest()
+
     def ping(self) -> None:
         """Log in: ``GET /v2/`` with this backend's credentials; raises if refused."""
         response = self._send("GET", "/v2/", "", {})
@@ -301,7 +335,8 @@ class Registry(ABC):
     # -- HTTP and auth -------------------------------------------------------------------
 
     def _send(
-        self, method: str, path: str, scope: str, headers: dict[str, str]
+        self, method: str, path: str, scope: str, headers: dict[str, str],
+        body: bytes | None = None,
     ) -> requests.Response:
         # A path, or a full URL the registry handed back (an upload's Location).
         url = path if "://" in path else self.base_url + path
@@ -313,7 +348,7 @@ class Registry(ABC):
             first = {**headers, "Authorization": f"Bearer {cached.value}"}
         else:
             first = headers
-        response = self._http(method, url, first)
+        response = self._http(method, url, first, body=body)
         if response.status_code != 401:
             return response
 
@@ -332,7 +367,7 @@ class Registry(ABC):
             authorization = f"Bearer {token}"
         else:
             return response
-        return self._http(method, url, {**headers, "Authorization": authorization})
+        return self._http(method, url, {**headers, "Authorization": authorization}, body=body)
 
     def _http(
         self,
@@ -341,10 +376,11 @@ class Registry(ABC):
         headers: dict[str, str],
         params: dict[str, str] | None = None,
         auth: tuple[str, str] | None = None,
+        body: bytes | None = None,
     ) -> requests.Response:
         try:
             return self._session.request(
-                method, url, headers=headers, params=params, auth=auth,
+                method, url, headers=headers, params=params, auth=auth, data=body,
                 timeout=REQUEST_TIMEOUT, allow_redirects=True,
             )
         except requests.exceptions.SSLError as exc:
@@ -445,6 +481,10 @@ class Registry(ABC):
         else:
             message = f"registry {self.host} requires credentials ({status}) and none are set."
         return RegistryError(message, self.credentials_hint())
+
+
+class ManifestRefusedError(RegistryError):
+    """The registry refused a manifest it was given (its type, or its content)."""
 
 
 def _basic(creds: tuple[str, str]) -> str:
