@@ -40,7 +40,7 @@ from tasks.app import app, settings
 from tasks.cancelling import cancel
 from tasks.connection import redis_client
 from tasks.events import emit
-from tasks.failures import BuildFailed, failure_for
+from tasks.failures import BuildFailed, failure_for, record_of
 from tasks.notifications import announce
 from tasks.records import OTHER, answered, claim_answer, find, make_record, store_unhashed
 from tasks.state import BuildState
@@ -120,7 +120,7 @@ class AssembleTask(Task):
                 if not answered(client, child["request_id"]):
                     cancel(child["request_id"], by=f"the multi-platform request {state.request_id}")
             raise Ignore()
-        records = {c["request_id"]: find(client, c["request_id"])
+        records = {c["request_id"]: _answer_of(client, c["request_id"])
                    for c in children if answered(client, c["request_id"])}
         for child in children:
             found = records.get(child["request_id"])
@@ -159,10 +159,21 @@ class AssembleTask(Task):
         return _answer(state, platforms, client, media_type)
 
 
+def _answer_of(client: Any, request_id: str) -> dict[str, Any] | None:
+    """The answer of an answered platform request: as stored for its caller (it says
+    whether it was attached to another request's build), else its record."""
+    result = app.AsyncResult(request_id)
+    with contextlib.suppress(Exception):
+        if result.ready():
+            return record_of(result.get(propagate=False, disable_sync_subtasks=False))
+    return find(client, request_id)
+
+
 def _platform_entry(child: dict[str, str], found: dict[str, Any]) -> dict[str, Any]:
     """What the request's record says of one platform."""
     entry = {"platform": child["platform"], "request_id": child["request_id"],
              "status": found.get("status") or "unknown", "tag": found.get("tag"),
+             "attached": bool(found.get("attached")),
              "image": found.get("image"), "digest": found.get("digest"),
              "source_hash": found.get("source_hash"), "builds": found.get("builds") or 0,
              "commit": (found.get("source") or {}).get("commit"), "bases": found.get("bases")}

@@ -1,0 +1,182 @@
+"""Multi-platform requests through Redis, real workers, the Docker Engine, a registry and QEMU.
+
+The docker-pool workers of the shared cluster run on this host's engine, which builds
+linux/arm64 and linux/arm/v7 through the QEMU binfmt handlers scripts/bootstrap
+registers; the bases come from Debian's static busybox of each architecture, pushed to
+the test registry under one index (tests/services.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tasks import build_image, outcome
+from tests import services
+from tests.tasks.conftest import Cluster
+
+#: What an index or manifest list may be served as.
+INDEX_ACCEPT = ("application/vnd.oci.image.index.v1+json, "
+                "application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+@pytest.fixture(scope="module")
+def multi_base(shared_cluster: Cluster) -> str:
+    """A busybox base for amd64, arm64 and arm/v7 under one index in the cluster's registry."""
+    return services.push_multiplatform_base(shared_cluster.registry.host)
+
+
+def _app(tmp_path: Path, base: str, step: str = "RUN uname -m > /arch") -> Path:
+    root = tmp_path / f"multi-{uuid.uuid4().hex[:8]}"
+    root.mkdir()
+    (root / "Dockerfile").write_text(f"FROM {base}\nCOPY msg.txt /msg.txt\n{step}\n")
+    (root / "msg.txt").write_text(f"multi {uuid.uuid4()}\n")
+    return root
+
+
+def _index(cluster: Cluster, repository: str, reference: str) -> tuple[str, dict[str, Any]]:
+    """The media type and body of the index the registry serves for ``reference``."""
+    response = requests.get(f"{cluster.registry.url}/v2/{repository}/manifests/{reference}",
+                            headers={"Accept": INDEX_ACCEPT}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.headers["Content-Type"], response.json()
+
+
+def _platforms_of(index: dict[str, Any]) -> dict[str, str]:
+    """platform (os/arch[/variant]) → manifest digest, as the index names them."""
+    found = {}
+    for entry in index["manifests"]:
+        platform = entry["platform"]
+        name = "/".join(filter(None, (platform["os"], platform["architecture"],
+                                      platform.get("variant"))))
+        found[name] = entry["digest"]
+    return found
+
+
+def _run(image: str, platform: str, *command: str) -> str:
+    """Run ``command`` in ``image`` (an index by digest) for ``platform``, then drop the
+    local copy: Engine 20.10 keeps one platform per digest reference."""
+    done = subprocess.run(["docker", "run", "--rm", "--network", "none", "--platform", platform,
+                           image, *command], capture_output=True, text=True, timeout=120)
+    subprocess.run(["docker", "rmi", image], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _by_platform(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["platform"]: entry for entry in record["platforms"]}
+
+
+def test_two_platforms_give_one_index_whose_images_run_their_arch_and_a_repeat_skips(
+        cluster: Cluster, tmp_path: Path, multi_base: str) -> None:
+    app = _app(tmp_path, multi_base)
+    dest = f"{cluster.registry.host}/multi/app"
+    platforms = ["linux/amd64", "linux/arm64"]
+
+    first = build_image.delay(str(app), destination=dest, platform=platforms,
+                              base_policy="digest").get(timeout=600)
+    assert first["status"] == "built", first
+    media_type, index = _index(cluster, "multi/app", first["digest"])
+    assert first["index"]["media_type"] == media_type
+    assert first["index"]["format"] == ("oci" if "oci" in media_type else "docker")
+    assert cluster.registry.digest("multi/app", first["tag"]) == first["digest"]
+    entries = _by_platform(first)
+    assert _platforms_of(index) == {p: entries[p]["digest"] for p in platforms}
+    for platform in platforms:
+        entry = entries[platform]
+        assert entry["status"] == "built" and entry["attached"] is False
+        # Each platform stays pushed under its own tag, which is its own hash's.
+        assert cluster.registry.digest("multi/app", entry["tag"]) == entry["digest"]
+    assert len({entries[p]["source_hash"] for p in platforms}) == 2
+    image = f"{dest}@{first['digest']}"
+    assert _run(image, "linux/arm64", "cat", "/arch") == "aarch64"
+    assert _run(image, "linux/amd64", "cat", "/arch") == "x86_64"
+
+    # The same request in another order: the same platforms, nothing built, the same index.
+    again = build_image.delay(str(app), destination=dest,
+                              platform="linux/arm64,linux/amd64",
+                              base_policy="digest").get(timeout=300)
+    assert again["status"] == "skipped", again
+    assert (again["tag"], again["digest"]) == (first["tag"], first["digest"])
+    assert {e["status"] for e in again["platforms"]} == {"skipped"}
+    assert again["builds"] == 0
+
+    # A third platform: only it is built, and a new index names all three.
+    third = build_image.delay(str(app), destination=dest,
+                              platform=[*platforms, "linux/arm/v7"],
+                              base_policy="digest").get(timeout=600)
+    assert third["status"] == "built", third
+    assert third["tag"] != first["tag"] and third["digest"] != first["digest"]
+    entries = _by_platform(third)
+    assert {p: e["status"] for p, e in entries.items()} == {
+        "linux/amd64": "skipped", "linux/arm64": "skipped", "linux/arm/v7": "built"}
+    assert third["builds"] == 1
+    _, index = _index(cluster, "multi/app", third["digest"])
+    assert _platforms_of(index) == {p: e["digest"] for p, e in entries.items()}
+    assert _run(f"{dest}@{third['digest']}", "linux/arm/v7", "cat", "/arch") == "armv7l"
+    # The first index is still there under its own tag.
+    assert cluster.registry.digest("multi/app", first["tag"]) == first["digest"]
+
+
+def test_overlapping_requests_build_their_shared_platform_once(
+        cluster: Cluster, tmp_path: Path, multi_base: str) -> None:
+    app = _app(tmp_path, multi_base)
+    dest = f"{cluster.registry.host}/multi/overlap"
+    with ThreadPoolExecutor(2) as pool:
+        both = pool.submit(lambda: build_image.delay(
+            str(app), destination=dest, platform=["linux/amd64", "linux/arm64"],
+            base_policy="digest").get(timeout=600))
+        arm_only = pool.submit(lambda: build_image.delay(
+            str(app), destination=dest, platform="linux/arm64",
+            base_policy="digest").get(timeout=600))
+        multi, single = both.result(), arm_only.result()
+    assert multi["status"] == "built", multi
+    assert single["status"] in ("built", "skipped"), single
+    arm = _by_platform(multi)["linux/arm64"]
+    assert arm["source_hash"] == single["source_hash"]
+    assert arm["digest"] == single["digest"]
+    # One of the two built it; the other was attached to that build or found its image.
+    built = [r for r in (arm, single) if r["status"] == "built" and not r["attached"]]
+    assert len(built) == 1, (arm, single)
+    assert built[0]["builds"] == 1
+
+
+def test_a_platform_failing_fails_the_request_naming_it_and_pushes_no_index(
+        cluster: Cluster, tmp_path: Path, multi_base: str) -> None:
+    app = _app(tmp_path, multi_base, step='RUN test "$(uname -m)" != aarch64')
+    dest = f"{cluster.registry.host}/multi/failing"
+
+    record = outcome(build_image.delay(str(app), destination=dest,
+                                       platform=["linux/amd64", "linux/arm64"],
+                                       base_policy="digest"), timeout=600)
+    assert record["status"] == "failed", record
+    assert record["error"].startswith("linux/arm64 failed: "), record["error"]
+    assert "linux/amd64" not in record["error"]
+    assert record["index"] is None and record["digest"] is None
+    entries = _by_platform(record)
+    assert entries["linux/arm64"]["status"] == "failed"
+    amd64 = entries["linux/amd64"]
+    assert amd64["status"] == "built"
+    # Only the amd64 image is in the registry, under its own tag: no index.
+    assert services.RegistryServer.tags(cluster.registry, "multi/failing") == [amd64["tag"]]
+    assert cluster.registry.digest("multi/failing", amd64["tag"]) == amd64["digest"]
+
+
+def test_a_platform_no_docker_host_can_build_is_refused_naming_it(
+        cluster: Cluster, tmp_path: Path, multi_base: str) -> None:
+    app = _app(tmp_path, multi_base)
+    dest = f"{cluster.registry.host}/multi/unbuildable"
+    record = outcome(build_image.delay(str(app), destination=dest,
+                                       platform=["linux/amd64", "windows/amd64"]), timeout=120)
+    assert record["status"] == "failed", record
+    assert "no docker-pool host can build windows/amd64" in record["error"]
+    assert "qemu-user-static" in record["error"]
+    # Refused before any platform was sent: nothing built, nothing pushed.
+    assert record["platforms"] == []
+    assert services.RegistryServer.tags(cluster.registry, "multi/unbuildable") == []
