@@ -158,7 +158,7 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
     state.ref = cfg.destination()
     platforms = asked or check_platforms(cfg.builder.platform, "builder.platform")
     if len(platforms) > 1 and cfg.builder.type == "kaniko":
-        raise _kaniko_platforms(platforms)
+        raise kaniko_platforms(platforms)
     # One platform is an ordinary build; several fan out into one build each (tasks/
     # multiplatform.py), and the state keeps the list.
     state.platform = platforms[0] if len(platforms) == 1 else None
@@ -186,7 +186,7 @@ def check_platforms(platform: object, what: str) -> list[str]:
     return found
 
 
-def _kaniko_platforms(platforms: list[str]) -> InputError:
+def kaniko_platforms(platforms: list[str]) -> InputError:
     # A Kaniko Job builds its node's platform only; one Job per platform (a node selector
     # on kubernetes.io/arch each) is the way there, not built yet.
     return InputError("the kaniko pool builds one platform per request for now, and this one "
@@ -235,7 +235,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 "Set builder.type to docker (with a Docker Engine) or kaniko, or pass --builder.")
         if state.builder == "kaniko":
             if state.platforms:
-                raise _kaniko_platforms(state.platforms)
+                raise kaniko_platforms(state.platforms)
             state.context_store = kaniko_store(cfg)
     except InputError as exc:
         state.fail(str(exc), exc.kind)

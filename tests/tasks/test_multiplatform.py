@@ -8,7 +8,9 @@ the test registry under one index (tests/services.py).
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +21,7 @@ import requests
 
 from tasks import build_image, outcome
 from tests import services
-from tests.tasks.conftest import Cluster
+from tests.tasks.conftest import REPO, Cluster
 
 #: What an index or manifest list may be served as.
 INDEX_ACCEPT = ("application/vnd.oci.image.index.v1+json, "
@@ -180,3 +182,34 @@ def test_a_platform_no_docker_host_can_build_is_refused_naming_it(
     # Refused before any platform was sent: nothing built, nothing pushed.
     assert record["platforms"] == []
     assert services.RegistryServer.tags(cluster.registry, "multi/unbuildable") == []
+
+
+def test_the_cli_ships_a_directory_once_for_every_platform_and_status_shows_the_index(
+        cluster: Cluster, tmp_path: Path, multi_base: str) -> None:
+    app = _app(tmp_path, multi_base)
+    dest = f"{cluster.registry.host}/multi/cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "build", str(app), "--destination", dest,
+         "--platform", "linux/amd64,linux/arm64", "--base-policy", "digest", "--json"],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["status"] == "built" and record["source"]["kind"] == "archive"
+    assert f"built: {dest}:{record['tag']}@{record['digest']}" in done.stderr
+    assert {e["status"] for e in record["platforms"]} == {"built"}
+    # Every platform fetched the one shipped archive; the request removed it at its end.
+    assert not list((cluster.root / "contexts").rglob("buildq-upload-*"))
+    # The tags `buildq hash` prints are the platforms' and the index's.
+    hashed = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "hash", str(app), "--platform",
+         "linux/amd64,linux/arm64", "--base-policy", "digest"],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert hashed.returncode == 0, hashed.stderr
+    entries = _by_platform(record)
+    assert hashed.stdout.splitlines() == [
+        f"linux/amd64 {entries['linux/amd64']['tag']}",
+        f"linux/arm64 {entries['linux/arm64']['tag']}", f"index {record['tag']}"]
+    shown = subprocess.run([sys.executable, "-m", "tasks.cli", "status", record["id"]],
+                           cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["digest"] == record["digest"]
