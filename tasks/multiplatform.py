@@ -79,6 +79,11 @@ def start(task: Task, state: BuildState) -> Any:
     except BuildqError as exc:
         state.fail(str(exc), exc.kind)
         return _answer(state, [], client, None)
+    except Exception as exc:
+        log.exception("internal error sending the platforms of %s", state.request_id)
+        state.fail(f"internal error sending the platforms: {type(exc).__name__}: {exc}. The "
+                   "worker's log has the details; please report it.", "internal")
+        return _answer(state, [], client, None)
     data = {"state": state.to_dict(), "children": children, "looks": 0, "started": time.time()}
     return task.replace(assemble.s(data).set(shadow="buildq.build_image:platforms"))
 
@@ -94,7 +99,9 @@ def _send(client: Any, parent: BuildState, platform: str, cfg: Settings) -> dict
     resume = app.tasks["buildq.resume"]
     signature = resume.s(child.to_dict()).set(task_id=child.request_id,
                                               shadow=f"buildq.build_image:{platform}")
-    emit(client, parent.request_id, "stage", stage=f"build {platform}", state="started")
+    # Names the platform's own request, whose build log and events are its own.
+    emit(client, parent.request_id, "stage", stage=f"build {platform}", state="started",
+         platform_request=child.request_id)
     # In-process (embedded) the platform is built right here, and its failure raises.
     with contextlib.suppress(BuildFailed):
         signature.apply_async()
@@ -110,6 +117,19 @@ class AssembleTask(Task):
     throws = (BuildFailed,)
 
     def run(self, data: dict[str, Any]) -> Any:
+        try:
+            return self._look(data)
+        except (Ignore, BuildFailed):
+            raise
+        except Exception as exc:
+            # A crash must still answer the request (the platforms keep their own answers).
+            log.exception("internal error assembling %s", data["state"].get("request_id"))
+            state = BuildState.from_dict(data["state"])
+            state.fail(f"internal error assembling the platforms: {type(exc).__name__}: {exc}. "
+                       "The worker's log has the details; please report it.", "internal")
+            return _answer(state, [], redis_client(settings()), None)
+
+    def _look(self, data: dict[str, Any]) -> Any:
         cfg = settings()
         client = redis_client(cfg)
         state = BuildState.from_dict(data["state"])
@@ -135,7 +155,7 @@ class AssembleTask(Task):
             data = {**data, "children": children, "looks": looks + 1}
             if self.request.is_eager:
                 time.sleep(wait)
-                return self.run(data)
+                return self._look(data)
             return self.replace(assemble.s(data).set(
                 countdown=wait, shadow="buildq.build_image:platforms"))
         started = time.monotonic()
@@ -151,7 +171,7 @@ class AssembleTask(Task):
                      countdown=f"{countdown:.1f}")
                 if self.request.is_eager:
                     time.sleep(countdown)
-                    return self.run({**data, "tries": tries + 1})
+                    return self._look({**data, "tries": tries + 1})
                 return self.replace(assemble.s({**data, "tries": tries + 1}).set(
                     countdown=countdown, shadow="buildq.build_image:platforms"))
             state.fail(str(exc), exc.kind)

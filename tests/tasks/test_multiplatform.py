@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import requests
 
-from tasks import build_image, outcome
+from tasks import build_image, cancel, outcome
+from tasks.keys import events_key
 from tests import services
 from tests.tasks.conftest import REPO, Cluster
 
@@ -213,3 +214,40 @@ def test_the_cli_ships_a_directory_once_for_every_platform_and_status_shows_the_
                            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["digest"] == record["digest"]
+
+
+def _started_platforms(client: Any, request_id: str) -> dict[str, str]:
+    """platform → its request's id, from the multi-platform request's events."""
+    found = {}
+    for _, fields in client.xrange(events_key(request_id)):
+        stage = fields.get("stage", "")
+        if fields.get("state") == "started" and stage.startswith("build "):
+            found[stage.removeprefix("build ")] = fields["platform_request"]
+    return found
+
+
+def _building(client: Any, request_id: str) -> bool:
+    return any(f.get("stage") == "build" and f.get("state") == "started"
+               for _, f in client.xrange(events_key(request_id)))
+
+
+def test_cancelling_the_request_cancels_its_running_platforms(
+        cluster: Cluster, tmp_path: Path, multi_base: str) -> None:
+    app = _app(tmp_path, multi_base, step="RUN sleep 120")
+    dest = f"{cluster.registry.host}/multi/cancelled"
+    result = build_image.delay(str(app), destination=dest,
+                               platform=["linux/amd64", "linux/arm64"])
+    client = cluster.client()
+    services.wait_for(lambda: len(_started_platforms(client, result.id)) == 2, 60,
+                      "the platforms' requests")
+    children = _started_platforms(client, result.id)
+    services.wait_for(lambda: all(_building(client, c) for c in children.values()), 120,
+                      "both platforms building")
+    cancel(result.id)
+    record = outcome(result, timeout=60)
+    assert record["status"] == "cancelled", record
+    for platform, child in children.items():
+        answer = outcome(build_image.AsyncResult(child), timeout=120)
+        assert answer["status"] == "cancelled", (platform, answer)
+        assert result.id in answer["error"]
+    assert services.RegistryServer.tags(cluster.registry, "multi/cancelled") == []
