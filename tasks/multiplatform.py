@@ -12,8 +12,8 @@ The request's own task becomes ``assemble`` (queue ``control``), which looks at 
 platforms' answers and hands itself back to the broker with a short countdown while
 any is missing, so no worker slot waits on another. Once all are answered it pushes an
 image index naming each platform's manifest under a tag derived from the sorted
-per-platform hashes: an OCI image index, or a Docker manifest list where the registry
-refuses that. One failed platform fails the request, naming the platform; no index is
+per-platform hashes (``Registry.push_index``: an OCI image index, or a Docker manifest
+list where the registry refuses that). One failed platform fails the request, naming the platform; no index is
 pushed, and the platforms that were built stay pushed under their own tags, so a retry
 reuses them.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -32,7 +31,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from config.errors import BuildqError, RegistryError
+from config.errors import BuildqError
 from config.names import platform_fields
 from config.settings import Settings
 from tasks import inflight, operations
@@ -47,15 +46,8 @@ from tasks.state import BuildState
 from workers import metrics
 from workers.context import image_tag
 from workers.registries import registry_for
-from workers.registries.base import ManifestRefusedError
 
 log = logging.getLogger("buildq")
-
-#: The index forms tried in order, with the media type each is sent as.
-INDEX_FORMS = (
-    ("oci", "application/vnd.oci.image.index.v1+json"),
-    ("docker", "application/vnd.docker.distribution.manifest.list.v2+json"),
-)
 
 #: Seconds ``assemble`` waits before its first look at the platforms, and at most between
 #: two looks (the wait grows by half each time).
@@ -237,29 +229,12 @@ def _conclude(state: BuildState, platforms: list[dict[str, Any]], cfg: Settings)
         state.digest = existing[2]
         state.status = "skipped"
         return existing[0]
-    manifests = []
-    for entry in platforms:
-        found = registry.manifest(state.ref, str(entry["digest"]))
-        if found is None:
-            raise RegistryError(f"the image of {entry['platform']} ({entry['image']}@"
-                                f"{entry['digest']}) is gone from the registry.",
-                                "Build the request again: the platform is built anew.")
-        manifests.append({"mediaType": found[0], "digest": entry["digest"],
-                          "size": len(found[1]), "platform": platform_fields(entry["platform"])})
-    refused: list[str] = []
-    for _, media_type in INDEX_FORMS:
-        body = json.dumps({"schemaVersion": 2, "mediaType": media_type,
-                           "manifests": manifests}, separators=(",", ":")).encode()
-        try:
-            state.digest = registry.put_manifest(state.ref, state.tag, media_type, body)
-        except ManifestRefusedError as exc:
-            refused.append(exc.message)
-            continue
-        state.status = "built"
-        return media_type
-    raise RegistryError(f"registry {state.ref.registry} refused the image index in every "
-                        f"form: {' '.join(refused)}", "Check that it supports multi-platform "
-                        "images (OCI image indexes or Docker manifest lists).")
+    digest, media_type = registry.push_index(
+        state.ref, state.tag,
+        [(str(p["digest"]), platform_fields(p["platform"])) for p in platforms])
+    state.digest = digest
+    state.status = "built"
+    return media_type
 
 
 def _answer(state: BuildState, platforms: list[dict[str, Any]], client: Any,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import re
 import threading
 import time
@@ -44,6 +45,13 @@ MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",
 ])
+
+#: The forms of an image index, tried in order: an OCI image index, then a Docker manifest
+#: list for a registry that refuses the first.
+INDEX_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
 
 #: (connect, read) seconds for one registry request; the chain retries transient faults.
 REQUEST_TIMEOUT = (5.0, 30.0)
@@ -249,6 +257,35 @@ class Registry(ABC):
         self._raise_for_status(response, f"{ref.repository}:{tag}")
         return response.headers.get("Docker-Content-Digest") or \
             "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def push_index(self, ref: ImageRef, tag: str,
+                   images: list[tuple[str, dict[str, str]]]) -> tuple[str, str]:
+        """Push an image index over ``images`` — (manifest digest, its ``platform`` object)
+        of ``ref``'s repository — as ``repository:tag``: its digest and media type (an OCI
+        image index, else a Docker manifest list where the registry refuses that)."""
+        manifests = []
+        for digest, platform in images:
+            found = self.manifest(ref, digest)
+            if found is None:
+                shown = "/".join(filter(None, (platform.get("os"), platform.get("architecture"),
+                                               platform.get("variant"))))
+                raise RegistryError(f"the {shown} image {ref.repository}@{digest} is gone "
+                                    f"from registry {self.host}.",
+                                    "Build the request again: that platform is built anew.")
+            manifests.append({"mediaType": found[0], "digest": digest, "size": len(found[1]),
+                              "platform": platform})
+        refused = []
+        for media_type in INDEX_MEDIA_TYPES:
+            body = json.dumps({"schemaVersion": 2, "mediaType": media_type,
+                               "manifests": manifests}, separators=(",", ":")).encode()
+            try:
+                return self.put_manifest(ref, tag, media_type, body), media_type
+            except ManifestRefusedError as exc:
+                refused.append(exc.message)
+        raise RegistryError(f"registry {self.host} refused the image index in every form: "
+                            + " ".join(refused),
+                            "Check that it supports multi-platform images (OCI image indexes "
+                            "or Docker manifest lists).")
 
     def ping(self) -> None:
         """Log in: ``GET /v2/`` with this backend's credentials; raises if refused."""
