@@ -40,6 +40,7 @@ from tasks.cancelling import cancel
 from tasks.connection import redis_client
 from tasks.events import emit
 from tasks.failures import BuildFailed, failure_for, record_of
+from tasks.keys import events_key
 from tasks.notifications import announce
 from tasks.records import OTHER, answered, claim_answer, find, make_record, store_unhashed
 from tasks.state import BuildState
@@ -49,8 +50,12 @@ from workers.registries import registry_for
 
 log = logging.getLogger("buildq")
 
-#: Seconds ``assemble`` waits before its first look at the platforms, and at most between
-#: two looks (the wait grows by half each time).
+#: Seconds one look of ``assemble`` waits on the platforms' events for their answers
+#: (holding its worker slot): a request whose platforms all exist is answered as soon as
+#: they are, rather than at the next look.
+LOOK_SECONDS = 1.0
+#: Seconds between two looks, handed back to the broker (no slot held): the first wait,
+#: growing by half each time up to the longest.
 FIRST_LOOK = 0.25
 LONGEST_WAIT = 3.0
 
@@ -132,6 +137,8 @@ class AssembleTask(Task):
                 if not answered(client, child["request_id"]):
                     cancel(child["request_id"], by=f"the multi-platform request {state.request_id}")
             raise Ignore()
+        if not self.request.is_eager:
+            _wait_for_answers(client, [c["request_id"] for c in children], LOOK_SECONDS)
         records = {c["request_id"]: _answer_of(client, c["request_id"])
                    for c in children if answered(client, c["request_id"])}
         for child in children:
@@ -169,6 +176,25 @@ class AssembleTask(Task):
             state.fail(str(exc), exc.kind)
         state.stages["index"] = time.monotonic() - started
         return _answer(state, platforms, client, media_type)
+
+
+def _wait_for_answers(client: Any, request_ids: list[str], seconds: float) -> None:
+    """Return once every request is answered, or after ``seconds``: blocking reads of their
+    event streams, where each answer writes its ``done`` (see tasks/records.py)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        # Each stream's newest entry before looking at the answers, so that an answer
+        # written after the look wakes the read below.
+        cursors = {}
+        for request_id in request_ids:
+            newest = client.xrevrange(events_key(request_id), count=1)
+            cursors[events_key(request_id)] = newest[0][0] if newest else "0-0"
+        waiting = [r for r in request_ids if not answered(client, r)]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            return
+        client.xread({events_key(r): cursors[events_key(r)] for r in waiting},
+                     block=max(1, int(left * 1000)))
 
 
 def _answer_of(client: Any, request_id: str) -> dict[str, Any] | None:
