@@ -37,7 +37,7 @@ from config.settings import Settings
 from tasks import inflight, operations
 from tasks.app import app, settings
 from tasks.cancelling import cancel
-from tasks.connection import redis_client
+from tasks.connection import REDIS_PATIENCE_LEASES, REDIS_TROUBLE, redis_client
 from tasks.events import emit
 from tasks.failures import BuildFailed, failure_for, record_of
 from tasks.keys import events_key
@@ -54,6 +54,9 @@ log = logging.getLogger("buildq")
 #: (holding its worker slot): a request whose platforms all exist is answered as soon as
 #: they are, rather than at the next look.
 LOOK_SECONDS = 1.0
+#: Looks that wait so: the first ones, when platforms whose images exist answer. Later
+#: ones (platforms are building) only look, so no worker slot waits on a long build.
+BLOCKING_LOOKS = 3
 #: Seconds between two looks, handed back to the broker (no slot held): the first wait,
 #: growing by half each time up to the longest.
 FIRST_LOOK = 0.25
@@ -114,17 +117,32 @@ class AssembleTask(Task):
     throws = (BuildFailed,)
 
     def run(self, data: dict[str, Any]) -> Any:
-        try:
-            return self._look(data)
-        except (Ignore, BuildFailed):
-            raise
-        except Exception as exc:
-            # A crash must still answer the request (the platforms keep their own answers).
-            log.exception("internal error assembling %s", data["state"].get("request_id"))
-            state = BuildState.from_dict(data["state"])
-            state.fail(f"internal error assembling the platforms: {type(exc).__name__}: {exc}. "
-                       "The worker's log has the details; please report it.", "internal")
-            return _answer(state, [], redis_client(settings()), None)
+        waited = 0.0
+        while True:
+            try:
+                return self._look(data)
+            except REDIS_TROUBLE as exc:
+                # Redis is the broker too: wait here and look again (a look may repeat).
+                cfg = settings()
+                if waited >= REDIS_PATIENCE_LEASES * cfg.lock_lease:
+                    raise
+                log.warning("assembling %s: Redis unreachable (%s); trying again",
+                            data["state"].get("request_id"), exc)
+                time.sleep(cfg.lock_lease / 3)
+                waited += cfg.lock_lease / 3
+            except (Ignore, BuildFailed):
+                raise
+            except Exception as exc:
+                return self._crashed(data, exc)
+
+    def _crashed(self, data: dict[str, Any], exc: Exception) -> Any:
+        # A crash must still answer the request (the platforms keep their own answers).
+        log.error("internal error assembling %s", data["state"].get("request_id"),
+                  exc_info=exc)
+        state = BuildState.from_dict(data["state"])
+        state.fail(f"internal error assembling the platforms: {type(exc).__name__}: {exc}. "
+                   "The worker's log has the details; please report it.", "internal")
+        return _answer(state, [], redis_client(settings()), None)
 
     def _look(self, data: dict[str, Any]) -> Any:
         cfg = settings()
@@ -137,7 +155,8 @@ class AssembleTask(Task):
                 if not answered(client, child["request_id"]):
                     cancel(child["request_id"], by=f"the multi-platform request {state.request_id}")
             raise Ignore()
-        if not self.request.is_eager:
+        looks = int(data.get("looks") or 0)
+        if looks < BLOCKING_LOOKS and not self.request.is_eager:
             _wait_for_answers(client, [c["request_id"] for c in children], LOOK_SECONDS)
         records = {c["request_id"]: _answer_of(client, c["request_id"])
                    for c in children if answered(client, c["request_id"])}
@@ -149,7 +168,6 @@ class AssembleTask(Task):
                      state="done", seconds=f"{time.time() - data['started']:.3f}",
                      status=str(found.get("status") or ""))
         if len(records) < len(children) or any(r is None for r in records.values()):
-            looks = int(data.get("looks") or 0)
             wait = min(FIRST_LOOK * 1.5 ** looks, LONGEST_WAIT)
             data = {**data, "children": children, "looks": looks + 1}
             if self.request.is_eager:

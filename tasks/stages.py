@@ -21,15 +21,12 @@ from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
-from kombu.exceptions import OperationalError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
 from tasks import cancelling, inflight, multiplatform, operations, requester
 from tasks.app import ROUTES, app, platform_queue, settings
-from tasks.connection import redis_client
+from tasks.connection import REDIS_PATIENCE_LEASES, REDIS_TROUBLE, redis_client
 from tasks.events import emit
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
 from tasks.lock import Lease, new_token
@@ -52,16 +49,9 @@ from workers.sources.base import in_scratch
 
 log = logging.getLogger("buildq")
 
-#: Errors of a Redis that is restarting or unreachable (kombu's, when handing a stage to the
-#: broker): worth waiting out, not a failure.
-REDIS_TROUBLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
-
 #: A stage body: does its work on the state and names the next stage ("" ends the chain).
 StageBody = Callable[[BuildState, Settings], str]
 
-#: How many leases a stage waits for an unreachable Redis before it gives up. Every lease
-#: has run out by then and the watchdog restarts the build for its requests.
-REDIS_PATIENCE_LEASES = 10
 
 
 def _backoff(settings: Settings, retries: int) -> float:

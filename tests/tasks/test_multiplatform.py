@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import requests
 
+from config.errors import InputError
 from tasks import build_image, cancel, outcome
 from tasks.keys import events_key
 from tests import services
@@ -251,3 +252,20 @@ def test_cancelling_the_request_cancels_its_running_platforms(
         assert answer["status"] == "cancelled", (platform, answer)
         assert result.id in answer["error"]
     assert services.RegistryServer.tags(cluster.registry, "multi/cancelled") == []
+
+
+@pytest.mark.parametrize(("platform", "why"), [
+    (["linux/amd64", "linux/amd46"], "holds 'linux/amd46', which names an unknown architecture"),
+    ("linux/arm64,linux/arm64/v8", "names linux/arm64/v8 twice"),
+    ([], "is an empty list"),
+])
+def test_delay_refuses_bad_platforms_before_anything_is_queued(
+        cluster: Cluster, tmp_path: Path, platform: object, why: str) -> None:
+    app = _app(tmp_path, services.BASE_IMAGE)
+    queued = cluster.client().llen("control")
+    with pytest.raises(InputError) as info:
+        build_image.delay(str(app), destination=f"{cluster.registry.host}/multi/bad",
+                          platform=platform)  # type: ignore[arg-type]
+    assert why in info.value.message
+    assert "os/arch[/variant] (linux/amd64, linux/arm64, linux/arm/v7)" in str(info.value.hint)
+    assert cluster.client().llen("control") == queued
