@@ -53,7 +53,8 @@ def native_platform(os_type: str, machine: str) -> str | None:
 
 
 def emulated_platforms(binfmt_dir: Path = BINFMT_DIR) -> list[str]:
-    """Platforms an enabled QEMU binfmt handler with an existing interpreter runs."""
+    """Platforms an enabled QEMU binfmt handler runs: one whose interpreter the kernel
+    holds open (flag ``F``, so containers need no copy of it), or that exists here."""
     found: list[str] = []
     for name, platforms in QEMU_HANDLERS.items():
         try:
@@ -62,9 +63,9 @@ def emulated_platforms(binfmt_dir: Path = BINFMT_DIR) -> list[str]:
             continue
         if not lines or lines[0].strip() != "enabled":
             continue
-        interpreter = next((line.split(None, 1)[1] for line in lines
-                            if line.startswith("interpreter ") and " " in line), "")
-        if interpreter and Path(interpreter.strip()).exists():
+        fields = dict(line.partition(" ")[::2] for line in lines[1:])
+        interpreter = fields.get("interpreter", "").strip()
+        if "F" in fields.get("flags:", "") or (interpreter and Path(interpreter).exists()):
             found += platforms
     return found
 

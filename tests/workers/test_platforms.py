@@ -8,10 +8,11 @@ from config.names import platform_key, split_platforms
 from workers.platforms import buildable_platforms, can_build, engine_platforms
 
 
-def _handler(directory: Path, name: str, interpreter: Path, enabled: bool = True) -> None:
+def _handler(directory: Path, name: str, interpreter: Path, enabled: bool = True,
+             flags: str = "P") -> None:
     # The layout of /proc/sys/fs/binfmt_misc/<name>, as the kernel writes it.
     (directory / name).write_text(
-        f"{'enabled' if enabled else 'disabled'}\ninterpreter {interpreter}\nflags: PF\n"
+        f"{'enabled' if enabled else 'disabled'}\ninterpreter {interpreter}\nflags: {flags}\n"
         "offset 0\nmagic 7f454c46\n")
 
 
@@ -25,6 +26,11 @@ def test_a_host_builds_its_own_platform_and_each_enabled_qemu_handler(tmp_path: 
     assert buildable_platforms("linux", "x86_64", tmp_path) == ["linux/amd64", "linux/arm64"]
     assert buildable_platforms("linux", "aarch64", tmp_path) == ["linux/arm64"]
     assert buildable_platforms("windows", "x86_64", tmp_path) == ["linux/arm64"]
+    # Registered with F (tonistiigi/binfmt, or from inside a container): the kernel holds
+    # the interpreter open, so its path need not exist where the worker looks.
+    _handler(tmp_path, "qemu-riscv64", tmp_path / "elsewhere", flags="PF")
+    assert buildable_platforms("linux", "x86_64", tmp_path) == [
+        "linux/amd64", "linux/arm64", "linux/riscv64"]
 
 
 def test_platform_spellings_of_one_platform_match() -> None:
