@@ -159,10 +159,11 @@ def _run_worker(pool: str, settings: Settings, concurrency: int | None, loglevel
     watchdog = Watchdog(settings, pool, hostname)
     queues = list(POOL_QUEUES[pool])
     if pool == "docker":
+        from config.names import platform_key
         from workers.platforms import engine_platforms
 
         # Read once at start: a handler registered later counts after a restart.
-        watchdog.platforms = engine_platforms()
+        watchdog.platforms = [platform_key(p) for p in settings.platforms] or engine_platforms()
         queues += [platform_queue(p) for p in watchdog.platforms]
         log.info("this engine builds %s", ", ".join(watchdog.platforms) or "no known platform")
     watchdog.start()

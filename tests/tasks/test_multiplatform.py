@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from config.errors import InputError
 from tasks import build_image, cancel, outcome
 from tasks.keys import events_key
 from tests import services
-from tests.tasks.conftest import REPO, Cluster
+from tests.tasks.conftest import REPO, Cluster, make_cluster, use_cluster
 
 #: What an index or manifest list may be served as.
 INDEX_ACCEPT = ("application/vnd.oci.image.index.v1+json, "
@@ -269,3 +270,39 @@ def test_delay_refuses_bad_platforms_before_anything_is_queued(
     assert why in info.value.message
     assert "os/arch[/variant] (linux/amd64, linux/arm64, linux/arm/v7)" in str(info.value.hint)
     assert cluster.client().llen("control") == queued
+
+
+@pytest.fixture
+def amd64_only(tmp_path_factory: pytest.TempPathFactory, shared_cluster: Cluster,
+               multi_base: str) -> Iterator[Cluster]:
+    """A cluster of its own whose one docker worker builds linux/amd64 only (BUILDQ_PLATFORMS),
+    though its engine could build more."""
+    own = make_cluster(tmp_path_factory.mktemp("amd64-only"), shared_cluster.registry, lease=6)
+    own.start_worker("control", concurrency=2)
+    own.start_worker("docker", env={"BUILDQ_PLATFORMS": "linux/amd64"})
+    use_cluster(own)
+    yield own
+    own.stop_all()
+    own.redis.stop()
+
+
+def test_each_platform_builds_only_on_a_docker_host_that_advertises_it(
+        amd64_only: Cluster, tmp_path: Path, multi_base: str) -> None:
+    dest = f"{amd64_only.registry.host}/multi/routed"
+    refused = outcome(build_image.delay(str(_app(tmp_path, multi_base)), destination=dest,
+                                        platform=["linux/amd64", "linux/arm64"]), timeout=120)
+    assert refused["status"] == "failed", refused
+    assert refused["error"].startswith(
+        "no docker-pool host can build linux/arm64: the live ones build linux/amd64.")
+
+    amd64_only.start_worker("docker")  # this one builds what its engine can
+    app = _app(tmp_path, multi_base)
+    record = build_image.delay(str(app), destination=dest,
+                               platform=["linux/amd64", "linux/arm64"]).get(timeout=600)
+    assert record["status"] == "built", record
+    arm64 = _by_platform(record)["linux/arm64"]["request_id"]
+    # The amd64-only worker never took the arm64 build; the other did.
+    logs = {path.name.split("-")[2]: path.read_text(errors="replace")
+            for path in amd64_only.root.glob("worker-docker-*.log")}
+    assert arm64 not in logs["1"]
+    assert arm64 in logs["2"]
