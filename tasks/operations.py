@@ -157,8 +157,6 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
         state.config = cfg.to_mapping()
     state.ref = cfg.destination()
     platforms = asked or check_platforms(cfg.builder.platform, "builder.platform")
-    if len(platforms) > 1 and cfg.builder.type == "kaniko":
-        raise kaniko_platforms(platforms)
     # One platform is an ordinary build; several fan out into one build each (tasks/
     # multiplatform.py), and the state keeps the list.
     state.platform = platforms[0] if len(platforms) == 1 else None

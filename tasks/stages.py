@@ -53,7 +53,6 @@ log = logging.getLogger("buildq")
 StageBody = Callable[[BuildState, Settings], str]
 
 
-
 def _backoff(settings: Settings, retries: int) -> float:
     # Exponential with full jitter, so N workers hitting one sick registry spread out.
     ceiling = settings.retry_base * (2 ** retries)

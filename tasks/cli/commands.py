@@ -189,12 +189,14 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
 def _check_request(source: str, kwargs: dict[str, Any], cfg: Any, settings: Any) -> None:
     """Refuse what a worker would refuse (bad options, a source or destination outside the
     operator's rules) here, before anything is shipped or queued; the worker checks again."""
-    from tasks.operations import describe_request
+    from tasks.operations import describe_request, kaniko_platforms
 
     options = {k: v for k, v in kwargs.items() if k not in ("builder", "config")}
     # A local directory or archive is shipped to the upload area, which workers may read.
-    describe_request("local", source, settings, config=cfg.to_mapping(), for_workers=True,
-                     shipped=True, **options)
+    state, _, _ = describe_request("local", source, settings, config=cfg.to_mapping(),
+                                   for_workers=True, shipped=True, **options)
+    if state.platforms and (kwargs.get("builder") or cfg.builder.type) == "kaniko":
+        raise kaniko_platforms(state.platforms)
 
 
 def _check_bases(source: str, ref: str | None, dockerfile: str | None,
