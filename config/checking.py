@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 
 from config.errors import ConfigError
 from config.kaniko_flags import NOT_A_FLAG_HINT, RESERVED_FLAGS, needs_value_hint, split_arg
-from config.names import STORE_EXAMPLES, StoreKind, classify_store_url, is_dns_label, is_platform
+from config.names import (
+    PLATFORM_FORMS,
+    STORE_EXAMPLES,
+    StoreKind,
+    classify_store_url,
+    is_dns_label,
+    split_platforms,
+)
 from config.problems import Problems, show
 from config.references import (
     ImageRef,
@@ -301,13 +308,15 @@ def _check_builder(
                     "a repository other than the destination",
                     f"Use e.g. {dest.name}-cache so cache layers stay out of the image repository.",
                 )
-    if builder.platform is not None and not is_platform(builder.platform):
-        problems.add(
-            "builder.platform",
-            show(builder.platform),
-            "one platform written os/arch[/variant], like linux/amd64",
-            "Name a single target platform.",
-        )
+    if builder.platform is not None:
+        _, why = split_platforms(builder.platform)
+        if why is not None:
+            problems.add(
+                "builder.platform",
+                show(builder.platform),
+                f"a platform or a list of platforms, like linux/amd64 (this one {why})",
+                PLATFORM_FORMS,
+            )
     name = builder.build_job_name
     if not is_dns_label(name) or len(name) > MAX_BUILD_JOB_NAME:
         problems.add(

@@ -30,6 +30,96 @@ def is_platform(value: str) -> bool:
     return bool(PLATFORM_RE.match(value))
 
 
+#: Operating systems and architectures an image index may name (Go's GOOS and GOARCH,
+#: which the OCI image spec uses), and the variants each architecture has.
+PLATFORM_OSES = frozenset({"aix", "android", "darwin", "dragonfly", "freebsd", "illumos",
+                           "ios", "js", "linux", "netbsd", "openbsd", "plan9", "solaris",
+                           "wasip1", "windows"})
+PLATFORM_VARIANTS: dict[str, frozenset[str]] = {
+    "386": frozenset(), "amd64": frozenset({"v1", "v2", "v3", "v4"}),
+    "arm": frozenset({"v5", "v6", "v7", "v8"}), "arm64": frozenset({"v8", "v9"}),
+    "loong64": frozenset(), "mips": frozenset(), "mipsle": frozenset(), "mips64": frozenset(),
+    "mips64le": frozenset(), "ppc64": frozenset(), "ppc64le": frozenset(),
+    "riscv64": frozenset(), "s390x": frozenset(), "wasm": frozenset(),
+}
+#: Spellings of one platform that name the same images (containerd's normalization):
+#: the default variant of an architecture may be left out.
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7", "amd64": "v1"}
+#: Architectures whose usual spelling has no variant (linux/arm64, not linux/arm64/v8).
+_BARE = frozenset({"arm64", "amd64"})
+
+#: The accepted forms, for every message refusing a platform.
+PLATFORM_FORMS = ("Write each platform os/arch[/variant] (linux/amd64, linux/arm64, "
+                  "linux/arm/v7); several as a comma-separated list (--platform "
+                  "linux/amd64,linux/arm64) or a YAML list under builder.platform, each once.")
+
+
+def platform_key(platform: str) -> str:
+    """One spelling per platform: ``linux/arm64/v8`` is ``linux/arm64``, ``linux/arm`` is
+    ``linux/arm/v7``."""
+    os_name, _, rest = platform.partition("/")
+    arch, _, variant = rest.partition("/")
+    variant = variant or _DEFAULT_VARIANT.get(arch, "")
+    if arch in _BARE and variant == _DEFAULT_VARIANT[arch]:
+        variant = ""
+    return f"{os_name}/{arch}/{variant}" if variant else f"{os_name}/{arch}"
+
+
+def platform_fields(platform: str) -> dict[str, str]:
+    """The ``platform`` object of an image index entry for ``os/arch[/variant]``."""
+    os_name, _, rest = platform.partition("/")
+    arch, _, variant = rest.partition("/")
+    fields = {"architecture": arch, "os": os_name}
+    if variant:
+        fields["variant"] = variant
+    return fields
+
+
+def platform_problem(value: str) -> str | None:
+    """Why ``value`` is not one platform buildq knows, or None when it is."""
+    if not is_platform(value):
+        return "is not written os/arch[/variant]"
+    os_name, _, rest = value.partition("/")
+    arch, _, variant = rest.partition("/")
+    if os_name not in PLATFORM_OSES:
+        return f"names an unknown operating system {os_name!r}"
+    if arch not in PLATFORM_VARIANTS:
+        return f"names an unknown architecture {arch!r}"
+    if variant and variant not in PLATFORM_VARIANTS[arch]:
+        known = ", ".join(sorted(PLATFORM_VARIANTS[arch])) or "none"
+        return f"names an unknown variant {variant!r} of {arch} (known: {known})"
+    return None
+
+
+def split_platforms(value: object) -> tuple[list[str], str | None]:
+    """The platforms ``value`` names — one string, a comma-separated string or a list of
+    strings — in the order given, and why it is refused (None when it is not)."""
+    if isinstance(value, str):
+        items: list[object] = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        return [], f"is a {type(value).__name__}, not a platform or a list of platforms"
+    if not items:
+        return [], "is an empty list"
+    found: list[str] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            return [], f"holds {item!r}, which is not a platform"
+        item = item.strip()
+        problem = platform_problem(item)
+        if problem is not None:
+            return [], f"holds {item[:80]!r}, which {problem}"
+        key = platform_key(item)
+        if key in seen:
+            same = "" if seen[key] == item else f" ({seen[key]} and {item} are one platform)"
+            return [], f"names {item} twice{same}"
+        seen[key] = item
+        found.append(item)
+    return found, None
+
+
 def is_dns_label(name: str) -> bool:
     return len(name) <= MAX_DNS_LABEL and bool(DNS_LABEL_RE.match(name))
 

@@ -75,7 +75,9 @@ class BuilderConfig(_Section):
     #: A Kubernetes Job spec merged into the kaniko job buildq creates.
     kaniko_config: dict[str, JsonValue] | None = Field(default=None, alias="kaniko-config")
     kaniko_image: str | None = Field(default=None, alias="kaniko-image")
-    platform: str | None = None
+    #: The target platform (``linux/amd64``), or several (a list, or comma-separated): one
+    #: image per platform and an image index over them.
+    platform: str | list[str] | None = None
     #: Kubernetes secret holding registry credentials for kaniko, and the key in it.
     secret_name: str | None = Field(default=None, alias="secret-name")
     secret_key: str | None = Field(default=None, alias="secret-key")

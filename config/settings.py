@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.errors import ConfigError
+from config.names import PLATFORM_FORMS, split_platforms
 from config.references import parse_image_ref
 
 #: Where the launch agent looks for its config when neither --config nor BUILDQ_CONFIG is given.
@@ -123,6 +124,9 @@ class Settings:
     #: Dockerfile without a '# syntax=' line, and one whose official docker/dockerfile:1
     #: line cannot be pulled (BUILDQ_DOCKERFILE_FRONTEND); None: the engine's built-in one.
     dockerfile_frontend: str | None = None
+    #: The platforms a docker-pool worker builds and advertises (BUILDQ_PLATFORMS); empty:
+    #: what its engine builds, natively or under QEMU (workers/platforms.py).
+    platforms: tuple[str, ...] = ()
     #: Registries spoken to over plain HTTP besides loopback ones.
     insecure_registries: tuple[str, ...] = ()
     #: Basic credentials for the destination registry, when not in docker's config.json.
@@ -230,6 +234,7 @@ class Settings:
             build_timeout=_number(env, "BUILDQ_BUILD_TIMEOUT", cls.build_timeout),
             network_mode=env.get("BUILDQ_NETWORK_MODE") or None,
             dockerfile_frontend=_image_ref(env, "BUILDQ_DOCKERFILE_FRONTEND"),
+            platforms=_platforms(env, "BUILDQ_PLATFORMS"),
             insecure_registries=insecure,
             registry_username=env.get("BUILDQ_REGISTRY_USERNAME") or None,
             registry_password=env.get("BUILDQ_REGISTRY_PASSWORD") or None,
@@ -270,6 +275,18 @@ class Settings:
             notify_retries=int(_number(env, "BUILDQ_NOTIFY_RETRIES", cls.notify_retries,
                                        strict=False)),
         )
+
+
+def _platforms(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Platforms from the environment, comma-separated, each checked as a request's is."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return ()
+    found, why = split_platforms(raw)
+    if why is not None:
+        raise ConfigError(f"environment variable {name}={raw[:120]!r} {why}.",
+                          f"{PLATFORM_FORMS} Unset it to build what the engine can.")
+    return tuple(found)
 
 
 def _image_ref(env: Mapping[str, str], name: str) -> str | None:

@@ -23,6 +23,8 @@ ROUTES: dict[str, str] = {
     "buildq.push": "docker",
     "buildq.kaniko": "kaniko",
     "buildq.record": "control",
+    # A multi-platform request waiting for its platforms, then pushing their index.
+    "buildq.assemble": "control",
     # Notifications of ended requests (tasks/notifications.py).
     "buildq.notify": "control",
 }
@@ -33,6 +35,16 @@ POOL_QUEUES: dict[str, tuple[str, ...]] = {
     "docker": ("docker",),
     "kaniko": ("kaniko",),
 }
+
+
+
+def platform_queue(platform: str) -> str:
+    """The queue of builds for ``platform``: each docker-pool worker consumes the queue of
+    every platform its engine can build (natively or emulated), besides ``docker``."""
+    from config.names import platform_key
+
+    return "docker." + platform_key(platform).replace("/", ".")
+
 
 #: ``include``: a worker imports the stage tasks when it boots, so they are registered
 #: without the entry point importing them for that side effect.

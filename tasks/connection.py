@@ -14,9 +14,17 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis
+from kombu.exceptions import OperationalError
 
 from config.errors import ConfigError, ServiceError
 from config.settings import Settings
+
+#: Errors of a Redis that is restarting or unreachable (kombu's, when handing a task to the
+#: broker): worth waiting out, not a failure.
+REDIS_TROUBLE = (redis.ConnectionError, redis.TimeoutError, OperationalError)
+#: How many leases a task waits for an unreachable Redis before it gives up. Every lease
+#: has run out by then and the watchdog restarts the build for its requests.
+REDIS_PATIENCE_LEASES = 10
 
 _embedded_lock = threading.Lock()
 _embedded: list[Any] = []

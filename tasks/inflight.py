@@ -56,6 +56,15 @@ def register(client: redis.Redis, state: BuildState, lease_seconds: float) -> No
     pipe.execute()
 
 
+def taken(client: redis.Redis, request_id: str) -> None:
+    """A worker has the request and keeps it by other means than this module's lease (a
+    multi-platform request, answered once its platforms are): its submission note goes."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(SUBMITTED, request_id)
+    pipe.delete(submitted_lease_key(request_id))
+    pipe.execute()
+
+
 def forget(client: redis.Redis, request_id: str) -> None:
     pipe = client.pipeline(transaction=True)
     pipe.hdel(INFLIGHT, request_id)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from config import LaunchConfig, config_from_mapping, load_config
 from config.errors import BuildError, BuildqError, ConfigError, InputError
-from config.names import HASH_LABEL, is_platform
+from config.names import HASH_LABEL, PLATFORM_FORMS, split_platforms
 from config.policy import DestinationPolicy, check_push_targets
 from config.references import ImageRef, parse_destination, parse_image_ref
 from config.settings import Settings, check_notify_url
@@ -108,7 +108,7 @@ def _pool_alive(settings: Settings, pool: str) -> bool:
 
 def describe_request(request_id: str, source: str, settings: Settings, *, destination: str | None,
                      ref: str | None, dockerfile: str | None, build_args: dict[str, str] | None,
-                     target: str | None, platform: str | None,
+                     target: str | None, platform: str | list[str] | None,
                      config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
                      python: str | None = None, gpu: bool = False,
                      secrets: list[str] | tuple[str, ...] | None = None,
@@ -139,10 +139,10 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
         check_local_read(config, settings, what="config")
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
-                       platform=platform, gpu=bool(gpu))
+                       platform=platform if isinstance(platform, str) else None, gpu=bool(gpu))
     # Checked here so a bad option fails the request before any work; used at "hash".
     state.secrets = list(check_names(secrets, state.build_args))
-    check_platform(platform, "--platform")
+    asked = check_platforms(platform, "--platform")
     argv = parse_entrypoint(entrypoint, "--entrypoint")
     state.entrypoint = list(argv) if argv is not None else None
     state.python = check_python(python)
@@ -156,7 +156,11 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
         cfg = with_destination(cfg, destination)
         state.config = cfg.to_mapping()
     state.ref = cfg.destination()
-    state.platform = platform or cfg.builder.platform
+    platforms = asked or check_platforms(cfg.builder.platform, "builder.platform")
+    # One platform is an ordinary build; several fan out into one build each (tasks/
+    # multiplatform.py), and the state keeps the list.
+    state.platform = platforms[0] if len(platforms) == 1 else None
+    state.platforms = platforms if len(platforms) > 1 else []
     state.base_policy = check_base_policy(base_policy or cfg.builder.base_policy
                                           or settings.base_policy)
     state.force = bool(force)
@@ -167,11 +171,26 @@ def describe_request(request_id: str, source: str, settings: Settings, *, destin
     return state, cfg, spec
 
 
-def check_platform(platform: str | None, what: str) -> None:
-    """A request's platform: one ``os/arch[/variant]``, as builder.platform is checked."""
-    if platform is not None and not (isinstance(platform, str) and is_platform(platform)):
-        raise InputError(f"{what} {str(platform)[:80]!r} is not one platform written "
-                         "os/arch[/variant].", "Name a single target platform, e.g. linux/amd64.")
+def check_platforms(platform: object, what: str) -> list[str]:
+    """A request's platforms (none when ``platform`` is None): one ``os/arch[/variant]``,
+    several comma-separated or a list, each known and named once."""
+    if platform is None:
+        return []
+    found, why = split_platforms(platform)
+    if why is not None:
+        shown = ",".join(map(str, platform)) if isinstance(platform, list | tuple) else \
+            str(platform)
+        raise InputError(f"{what} {shown[:120]!r} {why}.", PLATFORM_FORMS)
+    return found
+
+
+def kaniko_platforms(platforms: list[str]) -> InputError:
+    # A Kaniko Job builds its node's platform only; one Job per platform (a node selector
+    # on kubernetes.io/arch each) is the way there, not built yet.
+    return InputError("the kaniko pool builds one platform per request for now, and this one "
+                      f"names {len(platforms)}: {', '.join(platforms)}.",
+                      "Build a multi-platform image on the docker pool (builder.type: docker), "
+                      "or send one request per platform.")
 
 
 def check_base_policy(policy: str) -> str:
@@ -183,7 +202,7 @@ def check_base_policy(policy: str) -> str:
 
 def new_request(request_id: str, source: str, settings: Settings, *, destination: str | None,
                 ref: str | None, dockerfile: str | None, build_args: dict[str, str] | None,
-                target: str | None, platform: str | None, builder: str | None,
+                target: str | None, platform: str | list[str] | None, builder: str | None,
                 config: str | dict[str, Any] | None, entrypoint: str | list[str] | None = None,
                 python: str | None = None, gpu: bool = False,
                 secrets: list[str] | None = None, base_policy: str | None = None,
@@ -191,7 +210,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
     """The state of a fresh request; input errors become a failed state, never an exception."""
     state = BuildState(request_id=request_id, source={"location": source, "ref": ref},
                        dockerfile=dockerfile, build_args=dict(build_args or {}), target=target,
-                       platform=platform, gpu=bool(gpu))
+                       platform=platform if isinstance(platform, str) else None, gpu=bool(gpu))
     try:
         state, cfg, spec = describe_request(
             request_id, source, settings, destination=destination, ref=ref, dockerfile=dockerfile,
@@ -200,7 +219,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
             base_policy=base_policy, force=force, for_workers=True, notify=notify)
         if spec.kind == "image":
             state.ref = None
-            state.platform = platform
+            state.platforms = []  # an image job builds nothing: no index either
             state.builder = "noop"
             return state
         if state.ref is None:
@@ -213,6 +232,8 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 f"building is disabled (builder.type: noop) but a {spec.kind} source needs a build.",
                 "Set builder.type to docker (with a Docker Engine) or kaniko, or pass --builder.")
         if state.builder == "kaniko":
+            if state.platforms:
+                raise kaniko_platforms(state.platforms)
             state.context_store = kaniko_store(cfg)
     except InputError as exc:
         state.fail(str(exc), exc.kind)
@@ -402,7 +423,7 @@ def pending_entry(state: BuildState) -> dict[str, Any]:
     """What the hash's pending map keeps of a request: enough to restart it from fetch."""
     return {k: v for k, v in state.to_dict().items()
             if k in ("request_id", "source", "ref", "dockerfile", "build_args",
-                     "target", "platform", "builder", "config", "created_at", "entrypoint",
+                     "target", "platform", "parent", "builder", "config", "created_at", "entrypoint",
                      "python", "gpu", "secrets", "base_policy", "force", "bases",
                      "requester", "requester_verified", "notify")}
 
@@ -465,8 +486,40 @@ def context_store(state: BuildState, settings: Settings) -> ContextStore:
     return store_for_url(url, settings)
 
 
+def check_buildable(platform: str | None, builder: str | None, settings: Settings) -> None:
+    """Refuse a docker build for a platform no docker-pool host can build (natively or
+    through a QEMU binfmt handler), rather than queue it where no worker listens.
+
+    With no docker worker live (none advertised its platforms), the request waits for one,
+    as any build does; the embedded mode asks this host's engine.
+    """
+    if builder != "docker" or not platform:
+        return
+    from workers.platforms import can_build, engine_platforms
+
+    if settings.embedded:
+        try:
+            hosts = {"this host": engine_platforms()}
+        except Exception:
+            return  # no engine: the build stage says so in its own words
+    else:
+        from tasks.presence import platforms_of
+
+        hosts = platforms_of(_client(settings), "docker")
+    if not hosts or any(can_build(platform, found) for found in hosts.values()):
+        return
+    known = sorted({p for found in hosts.values() for p in found})
+    raise BuildError(
+        f"no docker-pool host can build {platform}: the live ones build "
+        f"{', '.join(known) or 'no known platform'}.",
+        "Register a QEMU binfmt handler for it on a build host (apt-get install "
+        "qemu-user-static binfmt-support; update-binfmts --enable qemu-<arch>) and restart "
+        "its docker worker, or add a host of that architecture.")
+
+
 def upload(state: BuildState, settings: Settings) -> str:
     assert state.source_hash
+    check_buildable(state.platform, state.builder, settings)
     store = context_store(state, settings)
     state.context_store = store.url
     key = context_key(state)
@@ -646,6 +699,8 @@ def _shipped(state: BuildState, settings: Settings) -> list[tuple[str, str]]:
     """The archive the CLI shipped for this request, when it lies in buildq's upload area
     (a state naming any other object deletes nothing)."""
     location = str(state.source.get("location") or "")
+    if state.parent:
+        return []  # the source of every platform: the multi-platform request deletes it
     if state.source.get("kind") == "archive" and is_shipped_source(location, settings):
         return [split_store_url(location)]
     return []

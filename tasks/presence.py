@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
 
 from tasks.keys import presence_key
@@ -10,8 +12,27 @@ from tasks.keys import presence_key
 PRESENCE_TTL = 30
 
 
-def announce(client: redis.Redis, pool: str, hostname: str) -> None:
-    client.set(presence_key(pool, hostname), "1", ex=PRESENCE_TTL)
+def announce(client: redis.Redis, pool: str, hostname: str,
+             platforms: list[str] | None = None) -> None:
+    """Say this worker is alive; a docker-pool worker says which platforms it builds."""
+    value = json.dumps({"platforms": platforms}) if platforms is not None else "1"
+    client.set(presence_key(pool, hostname), value, ex=PRESENCE_TTL)
+
+
+def platforms_of(client: redis.Redis, pool: str) -> dict[str, list[str]]:
+    """The platforms each live worker of ``pool`` advertised, by its node name (workers
+    that advertised none are left out)."""
+    keys = list(client.scan_iter(match=presence_key(pool, "*"), count=100))
+    found: dict[str, list[str]] = {}
+    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
+        try:
+            platforms = json.loads(raw)["platforms"] if raw else None
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(platforms, list):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            found[name.removeprefix(presence_key(pool, ""))] = [str(p) for p in platforms]
+    return found
 
 
 def pool_alive(client: redis.Redis, pool: str) -> bool:

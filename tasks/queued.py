@@ -34,8 +34,10 @@ def find_queued(client: redis.Redis, request_id: str) -> Queued | None:
     and taken from the right; a chain handed to the next pool keeps the request's task id.
     """
     found: Queued | None = None
+    # A build for a platform waits in that platform's queue (tasks.app.platform_queue).
+    platform_queues = sorted(str(k) for k in client.scan_iter(match="docker.*", _type="list"))
     for pool, queues in POOL_QUEUES.items():
-        for queue in queues:
+        for queue in [*queues, *(platform_queues if pool == "docker" else [])]:
             length = int(client.llen(queue))
             for start in range(0, length, QUEUE_CHUNK):
                 chunk = client.lrange(queue, start, start + QUEUE_CHUNK - 1)

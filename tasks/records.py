@@ -153,6 +153,8 @@ def make_record(state: BuildState, *, attached: bool = False, builds: int = 0,
            if state.status == "cancelled" else {}),
         "created_at": state.created_at,
         "finished_at": time.time(),
+        # One platform's build of a multi-platform request names that request.
+        **({"parent": state.parent} if state.parent else {}),
     }
 
 
@@ -164,6 +166,8 @@ REQUEST_FIELDS = ("source", "destination", "dockerfile", "build_args", "secrets"
 def request_of(state: BuildState) -> dict[str, Any]:
     """The request as ``build_image`` takes it; secret names only, never their values."""
     asked: dict[str, Any] = {name: getattr(state, name) for name in REQUEST_FIELDS}
+    if state.platforms:
+        asked["platform"] = list(state.platforms)
     source = dict(state.source)
     asked["source"] = redact_credentials(str(source.get("location") or ""))
     asked["ref"] = state.commit or source.get("ref")

@@ -21,15 +21,12 @@ from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
-from kombu.exceptions import OperationalError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import cancelling, inflight, operations, requester
-from tasks.app import ROUTES, app, settings
-from tasks.connection import redis_client
+from tasks import cancelling, inflight, multiplatform, operations, requester
+from tasks.app import ROUTES, app, platform_queue, settings
+from tasks.connection import REDIS_PATIENCE_LEASES, REDIS_TROUBLE, redis_client
 from tasks.events import emit
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
 from tasks.lock import Lease, new_token
@@ -52,16 +49,8 @@ from workers.sources.base import in_scratch
 
 log = logging.getLogger("buildq")
 
-#: Errors of a Redis that is restarting or unreachable (kombu's, when handing a stage to the
-#: broker): worth waiting out, not a failure.
-REDIS_TROUBLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
-
 #: A stage body: does its work on the state and names the next stage ("" ends the chain).
 StageBody = Callable[[BuildState, Settings], str]
-
-#: How many leases a stage waits for an unreachable Redis before it gives up. Every lease
-#: has run out by then and the watchdog restarts the build for its requests.
-REDIS_PATIENCE_LEASES = 10
 
 
 def _backoff(settings: Settings, retries: int) -> float:
@@ -417,7 +406,11 @@ def _queue_of(stage: str, state: BuildState) -> str:
     if stage == "push" and state.builder == "kaniko":
         # Kaniko pushed already; the in-cluster pool verifies, no engine needed.
         return "kaniko"
-    return ROUTES[STAGES[stage].name]
+    queue = ROUTES[STAGES[stage].name]
+    if queue == "docker" and state.platform:
+        # Only a host whose engine builds this platform takes it (see tasks/cli/pools.py).
+        return platform_queue(state.platform)
+    return queue
 
 STAGES: dict[str, StageTask] = {}
 
@@ -449,12 +442,15 @@ class BuildImageTask(StageTask):
     workers/secrets.py); ``base_policy`` is ``digest`` (base images resolved, hashed and
     pinned) or ``tag``; ``force`` builds and pushes even when the tag exists; ``notify`` is an
     http(s) URL that receives the record when the request ends (see tasks/notifications.py).
+    ``platform`` is one platform, or several (a list, or comma-separated): one image per
+    platform and an image index over them (see tasks/multiplatform.py).
     """
 
     def run(  # type: ignore[override]
             self, source: str, *, destination: str | None = None, ref: str | None = None,
             dockerfile: str | None = None, build_args: dict[str, str] | None = None,
-            target: str | None = None, platform: str | None = None, builder: str | None = None,
+            target: str | None = None, platform: str | list[str] | None = None,
+            builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False, secrets: list[str] | None = None,
             base_policy: str | None = None, force: bool = False,
@@ -467,12 +463,16 @@ class BuildImageTask(StageTask):
             base_policy=base_policy, force=force, notify=notify)
         state.requester, state.requester_verified = requester.of_task(
             self.request, settings().signing and not self.request.is_eager)
+        if state.platforms and not state.done:
+            # Several platforms: one ordinary build each, then their index.
+            return multiplatform.start(self, state)
         return self.run_state(state)
 
     def delay(
             self, source: str, *, destination: str | None = None, ref: str | None = None,
             dockerfile: str | None = None, build_args: dict[str, str] | None = None,
-            target: str | None = None, platform: str | None = None, builder: str | None = None,
+            target: str | None = None, platform: str | list[str] | None = None,
+            builder: str | None = None,
             config: str | dict[str, Any] | None = None, entrypoint: str | list[str] | None = None,
             python: str | None = None, gpu: bool = False,
             secrets: list[str] | None = None, base_policy: str | None = None,

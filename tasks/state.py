@@ -28,6 +28,11 @@ class BuildState:
     secrets: list[str] = field(default_factory=list)
     target: str | None = None
     platform: str | None = None
+    #: The platforms of a multi-platform request (``platform`` is then None): one build
+    #: per platform, then an image index over them (see tasks/multiplatform.py).
+    platforms: list[str] = field(default_factory=list)
+    #: The multi-platform request this single-platform build is one platform of.
+    parent: str | None = None
     builder: str | None = None
     #: Which Dockerfile frontend built the image on the docker pool: ``buildkit`` or ``legacy``.
     frontend: str | None = None

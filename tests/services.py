@@ -124,6 +124,76 @@ def ensure_base_image() -> str:
     return BASE_IMAGE
 
 
+#: Debian's static busybox of each foreign platform the tests build (scripts/bootstrap
+#: downloads the packages into ~/.cache/buildq/busybox-static).
+FOREIGN_BUSYBOX = {"linux/arm64": "arm64", "linux/arm/v7": "armhf"}
+#: The tools each tiny base image links to busybox.
+BUSYBOX_TOOLS = ("sh", "ls", "cat", "echo", "true", "false", "sleep", "mkdir", "cp", "rm",
+                 "touch", "test", "grep", "wc", "env", "id", "printf", "sha256sum", "head",
+                 "dd", "chmod", "adduser", "addgroup", "whoami", "uname")
+
+
+def _busybox_root(root: Path, busybox: Path) -> None:
+    """A tiny root filesystem: ``busybox`` and its tools, /tmp and a root user."""
+    bindir = root / "bin"
+    bindir.mkdir(parents=True)
+    shutil.copy2(busybox, bindir / "busybox")
+    for tool in BUSYBOX_TOOLS:
+        os.symlink("busybox", bindir / tool)
+    (root / "tmp").mkdir()
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+
+
+def _foreign_busybox(arch: str, into: Path) -> Path:
+    """The static busybox binary of Debian architecture ``arch``, unpacked under ``into``."""
+    debs = sorted((_cache_home() / "busybox-static").glob(f"busybox-static_*_{arch}.deb"))
+    if not debs:
+        raise RuntimeError(f"busybox-static:{arch} is not downloaded: run scripts/bootstrap")
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(into)], check=True)
+    return into / "bin" / "busybox"
+
+
+def push_multiplatform_base(registry_host: str, repository: str = "bases/busybox") -> str:
+    """A busybox base for linux/amd64, linux/arm64 and linux/arm/v7 in the registry, each
+    under its own tag and all three under one index (``docker manifest``, a Docker manifest
+    list), as ``python:3.11-slim`` is multi-platform: that index's reference.
+
+    Each foreign image is built ``FROM scratch`` with ``--platform`` by BuildKit, so its
+    config names its platform (``docker import --platform`` on Engine 20.10 records amd64).
+    """
+    name = f"{registry_host}/{repository}"
+    tags = {}
+    amd64 = f"{name}:amd64"
+    subprocess.run(["docker", "tag", ensure_base_image(), amd64], check=True)
+    tags["linux/amd64"] = amd64
+    cli = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+    for platform, arch in FOREIGN_BUSYBOX.items():
+        tag = f"{name}:{arch}"
+        with tempfile.TemporaryDirectory() as scratch:
+            busybox = _foreign_busybox(arch, Path(scratch, "deb"))
+            context = Path(scratch, "context")
+            _busybox_root(context / "root", busybox)
+            (context / "Dockerfile").write_text("FROM scratch\nCOPY root/ /\n")
+            done = subprocess.run([cli, "build", "--network", "none", "--platform", platform,
+                                   "-t", tag, str(context)], capture_output=True, text=True,
+                                  env={**os.environ, "DOCKER_BUILDKIT": "1"}, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"building the {platform} base failed: {done.stdout}"
+                                   f"{done.stderr}")
+        tags[platform] = tag
+    for tag in tags.values():
+        subprocess.run(["docker", "push", tag], check=True, capture_output=True, timeout=300)
+    index = f"{name}:multi"
+    subprocess.run(["docker", "manifest", "rm", index], capture_output=True)
+    subprocess.run(["docker", "manifest", "create", "--insecure", index, *tags.values()],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run(["docker", "manifest", "push", "--purge", "--insecure", index], check=True,
+                   capture_output=True, timeout=120)
+    return index
+
+
 @dataclass
 class RegistryServer:
     port: int

@@ -57,7 +57,9 @@ build_options: list[Callable[[Any], Any]] = [
     click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE",
                  help="A build argument; repeatable."),
     click.option("--target", help="Multi-stage target to build."),
-    click.option("--platform", help="Target platform, e.g. linux/amd64."),
+    click.option("--platform", help="Target platform, e.g. linux/amd64; several comma-separated "
+                                    "(linux/amd64,linux/arm64) build one image each and an "
+                                    "image index over them."),
     click.option("--base-policy", type=click.Choice(["digest", "tag"]),
                  help="digest (default): resolve each base image to its registry digest, hash "
                       "it and build from it; tag: hash the Dockerfile's text only "
@@ -187,12 +189,14 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
 def _check_request(source: str, kwargs: dict[str, Any], cfg: Any, settings: Any) -> None:
     """Refuse what a worker would refuse (bad options, a source or destination outside the
     operator's rules) here, before anything is shipped or queued; the worker checks again."""
-    from tasks.operations import describe_request
+    from tasks.operations import describe_request, kaniko_platforms
 
     options = {k: v for k, v in kwargs.items() if k not in ("builder", "config")}
     # A local directory or archive is shipped to the upload area, which workers may read.
-    describe_request("local", source, settings, config=cfg.to_mapping(), for_workers=True,
-                     shipped=True, **options)
+    state, _, _ = describe_request("local", source, settings, config=cfg.to_mapping(),
+                                   for_workers=True, shipped=True, **options)
+    if state.platforms and (kwargs.get("builder") or cfg.builder.type) == "kaniko":
+        raise kaniko_platforms(state.platforms)
 
 
 def _check_bases(source: str, ref: str | None, dockerfile: str | None,
@@ -405,6 +409,20 @@ def hash_command(source: str, ref: str | None, dockerfile: str | None,
     state, _ = _described(source, ref, settings, dockerfile=dockerfile, build_args=build_args,
                           target=target, platform=platform, secrets=secrets, entrypoint=entrypoint,
                           python=python, gpu=gpu, config_path=config_path, base_policy=base_policy)
+    if state.platforms:
+        # One image per platform, each with its own hash, and the index's tag over them.
+        import dataclasses
+
+        from tasks.multiplatform import index_tag
+
+        hashes = []
+        for one in state.platforms:
+            single = dataclasses.replace(state, platform=one, platforms=[])
+            hashes.append(hash_elsewhere(single, settings))
+            click.echo(f"{one} {hashes[-1] if full else image_tag(hashes[-1])}")
+        _show_bases(single)
+        click.echo(f"index {index_tag(hashes)}")
+        return
     digest = hash_elsewhere(state, settings)
     _show_bases(state)
     click.echo(digest if full else image_tag(digest))
@@ -702,7 +720,7 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
     """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it."""
     import yaml
 
-    from tasks.operations import hash_elsewhere, kaniko_request, kaniko_store
+    from tasks.operations import hash_elsewhere, kaniko_platforms, kaniko_request, kaniko_store
     from workers.builders.kaniko import render_job
 
     settings = _settings()
@@ -710,6 +728,8 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
                             build_args=build_args, target=target, platform=platform,
                             secrets=secrets, entrypoint=entrypoint, python=python, gpu=gpu,
                             config_path=config_path, base_policy=base_policy)
+    if state.platforms:
+        raise kaniko_platforms(state.platforms)
     if state.ref is None or not cfg.builder.build_context_store:
         raise InputError("a kaniko Job needs builder.destination and builder.build-context-store.",
                          "Set both in the launch-config (or pass --destination).")

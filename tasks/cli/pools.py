@@ -23,7 +23,7 @@ import redis
 
 from config.errors import ConfigError, ServiceError
 from config.settings import Settings
-from tasks.app import POOL_QUEUES, app, configure
+from tasks.app import POOL_QUEUES, app, configure, platform_queue
 from tasks.connection import check_redis, redis_client
 from tasks.presence import announce
 from tasks.watchdog import restart_orphans, sweep_kaniko_jobs
@@ -57,6 +57,8 @@ class Watchdog(threading.Thread):
         self.stopping = threading.Event()
         self.interval = max(0.5, min(10.0, settings.lock_lease / 3))
         self.kube: Any = None
+        #: What a docker-pool worker's engine builds, advertised with its presence.
+        self.platforms: list[str] | None = None
         self.last_job_sweep = time.monotonic()
         if pool == "kaniko":
             # Imported here, before the pool forks: a fork while this thread held the
@@ -75,7 +77,7 @@ class Watchdog(threading.Thread):
                 return
 
     def tick(self, client: redis.Redis) -> None:
-        announce(client, self.pool, self.hostname)
+        announce(client, self.pool, self.hostname, self.platforms)
         metrics.heartbeat()
         if self.pool == "control":
             restart_orphans(client, self.settings)
@@ -155,10 +157,19 @@ def _run_worker(pool: str, settings: Settings, concurrency: int | None, loglevel
     if listen is not None:
         metrics.start_server(listen[1], listen[0], redis_client(settings))
     watchdog = Watchdog(settings, pool, hostname)
+    queues = list(POOL_QUEUES[pool])
+    if pool == "docker":
+        from config.names import platform_key
+        from workers.platforms import engine_platforms
+
+        # Read once at start: a handler registered later counts after a restart.
+        watchdog.platforms = [platform_key(p) for p in settings.platforms] or engine_platforms()
+        queues += [platform_queue(p) for p in watchdog.platforms]
+        log.info("this engine builds %s", ", ".join(watchdog.platforms) or "no known platform")
     watchdog.start()
     worker = app.Worker(
         hostname=hostname,
-        queues=list(POOL_QUEUES[pool]),
+        queues=queues,
         concurrency=concurrency or (os.cpu_count() or 2),
         loglevel=loglevel,
         send_events=True,

@@ -566,12 +566,21 @@ def test_cache_repo_must_not_carry_a_tag() -> None:
     refused({"builder": {"cache-repo": "r.example.com/cache:x"}}, "builder.cache-repo", "tag")
 
 
-def test_platform_must_be_one_os_arch_pair() -> None:
-    refused(
-        {"builder": {"platform": "linux/amd64,linux/arm64"}},
-        "builder.platform",
-        "os/arch[/variant]",
-    )
+def test_platform_takes_one_platform_or_several() -> None:
+    for platform in ("linux/amd64", "linux/amd64,linux/arm64", ["linux/amd64", "linux/arm/v7"]):
+        cfg = config_from_mapping({"builder": {"platform": platform}}, origin="t")
+        assert cfg.builder.platform == platform
+
+
+@pytest.mark.parametrize(("platform", "why"), [
+    ("linux/amd46", "unknown architecture 'amd46'"),
+    ("amd64", "is not written os/arch[/variant]"),
+    (["linux/arm64", "linux/arm64/v8"], "names linux/arm64/v8 twice"),
+    ([], "is an empty list"),
+])
+def test_platform_refuses_unknown_duplicate_or_no_platform(platform: object, why: str) -> None:
+    text = refused({"builder": {"platform": platform}}, "builder.platform", why)
+    assert "os/arch[/variant] (linux/amd64, linux/arm64, linux/arm/v7)" in text
 
 
 def test_build_job_name_must_be_a_dns_label() -> None:

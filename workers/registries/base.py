@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import re
 import threading
 import time
@@ -44,6 +45,13 @@ MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",
 ])
+
+#: The forms of an image index, tried in order: an OCI image index, then a Docker manifest
+#: list for a registry that refuses the first.
+INDEX_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
 
 #: (connect, read) seconds for one registry request; the chain retries transient faults.
 REQUEST_TIMEOUT = (5.0, 30.0)
@@ -216,6 +224,69 @@ class Registry(ABC):
         self._raise_for_status(response, f"{ref.repository}:{tag}")
         return "sha256:" + hashlib.sha256(response.content).hexdigest()
 
+    def manifest(self, ref: ImageRef, reference: str) -> tuple[str, bytes, str] | None:
+        """The manifest ``reference`` (a tag or digest) names: its media type, its bytes as
+        served and its digest; None when absent."""
+        path = f"/v2/{ref.repository}/manifests/{reference}"
+        response = self._send("GET", path, f"repository:{ref.repository}:pull",
+                              {"Accept": MANIFEST_ACCEPT})
+        if response.status_code == 404:
+            return None
+        self._raise_for_status(response, f"{ref.repository}:{reference}")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+        return media_type or str(response.json().get("mediaType") or ""), response.content, digest
+
+    def put_manifest(self, ref: ImageRef, tag: str, media_type: str, body: bytes) -> str:
+        """Store ``body`` (of ``media_type``) as ``repository:tag``; its digest.
+
+        Raises :class:`ManifestRefusedError` when the registry refuses this media type or
+        this manifest (400/415), so a caller may offer it in another form.
+        """
+        path = f"/v2/{ref.repository}/manifests/{tag}"
+        scope = f"repository:{ref.repository}:pull,push"
+        response = self._send("PUT", path, scope, {"Content-Type": media_type}, body)
+        if response.status_code in (400, 415):
+            raise ManifestRefusedError(
+                f"registry {self.host} refused a manifest of type {media_type} for "
+                f"{ref.repository}:{tag}: {response.status_code} {response.text[:200].strip()}",
+                "The registry may not support this manifest type.")
+        if response.status_code in (401, 403):
+            raise self._auth_error(response.status_code, self._credentials() is not None,
+                                   self.push_permission)
+        self._raise_for_status(response, f"{ref.repository}:{tag}")
+        return response.headers.get("Docker-Content-Digest") or \
+            "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def push_index(self, ref: ImageRef, tag: str,
+                   images: list[tuple[str, dict[str, str]]]) -> tuple[str, str]:
+        """Push an image index over ``images`` — (manifest digest, its ``platform`` object)
+        of ``ref``'s repository — as ``repository:tag``: its digest and media type (an OCI
+        image index, else a Docker manifest list where the registry refuses that)."""
+        manifests = []
+        for digest, platform in images:
+            found = self.manifest(ref, digest)
+            if found is None:
+                shown = "/".join(filter(None, (platform.get("os"), platform.get("architecture"),
+                                               platform.get("variant"))))
+                raise RegistryError(f"the {shown} image {ref.repository}@{digest} is gone "
+                                    f"from registry {self.host}.",
+                                    "Build the request again: that platform is built anew.")
+            manifests.append({"mediaType": found[0], "digest": digest, "size": len(found[1]),
+                              "platform": platform})
+        refused = []
+        for media_type in INDEX_MEDIA_TYPES:
+            body = json.dumps({"schemaVersion": 2, "mediaType": media_type,
+                               "manifests": manifests}, separators=(",", ":")).encode()
+            try:
+                return self.put_manifest(ref, tag, media_type, body), media_type
+            except ManifestRefusedError as exc:
+                refused.append(exc.message)
+        raise RegistryError(f"registry {self.host} refused the image index in every form: "
+                            + " ".join(refused),
+                            "Check that it supports multi-platform images (OCI image indexes "
+                            "or Docker manifest lists).")
+
     def ping(self) -> None:
         """Log in: ``GET /v2/`` with this backend's credentials; raises if refused."""
         response = self._send("GET", "/v2/", "", {})
@@ -301,7 +372,8 @@ class Registry(ABC):
     # -- HTTP and auth -------------------------------------------------------------------
 
     def _send(
-        self, method: str, path: str, scope: str, headers: dict[str, str]
+        self, method: str, path: str, scope: str, headers: dict[str, str],
+        body: bytes | None = None,
     ) -> requests.Response:
         # A path, or a full URL the registry handed back (an upload's Location).
         url = path if "://" in path else self.base_url + path
@@ -313,7 +385,7 @@ class Registry(ABC):
             first = {**headers, "Authorization": f"Bearer {cached.value}"}
         else:
             first = headers
-        response = self._http(method, url, first)
+        response = self._http(method, url, first, body=body)
         if response.status_code != 401:
             return response
 
@@ -332,7 +404,7 @@ class Registry(ABC):
             authorization = f"Bearer {token}"
         else:
             return response
-        return self._http(method, url, {**headers, "Authorization": authorization})
+        return self._http(method, url, {**headers, "Authorization": authorization}, body=body)
 
     def _http(
         self,
@@ -341,10 +413,11 @@ class Registry(ABC):
         headers: dict[str, str],
         params: dict[str, str] | None = None,
         auth: tuple[str, str] | None = None,
+        body: bytes | None = None,
     ) -> requests.Response:
         try:
             return self._session.request(
-                method, url, headers=headers, params=params, auth=auth,
+                method, url, headers=headers, params=params, auth=auth, data=body,
                 timeout=REQUEST_TIMEOUT, allow_redirects=True,
             )
         except requests.exceptions.SSLError as exc:
@@ -445,6 +518,10 @@ class Registry(ABC):
         else:
             message = f"registry {self.host} requires credentials ({status}) and none are set."
         return RegistryError(message, self.credentials_hint())
+
+
+class ManifestRefusedError(RegistryError):
+    """The registry refused a manifest it was given (its type, or its content)."""
 
 
 def _basic(creds: tuple[str, str]) -> str:
