@@ -97,6 +97,53 @@ def test_build_arg_order_does_not_matter(tree: Path) -> None:
     assert source_hash(tree, one) == source_hash(tree, two)
 
 
+# --- the format is pinned --------------------------------------------------------------
+
+
+def make_pinned_tree(root: Path) -> Path:
+    """Every kind of entry the hash covers: plain, executable, empty and big (chunked) files,
+    modes beyond the executable bit, an empty directory, a non-ASCII name, and symlinks to
+    a file and to a directory."""
+    root.mkdir()
+    (root / "Dockerfile").write_bytes(b"FROM busybox\nCOPY . /app\n")
+    (root / "app" / "data").mkdir(parents=True)
+    (root / "app" / "main.py").write_bytes(b"print('hello')\n")
+    (root / "app" / "run.sh").write_bytes(b"#!/bin/sh\nexec python main.py\n")
+    (root / "app" / "run.sh").chmod(0o750)
+    (root / "app" / "empty.txt").write_bytes(b"")
+    (root / "app" / "data" / "table.csv").write_bytes(b"a,b\n1,2\n")
+    (root / "app" / "data" / "table.csv").chmod(0o600)
+    (root / "cache" / "empty").mkdir(parents=True)
+    (root / "model.bin").write_bytes(hashlib.sha256(b"pinned").digest() * ((BIG_FILE + 4096) // 32))
+    (root / "n\u00e4me with space.txt").write_bytes("caf\u00e9\n".encode())
+    os.symlink("main.py", root / "app" / "current.py")
+    os.symlink("app/data", root / "data-link")
+    return root
+
+
+#: The hashes of ``make_pinned_tree`` as every earlier release computed them. A change of
+#: either means every existing tag stops matching its source: bump HASH_VERSION instead.
+PINNED_TREE_HASH = "f5222fd6401e0dca4a3ab31802cdcc99129759af316b9dea86255a391d816893"
+PINNED_FULL_INPUTS_HASH = "140ed1eed79de285d6232c8a57648e48fd9e067d37c7f7b6c3dc36f27d8134bd"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_hash_of_a_known_tree_is_pinned(tmp_path: Path, threads: int) -> None:
+    from dataclasses import replace
+
+    from workers.context import clear_stat_cache
+
+    clear_stat_cache()
+    root = make_pinned_tree(tmp_path / "ctx")
+    full = replace(BuildInputs.create("Dockerfile", {"B": "2", "A": "1"}, "runtime",
+                                      "linux/arm64", secrets=["TOKEN"]),
+                   bases=(("local/busybox:base", "sha256:" + "a" * 64),))
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_TREE_HASH
+    assert source_hash(root, full, threads=threads) == PINNED_FULL_INPUTS_HASH
+    # Again, answered from what this process remembers of the tree.
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_TREE_HASH
+
+
 # --- every input changes the hash ------------------------------------------------------
 
 
