@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=50)
     parser.add_argument("-n", type=int, default=30)
     parser.add_argument("--limit", type=int, default=30, help="functions shown per table")
+    parser.add_argument("--save", type=Path, help="write worker.prof and client.prof here")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="buildq-profile-"))
@@ -126,6 +127,10 @@ def main() -> int:
         print(f"outside the stages: median {median(outside):.1f} ms")
         worker_stats = pstats.Stats(str(stats_path))
         client_stats = pstats.Stats(client_profile)
+        if args.save is not None:
+            args.save.mkdir(parents=True, exist_ok=True)
+            shutil.copy(stats_path, args.save / "worker.prof")
+            client_stats.dump_stats(str(args.save / "client.prof"))
         for name, stats in (("control worker", worker_stats), ("client", client_stats)):
             print(f"\n=== {name}: by own time ===")
             print(_top(stats, "tottime", args.limit))
