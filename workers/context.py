@@ -463,9 +463,9 @@ class TreeIndex:
     """
 
     #: Roots remembered; the least recently used goes first.
-    MAX_TREES = 8
-    #: Entries remembered over all trees (a few hundred bytes each).
-    MAX_ENTRIES = 400_000
+    MAX_TREES = 16
+    #: Entries remembered over all trees (a path and a stamp: about 350 bytes each).
+    MAX_ENTRIES = 200_000
 
     def __init__(self) -> None:
         self._walks: collections.OrderedDict[tuple[object, ...], _Walked] = collections.OrderedDict()
