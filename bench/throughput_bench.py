@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -112,13 +113,14 @@ def make_build_context(root: Path, base: str) -> Path:
 
 def client_loop(mode: str, index: int, root: Path, dest: str, base: str, seconds: float) -> None:
     """One client (``--client``): after "go" on stdin, send and wait until ``seconds`` pass;
-    one JSON line per answer on stdout."""
+    one JSON line per answer on stdout, then one with the CPU time the client spent."""
     from tasks import build_image, outcome
 
     hit_contexts = sorted(root.glob("hit-*"))
     print("ready", flush=True)
     sys.stdin.readline()
     stop_at = time.monotonic() + seconds
+    cpu_at_start = time.process_time()
     sent_count = 0
     while time.monotonic() < stop_at:
         if mode == "hits":
@@ -129,12 +131,30 @@ def client_loop(mode: str, index: int, root: Path, dest: str, base: str, seconds
         sent = time.monotonic()
         record = outcome(build_image.delay(str(source), destination=dest), timeout=600)
         print(json.dumps({"at": time.time(), "latency": time.monotonic() - sent,
-                          "status": record.get("status")}), flush=True)
+                          "status": record.get("status"),
+                          "stages": sum((record.get("stages") or {}).values())}), flush=True)
+    print(json.dumps({"client_cpu_s": time.process_time() - cpu_at_start}), flush=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (a worker's pool)."""
+    total = 0.0
+    try:
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                                  text=True, check=False).stdout.split()
+        for each in [pid, *map(int, children)]:
+            with open(f"/proc/{each}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return float("nan")
+    return total
 
 
 def run_clients(cluster: Cluster, clients: int, seconds: float, mode: str, root: Path,
-                dest: str, base: str) -> dict[str, Any]:
-    """``clients`` client processes, started together, each for ``seconds``."""
+                dest: str, base: str, control_pid: int | None = None) -> dict[str, Any]:
+    """``clients`` client processes, started together, each for ``seconds``; with
+    ``control_pid``, also the CPU time that control worker spent meanwhile."""
     procs = [subprocess.Popen(
         [sys.executable, __file__, "--client", mode, "--index", str(i), "--root", str(root),
          "--dest", dest, "--base", base, "--seconds", str(seconds)],
@@ -146,6 +166,7 @@ def run_clients(cluster: Cluster, clients: int, seconds: float, mode: str, root:
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError("a client did not start")
         started = time.time()
+        control_cpu = _cpu_seconds(control_pid) if control_pid else float("nan")
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write("go\n")
@@ -154,12 +175,16 @@ def run_clients(cluster: Cluster, clients: int, seconds: float, mode: str, root:
         for proc in procs:
             out, _ = proc.communicate(timeout=seconds + 900)
             answers += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        if control_pid:
+            control_cpu = _cpu_seconds(control_pid) - control_cpu
             if proc.returncode != 0:
                 raise RuntimeError(f"a client failed (exit {proc.returncode})")
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    client_cpu = sum(a["client_cpu_s"] for a in answers if "client_cpu_s" in a)
+    answers = [a for a in answers if "at" in a]
     # Answers that came after the window are counted, over the time they took to come.
     elapsed = max(a["at"] for a in answers) - started if answers else seconds
     latencies = [a["latency"] * 1000 for a in answers]
@@ -167,8 +192,11 @@ def run_clients(cluster: Cluster, clients: int, seconds: float, mode: str, root:
     for answer in answers:
         statuses[str(answer["status"])] = statuses.get(str(answer["status"]), 0) + 1
     return {"clients": clients, "answers": len(answers), "seconds": elapsed,
+            "client_cpu_s": client_cpu, "control_cpu_s": control_cpu,
             "per_s": len(answers) / elapsed, "latency_median_ms": median(latencies),
-            "latency_p90_ms": percentile(latencies, 90), "statuses": statuses}
+            "latency_p90_ms": percentile(latencies, 90), "statuses": statuses,
+            # The time a worker spent in the stages, of the whole latency (queue waits).
+            "stages_median_ms": median([a["stages"] * 1000 for a in answers])}
 
 
 def main() -> int:
@@ -215,7 +243,7 @@ def main() -> int:
         _log(f"{len(contexts)} cache-hit contexts ready")
 
         def run(clients: int, mode: str) -> dict[str, Any]:
-            return run_clients(cluster, clients, seconds, mode, root, dest, base)
+            return run_clients(cluster, clients, seconds, mode, root, dest, base, worker.pid)
 
         for count in CONTROL_COUNTS:
             worker = cluster.start_worker("control", count)
@@ -230,7 +258,8 @@ def main() -> int:
                 hits = points["hits"][count] = run(CLIENTS, "hits")
                 _log(f"{count} control, {CLIENTS} clients: {hits['per_s']:.1f} hits/s, latency "
                      f"median {hits['latency_median_ms']:.0f} ms, p90 {hits['latency_p90_ms']:.0f} ms; "
-                     f"{hits['statuses']}")
+                     f"{hits['statuses']}; CPU s: clients {hits['client_cpu_s']:.1f}, control "
+                     f"{hits['control_cpu_s']:.1f} over {hits['seconds']:.1f} s")
                 builds = points["builds"][count] = run(CLIENTS, "builds")
                 _log(f"{count} control, {CLIENTS} clients: {builds['per_s']:.2f} new builds/s, "
                      f"latency median {builds['latency_median_ms']:.0f} ms; {builds['statuses']}")
@@ -278,7 +307,10 @@ def main() -> int:
             for n in CONTROL_COUNTS),
         "new-build latency (median ms) per control count: " + ", ".join(
             f"{n}: {builds[n]['latency_median_ms']:.0f}" for n in CONTROL_COUNTS),
-        "the clients run on the same 2 cores as the workers, Redis and the registry",
+        "the clients run on the same 2 cores as the workers, Redis and the registry; CPU "
+        "seconds over each cache-hit window (clients / control worker / window x cores): " +
+        ", ".join(f"{n} process(es): {hits[n]['client_cpu_s']:.1f} / {hits[n]['control_cpu_s']:.1f}"
+                  f" / {hits[n]['seconds'] * (os.cpu_count() or 1):.1f}" for n in CONTROL_COUNTS),
     ]
     print()
     print(table(rows))
