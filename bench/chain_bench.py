@@ -1,4 +1,4 @@
-"""The whole chain, end to end: cache-hit latency and 50 identical concurrent requests.
+"""The whole chain, end to end: cache-hit latency and 200 identical concurrent requests.
 
 Starts its own Redis, registry and buildq workers (1 control worker with concurrency 2,
 2 docker workers with concurrency 1), uses the local Docker Engine (started if it is not
@@ -8,7 +8,7 @@ running; left running afterwards, since other users share it), and measures:
    once; then N sequential ``build_image.delay(...).get()`` round trips, all ``skipped``.
    Baseline: ``docker build`` (classic builder, network none) of the same context with
    every layer cached, after one warm-up build.
-2. 50 concurrent identical requests for a fresh source whose Dockerfile has
+2. 200 concurrent identical requests for a fresh source whose Dockerfile has
    ``RUN sleep 3``. Baseline: ONE buildq build of another fresh source of the same shape.
 
 Prints a table, writes ``bench/out/chain.json``. Exits 1 if a hard invariant fails (not
@@ -51,6 +51,13 @@ from common import (
 from tests.services import BASE_IMAGE
 
 STAGE_ORDER = ("fetch", "hash", "exists", "upload", "build", "push", "record")
+#: Issue 17's targets: a cache hit's median and p90 round trip, how many times faster than
+#: a fully cached docker build, and how long after one build the last of N identical
+#: requests may be answered.
+HIT_MEDIAN_MS = 20.0
+HIT_P90_MS = 30.0
+HIT_VS_DOCKER = 200
+LAST_ANSWER_AFTER_SINGLE_S = 1.0
 
 
 def _log(msg: str) -> None:
@@ -235,6 +242,8 @@ def concurrent(cluster: Cluster, root: Path, requests: int, sleep: int) -> dict[
         "wall_s": wall_s, "send_s": sent_s,
         "first_answer_s": min(finished), "last_answer_s": max(finished),
         "built_owner": len(owners), "attached": len(attached), "skipped": len(skipped),
+        # A request can be both: attached to the build, answered after it as skipped.
+        "without_build": sum(1 for r in records if r["attached"] or r["status"] == "skipped"),
         "failed": len(failed), "failures": [{"error": r.get("error"), "kind": r.get("error_kind")}
                                             for r in failed[:5]],
         "distinct_digests": len(digests), "digests": digests,
@@ -248,7 +257,7 @@ def concurrent(cluster: Cluster, root: Path, requests: int, sleep: int) -> dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="500 files / 5 MB, 10 round trips, 10 requests with RUN sleep 1")
+                        help="500 files / 5 MB, 10 round trips, 20 requests with RUN sleep 1")
     parser.add_argument("--files", type=int)
     parser.add_argument("--mb", type=int)
     parser.add_argument("-n", type=int, help="cache-hit round trips")
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     mb = args.mb or (5 if quick else 50)
     n = args.n or (10 if quick else 30)
     docker_reps = args.docker_reps or (3 if quick else 5)
-    requests = args.requests or (10 if quick else 50)
+    requests = args.requests or (20 if quick else 200)
     sleep = args.sleep if args.sleep is not None else (1 if quick else 3)
 
     exit_on_sigterm()
@@ -314,29 +323,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    single_plus = conc["single_build_s"] + 2.0
+    last_limit = conc["single_build_s"] + LAST_ANSWER_AFTER_SINGLE_S
     docker_label = "docker build, every layer cached (median)"
     single_label = "one buildq build of a fresh source"
     rows = [
         # The issue's two cache-hit targets get a row each, so a miss says which one.
         Row(f"cache hit ({files:,} files / {mb} MiB): median round trip", hit["median_ms"], "ms",
-            hit["docker_cached_median_ms"], "< 100 ms", hit["median_ms"] < 100, docker_label),
+            hit["docker_cached_median_ms"], f"<= {HIT_MEDIAN_MS:g} ms",
+            hit["median_ms"] <= HIT_MEDIAN_MS, docker_label),
         Row("  the same median against the cached docker build", hit["median_ms"], "ms",
-            hit["docker_cached_median_ms"], ">= 10x faster than docker",
-            hit["docker_cached_median_ms"] >= 10 * hit["median_ms"], docker_label),
+            hit["docker_cached_median_ms"], f">= {HIT_VS_DOCKER}x faster than docker",
+            hit["docker_cached_median_ms"] >= HIT_VS_DOCKER * hit["median_ms"], docker_label),
         Row("  p90 round trip", hit["p90_ms"], "ms", hit["docker_cached_median_ms"],
-            baseline_label=docker_label),
+            f"<= {HIT_P90_MS:g} ms", hit["p90_ms"] <= HIT_P90_MS, docker_label),
         Row("  median with the base resolved on every request (BUILDQ_BASE_TTL=0)",
             hit["cold_base_median_ms"], "ms", hit["median_ms"], "< 100 ms, all skipped",
             hit["cold_base_median_ms"] < 100 and hit["cold_base_all_skipped"],
             "the same with the base digest cached (TTL 60 s)"),
-        Row(f"{requests} identical requests: wall", conc["wall_s"], "s",
-            conc["single_build_s"], "<= single build + 2 s", conc["wall_s"] <= single_plus,
-            single_label),
+        Row(f"{requests} identical requests: last answer", conc["last_answer_s"], "s",
+            conc["single_build_s"], f"<= single build + {LAST_ANSWER_AFTER_SINGLE_S:g} s",
+            conc["last_answer_s"] <= last_limit, single_label),
+        Row("  wall, first send to last answer", conc["wall_s"], "s", conc["single_build_s"],
+            baseline_label=single_label),
         Row("  builds by an owner (not attached)", conc["built_owner"], "", None, "== 1",
             conc["built_owner"] == 1),
-        Row("  requests attached or skipped", conc["attached"] + conc["skipped"], "", None,
-            f"== {requests - 1}", conc["attached"] + conc["skipped"] == requests - 1),
+        Row("  requests attached or skipped", conc["without_build"], "", None,
+            f"== {requests - 1}", conc["without_build"] == requests - 1),
         Row("  failed requests", conc["failed"], "", None, "== 0", conc["failed"] == 0),
         Row("  distinct digests", conc["distinct_digests"], "", None, "== 1",
             conc["distinct_digests"] == 1),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, REPO, fmt, fmt_pass, fmt_ratio
 
 #: Report order; bench/run runs them in this order too. Benchmarks not listed follow by name.
-ORDER = ("hash", "chain", "upload", "scale", "cache")
+ORDER = ("hash", "chain", "throughput", "overhead", "upload", "scale", "cache")
 
 
 def expected_benches() -> list[str]:

@@ -33,6 +33,7 @@ from celery import states
 
 from config.errors import InputError
 from tasks.app import app, settings
+from tasks.background import companion
 from tasks.connection import redis_client
 from tasks.failures import BuildCancelled
 from tasks.keys import (
@@ -200,9 +201,8 @@ def watch(client: redis.Redis, state: BuildState) -> Iterator[Watch]:
     """Look for a cancel while a stage body runs; :func:`current_stop` hands its event to
     whatever can be interrupted (the docker build)."""
     seen = Watch()
-    done = threading.Event()
 
-    def look() -> None:
+    def look(done: threading.Event) -> None:
         while not done.wait(WATCH_EVERY):
             try:
                 flag = abandoned(client, state)
@@ -213,15 +213,13 @@ def watch(client: redis.Redis, state: BuildState) -> Iterator[Watch]:
                 seen.event.set()
                 return
 
-    thread = threading.Thread(target=look, name=f"cancel-{state.request_id[:8]}", daemon=True)
-    thread.start()
     token = _stop.set(seen.event)
     try:
-        yield seen
+        # The watcher starts only if the stage outlives a moment (a cache hit's do not).
+        with companion(look, f"cancel-{state.request_id[:8]}", 2 * WATCH_EVERY):
+            yield seen
     finally:
-        done.set()
         _stop.reset(token)
-        thread.join(timeout=2 * WATCH_EVERY)
 
 
 def current_stop() -> threading.Event | None:

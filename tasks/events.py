@@ -29,8 +29,11 @@ def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:
     fields = {"kind": kind, **{k: "" if v is None else str(v) for k, v in data.items()}}
     try:
         key = events_key(request_id)
-        client.xadd(key, fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
-        client.expire(key, STREAM_TTL)
+        # One round trip for both: a cache hit emits about ten events.
+        pipe = client.pipeline(transaction=False)
+        pipe.xadd(key, fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        pipe.expire(key, STREAM_TTL)
+        pipe.execute()
     except redis.RedisError:
         pass
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from tasks.background import companion
 from tasks.keys import INFLIGHT, SUBMITTED, lease_key, submitted_lease_key
 from tasks.scripts import script
 from tasks.state import BuildState
@@ -73,34 +74,34 @@ def forget(client: redis.Redis, request_id: str) -> None:
 
 
 @contextmanager
-def tracked(client: redis.Redis, state: BuildState, lease_seconds: float) -> Iterator[None]:
+def tracked(client: redis.Redis, state: BuildState, lease_seconds: float,
+            registered: bool = False) -> Iterator[None]:
     """Keep ``state`` restartable while a stage before the lock works on it.
 
-    Afterwards the entry goes once the request is in a pending map (it has a hash), done,
-    or failed; else (fetch handed it to hash) it stays, with a fresh lease for the next stage.
+    ``registered``: the caller registered it just before (its lease is fresh), so that
+    round trip is not repeated. Afterwards the entry goes once the request is in a pending
+    map (it has a hash), done, or failed; else (fetch handed it to hash) it stays, with a
+    fresh lease for the next stage.
     """
     lease_ms = int(lease_seconds * 1000)
-    register(client, state, lease_seconds)
-    stop = threading.Event()
+    if not registered:
+        register(client, state, lease_seconds)
 
-    def beat() -> None:
+    def beat(stop: threading.Event) -> None:
         while not stop.wait(lease_seconds / 3):
             try:
                 client.set(lease_key(state.request_id), "1", px=lease_ms)
             except redis.RedisError:
                 continue  # a blip must not kill the stage; the next beat tries again
 
-    thread = threading.Thread(target=beat, name=f"inflight-{state.request_id[:8]}", daemon=True)
-    thread.start()
     keep = False
     try:
-        yield
-        keep = not (state.source_hash or state.done)
+        with companion(beat, f"inflight-{state.request_id[:8]}", 5):
+            yield
+            keep = not (state.source_hash or state.done)
     finally:
         # An error (a failed record follows), an attach (Ignore) or a hash: the request
         # is accounted for elsewhere now.
-        stop.set()
-        thread.join(timeout=5)
         # Through a short Redis outage: an entry left behind is restarted by the watchdog
         # once its lease runs out, and that copy is stopped only when it reaches the lock
         # or sees the request answered. The lease itself bounds how long this waits.

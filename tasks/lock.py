@@ -29,6 +29,7 @@ from typing import Any
 
 import redis
 
+from tasks.background import companion
 from tasks.keys import (
     HISTORY,
     PENDING_INDEX,
@@ -168,9 +169,8 @@ class Lease:
     @contextmanager
     def heartbeat(self) -> Iterator[Lease]:
         """Renew the lease every third of it while the block runs."""
-        stop = threading.Event()
 
-        def beat() -> None:
+        def beat(stop: threading.Event) -> None:
             while not stop.wait(self.lease_seconds / 3):
                 try:
                     if not self.extend():
@@ -179,13 +179,8 @@ class Lease:
                     # A blip must not kill the build; the next beat tries again.
                     continue
 
-        thread = threading.Thread(target=beat, name=f"lease-{self.source_hash[:12]}", daemon=True)
-        thread.start()
-        try:
+        with companion(beat, f"lease-{self.source_hash[:12]}", 5):
             yield self
-        finally:
-            stop.set()
-            thread.join(timeout=5)
 
 
 def take_over(client: redis.Redis, source_hash: str,

@@ -247,7 +247,8 @@ class StageTask(Task):
                 if state.source_hash or state.done or self.request.is_eager:
                     return body(state, cfg)
                 # Fetch and hash, before the lock: restartable should this worker die.
-                with inflight.tracked(redis_client(cfg), state, cfg.lock_lease):
+                # _lease registered the request as this stage began (same condition).
+                with inflight.tracked(redis_client(cfg), state, cfg.lock_lease, registered=True):
                     return body(state, cfg)
             building = stage in BUILD_STAGES
             if building and not lease.note_build(attempt, started=True):

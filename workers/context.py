@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import io
+import operator
 import os
 import re
 import stat
@@ -46,12 +47,15 @@ TAG_LENGTH = 24
 BIG_FILE = 8 << 20
 #: Read size for file contents; per hashing thread, so memory stays flat.
 READ_CHUNK = 1 << 20
+#: Files up to this size are read in one call.
+SMALL_FILE = 256 << 10
 #: A batch of files handed to one hashing thread ends at this many files or bytes.
 BATCH_FILES = 256
 BATCH_BYTES = 32 << 20
-#: Hashing threads across files. On two cores a pool measured no faster than one thread
-#: (reads from the page cache and Python's per-file work contend for the same CPUs).
-DEFAULT_THREADS = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) // 2)
+#: Hashing threads across files, beside the thread that walks. Reads and BLAKE3 release
+#: the GIL; with small files read in one call, two threads on two cores measured ~10%
+#: faster than one on a busy machine (walking and hashing overlap).
+DEFAULT_THREADS = 1 if (os.cpu_count() or 1) < 2 else min(4, max(2, (os.cpu_count() or 1) // 2))
 #: Batches queued ahead of the one being recorded; bounds memory in huge trees.
 BATCHES_IN_FLIGHT = 8
 #: A Dockerfile larger than this is not a Dockerfile.
@@ -151,7 +155,17 @@ class _Entry:
     mode: int  # normalised permission bits
     size: int
     target: str  # symlink target, "" otherwise
-    stamp: tuple[int, int, int, int, int] | None = None  # files: size, mtime, ctime, inode, dev
+    stamp: Stamp | None = None  # files: see _stamp
+
+
+#: What the walk remembers of an entry: (mode, inode, device, size, mtime ns, ctime ns).
+Stamp = tuple[int, int, int, int, int, int]
+#: The stamp of an ``os.stat_result``, in C (an attribute getter): the tree index compares
+#: one per entry on every cache hit.
+_stamp: operator.attrgetter[Stamp] = operator.attrgetter(
+    "st_mode", "st_ino", "st_dev", "st_size", "st_mtime_ns", "st_ctime_ns")
+#: Positions of the two times in a stamp.
+_MTIME, _CTIME = 4, 5
 
 
 class _Walker:
@@ -162,6 +176,15 @@ class _Walker:
         if not os.path.isdir(self.root):
             raise SourceError(f"context root {str(root)!r} is not a directory.")
         ignore_rel, patterns = _ignore_patterns(self.root, inputs.dockerfile, inputs.default_ignore)
+        #: Everything that decides what the walk yields besides the tree itself.
+        self.key = (self.root, inputs.dockerfile, inputs.dockerfile_text is not None,
+                    ignore_rel, tuple(patterns))
+        #: Paths and stamps of every directory listed and every entry yielded, in walk order
+        #: (for the tree index): a listing is known unchanged while its directory's stamp is.
+        self.paths: list[str] = []
+        self.stamps: list[Stamp] = []
+        #: Symlinks yielded, (path, rel): whether they stay inside depends on more than them.
+        self.links: list[tuple[str, str]] = []
         # A generated Dockerfile replaces anything of its name: the build must see one file.
         self.virtual = inputs.dockerfile if inputs.dockerfile_text is not None else None
         # Docker sends these even when ignored: the builder needs them.
@@ -182,6 +205,9 @@ class _Walker:
                     self.wild_exceptions |= any(c in pattern.cleaned_pattern for c in "*?[\\")
 
     def __iter__(self) -> Iterator[_Entry]:
+        # Stamped before it is listed: an entry added during the listing moves the stamp.
+        self.paths.append(self.root)
+        self.stamps.append(_stamp(os.lstat(self.root)))
         return self._walk(self.root, "", [])
 
     def _excluded(self, rel: str) -> bool:
@@ -209,6 +235,7 @@ class _Walker:
         # name) takes no extra call.
         unfiltered = self.matcher is None and self.virtual is None
         unsafe = _UNSAFE_NAME.search
+        paths, stamps = self.paths, self.stamps
         for child in children:
             rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
             try:
@@ -229,9 +256,14 @@ class _Walker:
                     if pending:
                         yield from pending
                         pending.clear()
+                    # Stamped (by the stat above) before it is listed, as the root is.
+                    paths.append(child.path)
+                    stamps.append(_stamp(st))
                     yield entry
                     yield from self._walk(child.path, rel, pending)
                 elif self._may_hold_included(rel) and rel != self.virtual:
+                    paths.append(child.path)
+                    stamps.append(_stamp(st))
                     # Announced only if something inside turns out to be included.
                     pending.append(entry)
                     yield from self._walk(child.path, rel, pending)
@@ -240,12 +272,13 @@ class _Walker:
                 continue
             if excluded:
                 continue
+            stamp = _stamp(st)
             if stat.S_ISREG(st.st_mode):
                 mode = _MODE_EXEC if st.st_mode & stat.S_IXUSR else _MODE_PLAIN
-                stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
                 entry = _Entry(rel, child.path, "f", mode, st.st_size, "", stamp)
             elif stat.S_ISLNK(st.st_mode):
                 entry = _Entry(rel, child.path, "l", 0o777, 0, self._link_target(child.path, rel))
+                self.links.append((child.path, rel))
             elif stat.S_ISSOCK(st.st_mode):
                 continue  # docker skips sockets too; they are runtime leftovers
             else:
@@ -254,6 +287,8 @@ class _Walker:
             if pending:
                 yield from pending
                 pending.clear()
+            paths.append(child.path)
+            stamps.append(stamp)
             yield entry
 
     def _link_target(self, path: str, rel: str) -> str:
@@ -367,14 +402,26 @@ def read_dockerfile(root: Path, inputs: BuildInputs) -> str:
 
 _buffers = threading.local()
 
-#: Digests of files seen before in this process, keyed by path; valid while the stamp
-#: (size, mtime, ctime, inode, device) is unchanged — ctime moves on every write.
-_stat_cache: dict[str, tuple[tuple[int, int, int, int, int], bytes]] = {}
+# What a process remembers between hashes: a file's digest and a whole tree's walk, each
+# trusted only while the stamps it was made from are unchanged. A stamp is (mode, inode,
+# device, size, mtime, ctime): any write moves mtime and ctime, a chmod or a rename moves
+# ctime, a replaced file has another inode, and an entry added to or removed from a
+# directory moves that directory's mtime. ctime cannot be set back from user space.
+#
+# The "racy" case (git's name): timestamps have a granularity (the kernel's clock tick,
+# 1-10 ms, on nanosecond filesystems; a second or two on others), so a file written twice
+# within one tick may keep its stamp across the second write. A stamp newer than RACY_NS
+# before the hash began is therefore never trusted: such a file's digest is not
+# remembered, and a tree holding such an entry (or directory) is not remembered either,
+# so the next hash reads it again. Once older, any later change moves ctime past it.
+
+#: Digests of files seen before in this process, keyed by path; valid while the stamp is.
+_stat_cache: dict[str, tuple[Stamp, bytes]] = {}
 _stat_cache_lock = threading.Lock()
 #: Entries kept before the cache is dropped wholesale (about 200 bytes each).
 STAT_CACHE_LIMIT = 200_000
-#: A file changed this recently may change again within the clock's resolution
-#: without moving its stamp (git's "racy" case), so its digest is not remembered.
+#: How recent a stamp may be and still be trusted later: a second or two of timestamp
+#: granularity (FAT, some network filesystems) and a little clock skew, with room to spare.
 RACY_NS = 2_000_000_000
 
 
@@ -386,7 +433,7 @@ def _cached_digest(entry: _Entry) -> bytes:
     if hit is not None and hit[0] == stamp:
         return hit[1]
     digest = _digest_file(entry)
-    if time.time_ns() - max(stamp[1], stamp[2]) > RACY_NS:
+    if time.time_ns() - max(stamp[_MTIME], stamp[_CTIME]) > RACY_NS:
         with _stat_cache_lock:
             if len(_stat_cache) >= STAT_CACHE_LIMIT:
                 _stat_cache.clear()
@@ -394,10 +441,94 @@ def _cached_digest(entry: _Entry) -> bytes:
     return digest
 
 
+@dataclass(slots=True)
+class _Walked:
+    """What the tree index keeps of one walk: every stamp it depended on, and the hash of
+    its entries (the source hash's state after the entry list, before the inputs)."""
+
+    paths: list[str]
+    stamps: list[Stamp]
+    links: list[tuple[str, str]]
+    entries_hasher: blake3
+
+
+class TreeIndex:
+    """The walks of the last few context roots, so a tree hashed before costs one ``lstat``
+    per entry (compared in C) instead of a walk.
+
+    A remembered walk is used only when every directory it listed and every entry it
+    yielded has its stamp still; symlinks are checked again for leaving the root (that
+    can depend on the tree's surroundings). Anything else — an error, a changed stamp —
+    and the tree is walked as if never seen.
+    """
+
+    #: Roots remembered; the least recently used goes first.
+    MAX_TREES = 16
+    #: Entries remembered over all trees (a path and a stamp: about 350 bytes each).
+    MAX_ENTRIES = 200_000
+
+    def __init__(self) -> None:
+        self._walks: collections.OrderedDict[tuple[object, ...], _Walked] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        #: Hashes answered from a remembered walk / by walking (tests and benchmarks read them).
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, walker: _Walker) -> blake3 | None:
+        """A copy of the entries' hasher of the tree ``walker`` would walk, if unchanged."""
+        with self._lock:
+            walked = self._walks.get(walker.key)
+            if walked is not None:
+                self._walks.move_to_end(walker.key)
+        if walked is not None and self._unchanged(walked, walker):
+            self.hits += 1
+            return walked.entries_hasher.copy()
+        self.misses += 1
+        return None
+
+    @staticmethod
+    def _unchanged(walked: _Walked, walker: _Walker) -> bool:
+        try:
+            if list(map(_stamp, map(os.lstat, walked.paths))) != walked.stamps:
+                return False
+            for path, rel in walked.links:
+                walker._link_target(path, rel)
+        except (OSError, SourceError):
+            return False
+        return True
+
+    def remember(self, walker: _Walker, entries_hasher: blake3, started_ns: int) -> None:
+        """Keep the walk ``walker`` just made, unless an entry is too recent to trust."""
+        stamps = walker.stamps
+        if not stamps or len(stamps) > self.MAX_ENTRIES:
+            return
+        newest = max(max(s[_MTIME], s[_CTIME]) for s in stamps)
+        if newest > started_ns - RACY_NS:
+            return
+        walked = _Walked(walker.paths, stamps, walker.links, entries_hasher.copy())
+        with self._lock:
+            self._walks[walker.key] = walked
+            self._walks.move_to_end(walker.key)
+            total = sum(len(w.paths) for w in self._walks.values())
+            while len(self._walks) > self.MAX_TREES or total > self.MAX_ENTRIES:
+                _, dropped = self._walks.popitem(last=False)
+                total -= len(dropped.paths)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._walks.clear()
+            self.hits = self.misses = 0
+
+
+#: This process's tree index (a control worker keeps it between requests).
+TREE_INDEX = TreeIndex()
+
+
 def clear_stat_cache() -> None:
-    """Forget every remembered digest (tests and benchmarks want a cold start)."""
+    """Forget every remembered digest and walk (tests and benchmarks want a cold start)."""
     with _stat_cache_lock:
         _stat_cache.clear()
+    TREE_INDEX.clear()
 
 
 def _open_entry(entry: _Entry) -> int:
@@ -411,8 +542,11 @@ def _open_entry(entry: _Entry) -> int:
 def _digest_file(entry: _Entry) -> bytes:
     """BLAKE3 of a file's first ``size`` bytes (what the tarball will carry).
 
-    Read in fixed chunks into a per-thread buffer, so big files cost no memory.
+    A small file is read whole in one call; a larger one in fixed chunks into a per-thread
+    buffer, so big files cost no memory.
     """
+    if entry.size <= SMALL_FILE:
+        return _digest_small_file(entry)
     hasher = blake3(max_threads=blake3.AUTO) if entry.size >= BIG_FILE else blake3()
     buf: bytearray | None = getattr(_buffers, "buf", None)
     if buf is None:
@@ -434,6 +568,23 @@ def _digest_file(entry: _Entry) -> bytes:
         raise SourceError(f"{entry.rel!r} shrank while it was being hashed.",
                           "Do not modify the source while a build is being prepared.")
     return hasher.digest()
+
+
+def _digest_small_file(entry: _Entry) -> bytes:
+    # Most files of a source tree: open, one read, close — no file object, no buffer.
+    fd = _open_entry(entry)
+    try:
+        data = os.read(fd, entry.size)
+        while len(data) < entry.size and (more := os.read(fd, entry.size - len(data))):
+            data += more
+    except OSError as exc:
+        raise SourceError(f"cannot read {entry.rel!r} in the context: {exc.strerror}.") from None
+    finally:
+        os.close(fd)
+    if len(data) < entry.size:
+        raise SourceError(f"{entry.rel!r} shrank while it was being hashed.",
+                          "Do not modify the source while a build is being prepared.")
+    return blake3(data).digest()
 
 
 _ENTRY_HEAD = struct.Struct(">cHQ")
@@ -497,15 +648,24 @@ def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> 
     Independent of mtimes, owners, listing order and where the tree lives on disk.
     """
     dockerfile = _dockerfile_bytes(root, inputs)
-    root = context_root(root, inputs)
+    walker = _Walker(context_root(root, inputs), inputs)
+    hasher = TREE_INDEX.lookup(walker)
+    if hasher is None:
+        started_ns = time.time_ns()
+        hasher = _hash_entries(walker, threads if threads is not None else DEFAULT_THREADS)
+        TREE_INDEX.remember(walker, hasher, started_ns)
+    return _hash_inputs(hasher, inputs, dockerfile)
+
+
+def _hash_entries(walker: _Walker, workers: int) -> blake3:
+    """The source hash's state after the entry list: the part a tree index can keep."""
     hasher = blake3(HASH_VERSION)
-    workers = threads if threads is not None else DEFAULT_THREADS
     count = 0
     # Per entry: kind, mode, then the length-prefixed path; a file adds its size and digest,
     # a symlink its length-prefixed target. Gathered and fed in slabs: one update per
     # entry costs more than the hashing on a warm tree of small files.
     parts: list[bytes] = []
-    for entry, digest in _hashed_entries(iter(_Walker(root, inputs)), workers):
+    for entry, digest in _hashed_entries(iter(walker), workers):
         count += 1
         rel = _encode(entry.rel)
         parts.append(_ENTRY_HEAD.pack(entry.kind.encode(), entry.mode, len(rel)))
@@ -521,6 +681,11 @@ def source_hash(root: Path, inputs: BuildInputs, threads: int | None = None) -> 
     hasher.update(b"".join(parts))
     # The entry count closes the file list so no input field can pose as an entry.
     hasher.update(b"\x00end" + struct.pack(">Q", count))
+    return hasher
+
+
+def _hash_inputs(hasher: blake3, inputs: BuildInputs, dockerfile: bytes) -> str:
+    """The source hash: the entries' state, then the Dockerfile and the other inputs."""
     hasher.update(_field(_encode(inputs.dockerfile)) + _field(dockerfile))
     hasher.update(struct.pack(">Q", len(inputs.build_args)))
     for key, value in inputs.build_args:

@@ -6,7 +6,9 @@ import hashlib
 import io
 import os
 import tarfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +97,53 @@ def test_build_arg_order_does_not_matter(tree: Path) -> None:
     two = BuildInputs.create(None, {"B": "2", "A": "1"}, None, None)
     assert one == two
     assert source_hash(tree, one) == source_hash(tree, two)
+
+
+# --- the format is pinned --------------------------------------------------------------
+
+
+def make_pinned_tree(root: Path) -> Path:
+    """Every kind of entry the hash covers: plain, executable, empty and big (chunked) files,
+    modes beyond the executable bit, an empty directory, a non-ASCII name, and symlinks to
+    a file and to a directory."""
+    root.mkdir()
+    (root / "Dockerfile").write_bytes(b"FROM busybox\nCOPY . /app\n")
+    (root / "app" / "data").mkdir(parents=True)
+    (root / "app" / "main.py").write_bytes(b"print('hello')\n")
+    (root / "app" / "run.sh").write_bytes(b"#!/bin/sh\nexec python main.py\n")
+    (root / "app" / "run.sh").chmod(0o750)
+    (root / "app" / "empty.txt").write_bytes(b"")
+    (root / "app" / "data" / "table.csv").write_bytes(b"a,b\n1,2\n")
+    (root / "app" / "data" / "table.csv").chmod(0o600)
+    (root / "cache" / "empty").mkdir(parents=True)
+    (root / "model.bin").write_bytes(hashlib.sha256(b"pinned").digest() * ((BIG_FILE + 4096) // 32))
+    (root / "n\u00e4me with space.txt").write_bytes("caf\u00e9\n".encode())
+    os.symlink("main.py", root / "app" / "current.py")
+    os.symlink("app/data", root / "data-link")
+    return root
+
+
+#: The hashes of ``make_pinned_tree`` as every earlier release computed them. A change of
+#: either means every existing tag stops matching its source: bump HASH_VERSION instead.
+PINNED_TREE_HASH = "f5222fd6401e0dca4a3ab31802cdcc99129759af316b9dea86255a391d816893"
+PINNED_FULL_INPUTS_HASH = "140ed1eed79de285d6232c8a57648e48fd9e067d37c7f7b6c3dc36f27d8134bd"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_hash_of_a_known_tree_is_pinned(tmp_path: Path, threads: int) -> None:
+    from dataclasses import replace
+
+    from workers.context import clear_stat_cache
+
+    clear_stat_cache()
+    root = make_pinned_tree(tmp_path / "ctx")
+    full = replace(BuildInputs.create("Dockerfile", {"B": "2", "A": "1"}, "runtime",
+                                      "linux/arm64", secrets=["TOKEN"]),
+                   bases=(("local/busybox:base", "sha256:" + "a" * 64),))
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_TREE_HASH
+    assert source_hash(root, full, threads=threads) == PINNED_FULL_INPUTS_HASH
+    # Again, answered from what this process remembers of the tree.
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_TREE_HASH
 
 
 # --- every input changes the hash ------------------------------------------------------
@@ -351,12 +400,110 @@ def test_write_context_leaves_out_ignored_files(tree: Path) -> None:
     assert "README.md" not in files_in(_pack(tree))
 
 
-# --- the in-process stat cache ------------------------------------------------------
+# --- what a process remembers between hashes ------------------------------------------
+
+
+def _cold_hash(root: Path, inputs: BuildInputs = DEFAULT) -> str:
+    from workers.context import clear_stat_cache
+
+    clear_stat_cache()
+    return source_hash(root, inputs)
+
+
+@pytest.fixture
+def remembered(tree: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tree's hash, with the tree remembered by this process's tree index.
+
+    The racy window shrinks to 50 ms (the tree is older than that when hashed), so the
+    test need not wait two seconds; every change below comes later than the window.
+    """
+    from workers import context
+
+    monkeypatch.setattr(context, "RACY_NS", 50_000_000)
+    time.sleep(0.06)
+    first = _cold_hash(tree)
+    hits = context.TREE_INDEX.hits
+    assert source_hash(tree, DEFAULT) == first
+    assert context.TREE_INDEX.hits == hits + 1, "the unchanged tree was walked again"
+    return first
+
+
+def _rewrite_same_size(tree: Path) -> None:
+    main = tree / "app" / "main.py"
+    before = main.stat()
+    main.write_bytes(b"print('HELLO')\n")
+    os.utime(main, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert main.stat().st_size == before.st_size
+
+
+def _chmod_executable(tree: Path) -> None:
+    (tree / "app" / "main.py").chmod(0o755)
+
+
+def _retarget_symlink(tree: Path) -> None:
+    (tree / "app" / "current.py").unlink()
+    os.symlink("run.sh", tree / "app" / "current.py")
+
+
+def _add_file(tree: Path) -> None:
+    (tree / "app" / "data" / "new.csv").write_bytes(b"c\n3\n")
+
+
+def _remove_file(tree: Path) -> None:
+    (tree / "app" / "data" / "table.csv").unlink()
+
+
+def _add_empty_directory(tree: Path) -> None:
+    (tree / "app" / "data" / "empty").mkdir()
+
+
+def _replace_by_rename(tree: Path) -> None:
+    # Same name, same size, same mtime: another inode.
+    main = tree / "app" / "main.py"
+    other = tree / "main.tmp"
+    other.write_bytes(b"print('howdy')\n"[: main.stat().st_size])
+    os.utime(other, ns=(main.stat().st_atime_ns, main.stat().st_mtime_ns))
+    other.replace(main)
+
+
+@pytest.mark.parametrize("change", [
+    _rewrite_same_size, _chmod_executable, _retarget_symlink, _add_file, _remove_file,
+    _add_empty_directory, _replace_by_rename,
+], ids=lambda f: f.__name__.strip("_"))
+def test_a_change_is_seen_by_the_next_hash_of_a_remembered_tree(
+        tree: Path, remembered: str, change: Any) -> None:
+    change(tree)
+    seen = source_hash(tree, DEFAULT)
+    assert seen != remembered
+    assert seen == _cold_hash(tree)
+
+
+def test_a_file_rewritten_within_the_same_second_as_the_hash_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import context
+
+    # A filesystem whose timestamps have a one-second granularity: a rewrite in the same
+    # second that keeps the size leaves the whole stamp as it was. Only the racy rule (a
+    # stamp this recent is not trusted) makes the next hash read the file again.
+    def coarse(st: os.stat_result) -> context.Stamp:
+        second = 1_000_000_000
+        return (st.st_mode, st.st_ino, st.st_dev, st.st_size,
+                st.st_mtime_ns // second * second, st.st_ctime_ns // second * second)
+
+    monkeypatch.setattr(context, "_stamp", coarse)
+    context.clear_stat_cache()
+    # Just after a second begins, so that the rewrite below most likely falls in the same
+    # second (if it does not, the stamps differ and the test is merely less strict).
+    time.sleep(1 - time.time() % 1)
+    tree = make_tree(tmp_path / "ctx")
+    before = source_hash(tree, DEFAULT)
+    _rewrite_same_size(tree)  # and the same mtime, in the same second
+    seen = source_hash(tree, DEFAULT)
+    assert seen != before
+    assert seen == _cold_hash(tree)
 
 
 def test_rewrite_with_same_size_and_mtime_is_seen_after_a_cached_hash(tree: Path) -> None:
-    import time
-
     from workers.context import clear_stat_cache
 
     clear_stat_cache()
@@ -370,3 +517,11 @@ def test_rewrite_with_same_size_and_mtime_is_seen_after_a_cached_hash(tree: Path
     assert main.stat().st_size == stat_before.st_size
     assert source_hash(tree, DEFAULT) != before
     clear_stat_cache()
+
+
+def test_a_remembered_tree_is_kept_per_ignore_file_and_dockerfile(remembered: str, tree: Path) -> None:
+    (tree / ".dockerignore").write_text("README.md\n")
+    ignoring = source_hash(tree, DEFAULT)
+    assert ignoring != remembered and ignoring == _cold_hash(tree)
+    generated = BuildInputs.create(None, None, None, None, dockerfile_text="FROM scratch\n")
+    assert source_hash(tree, generated) == _cold_hash(tree, generated)

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("buildq")
 
 #: Size of a multipart part. S3 allows at most 10,000 parts, so parts grow past
-#: ``PART_GROWTH`` parts (see ``s3_part_size``); 8 MiB keeps memory small for the
-#: common case while a request per part is still cheap.
-PART_SIZE = 8 << 20
+#: ``PART_GROWTH`` parts (see ``s3_part_size``). S3's smallest: each part in flight is
+#: held about twice (ours, and the request botocore builds from it), so memory stays
+#: under a worker's 100 MB for any context; a request per 5 MiB is still cheap.
+PART_SIZE = 5 << 20
 #: Every this many parts, the part size grows by another PART_SIZE: 10,000 parts
 #: then reach several hundred GB, far past any build context.
 PART_GROWTH = 1000

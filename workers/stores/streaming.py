@@ -21,7 +21,9 @@ T = TypeVar("T")
 #: Chunk size for copies between streams, and the read buffer of a store's stream.
 COPY_CHUNK = 1 << 20
 #: Parts uploading or queued at once: bounds memory to about (in_flight + 1) parts.
-IN_FLIGHT = 4
+IN_FLIGHT = 2
+#: Allocations at least this big get pages of their own, returned when freed (glibc).
+MMAP_THRESHOLD = 1 << 20
 #: Threads sending parts. Two overlap network latency with the caller's compression
 #: without competing with it for the CPU on small hosts.
 UPLOAD_THREADS = 2
@@ -52,6 +54,7 @@ class PartPipeline(io.RawIOBase, Generic[T]):
         self._buffer = bytearray()
         self._failure: BaseException | None = None
         self.size = 0
+        _return_freed_parts()
 
     @property
     def started(self) -> bool:
@@ -123,6 +126,34 @@ class PartPipeline(io.RawIOBase, Generic[T]):
         self._buffer.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_malloc_tuned = False
+
+
+def _return_freed_parts() -> None:
+    """Make freed parts go back to the OS at once (glibc only; elsewhere nothing changes).
+
+    glibc serves big allocations with pages of their own, but each time one is freed it
+    raises that threshold (up to 32 MiB), after which parts come from its heaps, one per
+    sending thread, and stay in the process's memory once freed. A fixed threshold keeps a
+    1 GiB upload's peak memory at the parts in flight.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is not None:
+        m_mmap_threshold = -3  # from glibc's malloc.h
+        mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
 class MappedReader(io.RawIOBase):
