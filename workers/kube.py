@@ -289,7 +289,11 @@ class Kube:
 
         fn, access = ((self.batch.list_namespaced_job, WATCH_JOBS) if kind == "jobs"
                       else (self.core.list_namespaced_pod, WATCH_PODS))
-        kwargs: dict[str, Any] = {"timeout_seconds": timeout_seconds, "deserialize": False,
+        # deserialize stays on: with it off, the client (37.x) meets a watch's ERROR event
+        # (410 Gone once the resourceVersion is compacted away, as after an API server
+        # restart) with a KeyError instead of raising ApiException. We still hand out
+        # the plain dicts (``raw_object``).
+        kwargs: dict[str, Any] = {"timeout_seconds": timeout_seconds,
                                   "allow_watch_bookmarks": True,
                                   "_request_timeout": (REQUEST_TIMEOUT, timeout_seconds + 15)}
         if resource_version:
@@ -300,7 +304,8 @@ class Kube:
             kwargs["label_selector"] = label_selector
         w = watch.Watch()
         try:
-            yield from w.stream(fn, namespace, **kwargs)
+            for event in w.stream(fn, namespace, **kwargs):
+                yield {"type": event["type"], "object": event["raw_object"]}
         except Exception as exc:
             raise translate(exc, access, namespace) from exc
         finally:
