@@ -178,6 +178,11 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
     _secret(kube, WRONG_LOGIN_SECRET, {".dockerconfigjson": _docker_config(
         locked.host, PUSH_USER[0], "not-the-password")}, kind="kubernetes.io/dockerconfigjson")
     kubeconfig = kube.token_kubeconfig(root / "buildq-kaniko.kubeconfig", NAMESPACE, ACCOUNT)
+    # The workers log in to the locked registry with the right password (to look for the
+    # image before building); the Job is handed the wrong one.
+    docker_config = root / "docker-config"
+    docker_config.mkdir()
+    (docker_config / "config.json").write_text(_docker_config(locked.host, *PUSH_USER))
     moto_server = services.start_moto(root / "moto")
     stores = {"s3": _s3(moto_server), "gcs": _gcs(gcs_emulator)}
     cluster = make_cluster(root, registry, lease=6)
@@ -191,6 +196,7 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
         # Only the ServiceAccount's token: what the pool may do, the shipped Role decides.
         "KUBECONFIG": str(kubeconfig),
         "BUILDQ_KUBE_NAMESPACE": NAMESPACE,
+        "DOCKER_CONFIG": str(docker_config),
     })
     cluster.env.pop("STORAGE_EMULATOR_HOST", None)
     previous = app_module._settings
@@ -363,8 +369,8 @@ def _limits(memory: str) -> dict[str, Any]:
 
 def test_oom_killed_under_a_small_memory_limit(kc: KanikoCluster, creations: JobCreations,
                                                tmp_path: Path) -> None:
-    # busybox tail keeps a line whole: 512 MiB of one line under a 64 MiB limit.
-    app = _app(tmp_path, kc.base, "RUN head -c 536870912 /dev/zero | tail -c 1 > /dev/null\n")
+    # dd fills a 256 MiB buffer in the pod's container, under a 64 MiB limit.
+    app = _app(tmp_path, kc.base, "RUN dd if=/dev/zero of=/dev/null bs=256M count=1\n")
     record = _failed(kc, creations, kc.config(_repo("oom"), "s3", **{"kaniko-config": _limits("64Mi")}),
                      app)
     assert "ran out of memory (OOMKilled" in record["error"] and record["error_kind"] == "build", record
@@ -395,7 +401,13 @@ def test_registry_refusing_the_push_credentials(kc: KanikoCluster, creations: Jo
     config = kc.config(repo, "s3", **{"secret-name": WRONG_LOGIN_SECRET})
     config["builder"]["destination"] = f"{kc.locked_registry.host}/{repo}"
     record = _failed(kc, creations, config, app)
+    # The workers' own login is right (they found no image there); the Job's Secret is not,
+    # and the registry refuses kaniko's push.
+    assert record["error_kind"] == "build", record
+    assert "kaniko exited with code 1" in record["error"], record
     assert "UNAUTHORIZED" in record["error"] or "401" in record["error"], record
+    pushed = requests.get(f"{kc.locked_registry.url}/v2/{repo}/tags/list", auth=PUSH_USER, timeout=10)
+    assert pushed.status_code == 404 or not pushed.json().get("tags"), pushed.text
 
 
 def test_ten_identical_requests_create_one_job(kc: KanikoCluster, creations: JobCreations,
