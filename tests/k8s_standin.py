@@ -67,15 +67,6 @@ _GROUPS = {"jobs": ("batch", "Job", "batch/v1"), "pods": ("", "Pod", "v1"),
 _VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
-def role_rules(path: Path) -> set[tuple[str, str, str]]:
-    """(verb, group, resource) of every permission a Role manifest grants, rules expanded."""
-    import yaml
-
-    role = yaml.safe_load(path.read_text())
-    return {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
-            for resource in rule["resources"] for verb in rule["verbs"]}
-
-
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
