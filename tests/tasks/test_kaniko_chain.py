@@ -21,7 +21,6 @@ import base64
 import dataclasses
 import json
 import subprocess
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from tests import services
 from tests.conftest import AWS_ENV
 from tests.kube import kaniko
 from tests.kube.cluster import ControlPlane
+from tests.kube.jobs import JobEvents
 from tests.tasks.conftest import REPO, Cluster, make_cluster, point_app_at, use_cluster
 from workers.builders.kaniko.manifest import LABEL_HASH_CHARS
 
@@ -214,63 +214,16 @@ def kaniko_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: str,
             point_app_at(previous)
 
 
-class JobCreations:
-    """Every Job the API server admits in the namespace, counted from a watch on Jobs
-    (resumed from the last resourceVersion seen if the API server goes away)."""
-
-    def __init__(self, kube: ControlPlane) -> None:
-        self.kube = kube
-        self.added: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        api = kube.api_client()
-        from kubernetes import client
-
-        batch: Any = client.BatchV1Api(api)
-        self._version = batch.list_namespaced_job(NAMESPACE).metadata.resource_version
-        api.close()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from kubernetes import client, watch
-
-        while not self._stop.is_set():
-            api = self.kube.api_client()
-            try:
-                batch: Any = client.BatchV1Api(api)
-                for event in watch.Watch().stream(batch.list_namespaced_job, NAMESPACE,
-                                                  resource_version=self._version, timeout_seconds=5,
-                                                  allow_watch_bookmarks=True):
-                    job = event["raw_object"]
-                    self._version = job["metadata"]["resourceVersion"]
-                    if event["type"] == "ADDED":
-                        self.added.append(job)
-                    if self._stop.is_set():
-                        break
-            except Exception:  # the API server restarting: resume where we were
-                self._stop.wait(1)
-            finally:
-                api.close()
-
-    def of(self, source_hash: str) -> list[str]:
-        return [job["metadata"]["uid"] for job in self.added
-                if job["metadata"].get("annotations", {}).get(HASH_LABEL) == source_hash]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-
 @pytest.fixture
 def kc(kaniko_cluster: KanikoCluster) -> Iterator[KanikoCluster]:
     yield kaniko_cluster
 
 
 @pytest.fixture
-def creations(kaniko_cluster: KanikoCluster) -> Iterator[JobCreations]:
-    watcher = JobCreations(kaniko_cluster.kube)
+def creations(kaniko_cluster: KanikoCluster) -> Iterator[JobEvents]:
+    watcher = JobEvents(kaniko_cluster.kube, NAMESPACE)
     yield watcher
-    watcher.stop()
+    watcher.close()
 
 
 def _app(tmp_path: Path, base: str, extra: str = "") -> Path:
@@ -311,7 +264,7 @@ def _runs(kc: KanikoCluster, repo: str, digest: str) -> str:
 
 
 @pytest.mark.parametrize("store", STORES)
-def test_kaniko_chain_end_to_end(kc: KanikoCluster, creations: JobCreations, store: str,
+def test_kaniko_chain_end_to_end(kc: KanikoCluster, creations: JobEvents, store: str,
                                  tmp_path: Path) -> None:
     app = _app(tmp_path, kc.base, "RUN echo from-the-kaniko-pod\n")
     repo = _repo(store)
@@ -343,7 +296,7 @@ def test_kaniko_chain_end_to_end(kc: KanikoCluster, creations: JobCreations, sto
     assert len(creations.of(source_hash)) == 1
 
 
-def _failed(kc: KanikoCluster, creations: JobCreations, config: dict[str, Any],
+def _failed(kc: KanikoCluster, creations: JobEvents, config: dict[str, Any],
             app: Path) -> dict[str, Any]:
     record = answer_of(build_image.delay(str(app), builder="kaniko", config=config), timeout=600)
     assert record["status"] == "failed", record
@@ -353,7 +306,7 @@ def _failed(kc: KanikoCluster, creations: JobCreations, config: dict[str, Any],
 
 
 def test_failing_run_step_is_recorded_and_everything_is_deleted(
-        kc: KanikoCluster, creations: JobCreations, tmp_path: Path) -> None:
+        kc: KanikoCluster, creations: JobEvents, tmp_path: Path) -> None:
     app = _app(tmp_path, kc.base, "RUN echo doomed-step && false\n")
     repo = _repo("failing")
     record = _failed(kc, creations, kc.config(repo, "s3"), app)
@@ -367,7 +320,7 @@ def _limits(memory: str) -> dict[str, Any]:
         {"resources": {"limits": {"memory": memory}, "requests": {"memory": memory}}}]}}}}
 
 
-def test_oom_killed_under_a_small_memory_limit(kc: KanikoCluster, creations: JobCreations,
+def test_oom_killed_under_a_small_memory_limit(kc: KanikoCluster, creations: JobEvents,
                                                tmp_path: Path) -> None:
     # dd fills a 256 MiB buffer in the pod's container, under a 64 MiB limit.
     app = _app(tmp_path, kc.base, "RUN dd if=/dev/zero of=/dev/null bs=256M count=1\n")
@@ -376,7 +329,7 @@ def test_oom_killed_under_a_small_memory_limit(kc: KanikoCluster, creations: Job
     assert "ran out of memory (OOMKilled" in record["error"] and record["error_kind"] == "build", record
 
 
-def test_deadline_exceeded_by_the_job_controller(kc: KanikoCluster, creations: JobCreations,
+def test_deadline_exceeded_by_the_job_controller(kc: KanikoCluster, creations: JobEvents,
                                                  tmp_path: Path) -> None:
     app = _app(tmp_path, kc.base, "RUN sleep 600\n")
     config = kc.config(_repo("deadline"), "s3",
@@ -385,7 +338,7 @@ def test_deadline_exceeded_by_the_job_controller(kc: KanikoCluster, creations: J
     assert "(DeadlineExceeded)" in record["error"] and record["error_kind"] == "build", record
 
 
-def test_missing_kaniko_image_is_image_pull_back_off(kc: KanikoCluster, creations: JobCreations,
+def test_missing_kaniko_image_is_image_pull_back_off(kc: KanikoCluster, creations: JobEvents,
                                                      tmp_path: Path) -> None:
     app = _app(tmp_path, kc.base)
     config = kc.config(_repo("pull"), "s3",
@@ -394,7 +347,7 @@ def test_missing_kaniko_image_is_image_pull_back_off(kc: KanikoCluster, creation
     assert "cannot start: ImagePullBackOff" in record["error"] and record["error_kind"] == "build", record
 
 
-def test_registry_refusing_the_push_credentials(kc: KanikoCluster, creations: JobCreations,
+def test_registry_refusing_the_push_credentials(kc: KanikoCluster, creations: JobEvents,
                                                 tmp_path: Path) -> None:
     app = _app(tmp_path, kc.base)
     repo = _repo("refused")
@@ -410,7 +363,7 @@ def test_registry_refusing_the_push_credentials(kc: KanikoCluster, creations: Jo
     assert pushed.status_code == 404 or not pushed.json().get("tags"), pushed.text
 
 
-def test_ten_identical_requests_create_one_job(kc: KanikoCluster, creations: JobCreations,
+def test_ten_identical_requests_create_one_job(kc: KanikoCluster, creations: JobEvents,
                                                tmp_path: Path) -> None:
     app = _app(tmp_path, kc.base, "RUN sleep 2\n")
     repo = _repo("ten")
@@ -424,7 +377,7 @@ def test_ten_identical_requests_create_one_job(kc: KanikoCluster, creations: Job
     _nothing_left(kc, "s3", records[0]["source_hash"])
 
 
-def test_api_server_restarted_mid_build(kc: KanikoCluster, creations: JobCreations,
+def test_api_server_restarted_mid_build(kc: KanikoCluster, creations: JobEvents,
                                         tmp_path: Path) -> None:
     """The follower's watches break when kube-apiserver goes away; it relists and the
     build completes, in the one Job it created."""
