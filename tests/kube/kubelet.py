@@ -305,6 +305,15 @@ class Kubelet:
             worker.stop(0)
         self.cleanup(uid)
 
+    def forget_all_but(self, uids: set[str]) -> None:
+        """Forget the pods deleted while no watch was open (their DELETED event never came)."""
+        with self.lock:
+            gone = set(self.workers) - uids
+        gone |= {c.labels.get(UID_LABEL, "") for c in self.docker.containers.list(
+            all=True, filters={"label": f"{DIR_LABEL}={self.directory}"})} - uids - {""}
+        for uid in gone:
+            self.forget(uid)
+
     def cleanup(self, uid: str) -> None:
         import docker
 
@@ -396,6 +405,7 @@ class Kubelet:
                 version = listing["metadata"]["resourceVersion"]
                 for pod in listing.get("items") or []:
                     self.handle("ADDED", pod)
+                self.forget_all_but({pod["metadata"]["uid"] for pod in listing.get("items") or []})
                 while not self.stopping.is_set():
                     w = watch.Watch()
                     for event in w.stream(self.core.list_pod_for_all_namespaces, resource_version=version,

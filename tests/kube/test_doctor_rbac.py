@@ -5,6 +5,9 @@ verb fails, naming it (the real SelfSubjectAccessReview, the real RBAC authorize
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,18 +50,51 @@ def allowed(api: Any, namespace: str, access: Access) -> bool:
 
 
 @pytest.fixture
-def service_account_client(kube: ControlPlane, kube_namespace: str, tmp_path: Path) -> Iterator[Any]:
-    """An ApiClient holding only the token of ServiceAccount ``buildq`` in the namespace."""
-    from kubernetes import client, config
+def service_account_kubeconfig(kube: ControlPlane, kube_namespace: str, tmp_path: Path) -> Path:
+    """A kubeconfig holding only the token of a new ServiceAccount ``buildq`` in the namespace."""
+    from kubernetes import client
 
     admin = kube.api_client()
     core: Any = client.CoreV1Api(admin)
     core.create_namespaced_service_account(kube_namespace, {"metadata": {"name": "buildq"}})
     admin.close()
-    kubeconfig = kube.token_kubeconfig(tmp_path / "buildq.kubeconfig", kube_namespace, "buildq")
-    api = config.new_client_from_config(config_file=str(kubeconfig))
+    return kube.token_kubeconfig(tmp_path / "buildq.kubeconfig", kube_namespace, "buildq")
+
+
+@pytest.fixture
+def service_account_client(service_account_kubeconfig: Path) -> Iterator[Any]:
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=str(service_account_kubeconfig))
     yield api
     api.close()
+
+
+def grant(kube: ControlPlane, namespace: str, api: Any, missing: Access | None) -> None:
+    """role.yaml less ``missing``, bound to ``buildq``; back once the authorizer applies it."""
+    from kubernetes import client
+
+    admin = kube.api_client()
+    rbac: Any = client.RbacAuthorizationV1Api(admin)
+    rbac.create_namespaced_role(namespace, role_without(missing))
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "buildq-kaniko"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": ROLE["metadata"]["name"]},
+        "subjects": [{"kind": "ServiceAccount", "name": "buildq", "namespace": namespace}]})
+    admin.close()
+    # The authorizer reads Roles through an informer: wait until it sees every rule granted.
+    granted = [a for a in KANIKO_ACCESS if a != missing]
+    wait_for(lambda: all(allowed(api, namespace, a) for a in granted), 60,
+             "the RBAC authorizer seeing the Role")
+
+
+def launch_config(path: Path, namespace: str, registry: services.RegistryServer) -> Path:
+    path.write_text("builder:\n  type: kaniko\n"
+                    f"  destination: {registry.host}/team/app\n"
+                    f"  build-context-store: {(path.parent / 'ctx').as_uri()}\n"
+                    f"  kaniko-config:\n    metadata:\n      namespace: {namespace}\n")
+    return path
 
 
 @pytest.mark.parametrize("missing", [None, *KANIKO_ACCESS], ids=lambda a: str(a or "role.yaml"))
@@ -66,26 +102,8 @@ def test_doctor_names_the_verb_the_role_lacks(kube: ControlPlane, kube_namespace
                                               service_account_client: Any, tmp_path: Path,
                                               registry: services.RegistryServer,
                                               missing: Access | None) -> None:
-    from kubernetes import client
-
-    admin = kube.api_client()
-    rbac: Any = client.RbacAuthorizationV1Api(admin)
-    rbac.create_namespaced_role(kube_namespace, role_without(missing))
-    rbac.create_namespaced_role_binding(kube_namespace, {
-        "metadata": {"name": "buildq-kaniko"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": ROLE["metadata"]["name"]},
-        "subjects": [{"kind": "ServiceAccount", "name": "buildq", "namespace": kube_namespace}]})
-    admin.close()
-    # The authorizer reads Roles through an informer: wait until it sees every rule granted.
-    granted = [a for a in KANIKO_ACCESS if a != missing]
-    wait_for(lambda: all(allowed(service_account_client, kube_namespace, a) for a in granted),
-             60, "the RBAC authorizer seeing the Role")
-    config = tmp_path / "launch.yaml"
-    config.write_text("builder:\n  type: kaniko\n"
-                      f"  destination: {registry.host}/team/app\n"
-                      f"  build-context-store: {(tmp_path / 'ctx').as_uri()}\n"
-                      f"  kaniko-config:\n    metadata:\n      namespace: {kube_namespace}\n")
+    grant(kube, kube_namespace, service_account_client, missing)
+    config = launch_config(tmp_path / "launch.yaml", kube_namespace, registry)
     settings = Settings(workdir=tmp_path / "work", docker_config_dir=tmp_path / "docker",
                         context_store=(tmp_path / "contexts").as_uri())
 
@@ -98,3 +116,21 @@ def test_doctor_names_the_verb_the_role_lacks(kube: ControlPlane, kube_namespace
         assert check.status == "FAIL", check
         assert f"may not {missing} in namespace '{kube_namespace}'" in check.detail
         assert check.fix.startswith(f"needs {missing}.")
+
+
+def test_buildq_doctor_with_only_the_accounts_kubeconfig_fails_naming_the_verb(
+        kube: ControlPlane, kube_namespace: str, service_account_kubeconfig: Path,
+        service_account_client: Any, tmp_path: Path, registry: services.RegistryServer) -> None:
+    missing = next(a for a in KANIKO_ACCESS if a.verb == "watch" and a.resource == "pods")
+    grant(kube, kube_namespace, service_account_client, missing)
+    config = launch_config(tmp_path / "launch.yaml", kube_namespace, registry)
+    env = {**os.environ, "KUBECONFIG": str(service_account_kubeconfig), "PYTHONPATH": str(REPO),
+           "BUILDQ_CONTEXT_STORE": (tmp_path / "contexts").as_uri()}
+
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "doctor", "--config", str(config)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode != 0, done.stdout + done.stderr
+    [row] = [line for line in done.stdout.splitlines() if "Kubernetes API" in line]
+    assert row.startswith("FAIL") and f"may not watch pods in namespace '{kube_namespace}'" in row, row
+    assert "Traceback" not in done.stdout + done.stderr

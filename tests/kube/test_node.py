@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -103,10 +104,17 @@ def test_pod_gets_env_from_a_secret_a_configmap_and_the_downward_api(
         "echo file=`cat /creds/password`; echo label=`cat /creds/team`; "
         "echo namespace-file=`cat /var/run/secrets/kubernetes.io/serviceaccount/namespace`; "
         "echo pwd=`pwd`; echo token=`cat /creds/token`")
+    script += ("; echo secret-volume=`cat /secret/renamed`; echo mode=`stat -c %a /secret/renamed`"
+               "; echo configmap-volume=`cat /settings/mode`")
     manifest = pod_manifest("envs", ["sh", "-c", script], container={
         "env": env, "workingDir": "/scratch",
         "volumeMounts": [{"name": "creds", "mountPath": "/creds", "readOnly": True},
+                         {"name": "secret", "mountPath": "/secret", "readOnly": True},
+                         {"name": "settings", "mountPath": "/settings"},
                          {"name": "scratch", "mountPath": "/scratch"}]}, volumes=[
+        {"name": "secret", "secret": {"secretName": "creds", "defaultMode": 0o400,
+                                      "items": [{"key": "password", "path": "renamed"}]}},
+        {"name": "settings", "configMap": {"name": "settings"}},
         {"name": "creds", "projected": {"sources": [
             {"secret": {"name": "creds"}},
             {"downwardAPI": {"items": [
@@ -124,7 +132,8 @@ def test_pod_gets_env_from_a_secret_a_configmap_and_the_downward_api(
         "PASSWORD": "s3cr3t-value", "MODE": "fast", "GREETING": "mode is fast", "POD_NAME": "envs",
         "POD_NAMESPACE": kube_namespace, "POD_UID": pod["metadata"]["uid"], "NODE_NAME": "buildq-node",
         "ACCOUNT": "default", "POD_IP": "127.0.0.1", "file": "s3cr3t-value", "label": "builders",
-        "namespace-file": kube_namespace, "pwd": "/scratch"}
+        "namespace-file": kube_namespace, "pwd": "/scratch", "secret-volume": "s3cr3t-value", "mode": "400",
+        "configmap-volume": "fast"}
     # The projected token came from the TokenRequest API: the API server authenticates it.
     authentication: Any = client.AuthenticationV1Api(core.api_client)
     review = authentication.create_token_review(
@@ -320,6 +329,11 @@ def test_logs_follow_through_the_api_server(kube_namespace: str, core: Any, tmp_
         stream.release_conn()
     assert received == b"first\nsecond\n"
     assert core.read_namespaced_pod_log("follow", kube_namespace, tail_lines=1) == "second\n"
+    assert core.read_namespaced_pod_log("follow", kube_namespace, since_seconds=3600) == "first\nsecond\n"
+    stamped = core.read_namespaced_pod_log("follow", kube_namespace, timestamps=True).splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == ["first", "second"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", line.split(" ", 1)[0])
+               for line in stamped)
 
 
 def test_a_node_selector_the_node_does_not_match_leaves_the_pod_unscheduled(
