@@ -379,8 +379,8 @@ def test_ten_identical_requests_create_one_job(kc: KanikoCluster, creations: Job
 
 def test_api_server_restarted_mid_build(kc: KanikoCluster, creations: JobEvents,
                                         tmp_path: Path) -> None:
-    """The follower's watches break when kube-apiserver goes away; it relists and the
-    build completes, in the one Job it created."""
+    """The follower's watches break when kube-apiserver goes away; resuming them is refused
+    with 410 Gone, it relists, and the build completes, in the one Job it created."""
     app = _app(tmp_path, kc.base, "RUN sleep 25\n")
     repo = _repo("restart")
     result = build_image.delay(str(app), builder="kaniko", config=kc.config(repo, "gcs"))
@@ -397,3 +397,7 @@ def test_api_server_restarted_mid_build(kc: KanikoCluster, creations: JobEvents,
     assert record["digest"] == kc.registry.digest(repo, record["tag"])
     assert len(creations.of(record["source_hash"])) == 1
     _nothing_left(kc, "gcs", record["source_hash"])
+    # The restarted server's watch cache starts at etcd's current revision, which its own
+    # start moved past the follower's: resuming is refused (410 Gone) and it relists.
+    relisted = [line for line in _log_lines(kc, record["source_hash"]) if "(410)" in line]
+    assert relisted, _log_lines(kc, record["source_hash"])

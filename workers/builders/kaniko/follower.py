@@ -186,6 +186,8 @@ class JobFollower:
             except KubeApiError as exc:
                 if exc.status == 410:
                     # Our resourceVersion is too old: start over from the current state.
+                    self.say(f"[kaniko: the {kind} watch's resourceVersion is gone (410); "
+                             "following again from the current state]")
                     rv = None
                     continue
                 self.events.put(("error", "", exc))
