@@ -93,9 +93,6 @@ class KanikoCluster:
                             "kaniko-image": self.kaniko_image, "kaniko-config": kaniko_config,
                             **builder}}
 
-    def api(self) -> Any:
-        return self.kube.api_client()
-
     def jobs_and_pods(self, source_hash: str) -> list[str]:
         """The Jobs and pods of this build still in the namespace (names)."""
         selector = f"{HASH_LABEL}={source_hash[:LABEL_HASH_CHARS]}"
