@@ -108,19 +108,6 @@ def azurite_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services
     server.stop()
 
 
-# --- Kubernetes API stand-in for the kaniko pool (see tests/k8s_standin.py) ---------------
-
-
-@pytest.fixture(scope="session")
-def kube_standin(docker_engine: str) -> Iterator[object]:
-    """The API stand-in and its docker kubelet, shared by the kaniko tests."""
-    from tests.k8s_standin import KubeStandIn
-
-    server = KubeStandIn().start()
-    yield server
-    server.stop()
-
-
 # --- the real control plane and its node (tests/kube) --------------------------------------
 
 

@@ -285,12 +285,13 @@ class Kube:
         The caller reconnects from the last resourceVersion it saw; a 410 Gone (too old)
         is raised as KubeApiError with status 410 so it can re-read and start over.
         """
-        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.watch.watch import iter_resp_lines
 
         fn, access = ((self.batch.list_namespaced_job, WATCH_JOBS) if kind == "jobs"
                       else (self.core.list_namespaced_pod, WATCH_PODS))
-        kwargs: dict[str, Any] = {"timeout_seconds": timeout_seconds, "deserialize": False,
-                                  "allow_watch_bookmarks": True,
+        kwargs: dict[str, Any] = {"watch": True, "timeout_seconds": timeout_seconds,
+                                  "allow_watch_bookmarks": True, "_preload_content": False,
                                   "_request_timeout": (REQUEST_TIMEOUT, timeout_seconds + 15)}
         if resource_version:
             kwargs["resource_version"] = resource_version
@@ -298,13 +299,35 @@ class Kube:
             kwargs["field_selector"] = field_selector
         if label_selector:
             kwargs["label_selector"] = label_selector
-        w = watch.Watch()
+        # The stream is read here rather than through kubernetes.watch.Watch: that helper,
+        # asked for plain dicts, meets an ERROR event (410 Gone once our resourceVersion
+        # is compacted away, as after an API server restart) with KeyError 'raw_object'
+        # (client 37), and asked for models it refuses objects a model finds incomplete.
+        resp: Any = None
         try:
-            yield from w.stream(fn, namespace, **kwargs)
+            resp = fn(namespace, **kwargs)
+            if not 200 <= int(resp.status) <= 299:
+                failed = ApiException(status=resp.status, reason=resp.reason)
+                failed.body = resp.data
+                raise failed
+            for line in iter_resp_lines(resp):
+                if not line or line.isspace():
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    failed = ApiException(status=int(status.get("code") or 0),
+                                          reason=str(status.get("reason") or ""))
+                    failed.body = json.dumps(status)
+                    raise failed
+                yield {"type": event.get("type"), "object": event.get("object") or {}}
         except Exception as exc:
             raise translate(exc, access, namespace) from exc
         finally:
-            w.stop()
+            if resp is not None:
+                with contextlib.suppress(Exception):
+                    resp.close()
+                    resp.release_conn()
 
     def follow_log(self, namespace: str, pod: str, container: str, read_timeout: float) -> Any:
         """The raw streaming response of the pod's log (``follow=true``); close it when done.

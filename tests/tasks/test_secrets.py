@@ -30,8 +30,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from config.errors import InputError
 from config.settings import Settings
 from tests import services
 from tests.conftest import GAR_HOST
-from tests.k8s_standin import Kubelet, KubeStandIn
+from tests.kube.cluster import ControlPlane
 from tests.tasks.conftest import Cluster, make_cluster
 from workers.context import BuildInputs, source_hash
 from workers.secrets import Masker, MissingSecretError, check_names, lookup
@@ -438,84 +439,96 @@ def test_missing_secret_is_a_failed_record_naming_it_and_the_fix(
 
 # --------------------------------------------------------------------------- kaniko pool
 
-NAMESPACE = "buildq-secrets"
+#: The Kubernetes Secret the kaniko Jobs read secret build args from (key = name).
+BUILD_SECRETS = "team-build-secrets"
 
 
-class EnvBuildArgKubelet(Kubelet):
-    """Kaniko takes a value-less ``--build-arg=NAME`` from its environment; so does this one.
-
-    The shared stand-in's kubelet expects NAME=VALUE; this does kaniko's lookup first.
-    """
-
-    def run_kaniko(self, args: list[str], env: dict[str, str],
-                   say: Callable[[str], None]) -> dict[str, Any]:
-        resolved = []
-        for arg in args:
-            key, _, value = arg.partition("=")
-            if key == "--build-arg" and "=" not in value:
-                if value not in env:
-                    say(f"error: build arg {value} has no value in the environment")
-                    return {"code": 1}
-                arg = f"--build-arg={value}={env[value]}"
-            resolved.append(arg)
-        return super().run_kaniko(resolved, env, say)
+@dataclasses.dataclass
+class KanikoSecrets:
+    kube: ControlPlane
+    namespace: str
+    store: Path
+    executor: str
+    base: str
 
 
 @pytest.fixture
-def kaniko_secrets(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[KubeStandIn, Path]]:
-    standin = KubeStandIn(kubelet=EnvBuildArgKubelet()).start()
-    kubeconfig = standin.kubeconfig(tmp_path / "kubeconfig", NAMESPACE)
+def kaniko_secrets(cluster: Cluster, kube: ControlPlane, kube_namespace: str,
+                   tmp_path: Path) -> Iterator[KanikoSecrets]:
+    """A kaniko worker on the real control plane (tests/kube), the real executor in the pod."""
+    from tests.kube import kaniko
+
+    executor = kaniko.push_image(cluster.registry.host, say=lambda _line: None)
+    base = f"{cluster.registry.host}/kaniko-base/busybox:base"
+    for args in (("tag", services.ensure_base_image(), base), ("push", base)):
+        subprocess.run(["docker", *args], check=True, capture_output=True, timeout=120)
     store = tmp_path / "contexts"
     store.mkdir()
-    env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "BUILDQ_KUBE_NAMESPACE": NAMESPACE,
-           "BUILDQ_BUILD_SECRETS_SECRET": "team-build-secrets"}
+    env = {**cluster.env, "KUBECONFIG": str(kube.kubeconfig), "BUILDQ_KUBE_NAMESPACE": kube_namespace,
+           "BUILDQ_BUILD_SECRETS_SECRET": BUILD_SECRETS}
     proc = dataclasses.replace(cluster, env=env).start_worker("kaniko")
     try:
-        yield standin, store
+        yield KanikoSecrets(kube, kube_namespace, store, executor, base)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(20)
         cluster.workers.pop(proc.pid, None)
-        standin.stop()
+
+
+def _jobs_as_stored(kube: ControlPlane, namespace: str, stop: threading.Event,
+                    seen: list[dict[str, Any]]) -> None:
+    """Keep the first Job the API server holds in ``namespace`` (it is deleted after the build)."""
+    while not stop.is_set() and not seen:
+        shown = kube.kubectl("get", "jobs", "-n", namespace, "-o", "json")
+        items = json.loads(shown.stdout).get("items") if shown.returncode == 0 else None
+        if items:
+            seen.append(items[0])
+        stop.wait(0.2)
 
 
 def test_secret_build_arg_reaches_kaniko_by_reference_only(
-        cluster: Cluster, kaniko_secrets: tuple[KubeStandIn, Path], tmp_path: Path,
-        base_image: str) -> None:
+        cluster: Cluster, kaniko_secrets: KanikoSecrets, tmp_path: Path) -> None:
     from tasks import build_image
 
-    standin, store = kaniko_secrets
+    ks = kaniko_secrets
     value = f"kaniko-{uuid.uuid4().hex}-never-shown"
-    standin.put_secret(NAMESPACE, "team-build-secrets", {"PIP_TOKEN": value})
+    data = {"PIP_TOKEN": base64.b64encode(value.encode()).decode()}
+    created = ks.kube.kubectl("apply", "-n", ks.namespace, "-f", "-", stdin=json.dumps({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": BUILD_SECRETS}, "data": data}))
+    assert created.returncode == 0, created.stderr
     app = tmp_path / "app"
     app.mkdir()
     # Kaniko does not echo build args; this RUN step does not print the value either.
     (app / "Dockerfile").write_text(
-        f"FROM {base_image}\nARG PIP_TOKEN\nCOPY msg.txt /msg.txt\n"
+        f"FROM {ks.base}\nARG PIP_TOKEN\nCOPY msg.txt /msg.txt\n"
         "RUN echo ${#PIP_TOKEN} > /secret-length\n")
     (app / "msg.txt").write_text(f"kaniko secret {uuid.uuid4()}\n")
     config = {"builder": {"type": "kaniko", "destination": f"{cluster.registry.host}/kaniko/secret",
-                          "build-context-store": store.as_uri()}}
-    result = build_image.delay(str(app), builder="kaniko", config=config, secrets=["PIP_TOKEN"])
-    record = result.get(timeout=180)
+                          "build-context-store": ks.store.as_uri(), "kaniko-image": ks.executor}}
+    stop, stored = threading.Event(), []
+    watcher = threading.Thread(target=_jobs_as_stored, args=(ks.kube, ks.namespace, stop, stored))
+    watcher.start()
+    try:
+        result = build_image.delay(str(app), builder="kaniko", config=config, secrets=["PIP_TOKEN"])
+        record = result.get(timeout=600)
+    finally:
+        stop.set()
+        watcher.join(30)
     assert record["status"] == "built", record
     secrets = forms_of(value)
 
-    # The value reached the build, through the pod's environment only.
+    # The value reached kaniko's RUN step, through the pod's environment only.
     _, files = registry_image(cluster.registry.url, "kaniko/secret", record["tag"])
     assert files["secret-length"] == f"{len(value)}\n".encode()
-    assert any(env.get("PIP_TOKEN") == value for env in standin.kubelet_env)
 
-    # The Job manifest, as sent to the API and as the API stored it: a reference.
-    (create,) = standin.requests_for("POST")
-    stored = [obj for (kind, _, _), obj in standin.objects.items() if kind == "jobs"]
-    for job in [create.body, *stored]:
-        assert not leaks(json.dumps(job).encode(), secrets), "secret in the Job manifest"
-    container = create.body["spec"]["template"]["spec"]["containers"][0]
+    # The Job as the API server stored it: a reference to the Secret, never the value.
+    (job,) = stored
+    assert not leaks(json.dumps(job).encode(), secrets), "secret in the Job manifest"
+    container = job["spec"]["template"]["spec"]["containers"][0]
     assert "--build-arg=PIP_TOKEN" in container["args"]
     assert {"name": "PIP_TOKEN", "valueFrom": {"secretKeyRef": {
-        "name": "team-build-secrets", "key": "PIP_TOKEN"}}} in container["env"]
+        "name": BUILD_SECRETS, "key": "PIP_TOKEN"}}} in container["env"]
 
     assert not leaks(json.dumps(record).encode(), secrets), "secret in the record"
     assert_redis_clean(cluster, secrets, record["id"], ["PIP_TOKEN"])

@@ -36,9 +36,17 @@ from tests.conftest import (
     GAR_HOST,
     moto_iam_user,
 )
-from tests.k8s_standin import role_rules
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def role_rules(path: Path) -> set[tuple[str, str, str]]:
+    """(verb, group, resource) of every permission a Role manifest grants, rules expanded."""
+    import yaml
+
+    role = yaml.safe_load(path.read_text())
+    return {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
 
 
 def rows(checks: list[Check]) -> dict[str, Check]:

@@ -18,10 +18,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, default=19, help="niceness of the compiler (default 19)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--push", metavar="HOST:PORT", help="also push the image to this test registry")
+    parser.add_argument("--quiet", action="store_true",
+                        help="say only what is built or packed (on stderr); not what is up to date, "
+                             "nor the image reference")
     args = parser.parse_args(argv)
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        if not (args.quiet and " up to date" in line):
+            print(line, file=sys.stderr if args.quiet else sys.stdout, flush=True)
 
     try:
         executor = build_executor(jobs=args.jobs, niceness=args.nice, force=args.force, say=say)
@@ -30,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(ref)
+    if not args.quiet:
+        print(ref)
     return 0
 
 

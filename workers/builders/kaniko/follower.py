@@ -25,7 +25,7 @@ from typing import Any
 
 from config.errors import BuildError, BuildqError, TransientError
 from workers.builders.kaniko.manifest import DEFAULT_ACTIVE_DEADLINE
-from workers.kube import Kube, KubeApiError, KubeUnavailableError
+from workers.kube import Kube, KubeApiError, KubeForbiddenError, KubeUnavailableError
 
 #: Pod waiting reasons after which the container will never start by itself. A first
 #: ErrImagePull is not among them: the kubelet retries, and a blip should not fail a build.
@@ -165,6 +165,18 @@ class JobFollower:
                         self.events.put((kind, str(event.get("type")), obj))
                     if self.stop.is_set():
                         return
+            except KubeForbiddenError as exc:
+                if not failures:
+                    self.events.put(("error", "", exc))
+                    return
+                # An API server that has just come back serves requests before its RBAC
+                # cache has synced, and answers 403 to what it allowed a moment ago: retry
+                # within the same budget as the outage itself.
+                failures += 1
+                if failures >= 5:
+                    self.events.put(("error", "", exc))
+                    return
+                self.stop.wait(min(5.0, 0.2 * 2 ** failures))
             except KubeUnavailableError as exc:
                 failures += 1
                 if failures >= 5:
@@ -174,6 +186,8 @@ class JobFollower:
             except KubeApiError as exc:
                 if exc.status == 410:
                     # Our resourceVersion is too old: start over from the current state.
+                    self.say(f"[kaniko: the {kind} watch's resourceVersion is gone (410); "
+                             "following again from the current state]")
                     rv = None
                     continue
                 self.events.put(("error", "", exc))

@@ -43,8 +43,6 @@ DOCKER_CONFIG_DIR = "/kaniko/.docker"
 GCP_SECRET_DIR = "/secret"
 #: The Secret (and key) holding the Azure storage key when the config names none.
 AZURE_KEY_SECRET = ("azure-storage-access-key", "AZURE_STORAGE_ACCESS_KEY")
-#: Job env carrying ``Settings.azure_blob_endpoint`` to a stand-in kubelet (see _credentials).
-AZURE_ENDPOINT_ENV = "BUILDQ_AZURE_BLOB_ENDPOINT"
 #: Annotation keys put on Jobs and pods (the source hash goes under ``HASH_LABEL``).
 IMAGE_ANNOTATION = "buildq/image"
 DOCKER_CONFIG_ANNOTATION = "buildq/docker-config"
@@ -242,11 +240,8 @@ def _credentials(request: KanikoRequest, cfg: LaunchConfig, settings: Settings) 
                        if env_type == "azure" and builder.secret_name else AZURE_KEY_SECRET)
         wiring.env.append({"name": "AZURE_STORAGE_ACCESS_KEY",
                            "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-        if settings.azure_blob_endpoint:
-            # Kaniko itself reaches the account by the context URL and has no override;
-            # a blob endpoint is only ever set for a stand-in (Azurite), whose kubelet
-            # reads this. Harmless to a real kaniko, which ignores the variable.
-            wiring.env.append({"name": AZURE_ENDPOINT_ENV, "value": settings.azure_blob_endpoint})
+        # No endpoint override goes in: kaniko reaches the account by the context URL's
+        # host and has none (BUILDQ_AZURE_BLOB_ENDPOINT is the workers' own, for Azurite).
     if store == "file":
         # The worker wrote the object to its own directory: the pod reads it through the
         # node's filesystem, which works where that directory is the node's too (a
