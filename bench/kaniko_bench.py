@@ -9,7 +9,7 @@ record. For the kaniko builds a watch on the Jobs and pods of the namespace time
 orchestration: request → Job created → pod running → pod finished (kaniko has pushed and
 written the digest) → record.
 
-The binaries must be built (scripts/bootstrap); this script does not build them.
+The binaries must be built (scripts/bootstrap --tests); this script does not build them.
 
     python bench/kaniko_bench.py [--quick]
 """
@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stale = build.out_of_date()
     if stale:
-        result.write(error=f"test cluster binaries not built ({', '.join(stale)}): run scripts/bootstrap")
-        _log("run scripts/bootstrap first: the test cluster's binaries are not built")
+        result.write(error=f"test cluster binaries not built ({', '.join(stale)}): "
+                           "run scripts/bootstrap --tests")
+        _log("run scripts/bootstrap --tests first: the test cluster's binaries are not built")
         return 1
     with tempfile.TemporaryDirectory(prefix="buildq-kaniko-bench-") as tmp:
         root = Path(tmp)

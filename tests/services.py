@@ -124,7 +124,7 @@ def ensure_base_image() -> str:
     return BASE_IMAGE
 
 
-#: Debian's static busybox of each foreign platform the tests build (scripts/bootstrap
+#: Debian's static busybox of each foreign platform the tests build (scripts/bootstrap --tests
 #: downloads the packages into ~/.cache/buildq/busybox-static).
 FOREIGN_BUSYBOX = {"linux/arm64": "arm64", "linux/arm/v7": "armhf"}
 #: The tools each tiny base image links to busybox.
@@ -150,7 +150,7 @@ def _foreign_busybox(arch: str, into: Path) -> Path:
     """The static busybox binary of Debian architecture ``arch``, unpacked under ``into``."""
     debs = sorted((_cache_home() / "busybox-static").glob(f"busybox-static_*_{arch}.deb"))
     if not debs:
-        raise RuntimeError(f"busybox-static:{arch} is not downloaded: run scripts/bootstrap")
+        raise RuntimeError(f"busybox-static:{arch} is not downloaded: run scripts/bootstrap --tests")
     subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(into)], check=True)
     return into / "bin" / "busybox"
 
@@ -405,7 +405,7 @@ def start_moto(root: Path, port: int | None = None) -> StandIn:
     import sys
 
     if importlib.util.find_spec("moto.server") is None or importlib.util.find_spec("flask") is None:
-        raise ImportError("moto[server] is not installed: run scripts/bootstrap")
+        raise ImportError("moto[server] is not installed: run scripts/bootstrap --tests")
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     server = StandIn("moto", port, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -424,7 +424,7 @@ def start_gcs_emulator(root: Path, port: int | None = None) -> StandIn:
     import sys
 
     if importlib.util.find_spec("gcp_storage_emulator") is None:
-        raise ImportError("gcp-storage-emulator is not installed: run scripts/bootstrap")
+        raise ImportError("gcp-storage-emulator is not installed: run scripts/bootstrap --tests")
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     server = StandIn("gcs", port, [sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
@@ -445,7 +445,7 @@ def azurite_binary(install: bool = True) -> Path:
                         "azurite"], check=False, capture_output=True, timeout=600)
     if not binary.exists():
         raise FileNotFoundError(f"Azurite is not installed at {binary} and npm could not install it: "
-                                "run scripts/bootstrap")
+                                "run scripts/bootstrap --tests")
     return binary
 
 
@@ -496,7 +496,7 @@ def ensure_python_base_image(scratch: Path) -> str:
         client.images.get(PYTHON_BASE_IMAGE)
         return PYTHON_BASE_IMAGE
     if not shutil.which("mmdebstrap"):
-        raise FileNotFoundError("mmdebstrap is not installed: run scripts/bootstrap")
+        raise FileNotFoundError("mmdebstrap is not installed: run scripts/bootstrap --tests")
     tar = scratch / "python3-base.tar"
     subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase",
                     "--include=python3-minimal,python3-pip,python3-venv", "bookworm", str(tar)],

@@ -9,7 +9,7 @@ binary whose stamp (go.mod, go.sum, package, flags, Go version) is unchanged is 
     python -m tests.kube.build [--jobs N] [--nice N] [--force] [--quiet] [NAME ...]
 
 prints a line per step (and a heartbeat while the compiler runs) and the bin directory on
-its last line. scripts/bootstrap runs it (``--quiet``), so the test session finds them built.
+its last line. scripts/bootstrap --tests runs it (``--quiet``), so the test session finds them built.
 """
 
 from __future__ import annotations

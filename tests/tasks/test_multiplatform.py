@@ -1,7 +1,7 @@
 """Multi-platform requests through Redis, real workers, the Docker Engine, a registry and QEMU.
 
 The docker-pool workers of the shared cluster run on this host's engine, which builds
-linux/arm64 and linux/arm/v7 through the QEMU binfmt handlers scripts/bootstrap
+linux/arm64 and linux/arm/v7 through the QEMU binfmt handlers scripts/bootstrap --tests
 registers; the bases come from Debian's static busybox of each architecture, pushed to
 the test registry under one index (tests/services.py).
 """

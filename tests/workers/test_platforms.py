@@ -52,7 +52,7 @@ def test_several_platforms_are_split_in_order_and_each_checked() -> None:
 
 
 def test_this_hosts_engine_builds_arm64_and_armv7_through_qemu(docker_engine: str) -> None:
-    # scripts/bootstrap registers the handlers the multi-platform chain tests build with.
+    # scripts/bootstrap --tests registers the handlers the multi-platform chain tests build with.
     found = engine_platforms()
     assert found[0] == "linux/amd64"
     assert {"linux/arm64", "linux/arm/v7"} <= set(found)
