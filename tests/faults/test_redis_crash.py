@@ -200,7 +200,9 @@ def test_without_persistence_a_redis_crash_loses_what_waited_in_redis(
             time.sleep(0.05)
         faults.crash_redis(DOWN_FOR, appendonly=False)
         client = faults.client()
-        assert list(client.scan_iter(match="buildq:lock:*")) == []
+        # Redis came back empty: the queued stage is gone. (Not "no lock": a running build's
+        # heartbeat may already have written its own lock back, as extend.lua does by design.)
+        assert client.llen("docker") == 0
 
         for i in running:
             record = results[i].get(timeout=120)

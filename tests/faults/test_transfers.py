@@ -40,6 +40,7 @@ from tests.faults.proxy import FaultProxy
 from tests.tasks.conftest import Cluster, make_cluster
 from tests.tasks.test_embedded import REPO, embedded_env
 from workers.stores import ContextStore, store_for_url
+from workers.stores import s3 as s3_store
 
 pytestmark = pytest.mark.faults
 
@@ -93,7 +94,8 @@ def _s3(server: services.StandIn, proxy: FaultProxy) -> Target:
         return sorted([o["Key"] for o in objects] + [f"multipart:{u['Key']}" for u in uploads])
 
     return Target("s3", proxy, f"s3://{bucket}/contexts", {"BUILDQ_S3_ENDPOINT_URL": proxy.endpoint},
-                  Settings(s3_endpoint_url=proxy.endpoint), leftovers, staged_after=16 * MiB)
+                  Settings(s3_endpoint_url=proxy.endpoint), leftovers,
+                  staged_after=2 * s3_store.PART_SIZE)
 
 
 def _gcs(server: services.StandIn, proxy: FaultProxy) -> Target:
