@@ -18,6 +18,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, default=19, help="niceness of the compiler (default 19)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--push", metavar="HOST:PORT", help="also push the image to this test registry")
+    parser.add_argument("--executor-only", action="store_true",
+                        help="build the executor but do not pack its image (no Docker Engine "
+                             "needed: the tests pack it once their engine runs)")
     parser.add_argument("--quiet", action="store_true",
                         help="say only what is built or packed (on stderr); not what is up to date, "
                              "nor the image reference")
@@ -29,8 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         executor = build_executor(jobs=args.jobs, niceness=args.nice, force=args.force, say=say)
-        ref = (push_image(args.push, executor, say=say) if args.push
-               else ensure_image(executor, say=say, force=args.force))
+        if args.executor_only:
+            ref = str(executor)
+        elif args.push:
+            ref = push_image(args.push, executor, say=say)
+        else:
+            ref = ensure_image(executor, say=say, force=args.force)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
