@@ -31,9 +31,21 @@ def _detach(cluster: Cluster, app: Path, repo: str) -> str:
 
 
 def _follow(cluster: Cluster, request_id: str) -> subprocess.Popen[str]:
+    # PYTHONFAULTHANDLER: a follower that hangs can be made to print where (see _stopped).
     return subprocess.Popen(_cli(cluster, "logs", "--follow", request_id), cwd=REPO,
-                            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            env={**cluster.env, "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stopped(follower: subprocess.Popen[str], seconds: float) -> int:
+    """The follower's exit code; if it is still running after ``seconds``, a failure that
+    shows each of its threads' stacks (SIGABRT makes the fault handler print them)."""
+    try:
+        return follower.wait(seconds)
+    except subprocess.TimeoutExpired:
+        follower.send_signal(signal.SIGABRT)
+        _, err = follower.communicate(timeout=30)
+        raise AssertionError(f"the follower still ran {seconds} s after Ctrl-C:\n{err}") from None
 
 
 def _follow_until(cluster: Cluster, request_id: str, word: str) -> subprocess.Popen[str]:
@@ -108,7 +120,7 @@ def test_ctrl_c_stops_following_not_the_build(cluster: Cluster, tmp_path: Path,
                          "follow/interrupted")
     follower = _follow_until(cluster, request_id, "waiting")
     follower.send_signal(signal.SIGINT)
-    assert follower.wait(30) == 130
+    assert _stopped(follower, 20) == 130
     assert follower.stderr is not None and "stopped following" in follower.stderr.read()
     record = outcome(app.AsyncResult(request_id), timeout=120)
     assert record["status"] == "built", record
