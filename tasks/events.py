@@ -38,6 +38,36 @@ def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:
         pass
 
 
+def progress_of(client: redis.Redis, request_id: str) -> dict[str, Any] | None:
+    """Where a request without a record stands, read from its events (None: it has none).
+
+    ``status`` is ``running`` until the request's ``done`` event, then that event's status;
+    ``stages`` are those started and not yet done (several at once for a multi-platform
+    request's platforms), oldest first.
+    """
+    entries: list[tuple[str, dict[str, str]]] = \
+        client.xrange(events_key(request_id))  # type: ignore[assignment]
+    if not entries:
+        return None
+    found: dict[str, Any] = {"id": request_id, "status": "running",
+                             "started_at": int(str(entries[0][0]).split("-")[0]) / 1000}
+    open_stages: dict[str, None] = {}
+    for _, fields in entries:
+        kind = fields.get("kind")
+        if kind == "stage" and fields.get("state") == "done":
+            open_stages.pop(fields.get("stage", ""), None)
+        elif kind == "stage":
+            open_stages[fields.get("stage", "")] = None
+        elif kind == "hashed":
+            found.update(source_hash=fields.get("source_hash"), tag=fields.get("tag"))
+        elif kind == "attached":
+            found["attached"] = True
+        elif kind == "done":
+            found["status"] = fields.get("status") or "ended"
+    found["stages"] = list(open_stages) if found["status"] == "running" else []
+    return found
+
+
 #: Longest a build log line waits in a writer's buffer before it reaches the stream.
 FLUSH_AFTER = 0.2
 

@@ -476,22 +476,27 @@ def _redis() -> Any:
 @cli.command()
 @click.argument("ident")
 def status(ident: str) -> None:
-    """Show the record of a request id or source hash (or tag)."""
+    """Show the record of a request id or source hash (or tag); a request still queued or
+    running shows where it stands."""
     from tasks.cli.lookout import pool_notice
+    from tasks.events import progress_of
     from tasks.queued import find_queued
     from tasks.records import find
 
     client = _redis()
     found = find(client, ident)
-    if found is None:
-        queued = find_queued(client, ident)
-        if queued is None:
-            raise InputError(f"no record for {ident!r}.",
-                             "Give a request id printed by `buildq build`, a source hash or a tag.")
+    queued = find_queued(client, ident) if found is None else None
+    if queued is not None:
         notice = pool_notice(client, queued.pool)
         if notice:
             _warn(notice)
         found = queued.as_dict(ident)
+    elif found is None:
+        # Taken by a worker, not answered yet: its events say how far it got.
+        found = progress_of(client, ident)
+    if found is None:
+        raise InputError(f"no record for {ident!r}.",
+                         "Give a request id printed by `buildq build`, a source hash or a tag.")
     click.echo(json.dumps(found, indent=2, sort_keys=True))
 
 

@@ -3,6 +3,7 @@ final status line, the exit code of ``buildq build``; Ctrl-C stops only the foll
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -122,7 +123,17 @@ def test_ctrl_c_stops_following_not_the_build(cluster: Cluster, tmp_path: Path,
     follower.send_signal(signal.SIGINT)
     assert _stopped(follower, 20) == 130
     assert follower.stderr is not None and "stopped following" in follower.stderr.read()
+    # Taken, not answered: status says where it stands rather than "no record".
+    shown = subprocess.run(_cli(cluster, "status", request_id), cwd=REPO, env=cluster.env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    standing = json.loads(shown.stdout)
+    assert standing["status"] == "running" and standing["stages"] == ["build"], standing
+    assert standing["tag"] and standing["source_hash"].startswith(standing["tag"]), standing
     record = outcome(app.AsyncResult(request_id), timeout=120)
     assert record["status"] == "built", record
+    ended = subprocess.run(_cli(cluster, "status", request_id), cwd=REPO, env=cluster.env,
+                           capture_output=True, text=True, timeout=60)
+    assert json.loads(ended.stdout)["digest"] == record["digest"], ended.stdout
     services.wait_for(lambda: cluster.registry.digest("follow/interrupted", record["tag"]), 10,
                       "the image")
