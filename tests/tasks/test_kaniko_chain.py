@@ -495,3 +495,25 @@ def test_two_platforms_build_one_job_each_on_a_node_of_their_arch_under_one_inde
     image = f"{kc.registry.host}/{repo}@{record['digest']}"
     assert _cat_arch(image, "linux/arm64") == "aarch64"
     assert _cat_arch(image, "linux/amd64") == "x86_64"
+
+    # The same request again: every platform's image exists, so no Job, and the same index.
+    again = build_image.delay(str(app), builder="kaniko", config=kc.config(repo, "s3"),
+                              platform=list(reversed(platforms))).get(timeout=300)
+    assert again["status"] == "skipped", again
+    assert (again["tag"], again["digest"]) == (record["tag"], record["digest"])
+    for platform in platforms:
+        assert len(creations.of(entries[platform]["source_hash"])) == 1
+
+
+def test_a_platform_kaniko_cannot_build_is_refused_before_any_job(
+        kc: KanikoCluster, creations: JobEvents, tmp_path: Path) -> None:
+    app = _app(tmp_path, kc.base)
+    repo = _repo("windows")
+    record = answer_of(build_image.delay(str(app), builder="kaniko", config=kc.config(repo, "s3"),
+                                         platform=["linux/amd64", "windows/amd64"]), timeout=120)
+    assert record["status"] == "failed" and record["error_kind"] == "input", record
+    assert "the kaniko pool builds Linux images only" in record["error"]
+    assert "windows/amd64" in record["error"]
+    assert not record.get("platforms") and creations.added == []
+    pushed = requests.get(f"{kc.registry.url}/v2/{repo}/tags/list", timeout=10)
+    assert pushed.status_code == 404 or not pushed.json().get("tags"), pushed.text
