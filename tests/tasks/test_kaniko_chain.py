@@ -147,6 +147,11 @@ def _gcs(emulator: services.StandIn) -> Store:
 def _apply_deploy(kube: ControlPlane) -> None:
     """``kubectl apply -k deploy/kubernetes``, as an operator would (the control plane runs
     no Deployment controller, so the Deployment makes no pod: the pool runs here)."""
+    # tests/kube/test_node.py deletes the namespace without waiting: in one session with it,
+    # applying while the namespace is still terminating would be refused.
+    services.wait_for(lambda: kube.kubectl("get", "namespace", NAMESPACE, "-o",
+                                           "jsonpath={.status.phase}").stdout != "Terminating",
+                      120, f"namespace {NAMESPACE}, deleted by an earlier test, to be gone")
     applied = kube.kubectl("apply", "-k", str(REPO / "deploy" / "kubernetes"), timeout=120)
     assert applied.returncode == 0, applied.stderr
 
