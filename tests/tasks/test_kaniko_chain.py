@@ -411,6 +411,12 @@ def test_api_server_restarted_mid_build(kc: KanikoCluster, creations: JobEvents,
     assert relisted, _log_lines(kc, record["source_hash"])
 
 
+@pytest.fixture(scope="module")
+def multi_base(kaniko_cluster: KanikoCluster) -> str:
+    """A busybox base for amd64, arm64 and arm/v7 under one index in the test registry."""
+    return services.push_multiplatform_base(kaniko_cluster.registry.host)
+
+
 @pytest.fixture
 def arm64_node(kc: KanikoCluster) -> Iterator[str]:
     """A second node, labelled kubernetes.io/arch=arm64, for the time of one test."""
@@ -454,9 +460,9 @@ def _cat_arch(image: str, platform: str) -> str:
 
 
 def test_two_platforms_build_one_job_each_on_a_node_of_their_arch_under_one_index(
-        kc: KanikoCluster, creations: JobEvents, arm64_node: str, tmp_path: Path) -> None:
-    base = services.push_multiplatform_base(kc.registry.host)
-    app = _app(tmp_path, base, "RUN uname -m > /arch\n")
+        kc: KanikoCluster, creations: JobEvents, arm64_node: str, multi_base: str,
+        tmp_path: Path) -> None:
+    app = _app(tmp_path, multi_base, "RUN uname -m > /arch\n")
     repo = _repo("multi")
     platforms = ["linux/amd64", "linux/arm64"]
     placements = PodNodes(kc.kube, NAMESPACE)
@@ -522,3 +528,22 @@ def test_a_platform_kaniko_cannot_build_is_refused_before_any_job(
     assert not record.get("platforms") and creations.added == []
     pushed = requests.get(f"{kc.registry.url}/v2/{repo}/tags/list", timeout=10)
     assert pushed.status_code == 404 or not pushed.json().get("tags"), pushed.text
+
+
+def test_a_platform_no_node_has_fails_at_the_deadline_naming_the_node_selector(
+        kc: KanikoCluster, creations: JobEvents, multi_base: str, tmp_path: Path) -> None:
+    # The cluster has no arm node: the Job's pod is never scheduled, and the Job controller
+    # ends it at its deadline (an autoscaler could have added a node meanwhile).
+    app = _app(tmp_path, multi_base, "RUN uname -m > /arch\n")
+    config = kc.config(_repo("no-arm-node"), "s3",
+                       **{"kaniko-config": {"spec": {"activeDeadlineSeconds": 20}}})
+    record = answer_of(build_image.delay(str(app), builder="kaniko", config=config,
+                                         platform="linux/arm/v7"), timeout=600)
+    assert record["status"] == "failed" and record["error_kind"] == "build", record
+    assert "(DeadlineExceeded) with its pod never scheduled" in record["error"], record
+    assert "(node selector kubernetes.io/arch=arm, kubernetes.io/os=linux)" in record["error"]
+    assert "didn't match Pod's node affinity/selector" in record["error"]
+    assert "Add a node those labels select" in record["error"], record
+    assert any("the pod waits for a node" in line for line in _log_lines(kc, record["source_hash"]))
+    assert len(creations.of(record["source_hash"])) == 1
+    _nothing_left(kc, "s3", record["source_hash"])
