@@ -204,6 +204,8 @@ def _check_kaniko_config(spec: Mapping[str, Any], problems: Problems) -> None:
     if restart != "Never":
         problems.add(f"{base}.spec.template.spec.restartPolicy", show(restart), "Never",
                      "A restarted kaniko would build on a dirty filesystem; remove the key.")
+    _check_node_selector(pod_spec.get("nodeSelector"), f"{base}.spec.template.spec.nodeSelector",
+                         problems)
     containers = pod_spec.get("containers") or []
     where = f"{base}.spec.template.spec.containers"
     if not isinstance(containers, list):
@@ -221,6 +223,22 @@ def _check_kaniko_config(spec: Mapping[str, Any], problems: Problems) -> None:
                          "Write the container as 'name: ..., args: [...]'.")
             continue
         _check_kaniko_args(container.get("args"), f"{where}[{i}].args", problems)
+
+
+def _check_node_selector(selector: Any, path: str, problems: Problems) -> None:
+    # Merged over buildq's own kubernetes.io/{os,arch} selector of a platform's Job: a
+    # label given here wins, and null drops ours (see workers/builders/kaniko/manifest.py).
+    if selector is None:
+        return
+    if not isinstance(selector, Mapping):
+        problems.add(path, show(selector), "a mapping of node labels to values",
+                     "Write it as 'label: value' pairs.")
+        return
+    for label, value in selector.items():
+        if value is not None and not isinstance(value, str):
+            problems.add(f"{path}.{label}", show(value), "a string (or null)",
+                         "Quote the value (\"true\", \"1\"); null drops buildq's own "
+                         "selector for that label.")
 
 
 def _check_kaniko_args(args: Any, path: str, problems: Problems) -> None:

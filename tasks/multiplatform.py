@@ -5,8 +5,10 @@ single-platform request per platform, each a chain of its own (fetch â†’ hash â†
 record) with its own inputs, hash, tag, lock and skip check: a platform whose image
 exists is not built again, and two overlapping requests build a shared platform once,
 because the per-hash lock sees to it. The platforms' chains run in parallel across the
-pools, a build for a platform going only to a docker-pool host that can build it (see
-``tasks.app.platform_queue``).
+pools: on the docker pool a build for a platform goes only to a host that can build it
+(see ``tasks.app.platform_queue``); on the kaniko pool every platform's build is a Job of
+its own (the ``kaniko`` queue), whose node selector picks a node of the platform's
+architecture (workers/builders/kaniko/manifest.py ``platform_node_selector``).
 
 The request's own task becomes ``assemble`` (queue ``control``), which looks at the
 platforms' answers and hands itself back to the broker with a short countdown while

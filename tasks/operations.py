@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from config import LaunchConfig, config_from_mapping, load_config
 from config.errors import BuildError, BuildqError, ConfigError, InputError
-from config.names import HASH_LABEL, PLATFORM_FORMS, split_platforms
+from config.names import HASH_LABEL, PLATFORM_FORMS, platform_fields, split_platforms
 from config.policy import DestinationPolicy, check_push_targets
 from config.references import ImageRef, parse_destination, parse_image_ref
 from config.settings import Settings, check_notify_url
@@ -184,13 +184,18 @@ def check_platforms(platform: object, what: str) -> list[str]:
     return found
 
 
-def kaniko_platforms(platforms: list[str]) -> InputError:
-    # A Kaniko Job builds its node's platform only; one Job per platform (a node selector
-    # on kubernetes.io/arch each) is the way there, not built yet.
-    return InputError("the kaniko pool builds one platform per request for now, and this one "
-                      f"names {len(platforms)}: {', '.join(platforms)}.",
-                      "Build a multi-platform image on the docker pool (builder.type: docker), "
-                      "or send one request per platform.")
+def check_kaniko_platforms(platforms: list[str]) -> None:
+    """Refuse a platform the kaniko pool cannot build: kaniko builds Linux images only.
+
+    Every other platform gets a Job of its own, on a node of its architecture (see
+    workers/builders/kaniko/manifest.py ``platform_node_selector``).
+    """
+    foreign = [p for p in platforms if platform_fields(p)["os"] != "linux"]
+    if foreign:
+        raise InputError(f"the kaniko pool builds Linux images only, and this request names "
+                         f"{', '.join(foreign)}.",
+                         "Build it on a docker-pool host of that operating system "
+                         "(builder.type: docker), or ask for linux/<arch> platforms.")
 
 
 def check_base_policy(policy: str) -> str:
@@ -232,8 +237,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 f"building is disabled (builder.type: noop) but a {spec.kind} source needs a build.",
                 "Set builder.type to docker (with a Docker Engine) or kaniko, or pass --builder.")
         if state.builder == "kaniko":
-            if state.platforms:
-                raise kaniko_platforms(state.platforms)
+            check_kaniko_platforms(state.platforms or [p for p in [state.platform] if p])
             state.context_store = kaniko_store(cfg)
     except InputError as exc:
         state.fail(str(exc), exc.kind)

@@ -189,14 +189,14 @@ def build(source: str, destination: str | None, ref: str | None, dockerfile: str
 def _check_request(source: str, kwargs: dict[str, Any], cfg: Any, settings: Any) -> None:
     """Refuse what a worker would refuse (bad options, a source or destination outside the
     operator's rules) here, before anything is shipped or queued; the worker checks again."""
-    from tasks.operations import describe_request, kaniko_platforms
+    from tasks.operations import check_kaniko_platforms, describe_request
 
     options = {k: v for k, v in kwargs.items() if k not in ("builder", "config")}
     # A local directory or archive is shipped to the upload area, which workers may read.
     state, _, _ = describe_request("local", source, settings, config=cfg.to_mapping(),
                                    for_workers=True, shipped=True, **options)
-    if state.platforms and (kwargs.get("builder") or cfg.builder.type) == "kaniko":
-        raise kaniko_platforms(state.platforms)
+    if (kwargs.get("builder") or cfg.builder.type) == "kaniko":
+        check_kaniko_platforms(state.platforms or [p for p in [state.platform] if p])
 
 
 def _check_bases(source: str, ref: str | None, dockerfile: str | None,
@@ -722,10 +722,18 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
                build_args: tuple[str, ...], target: str | None, platform: str | None,
                secrets: tuple[str, ...], base_policy: str | None, entrypoint: str | None,
                python: str | None, gpu: bool, config_path: str | None) -> None:
-    """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it."""
+    """Print the Kaniko Job manifest (YAML) SOURCE would get, without creating it: one
+    document per platform when several are asked for (one Job each)."""
+    import dataclasses
+
     import yaml
 
-    from tasks.operations import hash_elsewhere, kaniko_platforms, kaniko_request, kaniko_store
+    from tasks.operations import (
+        check_kaniko_platforms,
+        hash_elsewhere,
+        kaniko_request,
+        kaniko_store,
+    )
     from workers.builders.kaniko import render_job
 
     settings = _settings()
@@ -733,16 +741,19 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
                             build_args=build_args, target=target, platform=platform,
                             secrets=secrets, entrypoint=entrypoint, python=python, gpu=gpu,
                             config_path=config_path, base_policy=base_policy)
-    if state.platforms:
-        raise kaniko_platforms(state.platforms)
+    check_kaniko_platforms(state.platforms or [p for p in [state.platform] if p])
     if state.ref is None or not cfg.builder.build_context_store:
         raise InputError("a kaniko Job needs builder.destination and builder.build-context-store.",
                          "Set both in the launch-config (or pass --destination).")
     state.context_store = kaniko_store(cfg)
-    hash_elsewhere(state, settings)
-    _show_bases(state)
-    request = kaniko_request(state, settings)
-    click.echo(yaml.safe_dump(render_job(request, cfg, settings), sort_keys=False).rstrip())
+    singles = ([dataclasses.replace(state, platform=one, platforms=[]) for one in state.platforms]
+               or [state])
+    jobs = []
+    for single in singles:
+        hash_elsewhere(single, settings)
+        jobs.append(render_job(kaniko_request(single, settings), cfg, settings))
+    _show_bases(singles[-1])
+    click.echo(yaml.safe_dump_all(jobs, sort_keys=False).rstrip())
 
 
 @cli.command()

@@ -201,3 +201,31 @@ def test_a_command_line_destination_completes_a_kaniko_config(tmp_path: Path) ->
                             builder=None, config=config)
         assert state.error is None, state.error
         assert (state.builder, state.destination) == ("kaniko", "registry.example.com/team/app")
+
+
+def test_kaniko_job_prints_one_job_per_platform_with_the_tags_buildq_hash_prints(
+        tmp_path: Path) -> None:
+    import yaml
+
+    cfg = tmp_path / "kaniko.yaml"
+    cfg.write_text("builder:\n  type: kaniko\n  build-context-store: s3://contexts/ctx\n"
+                   "  destination: registry.example.com/team/app\n")
+    app = make_app(tmp_path / "src", "local/busybox:base")
+    env = embedded_env(tmp_path)
+    options = ["--platform", "linux/amd64,linux/arm64", "--base-policy", "tag", "--config", str(cfg)]
+    run = run_buildq(["kaniko-job", str(app), *options], env, timeout=60)
+    assert run.code == 0, run
+    jobs = list(yaml.safe_load_all(run.stdout))
+    hashed = run_buildq(["hash", str(app), *options], env, timeout=60)
+    assert hashed.code == 0, hashed
+    tags = dict(line.split(" ", 1) for line in hashed.stdout.splitlines())
+    assert len(jobs) == 2
+    for job, platform in zip(jobs, ("linux/amd64", "linux/arm64"), strict=True):
+        pod = job["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        assert f"--custom-platform={platform}" in args
+        assert f"--destination=registry.example.com/team/app:{tags[platform]}" in args
+        assert pod["nodeSelector"] == {"kubernetes.io/os": "linux",
+                                       "kubernetes.io/arch": platform.split("/")[1]}
+    # Each platform's Job has its own name: its own hash.
+    assert len({job["metadata"]["name"] for job in jobs}) == 2

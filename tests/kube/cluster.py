@@ -265,10 +265,13 @@ class ControlPlane:
                                     start_new_session=True, cwd=REPO)
         self.pids[name] = proc.pid
         self.commands[name] = args
+        self._save_state()
+        return log
+
+    def _save_state(self) -> None:
         self.state_file.write_text(json.dumps(
             {"etcd_port": self.etcd_port, "api_port": self.api_port, "kubelet_port": self.kubelet_port,
              "pids": self.pids, "commands": self.commands}) + "\n")
-        return log
 
     def restart(self, name: str) -> None:
         """Stop one process and start it again as it was started (an API server restarted in
@@ -386,13 +389,43 @@ class ControlPlane:
         say(f"kube up: node {NODE_NAME} Ready")
         return self.kubeconfig
 
+    def add_node(self, name: str, arch: str) -> None:
+        """Start another test kubelet, registering node ``name`` that advertises ``arch``
+        (``kubernetes.io/arch``); back once it is Ready.
+
+        It is this host all the same: its containers run on the same Engine and CPU, so a
+        node "of" another architecture runs that architecture's binaries only through the
+        host's QEMU binfmt handlers (what kaniko's ``RUN`` steps of a foreign base do).
+        """
+        port = free_port()
+        log = self._start(f"kubelet-{name}", [
+            sys.executable, "-m", "tests.kube.kubelet", f"--node-name={name}", f"--arch={arch}",
+            f"--directory={self.directory / f'kubelet-{name}'}", f"--kubeconfig={self.kubeconfig}",
+            f"--pki={self.directory / 'pki'}", f"--port={port}", f"--api-port={self.api_port}",
+            f"--kubernetes-version={build.read_pins().kubernetes}"])
+        ready = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
+        wait_for(lambda: "True" in self.kubectl("get", "node", name, "-o", ready).stdout,
+                 60, f"node {name} Ready", log)
+
+    def remove_node(self, name: str) -> None:
+        """Stop the kubelet ``add_node`` started, remove its containers and its Node."""
+        self._stop(f"kubelet-{name}")
+        self.commands.pop(f"kubelet-{name}", None)
+        self._save_state()  # so that `down` never signals a pid this one no longer owns
+        directory = self.directory / f"kubelet-{name}"
+        if directory.exists():
+            kubelet.remove_containers(directory.resolve())
+        self.kubectl("delete", "node", name, "--wait=false")
+
     def down(self) -> None:
         if self.state_file.exists():
             self.pids = json.loads(self.state_file.read_text())["pids"]
-        for name in ("kubelet", "kube-controller-manager", "kube-apiserver", "etcd"):
+        added = [name for name in self.pids if name.startswith("kubelet-")]
+        for name in (*added, "kubelet", "kube-controller-manager", "kube-apiserver", "etcd"):
             self._stop(name)
-        if self.kubelet_directory.exists():
-            kubelet.remove_containers(self.kubelet_directory.resolve())
+        for directory in self.directory.glob("kubelet*"):
+            if directory.is_dir():
+                kubelet.remove_containers(directory.resolve())
         self.state_file.unlink(missing_ok=True)
 
 

@@ -1,6 +1,8 @@
 """What the real API server says happened to the Jobs of one namespace, for tests that
 count them: every Job admitted (ADDED) and removed (DELETED), in order, from a watch that
-resumes where it was when the API server goes away (restarted, behind a fault proxy)."""
+resumes where it was when the API server goes away (restarted, behind a fault proxy); and
+which node each build's pods were bound to (they are deleted with their Job, so a test
+reads it while they live)."""
 
 from __future__ import annotations
 
@@ -67,6 +69,54 @@ class JobEvents:
             live += 1 if kind == "ADDED" else -1
             most = max(most, live)
         return most
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+class PodNodes:
+    """A watch on the namespace's pods, started at once: the node each build's pods were
+    bound to (``spec.nodeName``), by the source hash their annotation names; ``close()`` it."""
+
+    def __init__(self, kube: ControlPlane, namespace: str) -> None:
+        from kubernetes import client
+
+        self.kube = kube
+        self.namespace = namespace
+        #: source hash → the nodes its pods were bound to, in the order first seen.
+        self.nodes: dict[str, list[str]] = {}
+        self._stop = threading.Event()
+        api = kube.api_client()
+        try:
+            core: Any = client.CoreV1Api(api)
+            self._version = core.list_namespaced_pod(namespace).metadata.resource_version
+        finally:
+            api.close()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="pod-nodes")
+        self._thread.start()
+
+    def _run(self) -> None:
+        from kubernetes import client, watch
+
+        while not self._stop.is_set():
+            api = self.kube.api_client()
+            try:
+                core: Any = client.CoreV1Api(api)
+                for event in watch.Watch().stream(core.list_namespaced_pod, self.namespace,
+                                                  resource_version=self._version, timeout_seconds=5):
+                    pod = event["raw_object"]
+                    self._version = pod["metadata"]["resourceVersion"]
+                    source_hash = (pod["metadata"].get("annotations") or {}).get(HASH_LABEL)
+                    node = (pod.get("spec") or {}).get("nodeName")
+                    if source_hash and node and node not in self.nodes.get(source_hash, []):
+                        self.nodes.setdefault(source_hash, []).append(node)
+                    if self._stop.is_set():
+                        break
+            except Exception:  # the API server away: resume from _version
+                self._stop.wait(1)
+            finally:
+                api.close()
 
     def close(self) -> None:
         self._stop.set()

@@ -6,7 +6,14 @@ What it does, as a kubelet does it, through the real API server:
 - registers a Node (Ready, ``kubernetes.io/{arch,os,hostname}``, InternalIP 127.0.0.1,
   its kubelet port in ``daemonEndpoints``);
 - binds every pod without a ``nodeName`` whose ``nodeSelector`` its labels satisfy (there is
-  no scheduler); a pod they do not satisfy stays Pending with ``PodScheduled=False``;
+  no scheduler); a pod they do not satisfy stays Pending with ``PodScheduled=False``. With
+  several kubelets (``ControlPlane.add_node``) each binds what its own labels satisfy, the
+  first binding wins (the API server answers the others 409), and none marks a pod that
+  another has bound;
+- ``--arch`` makes it advertise another architecture than this host's (``kubernetes.io/arch``
+  and ``nodeInfo.architecture``): a node that stands in for, say, an arm64 machine. Its
+  containers still run on this host's Engine with this host's CPU; only what those
+  containers run of a foreign architecture runs under the host's QEMU binfmt handlers;
 - runs a bound pod's init containers, then its containers, each as a Docker container on the
   host network (the Engine here has no bridge, and the test services listen on loopback),
   with the pod's env (``value``, ``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``,
@@ -138,7 +145,8 @@ def _labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 class Kubelet:
     def __init__(self, *, node_name: str, directory: Path, kubeconfig: Path, pki: Path, port: int,
-                 kubernetes_version: str, api_port: int, docker_url: str = DOCKER_URL) -> None:
+                 kubernetes_version: str, api_port: int, docker_url: str = DOCKER_URL,
+                 arch: str | None = None) -> None:
         import docker
         from kubernetes import client, config
 
@@ -149,11 +157,13 @@ class Kubelet:
         self.kubernetes_version = kubernetes_version
         self.api_port = api_port
         self.docker_url = docker_url
+        #: The architecture this node advertises (see the module's docstring on ``--arch``).
+        self.arch = arch or _arch()
         self.api = config.new_client_from_config(config_file=str(kubeconfig))
         # Typed as Any: every call here sends and reads plain dicts (the API's JSON).
         self.core: Any = client.CoreV1Api(self.api)
         self.docker = docker.DockerClient(base_url=docker_url)
-        self.node_labels = {"kubernetes.io/arch": _arch(), "kubernetes.io/os": "linux",
+        self.node_labels = {"kubernetes.io/arch": self.arch, "kubernetes.io/os": "linux",
                             "kubernetes.io/hostname": node_name}
         self.workers: dict[str, PodWorker] = {}
         self.terminating: set[str] = set()
@@ -186,7 +196,7 @@ class Kubelet:
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.port}},
             "nodeInfo": {
                 "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": platform.release(),
-                "osImage": "buildq test kubelet", "operatingSystem": "linux", "architecture": _arch(),
+                "osImage": "buildq test kubelet", "operatingSystem": "linux", "architecture": self.arch,
                 "containerRuntimeVersion": f"docker://{version.get('Version', '')}",
                 "kubeletVersion": self.kubernetes_version, "kubeProxyVersion": ""},
         }
@@ -261,7 +271,9 @@ class Kubelet:
             def unschedulable(status: dict[str, Any]) -> None:
                 status["phase"] = "Pending"
                 _set_condition(status, "PodScheduled", "False", "Unschedulable", UNSCHEDULABLE_MESSAGE)
-            self.put_status(meta["namespace"], meta["name"], meta["uid"], unschedulable)
+            # Another kubelet may have bound it meanwhile: its status is that node's to tell.
+            self.put_status(meta["namespace"], meta["name"], meta["uid"], unschedulable,
+                            unbound_only=True)
             return
         binding = {"apiVersion": "v1", "kind": "Binding",
                    "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
@@ -326,8 +338,9 @@ class Kubelet:
         shutil.rmtree(self.directory / "pods" / uid, ignore_errors=True)
 
     def put_status(self, namespace: str, name: str, uid: str,
-                   change: Callable[[dict[str, Any]], None]) -> bool:
-        """Apply ``change`` to the pod's status on the server (re-read on conflicts)."""
+                   change: Callable[[dict[str, Any]], None], unbound_only: bool = False) -> bool:
+        """Apply ``change`` to the pod's status on the server (re-read on conflicts); with
+        ``unbound_only``, not once the pod is bound to a node."""
         from kubernetes.client.exceptions import ApiException
 
         for _ in range(20):
@@ -338,6 +351,8 @@ class Kubelet:
                     return False
                 raise
             if pod["metadata"]["uid"] != uid:
+                return False
+            if unbound_only and (pod.get("spec") or {}).get("nodeName"):
                 return False
             status = pod.setdefault("status", {})
             change(status)
@@ -1226,12 +1241,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="kubelet API port on 127.0.0.1")
     parser.add_argument("--api-port", type=int, required=True, help="the API server's port, for pods")
     parser.add_argument("--kubernetes-version", default="v0.0.0")
+    parser.add_argument("--arch", help="the architecture the node advertises (default: this host's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.directory.mkdir(parents=True, exist_ok=True)
     kubelet = Kubelet(node_name=args.node_name, directory=args.directory.resolve(),
                       kubeconfig=args.kubeconfig, pki=args.pki, port=args.port,
-                      kubernetes_version=args.kubernetes_version, api_port=args.api_port)
+                      kubernetes_version=args.kubernetes_version, api_port=args.api_port,
+                      arch=args.arch)
 
     def stop(signum: int, frame: object) -> None:
         kubelet.stopping.set()

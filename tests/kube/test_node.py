@@ -19,7 +19,7 @@ import pytest
 
 from tests import services
 from tests.kube import kubelet
-from tests.kube.cluster import REPO, ControlPlane, wait_for
+from tests.kube.cluster import NODE_NAME, REPO, ControlPlane, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -348,6 +348,33 @@ def test_a_node_selector_the_node_does_not_match_leaves_the_pod_unscheduled(
     assert (condition["status"], condition["reason"]) == ("False", "Unschedulable")
     assert not pod["spec"].get("nodeName")
     assert pod["status"]["phase"] == "Pending"
+
+
+def test_a_second_node_advertising_arm64_runs_the_pods_that_select_it(
+        kube: ControlPlane, kube_namespace: str, core: Any) -> None:
+    import platform
+
+    kube.add_node("arm64-standin", "arm64")
+    try:
+        for name, arch in (("on-arm64", "arm64"), ("on-host", kubelet._arch())):
+            core.create_namespaced_pod(kube_namespace, pod_manifest(
+                name, ["busybox", "uname", "-m"], nodeSelector={"kubernetes.io/arch": arch}))
+        arm64 = wait_pod(core, kube_namespace, "on-arm64", finished, "finished")
+        host = wait_pod(core, kube_namespace, "on-host", finished, "finished")
+        assert (arm64["spec"]["nodeName"], host["spec"]["nodeName"]) == ("arm64-standin",
+                                                                          NODE_NAME)
+        for pod in (arm64, host):
+            assert pod["status"]["phase"] == "Succeeded", pod["status"]
+            scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+            assert scheduled["status"] == "True", scheduled
+        # Its logs come from its own kubelet API, through the API server. The node is this
+        # host all the same: an image of the host's architecture runs natively there.
+        assert core.read_namespaced_pod_log("on-arm64", kube_namespace) == f"{platform.machine()}\n"
+        labels = json.loads(core.read_node("arm64-standin", _preload_content=False).data)
+        assert labels["metadata"]["labels"]["kubernetes.io/arch"] == "arm64"
+        assert labels["status"]["nodeInfo"]["architecture"] == "arm64"
+    finally:
+        kube.remove_node("arm64-standin")
 
 
 def test_deleting_a_running_pod_stops_and_removes_its_container(kube_namespace: str, core: Any) -> None:

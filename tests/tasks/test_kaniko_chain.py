@@ -38,7 +38,7 @@ from tests import services
 from tests.conftest import AWS_ENV
 from tests.kube import kaniko
 from tests.kube.cluster import ControlPlane
-from tests.kube.jobs import JobEvents
+from tests.kube.jobs import JobEvents, PodNodes
 from tests.tasks.conftest import REPO, Cluster, make_cluster, point_app_at, use_cluster
 from workers.builders.kaniko.manifest import LABEL_HASH_CHARS
 
@@ -57,6 +57,12 @@ AWS_KEYS_SECRET = "aws-standin-keys"
 #: The one login the htpasswd registry takes, and the wrong one a test hands kaniko.
 PUSH_USER = ("kaniko-pusher", "push-secret-7b2c")
 WRONG_LOGIN_SECRET = "wrong-registry-login"
+#: The second node of the multi-platform test: a test kubelet advertising arm64 (this amd64
+#: host all the same, running arm64 binaries through QEMU; see tests/kube/README.md).
+ARM64_NODE = "buildq-node-arm64"
+#: What an index or manifest list may be served as.
+INDEX_ACCEPT = ("application/vnd.oci.image.index.v1+json, "
+                "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
 @dataclasses.dataclass
@@ -141,6 +147,11 @@ def _gcs(emulator: services.StandIn) -> Store:
 def _apply_deploy(kube: ControlPlane) -> None:
     """``kubectl apply -k deploy/kubernetes``, as an operator would (the control plane runs
     no Deployment controller, so the Deployment makes no pod: the pool runs here)."""
+    # tests/kube/test_node.py deletes the namespace without waiting: in one session with it,
+    # applying while the namespace is still terminating would be refused.
+    services.wait_for(lambda: kube.kubectl("get", "namespace", NAMESPACE, "-o",
+                                           "jsonpath={.status.phase}").stdout != "Terminating",
+                      120, f"namespace {NAMESPACE}, deleted by an earlier test, to be gone")
     applied = kube.kubectl("apply", "-k", str(REPO / "deploy" / "kubernetes"), timeout=120)
     assert applied.returncode == 0, applied.stderr
 
@@ -398,3 +409,141 @@ def test_api_server_restarted_mid_build(kc: KanikoCluster, creations: JobEvents,
     # start moved past the follower's: resuming is refused (410 Gone) and it relists.
     relisted = [line for line in _log_lines(kc, record["source_hash"]) if "(410)" in line]
     assert relisted, _log_lines(kc, record["source_hash"])
+
+
+@pytest.fixture(scope="module")
+def multi_base(kaniko_cluster: KanikoCluster) -> str:
+    """A busybox base for amd64, arm64 and arm/v7 under one index in the test registry."""
+    return services.push_multiplatform_base(kaniko_cluster.registry.host)
+
+
+@pytest.fixture
+def arm64_node(kc: KanikoCluster) -> Iterator[str]:
+    """A second node, labelled kubernetes.io/arch=arm64, for the time of one test."""
+    handler = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    if not handler.exists() or not handler.read_text().startswith("enabled"):
+        pytest.fail("no enabled QEMU binfmt handler for arm64 on this host: run "
+                    "scripts/bootstrap --tests", pytrace=False)
+    kc.kube.add_node(ARM64_NODE, "arm64")
+    yield ARM64_NODE
+    kc.kube.remove_node(ARM64_NODE)
+
+
+def _node_arch(kube: ControlPlane, node: str) -> str:
+    shown = kube.kubectl("get", "node", node, "-o", "jsonpath={.metadata.labels.kubernetes\\.io/arch}")
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout.strip()
+
+
+def _image_arch(kc: KanikoCluster, repo: str, digest: str) -> str:
+    """The architecture an image's config says (what kaniko recorded, not the index)."""
+    manifest = requests.get(f"{kc.registry.url}/v2/{repo}/manifests/{digest}", timeout=10, headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json, "
+                  "application/vnd.docker.distribution.manifest.v2+json"})
+    assert manifest.status_code == 200, manifest.text
+    config = requests.get(f"{kc.registry.url}/v2/{repo}/blobs/{manifest.json()['config']['digest']}",
+                          timeout=10)
+    assert config.status_code == 200, config.text
+    return str(config.json()["architecture"])
+
+
+def _cat_arch(image: str, platform: str) -> str:
+    """``cat /arch`` in ``image`` (an index by digest) run for ``platform``, then the local
+    copy dropped: Engine 20.10 keeps one platform per digest reference."""
+    try:
+        done = subprocess.run(["docker", "run", "--rm", "--network", "none", "--platform", platform,
+                               image, "cat", "/arch"], capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["docker", "image", "rm", image], capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_two_platforms_build_one_job_each_on_a_node_of_their_arch_under_one_index(
+        kc: KanikoCluster, creations: JobEvents, arm64_node: str, multi_base: str,
+        tmp_path: Path) -> None:
+    app = _app(tmp_path, multi_base, "RUN uname -m > /arch\n")
+    repo = _repo("multi")
+    platforms = ["linux/amd64", "linux/arm64"]
+    placements = PodNodes(kc.kube, NAMESPACE)
+    try:
+        record = build_image.delay(str(app), builder="kaniko", config=kc.config(repo, "s3"),
+                                   platform=platforms).get(timeout=800)
+    finally:
+        placements.close()
+    assert record["status"] == "built", record
+
+    # The record's digest is an index in the registry naming each platform's image.
+    index = requests.get(f"{kc.registry.url}/v2/{repo}/manifests/{record['digest']}",
+                         headers={"Accept": INDEX_ACCEPT}, timeout=10)
+    assert index.status_code == 200, index.text
+    assert index.headers["Content-Type"] == record["index"]["media_type"]
+    assert kc.registry.digest(repo, record["tag"]) == record["digest"]
+    entries = {entry["platform"]: entry for entry in record["platforms"]}
+    named = {"/".join(filter(None, (m["platform"]["os"], m["platform"]["architecture"],
+                                    m["platform"].get("variant")))): m["digest"]
+             for m in index.json()["manifests"]}
+    assert named == {p: entries[p]["digest"] for p in platforms}
+
+    for platform in platforms:
+        entry, arch = entries[platform], platform.split("/")[1]
+        # (Its record counts no build: the lease notes docker builds only, see
+        # tasks/stages.py BUILD_STAGES; the one Job below is the one build.)
+        assert entry["status"] == "built" and entry["attached"] is False, entry
+        assert kc.registry.digest(repo, entry["tag"]) == entry["digest"]
+        assert _image_arch(kc, repo, entry["digest"]) == arch
+        # One Job per platform, for its platform, on a node of its architecture.
+        (uid,) = creations.of(entry["source_hash"])
+        (job,) = [j for j in creations.added if j["metadata"]["uid"] == uid]
+        pod_spec = job["spec"]["template"]["spec"]
+        assert f"--custom-platform={platform}" in pod_spec["containers"][0]["args"]
+        assert pod_spec["nodeSelector"] == {"kubernetes.io/os": "linux", "kubernetes.io/arch": arch}
+        (node,) = placements.nodes[entry["source_hash"]]
+        assert _node_arch(kc.kube, node) == arch
+        _nothing_left(kc, "s3", entry["source_hash"])
+    assert placements.nodes[entries["linux/arm64"]["source_hash"]] == [arm64_node]
+
+    image = f"{kc.registry.host}/{repo}@{record['digest']}"
+    assert _cat_arch(image, "linux/arm64") == "aarch64"
+    assert _cat_arch(image, "linux/amd64") == "x86_64"
+
+    # The same request again: every platform's image exists, so no Job, and the same index.
+    again = build_image.delay(str(app), builder="kaniko", config=kc.config(repo, "s3"),
+                              platform=list(reversed(platforms))).get(timeout=300)
+    assert again["status"] == "skipped", again
+    assert (again["tag"], again["digest"]) == (record["tag"], record["digest"])
+    for platform in platforms:
+        assert len(creations.of(entries[platform]["source_hash"])) == 1
+
+
+def test_a_platform_kaniko_cannot_build_is_refused_before_any_job(
+        kc: KanikoCluster, creations: JobEvents, tmp_path: Path) -> None:
+    app = _app(tmp_path, kc.base)
+    repo = _repo("windows")
+    record = answer_of(build_image.delay(str(app), builder="kaniko", config=kc.config(repo, "s3"),
+                                         platform=["linux/amd64", "windows/amd64"]), timeout=120)
+    assert record["status"] == "failed" and record["error_kind"] == "input", record
+    assert "the kaniko pool builds Linux images only" in record["error"]
+    assert "windows/amd64" in record["error"]
+    assert not record.get("platforms") and creations.added == []
+    pushed = requests.get(f"{kc.registry.url}/v2/{repo}/tags/list", timeout=10)
+    assert pushed.status_code == 404 or not pushed.json().get("tags"), pushed.text
+
+
+def test_a_platform_no_node_has_fails_at_the_deadline_naming_the_node_selector(
+        kc: KanikoCluster, creations: JobEvents, multi_base: str, tmp_path: Path) -> None:
+    # The cluster has no arm node: the Job's pod is never scheduled, and the Job controller
+    # ends it at its deadline (an autoscaler could have added a node meanwhile).
+    app = _app(tmp_path, multi_base, "RUN uname -m > /arch\n")
+    config = kc.config(_repo("no-arm-node"), "s3",
+                       **{"kaniko-config": {"spec": {"activeDeadlineSeconds": 20}}})
+    record = answer_of(build_image.delay(str(app), builder="kaniko", config=config,
+                                         platform="linux/arm/v7"), timeout=600)
+    assert record["status"] == "failed" and record["error_kind"] == "build", record
+    assert "(DeadlineExceeded) with its pod never scheduled" in record["error"], record
+    assert "(node selector kubernetes.io/arch=arm, kubernetes.io/os=linux)" in record["error"]
+    assert "didn't match Pod's node affinity/selector" in record["error"]
+    assert "Add a node those labels select" in record["error"], record
+    assert any("the pod waits for a node" in line for line in _log_lines(kc, record["source_hash"]))
+    assert len(creations.of(record["source_hash"])) == 1
+    _nothing_left(kc, "s3", record["source_hash"])

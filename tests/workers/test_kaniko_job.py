@@ -420,6 +420,56 @@ def test_job_runs_as_the_pools_service_account_unless_kaniko_config_names_one(
     assert account(cfg({"kaniko-config": elsewhere})) is None
 
 
+def _node_selector(platform: str | None, config: LaunchConfig) -> dict[str, str] | None:
+    pod = validated(render_job(request(platform=platform), config, SETTINGS))["spec"]["template"]
+    return pod["spec"].get("nodeSelector")
+
+
+def test_a_platform_selects_a_node_of_its_os_and_architecture() -> None:
+    assert _node_selector("linux/arm64", cfg()) == {"kubernetes.io/os": "linux",
+                                                    "kubernetes.io/arch": "arm64"}
+    assert _node_selector("linux/amd64", cfg()) == {"kubernetes.io/os": "linux",
+                                                    "kubernetes.io/arch": "amd64"}
+    # A variant is no node label: linux/arm/v7 goes to an arm node, kaniko picks v7.
+    m = validated(render_job(request(platform="linux/arm/v7"), cfg(), SETTINGS))
+    assert m["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/arch"] == "arm"
+    assert args_of(m, "--custom-platform") == ["linux/arm/v7"]
+    # No platform asked for: the Job goes wherever the scheduler puts it, as before.
+    assert _node_selector(None, cfg()) is None
+
+
+def test_kaniko_config_node_selector_wins_per_label_and_null_drops_ours() -> None:
+    def selector(labels: dict[str, str | None]) -> LaunchConfig:
+        return cfg({"kaniko-config": {"spec": {"template": {"spec": {"nodeSelector": labels}}}}})
+
+    # Their label is added to ours.
+    assert _node_selector("linux/arm64", selector({"pool": "builds"})) == {
+        "kubernetes.io/os": "linux", "kubernetes.io/arch": "arm64", "pool": "builds"}
+    # Their kubernetes.io/arch wins (say, amd64 nodes with QEMU build every platform).
+    assert _node_selector("linux/arm64", selector({"kubernetes.io/arch": "amd64"})) == {
+        "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}
+    # null drops our selector for that label; dropping both leaves none.
+    assert _node_selector("linux/arm64", selector({"kubernetes.io/arch": None})) == {
+        "kubernetes.io/os": "linux"}
+    assert _node_selector("linux/arm64", selector({"kubernetes.io/arch": None,
+                                                   "kubernetes.io/os": None})) is None
+    # Without a platform their selector stands alone, nulls left out.
+    assert _node_selector(None, selector({"pool": "builds", "kubernetes.io/arch": None})) == {
+        "pool": "builds"}
+
+
+def test_a_node_selector_that_is_not_labels_is_a_clear_error() -> None:
+    for bad, expected in (("arm64", "a mapping of node labels"), ({"kubernetes.io/arch": 64},
+                                                                  r"a string \(or null\)")):
+        kaniko = {"spec": {"template": {"spec": {"nodeSelector": bad}}}}
+        with pytest.raises(ConfigError, match=expected):
+            cfg({"kaniko-config": kaniko})
+        # render_job's own guard, behind the loader's.
+        with pytest.raises(ConfigError, match="nodeSelector"):
+            render_job(request(platform="linux/arm64"), unchecked_cfg({"kaniko-config": kaniko}),
+                       SETTINGS)
+
+
 # --------------------------------------------------------------------------- API errors
 # The dispatcher's tests run on the real control plane with the real kaniko executor
 # (tests/kube/test_kaniko_dispatcher.py, tests/faults/test_kaniko.py for an API server

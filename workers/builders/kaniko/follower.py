@@ -144,6 +144,8 @@ class JobFollower:
         self.stop = threading.Event()
         self.tail: deque[str] = deque(maxlen=LOG_TAIL)
         self.pod: dict[str, Any] | None = None
+        #: The scheduler's last word on a pod no node took yet (said once in the build log).
+        self.unscheduled: str | None = None
         self.log_thread: threading.Thread | None = None
         self.log_response: Any = None
         self.log_lock = threading.Lock()
@@ -274,6 +276,7 @@ class JobFollower:
         if kind_type == "DELETED":
             return
         self.pod = pod
+        self._note_unscheduled(pod)
         state = self._container_state(pod)
         if self.log_thread is None and ("running" in state or "terminated" in state):
             self.log_thread = self._start(self._stream_log, pod["metadata"]["name"])
@@ -286,6 +289,20 @@ class JobFollower:
                 "Check builder.kaniko-image and the imagePullSecrets in kaniko-config."
                 if "Image" in waiting["reason"] else
                 "Check that every Secret the Job refers to exists in its namespace.")
+
+    def _note_unscheduled(self, pod: dict[str, Any]) -> None:
+        """Say in the build log why the pod waits for a node (once per message): a Job for
+        a platform no node of the cluster has waits for one (an autoscaler may add it)."""
+        if (pod.get("spec") or {}).get("nodeName"):
+            return
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                message = str(cond.get("message") or cond.get("reason") or "not scheduled")
+                if message != self.unscheduled:
+                    self.unscheduled = message
+                    selector = (pod.get("spec") or {}).get("nodeSelector") or {}
+                    self.say(f"[kaniko: the pod waits for a node: {message}; node selector "
+                             f"{_labels(selector)}]")
 
     def _container_state(self, pod: dict[str, Any] | None) -> dict[str, Any]:
         statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
@@ -334,6 +351,17 @@ class JobFollower:
         reason = cond.get("reason") or ""
         tail = "\n".join(self.tail) or str(terminated.get("message") or "").strip()
         tail_text = f"\nLast lines of the log:\n{tail}" if tail else ""
+        if reason == "DeadlineExceeded" and pod is not None \
+                and not (pod.get("spec") or {}).get("nodeName"):
+            selector = (pod.get("spec") or {}).get("nodeSelector") or {}
+            raise BuildError(
+                f"the Kaniko Job {where} ran past its deadline of {self.deadline_seconds:.0f}s "
+                "(DeadlineExceeded) with its pod never scheduled"
+                + (f": {self.unscheduled}" if self.unscheduled else "")
+                + f" (node selector {_labels(selector)}).",
+                "Add a node those labels select (a platform's Job selects kubernetes.io/os and "
+                "kubernetes.io/arch), or set spec.template.spec.nodeSelector in "
+                "builder.kaniko-config (its labels win; null drops buildq's).")
         if reason == "DeadlineExceeded":
             raise BuildError(
                 f"the Kaniko Job {where} ran past its deadline of {self.deadline_seconds:.0f}s "
@@ -353,6 +381,10 @@ class JobFollower:
                              "Fix the Dockerfile step the log shows.")
         raise BuildError(f"the Kaniko Job {where} failed ({reason or 'no reason given'}: "
                          f"{cond.get('message') or ''})." + tail_text)
+
+
+def _labels(selector: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(selector.items())) or "none"
 
 
 def abort_stream(resp: Any) -> None:

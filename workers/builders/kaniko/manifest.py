@@ -19,7 +19,14 @@ from urllib.parse import unquote, urlsplit
 
 from config.errors import ConfigError
 from config.kaniko_flags import REPEATABLE_FLAGS, RESERVED_FLAGS, parse_arg
-from config.names import HASH_LABEL, MAX_DNS_LABEL, classify_store_url, is_dns_label, is_loopback_host
+from config.names import (
+    HASH_LABEL,
+    MAX_DNS_LABEL,
+    classify_store_url,
+    is_dns_label,
+    is_loopback_host,
+    platform_fields,
+)
 from config.references import ImageRef, classify_registry, parse_destination
 from config.schema import LaunchConfig
 from config.settings import Settings
@@ -47,6 +54,10 @@ AZURE_KEY_SECRET = ("azure-storage-access-key", "AZURE_STORAGE_ACCESS_KEY")
 IMAGE_ANNOTATION = "buildq/image"
 DOCKER_CONFIG_ANNOTATION = "buildq/docker-config"
 MANAGED_LABELS = {"app.kubernetes.io/name": "kaniko", "app.kubernetes.io/managed-by": "buildq"}
+#: The well-known node labels a platform's Job selects its node by (the kubelet sets
+#: them from Go's GOOS and GOARCH, which the OCI platform fields use too).
+ARCH_LABEL = "kubernetes.io/arch"
+OS_LABEL = "kubernetes.io/os"
 #: Characters of the source hash in the Job's label value (a label value stops at 63).
 LABEL_HASH_CHARS = 24
 #: Fewest hex digits of the source hash in a Job name: 64 bits keep names unique.
@@ -397,6 +408,42 @@ def _secret_env(request: KanikoRequest, settings: Settings,
         "name": settings.build_secrets_secret, "key": name}}} for name in request.inputs.secrets]
 
 
+def platform_node_selector(platform: str | None) -> dict[str, str]:
+    """The node selector of a build for ``platform``: a node of its OS and architecture.
+
+    Kaniko builds the ``--custom-platform`` it is given, but its ``RUN`` steps run the base
+    image's binaries on the node's CPU; on a node of the platform's architecture they run
+    natively (the variant is not a node label: ``linux/arm/v7`` selects ``arm`` nodes).
+    """
+    if not platform:
+        return {}
+    fields = platform_fields(platform)
+    return {OS_LABEL: fields["os"], ARCH_LABEL: fields["architecture"]}
+
+
+def _node_selector(pod_spec: dict[str, Any]) -> None:
+    """Drop the node selector keys kaniko-config set to null (our default for the key is
+    unwanted, say on nodes that run other architectures through QEMU), and an empty one."""
+    selector = pod_spec.get("nodeSelector")
+    if selector is None:
+        pod_spec.pop("nodeSelector", None)
+        return
+    if not isinstance(selector, Mapping):
+        raise ConfigError("builder.kaniko-config.spec.template.spec.nodeSelector is not a mapping.",
+                          "Write it as label: value pairs (a null value drops buildq's own "
+                          "selector for that label).")
+    kept = {k: v for k, v in selector.items() if v is not None}
+    bad = sorted(str(k) for k, v in kept.items() if not isinstance(v, str))
+    if bad:
+        raise ConfigError(f"builder.kaniko-config nodeSelector {bad[0]!r} is not a string.",
+                          "Quote label values (\"true\", \"1\"); null drops buildq's own "
+                          "selector for that label.")
+    if kept:
+        pod_spec["nodeSelector"] = kept
+    else:
+        pod_spec.pop("nodeSelector", None)
+
+
 def render_job(request: KanikoRequest, cfg: LaunchConfig, settings: Settings,
                namespace: str | None = None) -> dict[str, Any]:
     """The batch/v1 Job manifest that builds and pushes ``request``."""
@@ -442,10 +489,15 @@ def render_job(request: KanikoRequest, cfg: LaunchConfig, settings: Settings,
             "Kaniko Jobs must use restartPolicy: Never (a restarted kaniko would build on a "
             "dirty filesystem); remove the key.")
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "volumes": wiring.volumes}
+    selector = platform_node_selector(request.inputs.platform)
+    if selector:
+        # A label kaniko-config's nodeSelector names is theirs (deep_merge: theirs wins).
+        pod_spec["nodeSelector"] = selector
     account = resolve_service_account(cfg, namespace)
     if account:
         pod_spec["serviceAccountName"] = account
     pod_spec = deep_merge(pod_spec, user_pod)
+    _node_selector(pod_spec)
     pod_spec["containers"] = [container]
     if not pod_spec.get("volumes"):
         pod_spec.pop("volumes", None)
