@@ -163,16 +163,22 @@ class AofTail:
 class BuildCounter:
     """Counts the real runs of build steps: a RUN that fetches ``url(marker)`` (the build's
     network being the host's) hits this server once per run, not on a cache hit, and a
-    Redis crash cannot lose the count."""
+    Redis crash cannot lose the count.
+
+    Each run names itself with a nonce and tries up to three times, so a connection reset
+    on a loaded machine (seen once: the RUN failed and so did its build) neither fails the
+    step nor counts a run twice: the count is of distinct nonces.
+    """
 
     def __init__(self) -> None:
-        counts: dict[str, int] = {}
+        runs: dict[str, set[str]] = {}
         lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                marker, _, nonce = self.path.strip("/").partition("/")
                 with lock:
-                    counts[self.path.strip("/")] = counts.get(self.path.strip("/"), 0) + 1
+                    runs.setdefault(marker, set()).add(nonce)
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -180,15 +186,21 @@ class BuildCounter:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.counts = counts
+        self.runs_of = runs
+        self.lock = lock
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def url(self, marker: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/{marker}"
+    def step(self, marker: str) -> str:
+        """A shell command (busybox) that reports one run of ``marker``."""
+        url = f"http://127.0.0.1:{self.server.server_address[1]}/{marker}/$n"
+        fetch = f"busybox wget -q -O /dev/null {url}"
+        return (f"n=$(cat /proc/sys/kernel/random/uuid) && "
+                f"{{ {fetch} || {{ sleep 1; {fetch}; }} || {{ sleep 2; {fetch}; }}; }}")
 
     def runs(self, marker: str) -> int:
-        return self.counts.get(marker, 0)
+        with self.lock:
+            return len(self.runs_of.get(marker, ()))
 
     def close(self) -> None:
         self.server.shutdown()

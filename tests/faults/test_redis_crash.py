@@ -75,7 +75,7 @@ def _sources(tmp_path: Path, base_image: str, counter: BuildCounter, n: int,
     made = []
     for i in range(n):
         marker = f"crash-build-{i}-{time.monotonic_ns()}"
-        step = f"RUN busybox wget -q -O /dev/null {counter.url(marker)} && sleep {seconds}\n"
+        step = f"RUN {counter.step(marker)} && sleep {seconds}\n"
         made.append((git_app(tmp_path, base_image, step), marker))
     return made
 
