@@ -250,14 +250,25 @@ def run_build(source: str | Path, destination: str, env: dict[str, str],
             lines.append(line.rstrip("\n"))
             on_line(lines[-1])
 
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
+    out: list[str] = []
+
+    def collect() -> None:
+        assert proc.stdout is not None
+        out.append(proc.stdout.read())
+
+    # Each pipe has one reader: communicate() would read stderr too, racing follow() for
+    # its lines (and closing it under it).
+    readers = [threading.Thread(target=target, daemon=True) for target in (follow, collect)]
+    for reader in readers:
+        reader.start()
     try:
-        stdout, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-    reader.join(10)
+    for reader in readers:
+        reader.join(10)
+    stdout = "".join(out)
     last = stdout.strip().splitlines()[-1] if stdout.strip() else "{}"
     return Build(proc.returncode, json.loads(last), lines)
 
