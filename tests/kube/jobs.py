@@ -13,45 +13,72 @@ from config.names import HASH_LABEL
 from tests.kube.cluster import ControlPlane
 
 
-class JobEvents:
-    """A watch on the namespace's Jobs, started at once; ``close()`` it when done."""
+class NamespaceWatch:
+    """A watch on one kind of object in a namespace, started at once, that resumes from the
+    last resource version it saw when the API server goes away; ``close()`` it when done.
+    A subclass names the list call (``_list``) and keeps what it needs of each event."""
+
+    name = "namespace-watch"
 
     def __init__(self, kube: ControlPlane, namespace: str) -> None:
-        from kubernetes import client
-
         self.kube = kube
         self.namespace = namespace
-        #: (event type, the Job) for each ADDED and DELETED, in the order the server sent them.
-        self.events: list[tuple[str, dict[str, Any]]] = []
         self._stop = threading.Event()
         api = kube.api_client()
         try:
-            batch: Any = client.BatchV1Api(api)
-            self._version = batch.list_namespaced_job(namespace).metadata.resource_version
+            self._version = self._list(api)(namespace).metadata.resource_version
         finally:
             api.close()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="job-events")
+        self._thread = threading.Thread(target=self._run, daemon=True, name=self.name)
         self._thread.start()
 
+    def _list(self, api: Any) -> Any:
+        raise NotImplementedError
+
+    def _seen(self, kind: str, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
-        from kubernetes import client, watch
+        from kubernetes import watch
 
         while not self._stop.is_set():
             api = self.kube.api_client()
             try:
-                batch: Any = client.BatchV1Api(api)
-                for event in watch.Watch().stream(batch.list_namespaced_job, self.namespace,
+                for event in watch.Watch().stream(self._list(api), self.namespace,
                                                   resource_version=self._version, timeout_seconds=5):
-                    job = event["raw_object"]
-                    self._version = job["metadata"]["resourceVersion"]
-                    if event["type"] in ("ADDED", "DELETED"):
-                        self.events.append((event["type"], job))
+                    obj = event["raw_object"]
+                    self._version = obj["metadata"]["resourceVersion"]
+                    self._seen(event["type"], obj)
                     if self._stop.is_set():
                         break
             except Exception:  # the API server away (restarted, cut off): resume from _version
                 self._stop.wait(1)
             finally:
                 api.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+class JobEvents(NamespaceWatch):
+    """The namespace's Jobs as the server admitted and removed them."""
+
+    name = "job-events"
+
+    def __init__(self, kube: ControlPlane, namespace: str) -> None:
+        #: (event type, the Job) for each ADDED and DELETED, in the order the server sent them.
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        super().__init__(kube, namespace)
+
+    def _list(self, api: Any) -> Any:
+        from kubernetes import client
+
+        return client.BatchV1Api(api).list_namespaced_job
+
+    def _seen(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind in ("ADDED", "DELETED"):
+            self.events.append((kind, obj))
 
     @property
     def added(self) -> list[dict[str, Any]]:
@@ -70,54 +97,25 @@ class JobEvents:
             most = max(most, live)
         return most
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
 
+class PodNodes(NamespaceWatch):
+    """The node each build's pods were bound to (``spec.nodeName``), by the source hash
+    their annotation names."""
 
-class PodNodes:
-    """A watch on the namespace's pods, started at once: the node each build's pods were
-    bound to (``spec.nodeName``), by the source hash their annotation names; ``close()`` it."""
+    name = "pod-nodes"
 
     def __init__(self, kube: ControlPlane, namespace: str) -> None:
-        from kubernetes import client
-
-        self.kube = kube
-        self.namespace = namespace
         #: source hash → the nodes its pods were bound to, in the order first seen.
         self.nodes: dict[str, list[str]] = {}
-        self._stop = threading.Event()
-        api = kube.api_client()
-        try:
-            core: Any = client.CoreV1Api(api)
-            self._version = core.list_namespaced_pod(namespace).metadata.resource_version
-        finally:
-            api.close()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="pod-nodes")
-        self._thread.start()
+        super().__init__(kube, namespace)
 
-    def _run(self) -> None:
-        from kubernetes import client, watch
+    def _list(self, api: Any) -> Any:
+        from kubernetes import client
 
-        while not self._stop.is_set():
-            api = self.kube.api_client()
-            try:
-                core: Any = client.CoreV1Api(api)
-                for event in watch.Watch().stream(core.list_namespaced_pod, self.namespace,
-                                                  resource_version=self._version, timeout_seconds=5):
-                    pod = event["raw_object"]
-                    self._version = pod["metadata"]["resourceVersion"]
-                    source_hash = (pod["metadata"].get("annotations") or {}).get(HASH_LABEL)
-                    node = (pod.get("spec") or {}).get("nodeName")
-                    if source_hash and node and node not in self.nodes.get(source_hash, []):
-                        self.nodes.setdefault(source_hash, []).append(node)
-                    if self._stop.is_set():
-                        break
-            except Exception:  # the API server away: resume from _version
-                self._stop.wait(1)
-            finally:
-                api.close()
+        return client.CoreV1Api(api).list_namespaced_pod
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
+    def _seen(self, kind: str, obj: dict[str, Any]) -> None:
+        source_hash = (obj["metadata"].get("annotations") or {}).get(HASH_LABEL)
+        node = (obj.get("spec") or {}).get("nodeName")
+        if source_hash and node and node not in self.nodes.get(source_hash, []):
+            self.nodes.setdefault(source_hash, []).append(node)
