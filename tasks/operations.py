@@ -184,12 +184,14 @@ def check_platforms(platform: object, what: str) -> list[str]:
     return found
 
 
-def check_kaniko_platforms(platforms: list[str]) -> None:
-    """Refuse a platform the kaniko pool cannot build: kaniko builds Linux images only.
+def check_kaniko_platforms(state: BuildState) -> None:
+    """Refuse a platform of ``state`` (its one or its several) the kaniko pool cannot
+    build: kaniko builds Linux images only.
 
     Every other platform gets a Job of its own, on a node of its architecture (see
     workers/builders/kaniko/manifest.py ``platform_node_selector``).
     """
+    platforms = state.platforms or ([state.platform] if state.platform else [])
     foreign = [p for p in platforms if platform_fields(p)["os"] != "linux"]
     if foreign:
         raise InputError(f"the kaniko pool builds Linux images only, and this request names "
@@ -237,7 +239,7 @@ def new_request(request_id: str, source: str, settings: Settings, *, destination
                 f"building is disabled (builder.type: noop) but a {spec.kind} source needs a build.",
                 "Set builder.type to docker (with a Docker Engine) or kaniko, or pass --builder.")
         if state.builder == "kaniko":
-            check_kaniko_platforms(state.platforms or [p for p in [state.platform] if p])
+            check_kaniko_platforms(state)
             state.context_store = kaniko_store(cfg)
     except InputError as exc:
         state.fail(str(exc), exc.kind)

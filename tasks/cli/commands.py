@@ -196,7 +196,7 @@ def _check_request(source: str, kwargs: dict[str, Any], cfg: Any, settings: Any)
     state, _, _ = describe_request("local", source, settings, config=cfg.to_mapping(),
                                    for_workers=True, shipped=True, **options)
     if (kwargs.get("builder") or cfg.builder.type) == "kaniko":
-        check_kaniko_platforms(state.platforms or [p for p in [state.platform] if p])
+        check_kaniko_platforms(state)
 
 
 def _check_bases(source: str, ref: str | None, dockerfile: str | None,
@@ -741,7 +741,7 @@ def kaniko_job(source: str, destination: str | None, ref: str | None, dockerfile
                             build_args=build_args, target=target, platform=platform,
                             secrets=secrets, entrypoint=entrypoint, python=python, gpu=gpu,
                             config_path=config_path, base_policy=base_policy)
-    check_kaniko_platforms(state.platforms or [p for p in [state.platform] if p])
+    check_kaniko_platforms(state)
     if state.ref is None or not cfg.builder.build_context_store:
         raise InputError("a kaniko Job needs builder.destination and builder.build-context-store.",
                          "Set both in the launch-config (or pass --destination).")
