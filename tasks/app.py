@@ -70,7 +70,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_direct": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        # No STARTED state in the result backend: it cost every task two Redis round trips
+        # before its body; Flower learns it from the task-started event, and `buildq
+        # status` from the request's stage events.
+        "task_track_started": False,
         "result_extended": True,
         "result_expires": 7 * 24 * 3600,
         "broker_transport_options": transport,
