@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import operator
 import os
 import re
@@ -29,6 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO
 
 from blake3 import blake3
@@ -450,11 +452,41 @@ class _Walked:
     stamps: list[Stamp]
     links: list[tuple[str, str]]
     entries_hasher: blake3
+    #: The paths and stamps as the native check reads them (see _pack_stamps), or None.
+    packed: tuple[bytes, bytes] | None = None
+
+
+try:
+    import workers._stamps as _native_stamps
+except ImportError:  # built by the project's install; without a compiler, the Python check
+    _native_stamps = None  # type: ignore[assignment]
+
+#: The tree index's stamp check in C (workers/_stamps.c), or None for the Python one. The
+#: one switch for it: tests and benchmarks set it to None to measure or test the Python check.
+NATIVE_STAMPS: ModuleType | None = _native_stamps
+#: A remembered tree of at least this many paths is checked on NATIVE_STAMP_THREADS threads
+#: (each lstat is a syscall of a couple of microseconds; a thread costs tens of them).
+NATIVE_SPLIT_AT = 512
+NATIVE_STAMP_THREADS = 2
+#: One path's record for the native check: where its path starts in the NUL-separated
+#: paths, then its stamp (mode, inode, device, size, mtime ns, ctime ns); see _stamps.c.
+_STAMP_RECORD = struct.Struct("=qQQQqqq")
+
+
+def _pack_stamps(paths: list[str], stamps: list[Stamp]) -> tuple[bytes, bytes] | None:
+    """The paths and their stamps as _stamps.unchanged reads them; None if one does not fit."""
+    encoded = [os.fsencode(path) + b"\0" for path in paths]
+    offsets = itertools.accumulate(map(len, encoded), initial=0)
+    try:
+        records = b"".join(map(_STAMP_RECORD.pack, offsets, *zip(*stamps, strict=True)))
+    except struct.error:  # a time past 2262 or a negative inode: the Python check copes
+        return None
+    return b"".join(encoded), records
 
 
 class TreeIndex:
     """The walks of the last few context roots, so a tree hashed before costs one ``lstat``
-    per entry (compared in C) instead of a walk.
+    per entry instead of a walk (compared in C without the GIL, see NATIVE_STAMPS).
 
     A remembered walk is used only when every directory it listed and every entry it
     yielded has its stamp still; symlinks are checked again for leaving the root (that
@@ -464,7 +496,8 @@ class TreeIndex:
 
     #: Roots remembered; the least recently used goes first.
     MAX_TREES = 16
-    #: Entries remembered over all trees (a path and a stamp: about 350 bytes each).
+    #: Entries remembered over all trees (a path and a stamp, and their packed form for
+    #: the native check: about 470 bytes each).
     MAX_ENTRIES = 200_000
 
     def __init__(self) -> None:
@@ -489,7 +522,12 @@ class TreeIndex:
     @staticmethod
     def _unchanged(walked: _Walked, walker: _Walker) -> bool:
         try:
-            if list(map(_stamp, map(os.lstat, walked.paths))) != walked.stamps:
+            native = NATIVE_STAMPS
+            if native is not None and walked.packed is not None:
+                threads = NATIVE_STAMP_THREADS if len(walked.paths) >= NATIVE_SPLIT_AT else 1
+                if not native.unchanged(*walked.packed, threads):
+                    return False
+            elif list(map(_stamp, map(os.lstat, walked.paths))) != walked.stamps:
                 return False
             for path, rel in walked.links:
                 walker._link_target(path, rel)
@@ -505,7 +543,8 @@ class TreeIndex:
         newest = max(max(s[_MTIME], s[_CTIME]) for s in stamps)
         if newest > started_ns - RACY_NS:
             return
-        walked = _Walked(walker.paths, stamps, walker.links, entries_hasher.copy())
+        packed = _pack_stamps(walker.paths, stamps) if NATIVE_STAMPS is not None else None
+        walked = _Walked(walker.paths, stamps, walker.links, entries_hasher.copy(), packed)
         with self._lock:
             self._walks[walker.key] = walked
             self._walks.move_to_end(walker.key)

@@ -410,9 +410,29 @@ def _cold_hash(root: Path, inputs: BuildInputs = DEFAULT) -> str:
     return source_hash(root, inputs)
 
 
+@pytest.fixture(params=["native", "python"])
+def stamp_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which stamp check the tree index uses: the C one (workers/_stamps.c) or Python's."""
+    from workers import context
+
+    if request.param == "python":
+        monkeypatch.setattr(context, "NATIVE_STAMPS", None)
+    else:
+        # Not a skip: a broken build must not quietly leave only the Python check tested.
+        assert context.NATIVE_STAMPS is not None, "workers/_stamps.c is not built: run scripts/bootstrap"
+    return str(request.param)
+
+
+def _remembered_walks() -> list[Any]:
+    from workers import context
+
+    return list(context.TREE_INDEX._walks.values())
+
+
 @pytest.fixture
-def remembered(tree: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The tree's hash, with the tree remembered by this process's tree index.
+def remembered(tree: Path, stamp_check: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tree's hash, with the tree remembered by this process's tree index (once per
+    stamp check).
 
     The racy window shrinks to 50 ms (the tree is older than that when hashed), so the
     test need not wait two seconds; every change below comes later than the window.
@@ -422,6 +442,8 @@ def remembered(tree: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setattr(context, "RACY_NS", 50_000_000)
     time.sleep(0.06)
     first = _cold_hash(tree)
+    # The native check reads the packed form: without it the Python check would answer.
+    assert [w.packed is not None for w in _remembered_walks()] == [stamp_check == "native"]
     hits = context.TREE_INDEX.hits
     assert source_hash(tree, DEFAULT) == first
     assert context.TREE_INDEX.hits == hits + 1, "the unchanged tree was walked again"
@@ -466,9 +488,20 @@ def _replace_by_rename(tree: Path) -> None:
     other.replace(main)
 
 
+def _remove_directory(tree: Path) -> None:
+    # Paths the index remembered (the directory and the file in it) are gone.
+    (tree / "app" / "data" / "table.csv").unlink()
+    (tree / "app" / "data").rmdir()
+
+
+def _replace_file_by_directory(tree: Path) -> None:
+    (tree / "app" / "main.py").unlink()
+    (tree / "app" / "main.py").mkdir()
+
+
 @pytest.mark.parametrize("change", [
     _rewrite_same_size, _chmod_executable, _retarget_symlink, _add_file, _remove_file,
-    _add_empty_directory, _replace_by_rename,
+    _add_empty_directory, _replace_by_rename, _remove_directory, _replace_file_by_directory,
 ], ids=lambda f: f.__name__.strip("_"))
 def test_a_change_is_seen_by_the_next_hash_of_a_remembered_tree(
         tree: Path, remembered: str, change: Any) -> None:
@@ -491,6 +524,9 @@ def test_a_file_rewritten_within_the_same_second_as_the_hash_is_read_again(
                 st.st_mtime_ns // second * second, st.st_ctime_ns // second * second)
 
     monkeypatch.setattr(context, "_stamp", coarse)
+    # The C check reads whole stamps from lstat: coarse ones would never match it, and a
+    # tree index wrongly kept would go unseen. The Python check reads them through _stamp.
+    monkeypatch.setattr(context, "NATIVE_STAMPS", None)
     context.clear_stat_cache()
     # Just after a second begins, so that the rewrite below most likely falls in the same
     # second (if it does not, the stamps differ and the test is merely less strict).
@@ -525,3 +561,97 @@ def test_a_remembered_tree_is_kept_per_ignore_file_and_dockerfile(remembered: st
     assert ignoring != remembered and ignoring == _cold_hash(tree)
     generated = BuildInputs.create(None, None, None, None, dockerfile_text="FROM scratch\n")
     assert source_hash(tree, generated) == _cold_hash(tree, generated)
+
+
+# --- the native stamp check itself (workers/_stamps.c) ---------------------------------------
+
+
+def test_the_native_stamp_check_is_built_and_used_by_the_tree_index() -> None:
+    # scripts/bootstrap builds it: failing here, not falling back, keeps a broken build seen.
+    import workers._stamps
+    from workers import context
+
+    assert context.NATIVE_STAMPS is workers._stamps
+    assert context._STAMP_RECORD.size == workers._stamps.RECORD_SIZE
+
+
+def _stamp_of(path: str) -> Any:
+    from workers.context import _stamp
+
+    return _stamp(os.lstat(path))
+
+
+def _stamped_files(root: Path, count: int) -> tuple[list[str], list[Any]]:
+    """``count`` files in a few directories, and their paths and stamps as a walk keeps them."""
+    paths = []
+    for i in range(count):
+        path = root / f"d{i % 7}" / f"f{i:04d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * (i % 5))
+        paths.append(str(path))
+    return paths, [_stamp_of(p) for p in paths]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_native_check_sees_a_change_anywhere_on_any_number_of_threads(tmp_path: Path, threads: int) -> None:
+    from workers.context import NATIVE_STAMPS, _pack_stamps
+
+    assert NATIVE_STAMPS is not None
+    paths, stamps = _stamped_files(tmp_path, 600)
+    packed = _pack_stamps(paths, stamps)
+    assert packed is not None
+    assert NATIVE_STAMPS.unchanged(*packed, threads) is True
+    # First, middle and last: each thread's chunk has one, whatever the split.
+    for index in (0, 299, 599):
+        os.chmod(paths[index], 0o600)
+        assert NATIVE_STAMPS.unchanged(*packed, threads) is False
+        packed = _pack_stamps(paths, [_stamp_of(p) for p in paths])
+        assert packed is not None
+        assert NATIVE_STAMPS.unchanged(*packed, threads) is True
+
+
+@pytest.mark.parametrize("change", ["vanished", "became a directory", "same size rewritten",
+                                    "parent became a file"])
+def test_native_check_answers_changed_for_a_path_it_cannot_match(
+        tmp_path: Path, change: str) -> None:
+    from workers.context import NATIVE_STAMPS, _pack_stamps
+
+    assert NATIVE_STAMPS is not None
+    paths, stamps = _stamped_files(tmp_path, 20)
+    packed = _pack_stamps(paths, stamps)
+    assert packed is not None
+    target = Path(paths[10])
+    if change == "vanished":
+        target.unlink()
+    elif change == "became a directory":
+        target.unlink()
+        target.mkdir()
+    elif change == "same size rewritten":
+        before = target.stat()
+        target.write_bytes(b"y" * before.st_size)
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:
+        # lstat fails with ENOTDIR: an error, and an error is a change.
+        parent = target.parent
+        for child in parent.iterdir():
+            child.unlink()
+        parent.rmdir()
+        parent.write_bytes(b"")
+    assert NATIVE_STAMPS.unchanged(*packed, 1) is False
+
+
+def test_native_check_refuses_malformed_arguments(tmp_path: Path) -> None:
+    from workers.context import NATIVE_STAMPS, _pack_stamps
+
+    assert NATIVE_STAMPS is not None
+    paths, stamps = _stamped_files(tmp_path, 3)
+    packed = _pack_stamps(paths, stamps)
+    assert packed is not None
+    blob, records = packed
+    with pytest.raises(ValueError, match="whole number"):
+        NATIVE_STAMPS.unchanged(blob, records[:-1], 1)
+    with pytest.raises(ValueError, match="NUL"):
+        NATIVE_STAMPS.unchanged(blob[:-1], records, 1)
+    with pytest.raises(ValueError, match="outside"):
+        NATIVE_STAMPS.unchanged(blob[: len(blob) // 2] + b"\0", records, 1)
+    assert NATIVE_STAMPS.unchanged(b"\0", b"", 2) is True  # nothing remembered: nothing changed

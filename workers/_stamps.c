@@ -1,0 +1,160 @@
+/* The tree index's stamp check in C: one lstat per remembered path, compared with the
+ * stamp the walk saw, without the GIL and on a few threads (a cache hit is mostly these
+ * syscalls; see TreeIndex in workers/context.py, which keeps the Python check beside it).
+ *
+ * unchanged(paths, records, threads) -> bool
+ *
+ *   paths    bytes: the fs-encoded paths, each followed by a NUL.
+ *   records  bytes: one RECORD_FORMAT record per path, native byte order (see Record).
+ *   threads  how many threads to split the paths over (1 = the calling thread only).
+ *
+ * True when every path's lstat has the remembered (mode, inode, device, size, mtime ns,
+ * ctime ns); False at the first difference or error (a vanished path, EACCES, ...): the
+ * caller then walks the tree as if it had never seen it. Malformed arguments raise.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* One remembered entry: where its path starts in `paths`, and its stamp. The Python side
+ * packs it with struct format "=qQQQqqq" (RECORD_FORMAT), 56 bytes, no padding. */
+typedef struct {
+    int64_t offset;
+    uint64_t mode, ino, dev;
+    int64_t size, mtime_ns, ctime_ns;
+} Record;
+
+/* Threads beyond this buy nothing for a syscall-bound loop on any machine we run on. */
+#define MAX_THREADS 64
+
+typedef struct {
+    const char *paths;
+    const char *records; /* not aligned: records are copied out with memcpy */
+    Py_ssize_t begin, end;
+    int *changed; /* shared: set by whichever thread sees a difference first */
+} Chunk;
+
+/* sec * 1e9 + nsec as Python's st_*_time_ns has it; 0 when it does not fit (year > 2262). */
+static int time_ns(const struct timespec *ts, int64_t *out) {
+    int64_t ns;
+    if (__builtin_mul_overflow((int64_t)ts->tv_sec, (int64_t)1000000000, &ns))
+        return 0;
+    return !__builtin_add_overflow(ns, (int64_t)ts->tv_nsec, out);
+}
+
+static int same_stamp(const char *path, const Record *want) {
+    struct stat st;
+    int64_t mtime_ns, ctime_ns;
+    if (lstat(path, &st) != 0)
+        return 0;
+    if (!time_ns(&st.st_mtim, &mtime_ns) || !time_ns(&st.st_ctim, &ctime_ns))
+        return 0;
+    return (uint64_t)st.st_mode == want->mode && (uint64_t)st.st_ino == want->ino
+        && (uint64_t)st.st_dev == want->dev && (int64_t)st.st_size == want->size
+        && mtime_ns == want->mtime_ns && ctime_ns == want->ctime_ns;
+}
+
+static void *check_chunk(void *arg) {
+    Chunk *chunk = arg;
+    Record record;
+    for (Py_ssize_t i = chunk->begin; i < chunk->end; i++) {
+        /* Another thread's difference settles the answer: stop early. */
+        if (__atomic_load_n(chunk->changed, __ATOMIC_RELAXED))
+            return NULL;
+        memcpy(&record, chunk->records + i * (Py_ssize_t)sizeof(Record), sizeof(Record));
+        if (!same_stamp(chunk->paths + record.offset, &record)) {
+            __atomic_store_n(chunk->changed, 1, __ATOMIC_RELAXED);
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+static PyObject *unchanged(PyObject *module, PyObject *args) {
+    Py_buffer paths, records;
+    int threads;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*y*i:unchanged", &paths, &records, &threads))
+        return NULL;
+    PyObject *result = NULL;
+    const char *path_bytes = paths.buf;
+    const char *record_bytes = records.buf;
+    Py_ssize_t count = records.len / (Py_ssize_t)sizeof(Record);
+    if (records.len % (Py_ssize_t)sizeof(Record) != 0) {
+        PyErr_SetString(PyExc_ValueError, "records is not a whole number of records");
+        goto done;
+    }
+    if (paths.len == 0 || path_bytes[paths.len - 1] != '\0') {
+        PyErr_SetString(PyExc_ValueError, "paths does not end with a NUL");
+        goto done;
+    }
+    /* Every offset inside `paths`, whose last byte is a NUL: each path read is terminated. */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t offset;
+        memcpy(&offset, record_bytes + i * (Py_ssize_t)sizeof(Record), sizeof offset);
+        if (offset < 0 || offset >= paths.len) {
+            PyErr_SetString(PyExc_ValueError, "a record's offset is outside paths");
+            goto done;
+        }
+    }
+    if (threads < 1)
+        threads = 1;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > count)
+        threads = count > 0 ? (int)count : 1;
+
+    int changed = 0;
+    Chunk chunks[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < threads; t++) {
+        chunks[t] = (Chunk){path_bytes, record_bytes, count * t / threads,
+                            count * (t + 1) / threads, &changed};
+    }
+    /* Chunk 0 runs on this thread; a thread that cannot be started has its chunk run here. */
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], NULL, check_chunk, &chunks[t]) == 0;
+    check_chunk(&chunks[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            check_chunk(&chunks[t]);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(!changed);
+done:
+    PyBuffer_Release(&paths);
+    PyBuffer_Release(&records);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"unchanged", unchanged, METH_VARARGS,
+     "unchanged(paths, records, threads) -> bool: whether every remembered path's lstat\n"
+     "still has its stamp (see workers/_stamps.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "workers._stamps",
+    "The tree index's stamp check, in C without the GIL.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__stamps(void) {
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(module, "RECORD_SIZE", (long)sizeof(Record)) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
