@@ -131,15 +131,16 @@ class Cluster:
             raise
         return c
 
-    def start_worker(self, pool: str, concurrency: int,
-                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """A worker process; ``env`` adds to the cluster's (e.g. DOCKER_HOST: another engine)."""
+    def start_worker(self, pool: str, concurrency: int, env: dict[str, str] | None = None,
+                     entry: list[str] | None = None) -> subprocess.Popen[bytes]:
+        """A worker process; ``env`` adds to the cluster's (e.g. DOCKER_HOST: another engine),
+        ``entry`` replaces ``-m tasks.cli`` (a wrapper taking buildq's arguments)."""
         import redis
 
         assert self.redis is not None
         log = open(self.root / f"worker-{pool}-{len(self.workers)}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "worker", pool, "--concurrency",
+            [sys.executable, *(entry or ["-m", "tasks.cli"]), "worker", pool, "--concurrency",
              str(concurrency), "--loglevel", "INFO"],
             env={**self.env, **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
