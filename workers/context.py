@@ -22,7 +22,6 @@ import os
 import re
 import stat
 import struct
-import tarfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,9 +33,11 @@ from typing import TYPE_CHECKING, BinaryIO
 from blake3 import blake3
 
 from config.errors import InputError, SourceError
-from workers.sources.base import MAX_PATH_DEPTH
+from workers.path_limits import MAX_PATH_DEPTH
 
 if TYPE_CHECKING:
+    from gzip import GzipFile
+
     from docker.utils.build import PatternMatcher
 
 #: Version of the hash layout; bump it when the encoding changes so old tags never match.
@@ -72,18 +73,6 @@ DEFAULT_DOCKERIGNORE = (
     ".tox", ".nox", "**/.ipynb_checkpoints", "**/node_modules",
     "dist", "build", "**/*.egg-info",
 )
-
-try:
-    # isal's igzip writes the same gzip format ~10x faster than zlib on incompressible
-    # data (~370 vs ~33 MB/s), which makes compression keep up with an upload. Its levels
-    # run 0-3; 2 (its default) compresses about like zlib's 6.
-    from isal.igzip import GzipFile as _GzipFile
-
-    _GZIP_LEVEL = 2
-except ImportError:  # pragma: no cover - isal is a dependency; zlib remains a fallback
-    from gzip import GzipFile as _GzipFile  # type: ignore[assignment]
-
-    _GZIP_LEVEL = GZIP_LEVEL
 
 _MODE_EXEC = 0o755
 _MODE_PLAIN = 0o644
@@ -743,15 +732,16 @@ def write_context(root: Path, inputs: BuildInputs, out: BinaryIO, *,
     ``require_dockerfile=False`` packs a source that may still get a generated one
     where it is built.
     """
+    # Imported here (and gzip in _gzip_writer), not at the top: a process that only
+    # hashes should not pay for them.
+    import tarfile
+
     dockerfile: bytes | None = None
     if require_dockerfile or inputs.dockerfile_text is not None:
         dockerfile = _dockerfile_bytes(root, inputs)  # fail before writing anything if missing
     root = context_root(root, inputs)
     counter = _CountingWriter(out)
-    # gzip's header carries a timestamp and a file name; both pinned here.
-    with _GzipFile(filename="", mode="wb", fileobj=counter,
-                   compresslevel=_GZIP_LEVEL, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with _gzip_writer(counter) as gz, tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for entry in _Walker(root, inputs):
             info = tarfile.TarInfo(entry.rel)
             info.mtime = 0
@@ -782,3 +772,17 @@ def write_context(root: Path, inputs: BuildInputs, out: BinaryIO, *,
             info.size = len(dockerfile)
             tar.addfile(info, io.BytesIO(dockerfile))
     return counter.written
+
+
+def _gzip_writer(out: _CountingWriter) -> GzipFile:
+    """A gzip stream into ``out`` whose header carries no timestamp and no file name."""
+    try:
+        # isal's igzip writes the same gzip format ~10x faster than zlib on incompressible
+        # data (~370 vs ~33 MB/s), which makes compression keep up with an upload. Its levels
+        # run 0-3; 2 (its default) compresses about like zlib's 6.
+        from isal.igzip import GzipFile as IsalGzipFile
+    except ImportError:  # pragma: no cover - isal is a dependency; zlib remains a fallback
+        from gzip import GzipFile as ZlibGzipFile
+
+        return ZlibGzipFile(filename="", mode="wb", fileobj=out, compresslevel=GZIP_LEVEL, mtime=0)
+    return IsalGzipFile(filename="", mode="wb", fileobj=out, compresslevel=2, mtime=0)
