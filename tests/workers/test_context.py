@@ -14,7 +14,10 @@ import pytest
 
 from config.errors import SourceError
 from workers.context import (
+    BATCH_FILES,
     BIG_FILE,
+    READ_CHUNK,
+    SMALL_FILE,
     BuildInputs,
     image_tag,
     read_dockerfile,
@@ -144,6 +147,51 @@ def test_hash_of_a_known_tree_is_pinned(tmp_path: Path, threads: int) -> None:
     assert source_hash(root, full, threads=threads) == PINNED_FULL_INPUTS_HASH
     # Again, answered from what this process remembers of the tree.
     assert source_hash(root, DEFAULT, threads=threads) == PINNED_TREE_HASH
+
+
+def make_pinned_mixed_tree(root: Path) -> Path:
+    """A tree that crosses every size boundary and batch boundary of the hashing code:
+    several batches of small files, files at and just past SMALL_FILE, one read in several
+    READ_CHUNKs with a partial last one, one at and one past BIG_FILE, plus an executable,
+    symlinks and an empty directory among them. Contents are deterministic."""
+    root.mkdir()
+    (root / "Dockerfile").write_bytes(b"FROM busybox\nCOPY . /srv\n")
+    seed = hashlib.sha256(b"pinned mixed tree").digest()
+    block = b"".join(hashlib.sha256(seed + bytes([i])).digest() for i in range(256)) * 8  # 64 KiB
+    for i in range(2 * BATCH_FILES + 37):
+        folder = root / f"pkg{i % 7}" / f"mod{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (i * 7919) % 9000  # 0 .. 9 KB, one empty
+        reps = size // len(block) + 1
+        (folder / f"file{i:04d}.py").write_bytes(i.to_bytes(4, "big") + (block * reps)[: max(size - 4, 0)])
+    sizes = {"at-small": SMALL_FILE, "past-small": SMALL_FILE + 1,
+             "chunks": 3 * READ_CHUNK + 17, "at-big": BIG_FILE, "past-big": BIG_FILE + 4099}
+    big = block * ((BIG_FILE + 4099) // len(block) + 1)
+    for name, size in sizes.items():
+        (root / "blobs").mkdir(exist_ok=True)
+        (root / "blobs" / f"{name}.bin").write_bytes(name.encode() + big[: size - len(name)])
+    (root / "pkg0" / "mod0" / "file0000.py").chmod(0o755)
+    (root / "empty" / "nested").mkdir(parents=True)
+    os.symlink("../blobs/chunks.bin", root / "pkg1" / "chunks-link")
+    os.symlink("pkg2", root / "pkg-link")
+    return root
+
+
+#: The hash of ``make_pinned_mixed_tree`` as computed before the hashing code was tuned for
+#: speed (batching, read sizes, threads): any such change must keep it.
+PINNED_MIXED_TREE_HASH = "1a7ef4265f472258c2b57b9999bf51071778b621931aa4e83fa4c5971748a06a"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_hash_of_a_mixed_tree_across_size_and_batch_boundaries_is_pinned(
+        tmp_path: Path, threads: int) -> None:
+    from workers.context import clear_stat_cache
+
+    clear_stat_cache()
+    root = make_pinned_mixed_tree(tmp_path / "ctx")
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_MIXED_TREE_HASH
+    clear_stat_cache()
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_MIXED_TREE_HASH
 
 
 # --- every input changes the hash ------------------------------------------------------
