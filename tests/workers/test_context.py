@@ -290,6 +290,68 @@ def test_big_file_hashed_in_chunks_sees_its_last_byte(tree: Path) -> None:
     assert source_hash(tree, DEFAULT) != before
 
 
+# --- a tree that changes while it is hashed ------------------------------------------
+
+
+def hash_changing_after_walk(root: Path, rel: str, change: Any, threads: int) -> str:
+    """The source hash of ``root`` where ``change(path)`` runs on ``rel`` right after the
+    walk yields it, before its contents are read (files are read a batch later)."""
+    from workers.context import _hash_entries, _Walker, clear_stat_cache
+
+    clear_stat_cache()
+    walker = _Walker(root, DEFAULT)
+
+    class ChangingWalk:
+        def __iter__(self) -> Any:
+            for entry in walker:
+                yield entry
+                if entry.rel == rel:
+                    change(root / rel)
+
+    return _hash_entries(ChangingWalk(), threads).hexdigest()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size", [100, 64 << 10, SMALL_FILE + 1])
+def test_a_file_that_shrinks_after_the_walk_is_a_clear_error(
+        tree: Path, size: int, threads: int) -> None:
+    (tree / "app" / "blob.bin").write_bytes(b"x" * size)
+
+    def shrink(path: Path) -> None:
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+
+    with pytest.raises(SourceError, match=r"'app/blob.bin' shrank while it was being hashed"):
+        hash_changing_after_walk(tree, "app/blob.bin", shrink, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size", [100, 64 << 10])
+def test_a_file_swapped_for_a_symlink_after_the_walk_is_not_followed(
+        tree: Path, size: int, threads: int) -> None:
+    (tree / "app" / "blob.bin").write_bytes(b"x" * size)
+
+    def swap(path: Path) -> None:
+        path.unlink()
+        os.symlink("/etc/hostname", path)
+
+    with pytest.raises(SourceError, match=r"cannot read 'app/blob.bin' in the context: .*symbolic"):
+        hash_changing_after_walk(tree, "app/blob.bin", swap, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_file_that_grows_after_the_walk_is_hashed_as_walked(tree: Path, threads: int) -> None:
+    blob = tree / "app" / "blob.bin"
+    blob.write_bytes(b"y" * (64 << 10))
+    before = hash_changing_after_walk(tree, "README.md", lambda _: None, threads)
+
+    def grow(path: Path) -> None:
+        with open(path, "ab") as f:
+            f.write(b"more")
+
+    assert hash_changing_after_walk(tree, "app/blob.bin", grow, threads) == before
+
+
 # --- .dockerignore -------------------------------------------------------------------
 
 
