@@ -19,13 +19,13 @@ import collections
 import io
 import operator
 import os
+import queue
 import re
 import stat
 import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -658,21 +658,70 @@ def _hashed_batches(entries: Iterator[_Entry], threads: int) -> Iterator[tuple[i
         for batch in _batches(entries):
             yield len(batch), _entries_input(batch, None)
         return
-    window: collections.deque[tuple[list[_Entry], Future[list[bytes]]]] = collections.deque()
-    with ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="buildq-hash") as pool:
-        try:
-            for batch in _batches(entries):
-                window.append((batch, pool.submit(_file_digests, _large_files(batch))))
-                # The helpers stay a few batches ahead, so the walking thread never waits.
-                if len(window) > BATCHES_IN_FLIGHT:
-                    done, future = window.popleft()
-                    yield len(done), _entries_input(done, future.result())
-            while window:
-                done, future = window.popleft()
-                yield len(done), _entries_input(done, future.result())
-        finally:
-            for _, future in window:
-                future.cancel()
+    window: collections.deque[tuple[list[_Entry], _Reply]] = collections.deque()
+    helpers = _Helpers(threads - 1)
+    try:
+        for batch in _batches(entries):
+            window.append((batch, helpers.submit(_large_files(batch))))
+            # The helpers stay a few batches ahead, so the walking thread never waits.
+            if len(window) > BATCHES_IN_FLIGHT:
+                done, reply = window.popleft()
+                yield len(done), _entries_input(done, _Helpers.result(reply))
+        while window:
+            done, reply = window.popleft()
+            yield len(done), _entries_input(done, _Helpers.result(reply))
+    finally:
+        helpers.close()
+
+
+#: Where a helper hands back one batch's digests, or the error that stopped it.
+_Reply = queue.SimpleQueue[tuple[list[bytes], BaseException | None]]
+
+
+class _Helpers:
+    """Threads that hash the large files of batches; each batch gets its own reply.
+
+    Not a ThreadPoolExecutor: importing concurrent.futures (and logging with it) took
+    ~7 ms, a tenth of a cold process's start-up.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[_Entry], _Reply] | None] = queue.SimpleQueue()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name="buildq-hash", daemon=True)
+                         for _ in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, files: list[_Entry]) -> _Reply:
+        reply: _Reply = queue.SimpleQueue()
+        self._jobs.put((files, reply))
+        return reply
+
+    @staticmethod
+    def result(reply: _Reply) -> list[bytes]:
+        digests, error = reply.get()
+        if error is not None:
+            raise error
+        return digests
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            files, reply = job
+            if self._stopping:  # the hash failed or was abandoned: skip what is queued
+                continue
+            try:
+                reply.put((_file_digests(files), None))
+            except BaseException as exc:  # handed to the walking thread, which raises it
+                reply.put(([], exc))
+
+    def close(self) -> None:
+        """Stop the threads once they finish the file in hand; queued batches are dropped."""
+        self._stopping = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 def _batches(entries: Iterator[_Entry]) -> Iterator[list[_Entry]]:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,8 @@ def test_a_file_that_shrinks_after_the_walk_is_a_clear_error(
 
     with pytest.raises(SourceError, match=r"'app/blob.bin' shrank while it was being hashed"):
         hash_changing_after_walk(tree, "app/blob.bin", shrink, threads)
+    # The helper threads are gone with the failed hash.
+    assert not [t for t in threading.enumerate() if t.name == "buildq-hash"]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
