@@ -15,9 +15,7 @@ import pytest
 
 from config.errors import SourceError
 from workers.context import (
-    BATCH_FILES,
     BIG_FILE,
-    READ_CHUNK,
     SMALL_FILE,
     BuildInputs,
     image_tag,
@@ -120,7 +118,9 @@ def make_pinned_tree(root: Path) -> Path:
     (root / "app" / "data" / "table.csv").write_bytes(b"a,b\n1,2\n")
     (root / "app" / "data" / "table.csv").chmod(0o600)
     (root / "cache" / "empty").mkdir(parents=True)
-    (root / "model.bin").write_bytes(hashlib.sha256(b"pinned").digest() * ((BIG_FILE + 4096) // 32))
+    # 8 MiB + 4 KiB: BIG_FILE when the hash was pinned (a size, not the constant, so tuning
+    # the constant cannot change the tree).
+    (root / "model.bin").write_bytes(hashlib.sha256(b"pinned").digest() * (((8 << 20) + 4096) // 32))
     (root / "n\u00e4me with space.txt").write_bytes("caf\u00e9\n".encode())
     os.symlink("main.py", root / "app" / "current.py")
     os.symlink("app/data", root / "data-link")
@@ -151,23 +151,26 @@ def test_hash_of_a_known_tree_is_pinned(tmp_path: Path, threads: int) -> None:
 
 
 def make_pinned_mixed_tree(root: Path) -> Path:
-    """A tree that crosses every size boundary and batch boundary of the hashing code:
-    several batches of small files, files at and just past SMALL_FILE, one read in several
-    READ_CHUNKs with a partial last one, one at and one past BIG_FILE, plus an executable,
-    symlinks and an empty directory among them. Contents are deterministic."""
+    """A tree that crosses every size boundary and batch boundary of the hashing code as it
+    was when pinned (BATCH_FILES 256, SMALL_FILE 256 KiB, READ_CHUNK 1 MiB, BIG_FILE 8 MiB;
+    literal sizes, so retuning those constants cannot change the tree): several batches of
+    small files, files at and just past SMALL_FILE, one read in several READ_CHUNKs with a
+    partial last one, one at and one past 8 MiB, plus an executable, symlinks and an empty
+    directory among them. Contents are deterministic."""
     root.mkdir()
     (root / "Dockerfile").write_bytes(b"FROM busybox\nCOPY . /srv\n")
     seed = hashlib.sha256(b"pinned mixed tree").digest()
     block = b"".join(hashlib.sha256(seed + bytes([i])).digest() for i in range(256)) * 8  # 64 KiB
-    for i in range(2 * BATCH_FILES + 37):
+    for i in range(2 * 256 + 37):
         folder = root / f"pkg{i % 7}" / f"mod{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         size = (i * 7919) % 9000  # 0 .. 9 KB, one empty
         reps = size // len(block) + 1
         (folder / f"file{i:04d}.py").write_bytes(i.to_bytes(4, "big") + (block * reps)[: max(size - 4, 0)])
-    sizes = {"at-small": SMALL_FILE, "past-small": SMALL_FILE + 1,
-             "chunks": 3 * READ_CHUNK + 17, "at-big": BIG_FILE, "past-big": BIG_FILE + 4099}
-    big = block * ((BIG_FILE + 4099) // len(block) + 1)
+    kib, mib = 1 << 10, 1 << 20
+    sizes = {"at-small": 256 * kib, "past-small": 256 * kib + 1,
+             "chunks": 3 * mib + 17, "at-big": 8 * mib, "past-big": 8 * mib + 4099}
+    big = block * ((8 * mib + 4099) // len(block) + 1)
     for name, size in sizes.items():
         (root / "blobs").mkdir(exist_ok=True)
         (root / "blobs" / f"{name}.bin").write_bytes(name.encode() + big[: size - len(name)])
