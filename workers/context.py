@@ -20,14 +20,13 @@ import io
 import itertools
 import operator
 import os
+import queue
 import re
 import stat
 import struct
-import tarfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -36,9 +35,11 @@ from typing import TYPE_CHECKING, BinaryIO
 from blake3 import blake3
 
 from config.errors import InputError, SourceError
-from workers.sources.base import MAX_PATH_DEPTH
+from workers.path_limits import MAX_PATH_DEPTH
 
 if TYPE_CHECKING:
+    from gzip import GzipFile
+
     from docker.utils.build import PatternMatcher
 
 #: Version of the hash layout; bump it when the encoding changes so old tags never match.
@@ -51,15 +52,20 @@ BIG_FILE = 8 << 20
 READ_CHUNK = 1 << 20
 #: Files up to this size are read in one call.
 SMALL_FILE = 256 << 10
-#: A batch of files handed to one hashing thread ends at this many files or bytes.
+#: A batch of entries (hashed together, fed to the source hash as one slab) ends at this
+#: many entries or file bytes.
 BATCH_FILES = 256
 BATCH_BYTES = 32 << 20
-#: Hashing threads across files, beside the thread that walks. Reads and BLAKE3 release
-#: the GIL; with small files read in one call, two threads on two cores measured ~10%
-#: faster than one on a busy machine (walking and hashing overlap).
-DEFAULT_THREADS = 1 if (os.cpu_count() or 1) < 2 else min(4, max(2, (os.cpu_count() or 1) // 2))
+#: Threads that hash, the walking one included: it reads the small files, the others the
+#: large ones (see _hashed_batches). One per core, up to four.
+DEFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Batches queued ahead of the one being recorded; bounds memory in huge trees.
 BATCHES_IN_FLIGHT = 8
+#: With more than one hashing thread, files at least this big go to the helper threads and
+#: smaller ones are read by the walking thread (see _hashed_batches). In the bench's tree
+#: (most files a few KiB, a few of several MiB) the helper gets a tenth of the files and
+#: two thirds of the bytes; 32 KiB measured about as fast, 16 KiB slower (more hand-offs).
+OFFLOAD_FILE = 64 << 10
 #: A Dockerfile larger than this is not a Dockerfile.
 MAX_DOCKERFILE = 4 << 20
 #: gzip level of the context tarball: most of level 9's ratio at a fraction of its cost.
@@ -74,18 +80,6 @@ DEFAULT_DOCKERIGNORE = (
     ".tox", ".nox", "**/.ipynb_checkpoints", "**/node_modules",
     "dist", "build", "**/*.egg-info",
 )
-
-try:
-    # isal's igzip writes the same gzip format ~10x faster than zlib on incompressible
-    # data (~370 vs ~33 MB/s), which makes compression keep up with an upload. Its levels
-    # run 0-3; 2 (its default) compresses about like zlib's 6.
-    from isal.igzip import GzipFile as _GzipFile
-
-    _GZIP_LEVEL = 2
-except ImportError:  # pragma: no cover - isal is a dependency; zlib remains a fallback
-    from gzip import GzipFile as _GzipFile  # type: ignore[assignment]
-
-    _GZIP_LEVEL = GZIP_LEVEL
 
 _MODE_EXEC = 0o755
 _MODE_PLAIN = 0o644
@@ -427,22 +421,6 @@ STAT_CACHE_LIMIT = 200_000
 RACY_NS = 2_000_000_000
 
 
-def _cached_digest(entry: _Entry) -> bytes:
-    stamp = entry.stamp
-    if stamp is None:
-        return _digest_file(entry)
-    hit = _stat_cache.get(entry.path)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    digest = _digest_file(entry)
-    if time.time_ns() - max(stamp[_MTIME], stamp[_CTIME]) > RACY_NS:
-        with _stat_cache_lock:
-            if len(_stat_cache) >= STAT_CACHE_LIMIT:
-                _stat_cache.clear()
-            _stat_cache[entry.path] = (stamp, digest)
-    return digest
-
-
 @dataclass(slots=True)
 class _Walked:
     """What the tree index keeps of one walk: every stamp it depended on, and the hash of
@@ -627,6 +605,7 @@ def _digest_small_file(entry: _Entry) -> bytes:
 
 
 _ENTRY_HEAD = struct.Struct(">cHQ")
+_KIND_BYTES = {"f": b"f", "d": b"d", "l": b"l"}
 _SIZE = struct.Struct(">Q")
 
 
@@ -638,34 +617,151 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", errors="surrogateescape")
 
 
-def _digest_batch(batch: list[_Entry]) -> list[bytes]:
-    return [_cached_digest(entry) if entry.kind == "f" else b"" for entry in batch]
+def _file_digests(files: list[_Entry]) -> list[bytes]:
+    """The content digests of ``files``, taken from ``_stat_cache`` while a stamp holds.
+
+    New digests are remembered once per call (a lock per file cost more than the lookup).
+    """
+    cached = _stat_cache.get
+    # Taken before any file is read, so never later than the time each is read: a stamp
+    # older than this minus RACY_NS is old enough to remember (see RACY_NS).
+    trusted_before = time.time_ns() - RACY_NS
+    digests: list[bytes] = []
+    remembered: list[tuple[str, tuple[Stamp, bytes]]] = []
+    for entry in files:
+        stamp = entry.stamp
+        hit = cached(entry.path) if stamp is not None else None
+        if hit is not None and hit[0] == stamp:
+            digests.append(hit[1])
+            continue
+        digest = _digest_small_file(entry) if entry.size <= SMALL_FILE else _digest_file(entry)
+        digests.append(digest)
+        if stamp is not None and max(stamp[_MTIME], stamp[_CTIME]) < trusted_before:
+            remembered.append((entry.path, (stamp, digest)))
+    if remembered:
+        with _stat_cache_lock:
+            if len(_stat_cache) + len(remembered) > STAT_CACHE_LIMIT:
+                _stat_cache.clear()
+            _stat_cache.update(remembered)
+    return digests
 
 
-def _hashed_entries(entries: Iterator[_Entry], threads: int) -> Iterator[tuple[_Entry, bytes]]:
-    """Entries in walk order with their content digests.
+def _large_files(batch: list[_Entry]) -> list[_Entry]:
+    return [entry for entry in batch if entry.kind == "f" and entry.size >= OFFLOAD_FILE]
 
-    Work goes to the pool in batches: a future per small file costs more in thread
-    hand-offs (and GIL convoys) than hashing the file itself.
+
+def _entries_input(batch: list[_Entry], large_digests: list[bytes] | None) -> bytes:
+    """What a batch of entries adds to the source hash, in walk order.
+
+    Per entry: kind, mode, then the length-prefixed path; a file adds its size and content
+    digest, a symlink its length-prefixed target. Gathered into one slab: one hasher
+    update per entry costs more than the hashing on a tree of small files.
+
+    ``large_digests`` are those of ``_large_files(batch)``, hashed by a helper thread;
+    without them every file is read here.
+    """
+    if large_digests is None:
+        small = large = iter(_file_digests([entry for entry in batch if entry.kind == "f"]))
+    else:
+        small = iter(_file_digests(
+            [entry for entry in batch if entry.kind == "f" and entry.size < OFFLOAD_FILE]))
+        large = iter(large_digests)
+    parts: list[bytes] = []
+    append = parts.append
+    head = _ENTRY_HEAD.pack
+    size_of = _SIZE.pack
+    for entry in batch:
+        rel = entry.rel.encode("utf-8", errors="surrogateescape")
+        kind = entry.kind
+        append(head(_KIND_BYTES[kind], entry.mode, len(rel)))
+        append(rel)
+        if kind == "f":
+            append(size_of(entry.size))
+            append(next(large) if entry.size >= OFFLOAD_FILE else next(small))
+        elif kind == "l":
+            append(_field(_encode(entry.target)))
+    return b"".join(parts)
+
+
+def _hashed_batches(entries: Iterator[_Entry], threads: int) -> Iterator[tuple[int, bytes]]:
+    """(entries in the batch, their ``_entries_input``) for the entries in walk order.
+
+    With more than one thread, the walking thread hashes the small files itself and
+    ``threads - 1`` helpers hash the large ones, a batch at a time. Reads and BLAKE3
+    release the GIL, but while another thread wants it each release is a hand-off (a
+    futex wake and a context switch): with every file split between two pool threads
+    beside the walk, a cold hash burnt ~1.1 s of CPU for ~0.6 s of work. A small file
+    costs four releases (open, read, close, BLAKE3), a large one a few per megabyte, so
+    the helpers get most of the bytes and few of the files.
     """
     if threads <= 1:
-        for entry in entries:
-            yield entry, _cached_digest(entry) if entry.kind == "f" else b""
+        for batch in _batches(entries):
+            yield len(batch), _entries_input(batch, None)
         return
-    window: collections.deque[tuple[list[_Entry], Future[list[bytes]]]] = collections.deque()
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="buildq-hash") as pool:
-        try:
-            for batch in _batches(entries):
-                window.append((batch, pool.submit(_digest_batch, batch)))
-                if len(window) > BATCHES_IN_FLIGHT:
-                    done, future = window.popleft()
-                    yield from zip(done, future.result(), strict=True)
-            while window:
-                done, future = window.popleft()
-                yield from zip(done, future.result(), strict=True)
-        finally:
-            for _, future in window:
-                future.cancel()
+    window: collections.deque[tuple[list[_Entry], _Reply]] = collections.deque()
+    helpers = _Helpers(threads - 1)
+    try:
+        for batch in _batches(entries):
+            window.append((batch, helpers.submit(_large_files(batch))))
+            # The helpers stay a few batches ahead, so the walking thread never waits.
+            if len(window) > BATCHES_IN_FLIGHT:
+                done, reply = window.popleft()
+                yield len(done), _entries_input(done, _Helpers.result(reply))
+        while window:
+            done, reply = window.popleft()
+            yield len(done), _entries_input(done, _Helpers.result(reply))
+    finally:
+        helpers.close()
+
+
+#: Where a helper hands back one batch's digests, or the error that stopped it.
+_Reply = queue.SimpleQueue[tuple[list[bytes], BaseException | None]]
+
+
+class _Helpers:
+    """Threads that hash the large files of batches; each batch gets its own reply.
+
+    Not a ThreadPoolExecutor: importing concurrent.futures (and logging with it) took
+    ~7 ms, a tenth of a cold process's start-up.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[_Entry], _Reply] | None] = queue.SimpleQueue()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name="buildq-hash", daemon=True)
+                         for _ in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, files: list[_Entry]) -> _Reply:
+        reply: _Reply = queue.SimpleQueue()
+        self._jobs.put((files, reply))
+        return reply
+
+    @staticmethod
+    def result(reply: _Reply) -> list[bytes]:
+        digests, error = reply.get()
+        if error is not None:
+            raise error
+        return digests
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            files, reply = job
+            if self._stopping:  # the hash failed or was abandoned: skip what is queued
+                continue
+            try:
+                reply.put((_file_digests(files), None))
+            except BaseException as exc:  # handed to the walking thread, which raises it
+                reply.put(([], exc))
+
+    def close(self) -> None:
+        """Stop the threads once they finish the file in hand; queued batches are dropped."""
+        self._stopping = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 def _batches(entries: Iterator[_Entry]) -> Iterator[list[_Entry]]:
@@ -700,24 +796,9 @@ def _hash_entries(walker: _Walker, workers: int) -> blake3:
     """The source hash's state after the entry list: the part a tree index can keep."""
     hasher = blake3(HASH_VERSION)
     count = 0
-    # Per entry: kind, mode, then the length-prefixed path; a file adds its size and digest,
-    # a symlink its length-prefixed target. Gathered and fed in slabs: one update per
-    # entry costs more than the hashing on a warm tree of small files.
-    parts: list[bytes] = []
-    for entry, digest in _hashed_entries(iter(walker), workers):
-        count += 1
-        rel = _encode(entry.rel)
-        parts.append(_ENTRY_HEAD.pack(entry.kind.encode(), entry.mode, len(rel)))
-        parts.append(rel)
-        if entry.kind == "f":
-            parts.append(_SIZE.pack(entry.size))
-            parts.append(digest)
-        elif entry.kind == "l":
-            parts.append(_field(_encode(entry.target)))
-        if len(parts) >= 4096:
-            hasher.update(b"".join(parts))
-            parts.clear()
-    hasher.update(b"".join(parts))
+    for batch_count, data in _hashed_batches(iter(walker), workers):
+        count += batch_count
+        hasher.update(data)
     # The entry count closes the file list so no input field can pose as an entry.
     hasher.update(b"\x00end" + struct.pack(">Q", count))
     return hasher
@@ -782,15 +863,16 @@ def write_context(root: Path, inputs: BuildInputs, out: BinaryIO, *,
     ``require_dockerfile=False`` packs a source that may still get a generated one
     where it is built.
     """
+    # Imported here (and gzip in _gzip_writer), not at the top: a process that only
+    # hashes should not pay for them.
+    import tarfile
+
     dockerfile: bytes | None = None
     if require_dockerfile or inputs.dockerfile_text is not None:
         dockerfile = _dockerfile_bytes(root, inputs)  # fail before writing anything if missing
     root = context_root(root, inputs)
     counter = _CountingWriter(out)
-    # gzip's header carries a timestamp and a file name; both pinned here.
-    with _GzipFile(filename="", mode="wb", fileobj=counter,
-                   compresslevel=_GZIP_LEVEL, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with _gzip_writer(counter) as gz, tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for entry in _Walker(root, inputs):
             info = tarfile.TarInfo(entry.rel)
             info.mtime = 0
@@ -821,3 +903,17 @@ def write_context(root: Path, inputs: BuildInputs, out: BinaryIO, *,
             info.size = len(dockerfile)
             tar.addfile(info, io.BytesIO(dockerfile))
     return counter.written
+
+
+def _gzip_writer(out: _CountingWriter) -> GzipFile:
+    """A gzip stream into ``out`` whose header carries no timestamp and no file name."""
+    try:
+        # isal's igzip writes the same gzip format ~10x faster than zlib on incompressible
+        # data (~370 vs ~33 MB/s), which makes compression keep up with an upload. Its levels
+        # run 0-3; 2 (its default) compresses about like zlib's 6.
+        from isal.igzip import GzipFile as IsalGzipFile
+    except ImportError:  # pragma: no cover - isal is a dependency; zlib remains a fallback
+        from gzip import GzipFile as ZlibGzipFile
+
+        return ZlibGzipFile(filename="", mode="wb", fileobj=out, compresslevel=GZIP_LEVEL, mtime=0)
+    return IsalGzipFile(filename="", mode="wb", fileobj=out, compresslevel=2, mtime=0)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from config.errors import SourceError
 from workers.context import (
     BIG_FILE,
+    SMALL_FILE,
     BuildInputs,
     image_tag,
     read_dockerfile,
@@ -116,7 +118,9 @@ def make_pinned_tree(root: Path) -> Path:
     (root / "app" / "data" / "table.csv").write_bytes(b"a,b\n1,2\n")
     (root / "app" / "data" / "table.csv").chmod(0o600)
     (root / "cache" / "empty").mkdir(parents=True)
-    (root / "model.bin").write_bytes(hashlib.sha256(b"pinned").digest() * ((BIG_FILE + 4096) // 32))
+    # 8 MiB + 4 KiB: BIG_FILE when the hash was pinned (a size, not the constant, so tuning
+    # the constant cannot change the tree).
+    (root / "model.bin").write_bytes(hashlib.sha256(b"pinned").digest() * (((8 << 20) + 4096) // 32))
     (root / "n\u00e4me with space.txt").write_bytes("caf\u00e9\n".encode())
     os.symlink("main.py", root / "app" / "current.py")
     os.symlink("app/data", root / "data-link")
@@ -144,6 +148,54 @@ def test_hash_of_a_known_tree_is_pinned(tmp_path: Path, threads: int) -> None:
     assert source_hash(root, full, threads=threads) == PINNED_FULL_INPUTS_HASH
     # Again, answered from what this process remembers of the tree.
     assert source_hash(root, DEFAULT, threads=threads) == PINNED_TREE_HASH
+
+
+def make_pinned_mixed_tree(root: Path) -> Path:
+    """A tree that crosses every size boundary and batch boundary of the hashing code as it
+    was when pinned (BATCH_FILES 256, SMALL_FILE 256 KiB, READ_CHUNK 1 MiB, BIG_FILE 8 MiB;
+    literal sizes, so retuning those constants cannot change the tree): several batches of
+    small files, files at and just past SMALL_FILE, one read in several READ_CHUNKs with a
+    partial last one, one at and one past 8 MiB, plus an executable, symlinks and an empty
+    directory among them. Contents are deterministic."""
+    root.mkdir()
+    (root / "Dockerfile").write_bytes(b"FROM busybox\nCOPY . /srv\n")
+    seed = hashlib.sha256(b"pinned mixed tree").digest()
+    block = b"".join(hashlib.sha256(seed + bytes([i])).digest() for i in range(256)) * 8  # 64 KiB
+    for i in range(2 * 256 + 37):
+        folder = root / f"pkg{i % 7}" / f"mod{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (i * 7919) % 9000  # 0 .. 9 KB, one empty
+        reps = size // len(block) + 1
+        (folder / f"file{i:04d}.py").write_bytes(i.to_bytes(4, "big") + (block * reps)[: max(size - 4, 0)])
+    kib, mib = 1 << 10, 1 << 20
+    sizes = {"at-small": 256 * kib, "past-small": 256 * kib + 1,
+             "chunks": 3 * mib + 17, "at-big": 8 * mib, "past-big": 8 * mib + 4099}
+    big = block * ((8 * mib + 4099) // len(block) + 1)
+    for name, size in sizes.items():
+        (root / "blobs").mkdir(exist_ok=True)
+        (root / "blobs" / f"{name}.bin").write_bytes(name.encode() + big[: size - len(name)])
+    (root / "pkg0" / "mod0" / "file0000.py").chmod(0o755)
+    (root / "empty" / "nested").mkdir(parents=True)
+    os.symlink("../blobs/chunks.bin", root / "pkg1" / "chunks-link")
+    os.symlink("pkg2", root / "pkg-link")
+    return root
+
+
+#: The hash of ``make_pinned_mixed_tree`` as computed before the hashing code was tuned for
+#: speed (batching, read sizes, threads): any such change must keep it.
+PINNED_MIXED_TREE_HASH = "1a7ef4265f472258c2b57b9999bf51071778b621931aa4e83fa4c5971748a06a"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_hash_of_a_mixed_tree_across_size_and_batch_boundaries_is_pinned(
+        tmp_path: Path, threads: int) -> None:
+    from workers.context import clear_stat_cache
+
+    clear_stat_cache()
+    root = make_pinned_mixed_tree(tmp_path / "ctx")
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_MIXED_TREE_HASH
+    clear_stat_cache()
+    assert source_hash(root, DEFAULT, threads=threads) == PINNED_MIXED_TREE_HASH
 
 
 # --- every input changes the hash ------------------------------------------------------
@@ -240,6 +292,70 @@ def test_big_file_hashed_in_chunks_sees_its_last_byte(tree: Path) -> None:
     data[-1] ^= 0xFF
     big.write_bytes(data)
     assert source_hash(tree, DEFAULT) != before
+
+
+# --- a tree that changes while it is hashed ------------------------------------------
+
+
+def hash_changing_after_walk(root: Path, rel: str, change: Any, threads: int) -> str:
+    """The source hash of ``root`` where ``change(path)`` runs on ``rel`` right after the
+    walk yields it, before its contents are read (files are read a batch later)."""
+    from workers.context import _hash_entries, _Walker, clear_stat_cache
+
+    clear_stat_cache()
+    walker = _Walker(root, DEFAULT)
+
+    class ChangingWalk:
+        def __iter__(self) -> Any:
+            for entry in walker:
+                yield entry
+                if entry.rel == rel:
+                    change(root / rel)
+
+    return _hash_entries(ChangingWalk(), threads).hexdigest()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size", [100, 64 << 10, SMALL_FILE + 1])
+def test_a_file_that_shrinks_after_the_walk_is_a_clear_error(
+        tree: Path, size: int, threads: int) -> None:
+    (tree / "app" / "blob.bin").write_bytes(b"x" * size)
+
+    def shrink(path: Path) -> None:
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+
+    with pytest.raises(SourceError, match=r"'app/blob.bin' shrank while it was being hashed"):
+        hash_changing_after_walk(tree, "app/blob.bin", shrink, threads)
+    # The helper threads are gone with the failed hash.
+    assert not [t for t in threading.enumerate() if t.name == "buildq-hash"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size", [100, 64 << 10])
+def test_a_file_swapped_for_a_symlink_after_the_walk_is_not_followed(
+        tree: Path, size: int, threads: int) -> None:
+    (tree / "app" / "blob.bin").write_bytes(b"x" * size)
+
+    def swap(path: Path) -> None:
+        path.unlink()
+        os.symlink("/etc/hostname", path)
+
+    with pytest.raises(SourceError, match=r"cannot read 'app/blob.bin' in the context: .*symbolic"):
+        hash_changing_after_walk(tree, "app/blob.bin", swap, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_file_that_grows_after_the_walk_is_hashed_as_walked(tree: Path, threads: int) -> None:
+    blob = tree / "app" / "blob.bin"
+    blob.write_bytes(b"y" * (64 << 10))
+    before = hash_changing_after_walk(tree, "README.md", lambda _: None, threads)
+
+    def grow(path: Path) -> None:
+        with open(path, "ab") as f:
+            f.write(b"more")
+
+    assert hash_changing_after_walk(tree, "app/blob.bin", grow, threads) == before
 
 
 # --- .dockerignore -------------------------------------------------------------------

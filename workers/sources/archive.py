@@ -17,10 +17,8 @@ from typing import BinaryIO
 
 from config.errors import ConfigError, SourceError
 from config.settings import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS
+from workers.path_limits import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, MAX_PATH_DEPTH
 from workers.sources.base import (
-    MAX_COMPONENT_BYTES,
-    MAX_PATH_BYTES,
-    MAX_PATH_DEPTH,
     FetchedSource,
     SourceSpec,
     remove_tree,

@@ -31,14 +31,6 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 #: URL schemes an archive can be fetched from through a context store.
 ARCHIVE_SCHEMES = frozenset({"s3", "gs", "file", "https"})
 
-#: Deepest directory nesting a source may have; real projects stay far below it, and
-#: deeper trees overflow recursive walks and PATH_MAX on the build host.
-MAX_PATH_DEPTH = 256
-#: Longest file name (one path component) Linux file systems accept.
-MAX_COMPONENT_BYTES = 255
-#: Longest path inside a source; leaves room under PATH_MAX (4096) for the workdir.
-MAX_PATH_BYTES = 3072
-
 #: URL schemes git is allowed to speak.
 GIT_SCHEMES = frozenset({"https", "http", "ssh", "git", "file"})
 
