@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     n = 10 if args.quick else 40
     result = BenchResult(
-        name="signing", title="Cache hit with and without message signing (`bench/signing_bench.py`)",
+        name="signing", title="Cache hit with and without message signing",
         baseline="the same cache hits, same workers and context, with signing off.",
         method=f"{n} sequential `build_image.delay(...).get()` cache hits of a 200-file context "
                "(base policy tag) against 2 control and 1 docker worker; then the workers are "
