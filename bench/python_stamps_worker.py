@@ -2,7 +2,7 @@
 
 Run as ``python bench/python_stamps_worker.py worker POOL ...`` (the same arguments as
 ``buildq``): the chain benchmark measures the native module's gain through the whole
-chain by timing cache hits with such a control worker beside the normal ones.
+chain by timing cache hits with such a control worker in place of the normal ones.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
  * unchanged(paths, records, threads) -> bool
  *
  *   paths    bytes: the fs-encoded paths, each followed by a NUL.
- *   records  bytes: one RECORD_FORMAT record per path, native byte order (see Record).
+ *   records  bytes: one record per path, native byte order (see Record).
  *   threads  how many threads to split the paths over (1 = the calling thread only).
  *
  * True when every path's lstat has the remembered (mode, inode, device, size, mtime ns,
@@ -24,7 +24,8 @@
 #include <unistd.h>
 
 /* One remembered entry: where its path starts in `paths`, and its stamp. The Python side
- * packs it with struct format "=qQQQqqq" (RECORD_FORMAT), 56 bytes, no padding. */
+ * packs it with struct format "=qQQQqqq" (workers/context.py _STAMP_RECORD), 56 bytes, no
+ * padding; RECORD_SIZE lets a test check that the two agree. */
 typedef struct {
     int64_t offset;
     uint64_t mode, ino, dev;

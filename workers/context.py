@@ -634,7 +634,7 @@ def _file_digests(files: list[_Entry]) -> list[bytes]:
         if hit is not None and hit[0] == stamp:
             digests.append(hit[1])
             continue
-        digest = _digest_small_file(entry) if entry.size <= SMALL_FILE else _digest_file(entry)
+        digest = _digest_file(entry)
         digests.append(digest)
         if stamp is not None and max(stamp[_MTIME], stamp[_CTIME]) < trusted_before:
             remembered.append((entry.path, (stamp, digest)))
@@ -671,7 +671,7 @@ def _entries_input(batch: list[_Entry], large_digests: list[bytes] | None) -> by
     head = _ENTRY_HEAD.pack
     size_of = _SIZE.pack
     for entry in batch:
-        rel = entry.rel.encode("utf-8", errors="surrogateescape")
+        rel = _encode(entry.rel)
         kind = entry.kind
         append(head(_KIND_BYTES[kind], entry.mode, len(rel)))
         append(rel)
