@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
-from tasks.keys import events_key, log_key
+from tasks.keys import cancel_key, events_key, log_key
+from tasks.scripts import add_script
 
 #: Lines of build log kept per source hash.
 LOG_MAXLEN = 100_000
@@ -26,16 +28,37 @@ STREAM_TTL = 7 * 24 * 3600
 
 def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:
     """Publish one event; a watcher's absence, or Redis trouble, never fails a build."""
-    fields = {"kind": kind, **{k: "" if v is None else str(v) for k, v in data.items()}}
     try:
-        key = events_key(request_id)
-        # One round trip for both: a cache hit emits about ten events.
         pipe = client.pipeline(transaction=False)
-        pipe.xadd(key, fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
-        pipe.expire(key, STREAM_TTL)
+        add_event(pipe, request_id, kind, **data)
         pipe.execute()
     except redis.RedisError:
         pass
+
+
+def add_event(pipe: Pipeline, request_id: str, kind: str, **data: Any) -> None:
+    """Queue one event on ``pipe`` (two commands), to go with whatever else it carries: a
+    cache hit emits about ten events, and each round trip saved is a fraction of it."""
+    key = events_key(request_id)
+    pipe.xadd(key, _fields(kind, data), maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+    pipe.expire(key, STREAM_TTL)
+
+
+def add_started(pipe: Pipeline, client: redis.Redis, request_id: str, stage: str, *,
+                look: bool, lock: str = "", token: str = "") -> Callable[[Any], bool]:
+    """Queue a stage's started event on ``pipe``, a transaction, to be written only if the
+    stage is to run: its request not cancelled (``look``), and the ``lock`` held under
+    ``token`` (see tasks/started.lua). Returns what reads whether it was written."""
+    fields = _fields("stage", {"stage": stage, "state": "started"})
+    read = add_script(pipe, client, "started",
+                      [events_key(request_id), cancel_key(request_id), lock or events_key(request_id)],
+                      [EVENTS_MAXLEN, STREAM_TTL, "1" if look else "0", token,
+                       *(part for pair in fields.items() for part in pair)])
+    return lambda reply: bool(read(reply))
+
+
+def _fields(kind: str, data: dict[str, Any]) -> dict[str, str]:
+    return {"kind": kind, **{k: "" if v is None else str(v) for k, v in data.items()}}
 
 
 def progress_of(client: redis.Redis, request_id: str) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from tasks.background import companion
 from tasks.keys import INFLIGHT, SUBMITTED, lease_key, submitted_lease_key
@@ -45,16 +46,20 @@ def submit(client: redis.Redis, request_id: str, source: str, options: dict[str,
 
 def register(client: redis.Redis, state: BuildState, lease_seconds: float) -> None:
     """Make the request restartable (idempotent; renews its lease)."""
-    lease_ms = int(lease_seconds * 1000)
+    pipe = client.pipeline(transaction=True)
+    add_register(pipe, state, lease_seconds)
+    pipe.execute()
+
+
+def add_register(pipe: Pipeline, state: BuildState, lease_seconds: float) -> None:
+    """Queue :func:`register`'s commands on ``pipe``, a transaction (they go together)."""
     # The state of the first stage is what a restart needs: no host's scratch dir in it.
     first = {**state.to_dict(), "workdir": None, "owned": False}
-    pipe = client.pipeline(transaction=True)
     pipe.hsetnx(INFLIGHT, state.request_id, json.dumps(first))
-    pipe.set(lease_key(state.request_id), "1", px=lease_ms)
+    pipe.set(lease_key(state.request_id), "1", px=int(lease_seconds * 1000))
     # A worker has it now: from here on, its lease above keeps it.
     pipe.hdel(SUBMITTED, state.request_id)
     pipe.delete(submitted_lease_key(state.request_id))
-    pipe.execute()
 
 
 def taken(client: redis.Redis, request_id: str) -> None:
@@ -80,12 +85,13 @@ def tracked(client: redis.Redis, state: BuildState, lease_seconds: float,
 
     ``registered``: the caller registered it just before (its lease is fresh), so that
     round trip is not repeated. Afterwards the entry goes once the request is in a pending
-    map (it has a hash), done, or failed; else (fetch handed it to hash) it stays, with a
-    fresh lease for the next stage.
+    map (it has a hash), done, or failed; else (fetch handed it to hash) it stays, with at
+    least nine tenths of a lease left for the next stage.
     """
     lease_ms = int(lease_seconds * 1000)
     if not registered:
         register(client, state, lease_seconds)
+    renewed = time.monotonic()
 
     def beat(stop: threading.Event) -> None:
         while not stop.wait(lease_seconds / 3):
@@ -110,7 +116,10 @@ def tracked(client: redis.Redis, state: BuildState, lease_seconds: float,
         while True:
             try:
                 if keep:
-                    client.set(lease_key(state.request_id), "1", px=lease_ms)
+                    # A lease this fresh (a cache hit's fetch takes a millisecond) has
+                    # all but a moment left: renewing it would be a round trip for nothing.
+                    if time.monotonic() - renewed >= lease_seconds / 10:
+                        client.set(lease_key(state.request_id), "1", px=lease_ms)
                 else:
                     forget(client, state.request_id)
                 break

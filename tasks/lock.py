@@ -22,12 +22,13 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from tasks.background import companion
 from tasks.keys import (
@@ -41,7 +42,7 @@ from tasks.keys import (
     pending_key,
     record_key,
 )
-from tasks.scripts import script
+from tasks.scripts import add_script, script
 
 #: How many hashes the history index keeps (and so how many hashes' records are kept).
 HISTORY_SIZE = 10_000
@@ -74,25 +75,38 @@ class Lease:
 
     def acquire(self, request: dict[str, Any]) -> bool:
         """Hold the lock, or register as a waiter; True when held."""
-        held = script(self.client, "acquire")(
-            keys=[lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX],
-            args=[self.token, self._lease_ms, self.request_id, json.dumps(request),
-                  self.source_hash],
-        )
-        return bool(held)
+        return bool(script(self.client, "acquire")(*self._acquire_arguments(request)))
+
+    def add_acquire(self, pipe: Pipeline, request: dict[str, Any]) -> Callable[[Any], bool]:
+        """Queue :meth:`acquire` on ``pipe``; returns what reads its reply."""
+        read = add_script(pipe, self.client, "acquire", *self._acquire_arguments(request))
+        return lambda reply: bool(read(reply))
+
+    def _acquire_arguments(self, request: dict[str, Any]) -> tuple[list[str], list[Any]]:
+        return ([lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX],
+                [self.token, self._lease_ms, self.request_id, json.dumps(request),
+                 self.source_hash])
 
     def extend(self, extra_seconds: float = 0.0) -> bool:
         """Renew (or, for a redelivered stage or a crashed Redis, retake) the lease; False
         when another owns it or the request was answered."""
-        held = script(self.client, "extend")(
-            keys=[lock_key(self.source_hash), pending_key(self.source_hash),
-                  answered_key(self.request_id), PENDING_INDEX],
-            args=[self.token, int((self.lease_seconds + extra_seconds) * 1000), self.request_id,
-                  json.dumps(self.entry) if self.entry else "", self.source_hash],
-        )
-        if not held:
+        return self._held(script(self.client, "extend")(*self._extend_arguments(extra_seconds)))
+
+    def add_extend(self, pipe: Pipeline) -> Callable[[Any], bool]:
+        """Queue :meth:`extend` on ``pipe``; returns what reads its reply."""
+        read = add_script(pipe, self.client, "extend", *self._extend_arguments(0.0))
+        return lambda reply: self._held(read(reply))
+
+    def _extend_arguments(self, extra_seconds: float) -> tuple[list[str], list[Any]]:
+        return ([lock_key(self.source_hash), pending_key(self.source_hash),
+                 answered_key(self.request_id), PENDING_INDEX],
+                [self.token, int((self.lease_seconds + extra_seconds) * 1000), self.request_id,
+                 json.dumps(self.entry) if self.entry else "", self.source_hash])
+
+    def _held(self, reply: Any) -> bool:
+        if not reply:
             self.lost.set()
-        return bool(held)
+        return bool(reply)
 
     def note_build(self, attempt: str, *, started: bool) -> bool:
         """Note a build by ``attempt`` (one run of a build stage), before (``started``) and
@@ -111,11 +125,22 @@ class Lease:
         self.client.hdel(builds_key(self.source_hash), attempt)
 
     def pending_requests(self) -> list[str]:
-        return [str(r) for r in self.client.hkeys(pending_key(self.source_hash))]
+        return _requests(self.client.hkeys(pending_key(self.source_hash)))
 
     def build_notes(self) -> dict[str, str]:
         """Attempt → token of the builds made for the hash's pending requests so far."""
-        return {str(k): str(v) for k, v in self.client.hgetall(builds_key(self.source_hash)).items()}
+        return _notes(self.client.hgetall(builds_key(self.source_hash)))
+
+    def survey(self, pipe: Pipeline) -> tuple[list[str], dict[str, str], str | None]:
+        """What a finisher reads first, sent with whatever ``pipe`` carries already, in one
+        round trip: :meth:`pending_requests`, :meth:`build_notes`, and the attempt that
+        answered this lease's own request (None: not answered)."""
+        ours = len(pipe)
+        pipe.hkeys(pending_key(self.source_hash))
+        pipe.hgetall(builds_key(self.source_hash))
+        pipe.get(answered_key(self.request_id))
+        pending, notes, answered = pipe.execute()[ours:]
+        return _requests(pending), _notes(notes), str(answered) if answered is not None else None
 
     def write_record(self, record: dict[str, Any], attempt: str, builds: int,
                      ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | str | None:
@@ -181,6 +206,14 @@ class Lease:
 
         with companion(beat, f"lease-{self.source_hash[:12]}", 5):
             yield self
+
+
+def _requests(raw: Any) -> list[str]:
+    return [str(r) for r in raw]
+
+
+def _notes(raw: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in raw.items()}
 
 
 def take_over(client: redis.Redis, source_hash: str,

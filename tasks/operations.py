@@ -26,7 +26,7 @@ from config.settings import Settings, check_notify_url
 from tasks.app import settings as current_settings
 from tasks.cancelling import current_stop
 from tasks.connection import redis_client
-from tasks.events import LogWriter, emit
+from tasks.events import LogWriter, add_event, emit
 from tasks.lock import Lease, new_token
 from tasks.records import answered, last_tag, remember_last_tag, remember_request
 from tasks.state import BuildState
@@ -452,14 +452,21 @@ def hash_source(state: BuildState, settings: Settings) -> str:
         _drop_tree(state)
         raise
     assert state.source_hash
-    remember_request(client, state.request_id, state.source_hash)
-    emit(client, state.request_id, "hashed", source_hash=state.source_hash, tag=state.tag,
-         image=state.image)
     # The state keeps the token only once the lock is ours, so a stage repeated after a
     # lost Redis connection never mistakes an unacquired token for a held lock.
     token = state.token or new_token()
     lease = Lease(client, state.source_hash, token, settings.lock_lease, state.request_id)
-    if not lease.acquire(pending_entry(state)):
+    # One round trip for the three (a cache hit's hash stage is a few milliseconds).
+    pipe = client.pipeline(transaction=False)
+    remember_request(pipe, state.request_id, state.source_hash)
+    add_event(pipe, state.request_id, "hashed", source_hash=state.source_hash, tag=state.tag,
+              image=state.image)
+    acquired = lease.add_acquire(pipe, pending_entry(state))
+    replies = pipe.execute(raise_on_error=False)
+    for reply in replies[:-1]:
+        if isinstance(reply, Exception):
+            raise reply
+    if not acquired(replies[-1]):
         # Another request is building this very hash: it will hand us its record.
         _drop_tree(state)
         emit(client, state.request_id, "attached", source_hash=state.source_hash)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from tasks.events import EVENTS_MAXLEN, STREAM_TTL
 from tasks.keys import (
@@ -185,7 +186,7 @@ def for_request(record: dict[str, Any], request_id: str, attached: bool,
     return answer
 
 
-def remember_request(client: redis.Redis, request_id: str, source_hash: str) -> None:
+def remember_request(client: redis.Redis | Pipeline, request_id: str, source_hash: str) -> None:
     client.set(request_hash_key(request_id), source_hash, ex=REQUEST_TTL)
 
 

@@ -8,15 +8,19 @@ neither the file read nor the ``Script`` object is repeated per call; redis-py's
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from importlib.resources import files
+from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 
 #: Script name (its file name without ``.lua``) → its source.
 SOURCES: dict[str, str] = {
     name: files("tasks").joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    for name in ("acquire", "extend", "finish", "release", "build", "answer", "takeover", "reclaim")
+    for name in ("acquire", "extend", "finish", "release", "build", "answer", "takeover", "reclaim",
+                 "started")
 }
 
 #: Attribute of a client that holds its registered scripts. On the client itself, not in
@@ -37,3 +41,21 @@ def script(client: redis.Redis, name: str) -> Script:
         if found is None:
             found = scripts[name] = client.register_script(SOURCES[name])
         return found
+
+
+def add_script(pipe: Pipeline, client: redis.Redis, name: str, keys: Sequence[Any],
+               args: Sequence[Any]) -> Callable[[Any], Any]:
+    """Queue script ``name`` on ``pipe`` (run with ``raise_on_error=False``), to share a round
+    trip with other commands. Returns what reads its reply: the script's result, running it
+    on its own should Redis not know it (restarted since this client loaded it)."""
+    found = script(client, name)
+    pipe.evalsha(found.sha, len(keys), *keys, *args)
+
+    def reply_of(reply: Any) -> Any:
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return found(keys=keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    return reply_of

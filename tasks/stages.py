@@ -27,8 +27,9 @@ from config.settings import Settings
 from tasks import cancelling, inflight, multiplatform, operations, requester
 from tasks.app import ROUTES, app, platform_queue, settings
 from tasks.connection import REDIS_PATIENCE_LEASES, REDIS_TROUBLE, redis_client
-from tasks.events import emit
+from tasks.events import add_event, add_started, emit
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
+from tasks.keys import cancel_key, lock_key
 from tasks.lock import Lease, new_token
 from tasks.notifications import announce
 from tasks.records import (
@@ -91,7 +92,7 @@ class StageTask(Task):
         # repeating a stage after a lost Redis reply is known as itself, a second delivery
         # of the same message is not.
         attempt = new_token()
-        at = [stage, retries]
+        at: list[Any] = [stage, retries, None]
         while True:
             try:
                 return self._run_from(at, state, cfg, client, attempt)
@@ -111,17 +112,17 @@ class StageTask(Task):
 
     def _run_from(self, at: list[Any], state: BuildState, cfg: Settings, client: Any,
                   attempt: str) -> Any:
-        """The stage loop from ``at`` = [stage, retries], kept current for a resume."""
-        stage, retries = at
+        """The stage loop from ``at`` = [stage, retries, the done event of the stage before
+        not yet sent], kept current for a resume."""
+        stage, retries, finished = at
         while True:
-            if stage != "record" and not state.done:
-                flag = cancelling.abandoned(client, state)
-                if flag is not None:
-                    # Cancelled, and nobody else waits for this build: stop here.
-                    stage, retries = self._stop_cancelled(state, cfg, client, flag), 0
-            at[:] = [stage, retries]
-            lease = self._lease(state, cfg, client, stage)
-            emit(client, state.request_id, "stage", stage=stage, state="started")
+            at[:] = [stage, retries, finished]
+            entered, lease = self._enter(stage, state, cfg, client, finished,
+                                         look=stage != "record" and not state.done)
+            if entered != stage:
+                stage, retries = entered, 0  # cancelled, and nobody else waits for this build
+            finished = None
+            at[:] = [stage, retries, None]
             started = time.monotonic()
             try:
                 next_stage = self._attempt(stage, state, cfg, lease, attempt)
@@ -129,7 +130,7 @@ class StageTask(Task):
                 if retries >= cfg.max_retries:
                     state.fail(str(exc), exc.kind)
                     next_stage = "record"
-                    self._add_time(stage, state, client, started)
+                    finished = self._add_time(stage, state, started)
                     stage, retries = next_stage, 0
                     continue
                 countdown = _backoff(cfg, retries)
@@ -137,7 +138,7 @@ class StageTask(Task):
                      countdown=f"{countdown:.1f}")
                 if lease is not None:
                     lease.extend(extra_seconds=countdown)
-                self._add_time(stage, state, client, started, retries=True)
+                self._add_time(stage, state, started, retries=True)
                 if self.request.is_eager:
                     # In-process there is no broker to carry a delayed retry: wait here.
                     time.sleep(countdown)
@@ -150,39 +151,75 @@ class StageTask(Task):
                 # the count, and the stages already done in this task are not repeated.
                 state.retries = retries + 1
                 return self._hand_over(stage, state, countdown=countdown)
-            self._add_time(stage, state, client, started)
+            finished = self._add_time(stage, state, started)
             if not next_stage:
-                return self.finish(state, client, attempt)
+                return self.finish(state, client, attempt, finished)
             if not self._runs_here(stage, next_stage, state):
+                emit(client, state.request_id, "stage", **finished)
                 state.retries = 0
                 return self._hand_over(next_stage, state)
             stage, retries = next_stage, 0
 
-    def _lease(self, state: BuildState, cfg: Settings, client: Any, stage: str) -> Lease | None:
-        if not (state.token and state.source_hash):
-            if not (state.source_hash or state.done or self.request.is_eager):
-                # Before the lock only the broker knows this request: register it first.
-                inflight.register(client, state, cfg.lock_lease)
-            return None
-        lease = Lease(client, state.source_hash, state.token, cfg.lock_lease, state.request_id,
-                      operations.pending_entry(state))
-        if not lease.extend():
+    def _enter(self, stage: str, state: BuildState, cfg: Settings, client: Any,
+               finished: dict[str, str] | None, look: bool = True) -> tuple[str, Lease | None]:
+        """The way into ``stage``, in one transaction (a cache hit crosses four boundaries,
+        and this was four round trips each): send the stage before's done event
+        (``finished``), look for a cancel (``look``), renew the lease or register a request
+        that holds no lock yet, and send the stage's started event if it is to run. Returns
+        the stage to run (``record`` for a request cancelled meanwhile) and the lease, if
+        the lock is held.
+        """
+        pipe = client.pipeline(transaction=True)
+        if finished:
+            add_event(pipe, state.request_id, "stage", **finished)
+        ours = len(pipe)
+        if look:
+            pipe.get(cancel_key(state.request_id))
+        lease = None
+        if state.token and state.source_hash:
+            lease = Lease(client, state.source_hash, state.token, cfg.lock_lease,
+                          state.request_id, operations.pending_entry(state))
+            extended = lease.add_extend(pipe)
+        elif not (state.source_hash or state.done or self.request.is_eager):
+            # Before the lock only the broker knows this request: register it first.
+            inflight.add_register(pipe, state, cfg.lock_lease)
+        started = add_started(pipe, client, state.request_id, stage, look=look,
+                              lock=lock_key(lease.source_hash) if lease else "",
+                              token=lease.token if lease else "")
+        replies = pipe.execute(raise_on_error=False)[ours:]
+        flag = replies.pop(0) if look else None
+        held = extended(replies.pop(0)) if lease is not None else True
+        sent = started(replies.pop())
+        for reply in (flag, *replies):
+            if isinstance(reply, Exception):
+                raise reply
+        # A flag is rare: only then is it read again with the pending map.
+        stop = cancelling.abandoned(client, state) if flag is not None else None
+        if stop is not None:
+            # Cancelled, and nobody else waits for this build: stop here.
+            stage = self._stop_cancelled(state, cfg, client, stop)
+            return self._enter(stage, state, cfg, client, None, look=False)
+        if lease is not None and not held:
             # Someone else holds this hash now (we were redelivered after a takeover)
             # or the build already finished; that holder answers our request.
-            log.info("stage %s dropped: lock for %s held elsewhere", stage, state.source_hash[:12])
+            log.info("stage %s dropped: lock for %s held elsewhere", stage, lease.source_hash[:12])
             _drop_tree(state)
             raise Ignore()
-        return lease
+        if not sent:
+            # Cancelled, but other requests wait for this build: it goes on for them.
+            emit(client, state.request_id, "stage", stage=stage, state="started")
+        return stage, lease
 
-    def _add_time(self, stage: str, state: BuildState, client: Any, started: float,
-                  retries: bool = False) -> None:
+    def _add_time(self, stage: str, state: BuildState, started: float,
+                  retries: bool = False) -> dict[str, str]:
+        """Count the stage's time; returns its done event, for the next round trip to send."""
         elapsed = time.monotonic() - started
         state.stages[stage] = state.stages.get(stage, 0.0) + elapsed
         if retries:
-            return
-        emit(client, state.request_id, "stage", stage=stage, state="done",
-             seconds=f"{elapsed:.3f}", status=state.status or "")
+            return {}
         metrics.stage_finished(stage, elapsed, state, self.request.id)
+        return {"stage": stage, "state": "done", "seconds": f"{elapsed:.3f}",
+                "status": state.status or ""}
 
     def _runs_here(self, stage: str, next_stage: str, state: BuildState) -> bool:
         if self.request.is_eager or next_stage == "record":
@@ -247,7 +284,7 @@ class StageTask(Task):
                 if state.source_hash or state.done or self.request.is_eager:
                     return body(state, cfg)
                 # Fetch and hash, before the lock: restartable should this worker die.
-                # _lease registered the request as this stage began (same condition).
+                # _enter registered the request as this stage began (same condition).
                 with inflight.tracked(redis_client(cfg), state, cfg.lock_lease, registered=True):
                     return body(state, cfg)
             building = stage in BUILD_STAGES
@@ -280,8 +317,10 @@ class StageTask(Task):
                        "The worker's log has the details; please report it.", "internal")
         return "record"
 
-    def finish(self, state: BuildState, client: Any, attempt: str) -> dict[str, Any]:
-        """Write the record, answer every request waiting on this hash, release the lock.
+    def finish(self, state: BuildState, client: Any, attempt: str,
+               finished: dict[str, str] | None = None) -> dict[str, Any]:
+        """Write the record, answer every request waiting on this hash, release the lock;
+        ``finished`` is the record stage's done event, sent with the first round trip.
 
         One answer per request, and the first stands: a request restarted while it was
         alive after all (its worker lost Redis, not its life), a stage delivered twice, or
@@ -290,6 +329,8 @@ class StageTask(Task):
         """
         own_id = self.request.id or state.request_id
         if not state.source_hash or not state.token:
+            if finished:
+                emit(client, state.request_id, "stage", **finished)
             if claim_answer(client, state.request_id, attempt) == OTHER:
                 raise self._ended_elsewhere(client, state.request_id)
             record = make_record(state, attached=own_id != state.request_id)
@@ -299,19 +340,23 @@ class StageTask(Task):
             return _answer(record)
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
-        waiting = lease.pending_requests()
-        if waiting and all(answered_by(client, r) not in (None, attempt) for r in waiting):
+        pipe = client.pipeline(transaction=False)
+        if finished:
+            add_event(pipe, state.request_id, "stage", **finished)
+        waiting, notes, ours_by = lease.survey(pipe)
+        if waiting and all((ours_by if r == state.request_id else answered_by(client, r))
+                           not in (None, attempt) for r in waiting):
             # A copy of requests that others answered (restarted while alive), or a request
             # cancelled meanwhile: that answer stands; only the lock is left to release.
             lease.release(waiting)
             raise self._ended_elsewhere(client, own_id)
         while True:
-            notes = lease.build_notes()
             written = lease.write_record(
                 make_record(state, builds=len(notes), rebuilt=rebuilt_reason(notes)),
                 attempt, len(notes))
             if written != "recount":
                 break
+            notes = lease.build_notes()
         if written is None or isinstance(written, str):
             # A successor took the lock while we were stalled, or another copy of this
             # chain answers: that record stands.

@@ -5,7 +5,10 @@ Run as ``python -m tests.faults.gated_worker worker POOL ...`` (the same argumen
 body, ``done`` after it); this wrapper holds the stage right after such an event when
 the test has armed a gate for it, so the test can SIGKILL the worker, stop a service
 or freeze the process at a known point, then let it go. Nothing here is in the
-product: it wraps the ``emit`` the stage tasks call.
+product: it wraps the ``emit`` the stage tasks call and, for the events sent with other
+commands in one round trip, the stage task's ``_enter`` (a stage's started event, and the
+done event of the stage before) and ``finish`` (the record stage's done event); the gate
+then holds the chain right after that round trip.
 
 Protocol (Redis keys, see :class:`Gates` in tests/faults/conftest.py):
 
@@ -54,6 +57,34 @@ def install() -> None:
                 _gate(client, str(data.get("stage")), str(data["state"]))
 
     stages.emit = emit
+
+    task = stages.StageTask
+    real_enter, real_finish = task._enter, task.finish
+
+    def _done(client: Any, finished: dict[str, str] | None) -> None:
+        if finished:
+            with contextlib.suppress(redis.RedisError):
+                _gate(client, finished["stage"], "done")
+
+    def enter(self: Any, stage: str, state: Any, cfg: Any, client: Any,
+              finished: dict[str, str] | None, look: bool = True) -> Any:
+        entered = real_enter(self, stage, state, cfg, client, finished, look)
+        _done(client, finished)
+        with contextlib.suppress(redis.RedisError):
+            _gate(client, entered[0], "started")
+        return entered
+
+    def finish(self: Any, state: Any, client: Any, attempt: str,
+               finished: dict[str, str] | None = None) -> Any:
+        if finished:
+            # The record stage's done event goes with finish's first round trip: send it
+            # alone here so the gate holds the chain before the record is written.
+            real_emit(client, state.request_id, "stage", **finished)
+            _done(client, finished)
+        return real_finish(self, state, client, attempt, None)
+
+    task._enter = enter  # type: ignore[method-assign]
+    task.finish = finish  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
