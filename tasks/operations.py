@@ -28,7 +28,7 @@ from tasks.cancelling import current_stop
 from tasks.connection import redis_client
 from tasks.events import LogWriter, add_event, emit
 from tasks.lock import Lease, new_token
-from tasks.records import answered, last_tag, remember_last_tag, remember_request
+from tasks.records import answered, last_tag, remember_request
 from tasks.state import BuildState
 from workers.bases import DigestCache, find_bases, pin, resolve
 from workers.builders import Builder, BuildRequest, engine_available
@@ -694,7 +694,6 @@ def push(state: BuildState, settings: Settings) -> str:
 def record(state: BuildState, settings: Settings) -> str:
     """Cleanup whatever the outcome; the record itself is written by the stage task."""
     _drop_tree(state)
-    remember_last_tag(_client(settings), state)
     leftovers = []
     try:
         key: str | None = context_key(state) if state.source_hash else None

@@ -279,7 +279,7 @@ def search(client: redis.Redis, limit: int, *, status: tuple[str, ...] = (),
     return rows, None
 
 
-def remember_last_tag(client: redis.Redis, state: BuildState) -> None:
+def remember_last_tag(client: redis.Redis | Pipeline, state: BuildState) -> None:
     """Note the destination's newest image: the next build there imports its layer cache."""
     if state.status in ("built", "skipped") and state.source_hash and state.ref and state.tag:
         client.set(last_tag_key(state.ref.name), state.tag, ex=REQUEST_TTL)

@@ -42,6 +42,7 @@ from tasks.records import (
     for_request,
     make_record,
     rebuilt_reason,
+    remember_last_tag,
     store_unhashed,
 )
 from tasks.state import BuildState
@@ -320,7 +321,8 @@ class StageTask(Task):
     def finish(self, state: BuildState, client: Any, attempt: str,
                finished: dict[str, str] | None = None) -> dict[str, Any]:
         """Write the record, answer every request waiting on this hash, release the lock;
-        ``finished`` is the record stage's done event, sent with the first round trip.
+        ``finished`` is the record stage's done event, sent with the first round trip (with
+        the destination's newest tag, see :func:`remember_last_tag`).
 
         One answer per request, and the first stands: a request restarted while it was
         alive after all (its worker lost Redis, not its life), a stage delivered twice, or
@@ -343,6 +345,7 @@ class StageTask(Task):
         pipe = client.pipeline(transaction=False)
         if finished:
             add_event(pipe, state.request_id, "stage", **finished)
+        remember_last_tag(pipe, state)
         waiting, notes, ours_by = lease.survey(pipe)
         if waiting and all((ours_by if r == state.request_id else answered_by(client, r))
                            not in (None, attempt) for r in waiting):
@@ -390,6 +393,10 @@ class StageTask(Task):
                                      pending.get(request_id)), url, settings())
         if own_id in requests and own_id not in ours:
             raise self._ended_elsewhere(client, own_id)
+        if own_id in ours:
+            # Stored above: Celery's own store of the return value would only read it back
+            # (it keeps the first success), a round trip for nothing.
+            self.request.ignore_result = True
         return _answer(for_request(record, own_id, own_id != state.request_id))
 
 
