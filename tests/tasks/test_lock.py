@@ -8,7 +8,8 @@ import time
 import pytest
 import redis
 
-from tasks.keys import PENDING_INDEX, lock_key, record_key
+from tasks.events import add_started
+from tasks.keys import PENDING_INDEX, cancel_key, events_key, lock_key, record_key
 from tasks.lock import Lease, new_token, orphaned_hashes, take_over
 
 HASH = "ab" * 32
@@ -104,3 +105,51 @@ def test_no_takeover_while_the_holder_is_alive(client: redis.Redis) -> None:
     lease(client, "req-2").acquire({"request_id": "req-2"})
     assert orphaned_hashes(client) == []
     assert take_over(client, HASH, 5.0) is None
+
+
+# -- scripts sent with other commands in one round trip (a stage boundary) --------------
+
+
+def _stage_events(client: redis.Redis, request_id: str) -> list[tuple[str, str]]:
+    return [(f["stage"], f["state"]) for _, f in client.xrange(events_key(request_id))]
+
+
+def test_scripts_sent_with_other_commands_run_even_after_redis_forgot_them(
+        client: redis.Redis) -> None:
+    holder = lease(client, "req-1", seconds=5.0)
+    assert holder.acquire({"request_id": "req-1"})
+    # As after a Redis restart: the server knows no script this client loaded.
+    client.script_flush()
+    client.pexpire(lock_key(HASH), 100)
+    pipe = client.pipeline(transaction=True)
+    extended = holder.add_extend(pipe)
+    started = add_started(pipe, client, "req-1", "exists", look=True, lock=lock_key(HASH),
+                          token=holder.token)
+    replies = pipe.execute(raise_on_error=False)
+    assert all(isinstance(r, redis.exceptions.NoScriptError) for r in replies), replies
+    assert extended(replies[0]) is True
+    assert started(replies[1]) is True
+    assert client.pttl(lock_key(HASH)) > 1000  # renewed to the full lease again
+    assert _stage_events(client, "req-1") == [("exists", "started")]
+
+
+def test_a_started_event_is_written_only_for_a_stage_that_will_run(client: redis.Redis) -> None:
+    def enter(request_id: str, look: bool, token: str = "") -> bool:
+        pipe = client.pipeline(transaction=True)
+        started = add_started(pipe, client, request_id, "hash", look=look,
+                              lock=lock_key(HASH) if token else "", token=token)
+        return started(pipe.execute(raise_on_error=False)[0])
+
+    assert enter("free", look=True) is True
+    client.set(cancel_key("cancelled"), json.dumps({"by": "someone", "at": 1.0}))
+    assert enter("cancelled", look=True) is False
+    # The record stage runs whatever the flag says (it cleans up and answers).
+    assert enter("cancelled", look=False) is True
+    holder = lease(client, "req-1")
+    assert holder.acquire({"request_id": "req-1"})
+    assert enter("holder", look=True, token=holder.token) is True
+    assert enter("stale", look=True, token=new_token()) is False
+    assert _stage_events(client, "free") == [("hash", "started")]
+    assert _stage_events(client, "cancelled") == [("hash", "started")]
+    assert _stage_events(client, "holder") == [("hash", "started")]
+    assert _stage_events(client, "stale") == []
