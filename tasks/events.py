@@ -50,6 +50,7 @@ def add_started(pipe: Pipeline, client: redis.Redis, request_id: str, stage: str
     stage is to run: its request not cancelled (``look``), and the ``lock`` held under
     ``token`` (see tasks/started.lua). Returns what reads whether it was written."""
     fields = _fields("stage", {"stage": stage, "state": "started"})
+    # Without a token the script never reads the lock key; any key fills its place.
     read = add_script(pipe, client, "started",
                       [events_key(request_id), cancel_key(request_id), lock or events_key(request_id)],
                       [EVENTS_MAXLEN, STREAM_TTL, "1" if look else "0", token,

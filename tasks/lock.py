@@ -124,23 +124,21 @@ class Lease:
         """Take back the note of a build that failed, so that its retry may build."""
         self.client.hdel(builds_key(self.source_hash), attempt)
 
-    def pending_requests(self) -> list[str]:
-        return _requests(self.client.hkeys(pending_key(self.source_hash)))
-
     def build_notes(self) -> dict[str, str]:
         """Attempt → token of the builds made for the hash's pending requests so far."""
         return _notes(self.client.hgetall(builds_key(self.source_hash)))
 
     def survey(self, pipe: Pipeline) -> tuple[list[str], dict[str, str], str | None]:
         """What a finisher reads first, sent with whatever ``pipe`` carries already, in one
-        round trip: :meth:`pending_requests`, :meth:`build_notes`, and the attempt that
+        round trip: the hash's pending requests, :meth:`build_notes`, and the attempt that
         answered this lease's own request (None: not answered)."""
         ours = len(pipe)
         pipe.hkeys(pending_key(self.source_hash))
         pipe.hgetall(builds_key(self.source_hash))
         pipe.get(answered_key(self.request_id))
         pending, notes, answered = pipe.execute()[ours:]
-        return _requests(pending), _notes(notes), str(answered) if answered is not None else None
+        return ([str(r) for r in pending], _notes(notes),
+                str(answered) if answered is not None else None)
 
     def write_record(self, record: dict[str, Any], attempt: str, builds: int,
                      ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | str | None:
@@ -206,10 +204,6 @@ class Lease:
 
         with companion(beat, f"lease-{self.source_hash[:12]}", 5):
             yield self
-
-
-def _requests(raw: Any) -> list[str]:
-    return [str(r) for r in raw]
 
 
 def _notes(raw: Any) -> dict[str, str]:
