@@ -51,9 +51,14 @@ class ImageRef:
         """The same repository under ``tag`` (no digest)."""
         return ImageRef(self.registry, self.repository, tag, None)
 
+    def to_dict(self) -> dict[str, str | None]:
+        """How a reference travels in a task's state (``dataclasses.asdict``'s shape)."""
+        return {"registry": self.registry, "repository": self.repository, "tag": self.tag,
+                "digest": self.digest}
+
     @classmethod
     def from_dict(cls, data: dict[str, str | None]) -> ImageRef:
-        """The inverse of ``dataclasses.asdict``: how a reference travels in a task's state."""
+        """The inverse of :meth:`to_dict`."""
         return cls(str(data["registry"]), str(data["repository"]), data.get("tag"), data.get("digest"))
 
     def __str__(self) -> str:

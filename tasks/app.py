@@ -8,7 +8,7 @@ from celery import Celery
 from kombu import Queue
 
 from config.settings import Settings
-from tasks import signing
+from tasks import broker, signing
 from tasks.connection import redis_ssl_options
 
 #: Queue of each stage: control hosts fetch, hash, check, upload and record;
@@ -109,6 +109,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def configure(settings: Settings) -> Celery:
     """Point the app at ``settings``; call before the first task is sent."""
     global _settings
+    broker.install()
     if settings.signing:
         signing.enable(settings)
     _settings = settings

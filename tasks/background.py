@@ -25,31 +25,17 @@ START_AFTER = 0.05
 
 
 class _Companion:
-    """One companion thread: waiting to start, started, or not needed any more."""
+    """One companion thread: waiting to start, started, or not needed any more. Its fields
+    change under the starter's lock."""
+
+    __slots__ = ("ended", "name", "stop", "target", "thread")
 
     def __init__(self, target: Callable[[threading.Event], None], name: str) -> None:
         self.target = target
         self.name = name
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
+        self.stop: threading.Event | None = None
         self.thread: threading.Thread | None = None
         self.ended = False
-
-    def start(self) -> None:
-        with self.lock:
-            if self.ended or self.thread is not None:
-                return
-            self.thread = threading.Thread(target=self.target, args=(self.stop,), name=self.name,
-                                           daemon=True)
-            self.thread.start()
-
-    def end(self, join_timeout: float) -> None:
-        with self.lock:
-            self.ended = True
-            thread = self.thread
-        if thread is not None:
-            self.stop.set()
-            thread.join(timeout=join_timeout)
 
 
 class _Starter:
@@ -69,15 +55,37 @@ class _Starter:
                 self.queue.clear()
                 threading.Thread(target=self._run, name="stage-companions", daemon=True).start()
             heapq.heappush(self.queue, (time.monotonic() + START_AFTER, next(self.order), companion))
-            self.cond.notify()
+            # Entries come in start-time order: only one that heads the queue (it was empty)
+            # changes when the starter must wake. A wake-up per stage would cost a thread
+            # switch each, on a host busy with cache hits.
+            if self.queue[0][2] is companion:
+                self.cond.notify()
+
+    def end(self, companion: _Companion, join_timeout: float) -> None:
+        with self.cond:
+            companion.ended = True
+            thread, stop = companion.thread, companion.stop
+        if thread is not None and stop is not None:
+            stop.set()
+            thread.join(timeout=join_timeout)
 
     def _run(self) -> None:
         while True:
             with self.cond:
                 while not self.queue or self.queue[0][0] > time.monotonic():
                     self.cond.wait(self.queue[0][0] - time.monotonic() if self.queue else None)
-                _, _, companion = heapq.heappop(self.queue)
-            companion.start()
+                _, _, due = heapq.heappop(self.queue)
+                # The ones behind it whose stages ended meanwhile go now, not at a wake-up
+                # each: most stages end long before their companion's start time.
+                while self.queue and self.queue[0][2].ended:
+                    heapq.heappop(self.queue)
+                if due.ended:
+                    continue
+                # Started under the lock, so that ``end`` never finds a thread not started.
+                due.stop = threading.Event()
+                due.thread = threading.Thread(target=due.target, args=(due.stop,),
+                                              name=due.name, daemon=True)
+                due.thread.start()
 
 
 _starter = _Starter()
@@ -99,8 +107,9 @@ def companion(target: Callable[[threading.Event], None], name: str,
     :data:`START_AFTER` into it; ``stop`` is set when the block ends, and the thread is
     waited for up to ``join_timeout``. A block that ends sooner starts no thread."""
     entry = _Companion(target, name)
-    _starter.add(entry)
+    starter = _starter
+    starter.add(entry)
     try:
         yield
     finally:
-        entry.end(join_timeout)
+        starter.end(entry, join_timeout)

@@ -440,7 +440,7 @@ def pending_entry(state: BuildState) -> dict[str, Any]:
     included) at each of a cache hit's stage boundaries.
     """
     entry = {k: getattr(state, k) for k in _PENDING_FIELDS}
-    entry["ref"] = dataclasses.asdict(state.ref) if state.ref else None
+    entry["ref"] = state.ref.to_dict() if state.ref else None
     return entry
 
 

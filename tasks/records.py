@@ -43,15 +43,43 @@ OTHER, FIRST, AGAIN = 0, 1, 2
 
 
 def claim_answer(client: redis.Redis, request_id: str, attempt: str,
-                 done: str | None = None) -> int:
+                 done: str | None = None,
+                 store: tuple[str | bytes, str | bytes, int] | None = None) -> int:
     """Whether ``attempt`` answers ``request_id``: FIRST once per request (with the request's
-    ``done`` event when a status is given), AGAIN when that attempt repeats, else OTHER."""
-    claimed = script(client, "answer")(
-        keys=[answered_key(request_id), events_key(request_id)],
-        args=[attempt, REQUEST_TTL, "1" if done is not None else "0", done or "", EVENTS_MAXLEN,
-              STREAM_TTL],
-    )
-    return int(claimed)
+    ``done`` event when a status is given), AGAIN when that attempt repeats, else OTHER.
+
+    ``store``: (key, value, lifetime in seconds) of the answer as the result backend keeps
+    it (see :func:`backend_answer`), written with the claim when it is this attempt's.
+    """
+    keys: list[str | bytes] = [answered_key(request_id), events_key(request_id)]
+    args: list[str | bytes | int] = [attempt, REQUEST_TTL, "1" if done is not None else "0",
+                                     done or "", EVENTS_MAXLEN, STREAM_TTL]
+    if store is not None:
+        keys.append(store[0])
+        args += [store[1], store[2]]
+    return int(script(client, "answer")(keys=keys, args=args))
+
+
+def backend_answer(backend: Any, task_id: str, result: Any, state: str,
+                   request: Any = None) -> tuple[str | bytes, str | bytes, int] | None:
+    """The key, value and lifetime Celery's Redis result backend writes for ``result``
+    (``store_result``'s own encoding), so :func:`claim_answer` can store it with the claim;
+    None for another backend (the embedded mode's), which stores it itself.
+
+    ``store_result`` would also read the key first, to keep a success already there: the
+    claim is what keeps the first answer here, and that read was a round trip per answer.
+    """
+    from celery.backends.redis import RedisBackend
+
+    if not isinstance(backend, RedisBackend):
+        return None
+    meta = backend._get_result_meta(result=backend.encode_result(result, state), state=state,
+                                    traceback=None, request=request)
+    meta["task_id"] = task_id
+    lifetime = backend.failure_expires if state == "FAILURE" else backend.expires
+    if not lifetime:
+        return None  # kept forever: store_result's own SET, without a lifetime
+    return backend.get_key_for_task(task_id), backend.encode(meta), int(lifetime)
 
 
 def answered(client: redis.Redis, request_id: str) -> bool:

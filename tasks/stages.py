@@ -36,6 +36,7 @@ from tasks.records import (
     FIRST,
     OTHER,
     answered_by,
+    backend_answer,
     claim_answer,
     count_late_build,
     find,
@@ -69,6 +70,10 @@ class StageTask(Task):
     #: A failed build ends its task in FAILURE (see tasks/failures.py): expected, so the
     #: worker logs it as a build outcome, not as a task that crashed.
     throws = (BuildFailed,)
+    #: How much of the answer Celery's log and Flower show: its leading fields (id,
+    #: status, image, digest, tag, hash) fit. Celery builds this text for every task it
+    #: runs, so a cache hit paid for 1,024 characters of a record no one reads there.
+    resultrepr_maxsize = 512
     stage_name = ""
     body: StageBody
 
@@ -366,21 +371,26 @@ class StageTask(Task):
             raise Ignore()
         record, pending = written
         requests = {*pending, state.request_id}
-        claims = {r: claim_answer(client, r, attempt,
-                                  done=record["status"] if r == state.request_id else None)
-                  for r in requests}
-        ours = {r for r, claim in claims.items() if claim != OTHER}
-        for request_id in ours:
-            # Stored here for the chain's own request too, as Celery would store the return
-            # value (it keeps the first success): once the lock is released nothing could
-            # store a lost answer.
+        # Each answer is stored here, the chain's own request's too, as Celery would store
+        # the return value: once the lock is released nothing could store a lost answer.
+        # With Celery's Redis backend it is stored by the claim itself (one round trip).
+        claims, unstored = {}, []
+        for request_id in requests:
             answer = for_request(record, request_id, request_id != state.request_id,
                                  pending.get(request_id))
             failure = failure_for(answer)
-            self.backend.store_result(
-                request_id, answer if failure is None else failure,
-                states.SUCCESS if failure is None else states.FAILURE,
-                request=self.request if request_id == own_id else None)
+            stored = (request_id, answer if failure is None else failure,
+                      states.SUCCESS if failure is None else states.FAILURE,
+                      self.request if request_id == own_id else None)
+            entry = backend_answer(self.backend, *stored)
+            claims[request_id] = claim_answer(
+                client, request_id, attempt, store=entry,
+                done=record["status"] if request_id == state.request_id else None)
+            if entry is None and claims[request_id] != OTHER:
+                unstored.append(stored)
+        ours = {r for r, claim in claims.items() if claim != OTHER}
+        for request_id, result, status, request in unstored:
+            self.backend.store_result(request_id, result, status, request=request)
         metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
                                        if c == FIRST and r in pending})
         lease.release(requests)

@@ -7,7 +7,7 @@ secret: credentials are looked up by the worker that needs them.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from config.references import ImageRef
@@ -109,7 +109,11 @@ class BuildState:
         self.cancelled_by, self.cancelled_at = by, at
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A copy in plain values, as ``dataclasses.asdict`` makes it, without its deep copy
+        of each leaf (~50 µs a time): a cache hit sends it at two stage boundaries."""
+        data = {name: _plain(getattr(self, name)) for name in self.__dataclass_fields__}
+        data["ref"] = self.ref.to_dict() if self.ref else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildState:
@@ -117,3 +121,12 @@ class BuildState:
         if isinstance(known.get("ref"), dict):
             known["ref"] = ImageRef.from_dict(known["ref"])
         return cls(**known)
+
+
+def _plain(value: Any) -> Any:
+    """A copy of a JSON-shaped value: its dicts and lists are new, its scalars shared."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value

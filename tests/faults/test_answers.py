@@ -13,7 +13,15 @@ import redis
 from config.settings import Settings
 from tasks.keys import INFLIGHT, PENDING_INDEX, events_key, lock_key, pending_key, record_key
 from tasks.lock import Lease, new_token, orphaned_hashes, take_over
-from tasks.records import AGAIN, FIRST, OTHER, claim_answer, count_late_build, rebuilt_reason
+from tasks.records import (
+    AGAIN,
+    FIRST,
+    OTHER,
+    backend_answer,
+    claim_answer,
+    count_late_build,
+    rebuilt_reason,
+)
 from tasks.watchdog import redis_uptime, restart_orphans
 
 HASH = "cd" * 32
@@ -173,3 +181,46 @@ def test_no_takeover_until_a_restarted_redis_has_been_up_a_lease(client: redis.R
     # Every lease ran out while Redis was down, the live holders' too: wait one lease.
     assert restart_orphans(client, Settings(lock_lease=up + 60)) == 0
     assert client.get(lock_key(HASH)) is None and client.hexists(INFLIGHT, "req-2")
+
+
+def test_an_answer_stored_with_its_claim_is_what_celery_reads_and_only_the_first(
+        redis_url: str, client: redis.Redis) -> None:
+    from celery import Celery, states
+
+    app = Celery("answers-test", broker="memory://", backend=redis_url)
+    app.conf.result_extended = True
+    listener = client.pubsub()
+    try:
+        entry = backend_answer(app.backend, "req-1", {"status": "built", "image": "a"},
+                               states.SUCCESS)
+        assert entry is not None
+        key = entry[0]
+        listener.subscribe(key)
+        assert listener.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+        assert claim_answer(client, "req-1", "attempt-1", "built", store=entry) == FIRST
+        # Published for a caller already waiting, and kept for one that asks later.
+        heard = listener.get_message(timeout=5)
+        assert heard is not None and json.loads(heard["data"])["result"]["image"] == "a"
+        assert app.AsyncResult("req-1").get(timeout=10) == {"status": "built", "image": "a"}
+        assert 0 < client.ttl(key) <= int(app.backend.expires)
+        # The same document Celery's own store writes, but for the time it was written.
+        app.backend.store_result("req-celery", {"status": "built", "image": "a"}, states.SUCCESS)
+        ours = json.loads(str(client.get(key)))
+        theirs = json.loads(str(client.get(app.backend.get_key_for_task("req-celery"))))
+        for document in (ours, theirs):
+            document.pop("date_done")
+        assert ours == {**theirs, "task_id": "req-1"}
+        # Another attempt's claim stores nothing: the first answer stands.
+        other = backend_answer(app.backend, "req-1", {"status": "failed"}, states.SUCCESS)
+        assert claim_answer(client, "req-1", "attempt-2", "failed", store=other) == OTHER
+        assert app.AsyncResult("req-1").get(timeout=10) == {"status": "built", "image": "a"}
+        # A failure is stored as Celery stores an exception, under its failure lifetime.
+        failed = backend_answer(app.backend, "req-2", ValueError("no such base image"),
+                                states.FAILURE)
+        assert failed is not None
+        assert claim_answer(client, "req-2", "attempt-1", "failed", store=failed) == FIRST
+        error = app.AsyncResult("req-2").get(timeout=10, propagate=False)
+        assert isinstance(error, ValueError) and str(error) == "no such base image"
+    finally:
+        listener.close()
+        app.close()
