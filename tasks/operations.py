@@ -28,7 +28,7 @@ from tasks.cancelling import current_stop
 from tasks.connection import redis_client
 from tasks.events import LogWriter, add_event, emit
 from tasks.lock import Lease, new_token
-from tasks.records import answered, last_tag, remember_request
+from tasks.records import last_tag, remember_request
 from tasks.state import BuildState
 from workers.bases import DigestCache, find_bases, pin, resolve
 from workers.builders import Builder, BuildRequest, engine_available
@@ -264,11 +264,8 @@ def _client(settings: Settings) -> Any:
 
 
 def fetch(state: BuildState, settings: Settings) -> str:
-    if answered(_client(settings), state.request_id):
-        # A restarted copy of a request that finished meanwhile: its answer stands.
-        from celery.exceptions import Ignore
-
-        raise Ignore()
+    """The first stage (a restarted copy of a request answered meanwhile never gets here:
+    the stage's way in looks, see ``StageTask._enter``)."""
     spec = SourceSpec.from_dict(state.source)
     if spec.kind == "image":
         return _resolve_image(state, spec, settings)

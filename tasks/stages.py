@@ -29,7 +29,7 @@ from tasks.app import ROUTES, app, platform_queue, settings
 from tasks.connection import REDIS_PATIENCE_LEASES, REDIS_TROUBLE, redis_client
 from tasks.events import add_event, add_started, emit
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
-from tasks.keys import cancel_key, lock_key
+from tasks.keys import answered_key, cancel_key, lock_key
 from tasks.lock import Lease, new_token
 from tasks.notifications import announce
 from tasks.records import (
@@ -181,6 +181,10 @@ class StageTask(Task):
         ours = len(pipe)
         if look:
             pipe.get(cancel_key(state.request_id))
+        # The first stage of a restarted copy of a request answered meanwhile: it stops.
+        first = stage == "fetch"
+        if first:
+            pipe.exists(answered_key(state.request_id))
         lease = None
         if state.token and state.source_hash:
             lease = Lease(client, state.source_hash, state.token, cfg.lock_lease,
@@ -194,9 +198,10 @@ class StageTask(Task):
                               token=lease.token if lease else "")
         replies = pipe.execute(raise_on_error=False)[ours:]
         flag = replies.pop(0) if look else None
+        answered_already = replies.pop(0) if first else 0
         held = extended(replies.pop(0)) if lease is not None else True
         sent = started(replies.pop())
-        for reply in (flag, *replies):
+        for reply in (flag, answered_already, *replies):
             if isinstance(reply, Exception):
                 raise reply
         # A flag is rare: only then is it read again with the pending map.
@@ -205,6 +210,10 @@ class StageTask(Task):
             # Cancelled, and nobody else waits for this build: stop here.
             stage = self._stop_cancelled(state, cfg, client, stop)
             return self._enter(stage, state, cfg, client, None, look=False)
+        if answered_already:
+            # Its answer stands; the registration sent alongside must not restart it again.
+            inflight.forget(client, state.request_id)
+            raise Ignore()
         if lease is not None and not held:
             # Someone else holds this hash now (we were redelivered after a takeover)
             # or the build already finished; that holder answers our request.

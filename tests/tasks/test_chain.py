@@ -158,5 +158,7 @@ def test_a_finished_request_restarted_by_the_watchdog_keeps_its_one_answer(
     fetches = [e for e in events if e.get("stage") == "fetch" and e.get("state") == "started"]
     assert len(fetches) == 2, events  # the request's own chain, then the restarted copy
     assert [e["kind"] for e in events].count("done") == 1, events
+    # The copy registered itself as it began; stopping, it leaves no entry to restart again.
+    assert not client.hexists(INFLIGHT, result.id)
     again = build_image.AsyncResult(result.id).get(timeout=5)
     assert again == first
