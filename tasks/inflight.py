@@ -84,9 +84,10 @@ def tracked(client: redis.Redis, state: BuildState, lease_seconds: float,
     """Keep ``state`` restartable while a stage before the lock works on it.
 
     ``registered``: the caller registered it just before (its lease is fresh), so that
-    round trip is not repeated. Afterwards the entry goes once the request is in a pending
-    map (it has a hash), done, or failed; else (fetch handed it to hash) it stays, with at
-    least nine tenths of a lease left for the next stage.
+    round trip is not repeated. Afterwards the entry goes once the request is done or
+    failed; a request that took its hash's lock left it already (the lock script moves a
+    request from this map to the pending map, see tasks/acquire.lua); else (fetch handed
+    it to hash) it stays, with at least nine tenths of a lease left for the next stage.
     """
     lease_ms = int(lease_seconds * 1000)
     if not registered:
@@ -100,34 +101,44 @@ def tracked(client: redis.Redis, state: BuildState, lease_seconds: float,
             except redis.RedisError:
                 continue  # a blip must not kill the stage; the next beat tries again
 
-    keep = False
+    keep = moved = False
     try:
         with companion(beat, f"inflight-{state.request_id[:8]}", 5):
             yield
             keep = not (state.source_hash or state.done)
+            moved = bool(state.source_hash and state.token)
     finally:
-        # An error (a failed record follows), an attach (Ignore) or a hash: the request
-        # is accounted for elsewhere now.
-        # Through a short Redis outage: an entry left behind is restarted by the watchdog
-        # once its lease runs out, and that copy is stopped only when it reaches the lock
-        # or sees the request answered. The lease itself bounds how long this waits.
-        deadline = time.monotonic() + lease_seconds / 2
-        pause = 0.1
-        while True:
-            try:
-                if keep:
-                    # A lease this fresh (a cache hit's fetch takes a millisecond) has
-                    # all but a moment left: renewing it would be a round trip for nothing.
-                    if time.monotonic() - renewed >= lease_seconds / 10:
-                        client.set(lease_key(state.request_id), "1", px=lease_ms)
-                else:
-                    forget(client, state.request_id)
+        if not moved:
+            _settle(client, state.request_id, keep, time.monotonic() - renewed, lease_seconds)
+
+
+def _settle(client: redis.Redis, request_id: str, keep: bool, age: float,
+            lease_seconds: float) -> None:
+    """The in-flight entry after its stage: kept for the next (``keep``), else forgotten.
+
+    An error (a failed record follows), an attach (Ignore) or a hash: the request is
+    accounted for elsewhere now. Through a short Redis outage: an entry left behind is
+    restarted by the watchdog once its lease runs out, and that copy is stopped only when
+    it reaches the lock or sees the request answered. The lease itself bounds how long
+    this waits.
+    """
+    deadline = time.monotonic() + lease_seconds / 2
+    pause = 0.1
+    while True:
+        try:
+            if keep:
+                # A lease this fresh (a cache hit's fetch takes a millisecond) has all but
+                # a moment left: renewing it would be a round trip for nothing.
+                if age >= lease_seconds / 10:
+                    client.set(lease_key(request_id), "1", px=int(lease_seconds * 1000))
+            else:
+                forget(client, request_id)
+            break
+        except redis.RedisError:
+            if time.monotonic() + pause > deadline:
                 break
-            except redis.RedisError:
-                if time.monotonic() + pause > deadline:
-                    break
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def reclaim_orphans(client: redis.Redis, lease_seconds: float) -> list[dict[str, Any]]:

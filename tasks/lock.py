@@ -33,11 +33,13 @@ from redis.client import Pipeline
 from tasks.background import companion
 from tasks.keys import (
     HISTORY,
+    INFLIGHT,
     PENDING_INDEX,
     answered_key,
     answering_key,
     builds_key,
     counted_builds_key,
+    lease_key,
     lock_key,
     pending_key,
     record_key,
@@ -74,7 +76,8 @@ class Lease:
         return int(self.lease_seconds * 1000)
 
     def acquire(self, request: dict[str, Any]) -> bool:
-        """Hold the lock, or register as a waiter; True when held."""
+        """Hold the lock, or register as a waiter; True when held. Either way the request
+        leaves the in-flight map: the pending map keeps it restartable from here on."""
         return bool(script(self.client, "acquire")(*self._acquire_arguments(request)))
 
     def add_acquire(self, pipe: Pipeline, request: dict[str, Any]) -> Callable[[Any], bool]:
@@ -83,7 +86,8 @@ class Lease:
         return lambda reply: bool(read(reply))
 
     def _acquire_arguments(self, request: dict[str, Any]) -> tuple[list[str], list[Any]]:
-        return ([lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX],
+        return ([lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX,
+                 INFLIGHT, lease_key(self.request_id)],
                 [self.token, self._lease_ms, self.request_id, json.dumps(request),
                  self.source_hash])
 

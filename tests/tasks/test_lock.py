@@ -8,9 +8,20 @@ import time
 import pytest
 import redis
 
+from tasks import inflight
 from tasks.events import add_started
-from tasks.keys import PENDING_INDEX, cancel_key, events_key, lock_key, record_key
+from tasks.keys import (
+    INFLIGHT,
+    PENDING_INDEX,
+    cancel_key,
+    events_key,
+    lease_key,
+    lock_key,
+    pending_key,
+    record_key,
+)
 from tasks.lock import Lease, new_token, orphaned_hashes, take_over
+from tasks.state import BuildState
 
 HASH = "ab" * 32
 
@@ -35,6 +46,20 @@ def test_second_request_waits_and_receives_the_holders_pending_list(client: redi
     assert client.get(lock_key(HASH)) is None
     assert json.loads(client.get(record_key(HASH)) or "{}") == {"status": "built"}
     assert not client.sismember(PENDING_INDEX, HASH)
+
+
+def test_the_lock_takes_a_request_out_of_the_in_flight_map_in_the_same_step(
+        client: redis.Redis) -> None:
+    for request_id in ("req-1", "req-2"):
+        inflight.register(client, BuildState(request_id=request_id, source={}), 5.0)
+        assert client.hexists(INFLIGHT, request_id) and client.exists(lease_key(request_id))
+    # The holder and a waiter alike: the pending map keeps each restartable from here on.
+    assert lease(client, "req-1").acquire({"request_id": "req-1"}) is True
+    assert lease(client, "req-2").acquire({"request_id": "req-2"}) is False
+    for request_id in ("req-1", "req-2"):
+        assert not client.hexists(INFLIGHT, request_id)
+        assert not client.exists(lease_key(request_id))
+        assert client.hexists(pending_key(HASH), request_id)
 
 
 def test_only_the_owner_can_finish(client: redis.Redis) -> None:
