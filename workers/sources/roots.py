@@ -12,6 +12,7 @@ own files, as the caller.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -57,13 +58,30 @@ def upload_area(settings: Settings) -> Path | None:
     return Path(unquote(urlsplit(settings.context_store).path)) / UPLOAD_DIR
 
 
+#: How long a resolution of the roots is used: a request's source is checked against them
+#: up to four times (the request, then fetch and hash on the worker), and resolving each
+#: root (realpath, an lstat per component) was most of each check. A root's symlink pointed
+#: elsewhere by the operator counts from this long after.
+ROOTS_FRESH_SECONDS = 5.0
+_resolved: dict[tuple[tuple[Path, ...], str], tuple[float, tuple[Path, ...]]] = {}
+
+
 def allowed_roots(settings: Settings) -> tuple[Path, ...]:
     """The configured roots and the upload area, each resolved as the sources will be."""
+    key = (settings.source_roots, settings.context_store)
+    now = time.monotonic()
+    known = _resolved.get(key)
+    if known is not None and now - known[0] < ROOTS_FRESH_SECONDS:
+        return known[1]
     roots = list(settings.source_roots)
     area = upload_area(settings)
     if area is not None:
         roots.append(area)
-    return tuple(Path(os.path.realpath(root)) for root in roots)
+    resolved = tuple(Path(os.path.realpath(root)) for root in roots)
+    if len(_resolved) > 64:
+        _resolved.clear()
+    _resolved[key] = (now, resolved)
+    return resolved
 
 
 def local_path(spec: SourceSpec) -> str | None:
