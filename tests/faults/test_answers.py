@@ -187,7 +187,8 @@ def test_an_answer_stored_with_its_claim_is_what_celery_reads_and_only_the_first
         redis_url: str, client: redis.Redis) -> None:
     from celery import Celery, states
 
-    app = Celery("answers-test", broker="memory://", backend=redis_url)
+    # Not the current app: later tests' bare AsyncResult(...) must keep meaning buildq's.
+    app = Celery("answers-test", broker="memory://", backend=redis_url, set_as_current=False)
     app.conf.result_extended = True
     listener = client.pubsub()
     try:
