@@ -23,7 +23,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -197,12 +197,16 @@ class Watch:
 
 
 @contextlib.contextmanager
-def watch(client: redis.Redis, state: BuildState) -> Iterator[Watch]:
+def watch(client: redis.Redis, state: BuildState,
+          on_start: Callable[[], None] | None = None) -> Iterator[Watch]:
     """Look for a cancel while a stage body runs; :func:`current_stop` hands its event to
-    whatever can be interrupted (the docker build)."""
+    whatever can be interrupted (the docker build). ``on_start`` runs first on the
+    watcher's thread, once the stage outlives a moment."""
     seen = Watch()
 
     def look(done: threading.Event) -> None:
+        if on_start is not None:
+            on_start()
         while not done.wait(WATCH_EVERY):
             try:
                 flag = abandoned(client, state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import redis
@@ -28,12 +29,45 @@ STREAM_TTL = 7 * 24 * 3600
 
 def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:
     """Publish one event; a watcher's absence, or Redis trouble, never fails a build."""
+    emit_stages(client, request_id, [], (kind, data))
+
+
+def emit_stages(client: redis.Redis, request_id: str, stages: list[dict[str, str]],
+                *more: tuple[str, dict[str, Any]]) -> None:
+    """Publish stage events (``stages``, their fields) and ``more`` (kind, fields) in one
+    round trip; as :func:`emit`, never failing a build."""
+    if not (stages or more):
+        return
     try:
         pipe = client.pipeline(transaction=False)
-        add_event(pipe, request_id, kind, **data)
+        for fields in stages:
+            add_event(pipe, request_id, "stage", **fields)
+        for kind, fields in more:
+            add_event(pipe, request_id, kind, **fields)
         pipe.execute()
     except redis.RedisError:
         pass
+
+
+#: The stage events a quick boundary left unsent (see StageTask._enter), while a stage body
+#: runs: the first round trip the body makes for its request carries them first, so the
+#: request's events stay in order.
+unsent_stages: ContextVar[list[dict[str, str]] | None] = ContextVar("buildq_unsent_stages",
+                                                                   default=None)
+
+
+def add_unsent(pipe: Pipeline, request_id: str,
+               events: list[dict[str, str]] | None = None) -> Callable[[], None]:
+    """Queue the unsent stage events (``events``, else this context's) on ``pipe``; returns
+    what drops them from their list once ``pipe`` was executed."""
+    events = unsent_stages.get() if events is None else events
+    if not events:
+        return lambda: None
+    taken = list(events)
+    for fields in taken:
+        add_event(pipe, request_id, "stage", **fields)
+    # Only this body's thread (or, while it waits, its companion) changes the list.
+    return lambda: events.__delitem__(slice(0, len(taken)))
 
 
 def add_event(pipe: Pipeline, request_id: str, kind: str, **data: Any) -> None:

@@ -28,9 +28,11 @@ from tasks.scripts import script
 from tasks.state import BuildState
 
 
-def submit(client: redis.Redis, request_id: str, source: str, options: dict[str, Any],
-           headers: dict[str, Any], lease_seconds: float) -> None:
-    """Note a request about to be sent, so that losing its message loses nothing.
+def submission(request_id: str, source: str, options: dict[str, Any], headers: dict[str, Any],
+               lease_seconds: float) -> list[tuple[Any, ...]]:
+    """The Redis commands that note a request about to be sent, as (method, *arguments), so
+    that losing its message loses nothing. They ride ahead of the message, in the same
+    round trip and on the same connection (see tasks/broker.py), so they land before it.
 
     Between the broker's list and a worker's first stage, a message can vanish: a Redis
     crash between the worker's pop and kombu's record of it as unacked drops it, and one
@@ -38,10 +40,9 @@ def submit(client: redis.Redis, request_id: str, source: str, options: dict[str,
     registers the request (below), a watchdog that finds it neither registered nor queued
     sends it again (see :func:`lost_submissions`).
     """
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(SUBMITTED, request_id, json.dumps({"source": source, "options": options, "headers": headers}))
-    pipe.set(submitted_lease_key(request_id), "1", px=int(lease_seconds * 1000))
-    pipe.execute()
+    note = json.dumps({"source": source, "options": options, "headers": headers})
+    return [("hset", SUBMITTED, request_id, note),
+            ("psetex", submitted_lease_key(request_id), int(lease_seconds * 1000), "1")]
 
 
 def register(client: redis.Redis, state: BuildState, lease_seconds: float) -> None:

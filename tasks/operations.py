@@ -26,7 +26,7 @@ from config.settings import Settings, check_notify_url
 from tasks.app import settings as current_settings
 from tasks.cancelling import current_stop
 from tasks.connection import redis_client
-from tasks.events import LogWriter, add_event, emit
+from tasks.events import LogWriter, add_event, add_unsent, emit
 from tasks.lock import Lease, new_token
 from tasks.records import last_tag, remember_request
 from tasks.state import BuildState
@@ -453,13 +453,17 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     # lost Redis connection never mistakes an unacquired token for a held lock.
     token = state.token or new_token()
     lease = Lease(client, state.source_hash, token, settings.lock_lease, state.request_id)
-    # One round trip for the three (a cache hit's hash stage is a few milliseconds).
+    # One round trip for the three and the stage events before them (a cache hit's hash
+    # stage is a few milliseconds).
     pipe = client.pipeline(transaction=False)
+    sent = add_unsent(pipe, state.request_id)
+    ours = len(pipe)
     remember_request(pipe, state.request_id, state.source_hash)
     add_event(pipe, state.request_id, "hashed", source_hash=state.source_hash, tag=state.tag,
               image=state.image)
     acquired = lease.add_acquire(pipe, pending_entry(state))
-    replies = pipe.execute(raise_on_error=False)
+    replies = pipe.execute(raise_on_error=False)[ours:]
+    sent()
     for reply in replies[:-1]:
         if isinstance(reply, Exception):
             raise reply

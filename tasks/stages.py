@@ -9,6 +9,7 @@ work already done, jumps straight to ``record``, which always runs cleanup.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
@@ -17,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import redis
 from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
@@ -24,10 +26,11 @@ from celery.utils.nodenames import worker_direct
 
 from config.errors import BuildqError
 from config.settings import Settings
-from tasks import cancelling, inflight, multiplatform, operations, requester
+from tasks import broker, cancelling, inflight, multiplatform, operations, requester
 from tasks.app import ROUTES, app, platform_queue, settings
+from tasks.background import START_AFTER
 from tasks.connection import REDIS_PATIENCE_LEASES, REDIS_TROUBLE, redis_client
-from tasks.events import add_event, add_started, emit
+from tasks.events import add_event, add_started, add_unsent, emit, emit_stages, unsent_stages
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
 from tasks.keys import answered_key, cancel_key, lock_key
 from tasks.lock import Lease, new_token
@@ -54,6 +57,11 @@ log = logging.getLogger("buildq")
 
 #: A stage body: does its work on the state and names the next stage ("" ends the chain).
 StageBody = Callable[[BuildState, Settings], str]
+
+
+#: How soon after a boundary that went to Redis the next one may send nothing of its own:
+#: the moment a stage may run before its companions (lease renewal, cancel watch) start.
+QUICK_BOUNDARY = START_AFTER
 
 
 def _backoff(settings: Settings, retries: int) -> float:
@@ -98,7 +106,7 @@ class StageTask(Task):
         # repeating a stage after a lost Redis reply is known as itself, a second delivery
         # of the same message is not.
         attempt = new_token()
-        at: list[Any] = [stage, retries, None]
+        at: list[Any] = [stage, retries, []]
         while True:
             try:
                 return self._run_from(at, state, cfg, client, attempt)
@@ -118,30 +126,39 @@ class StageTask(Task):
 
     def _run_from(self, at: list[Any], state: BuildState, cfg: Settings, client: Any,
                   attempt: str) -> Any:
-        """The stage loop from ``at`` = [stage, retries, the done event of the stage before
-        not yet sent], kept current for a resume."""
-        stage, retries, finished = at
+        """The stage loop from ``at`` = [stage, retries, the stage events not yet sent],
+        kept current for a resume."""
+        stage, retries, unsent = at
+        # When this run's last boundary went to Redis: one within a moment of it (the
+        # stage between was quick) needs no round trip of its own (see _enter).
+        sent_at: float | None = None
         while True:
-            at[:] = [stage, retries, finished]
-            entered, lease = self._enter(stage, state, cfg, client, finished,
-                                         look=stage != "record" and not state.done)
+            at[:] = [stage, retries, unsent]
+            quick = (sent_at is not None and retries == 0
+                     and time.monotonic() - sent_at < QUICK_BOUNDARY)
+            entered, lease = self._enter(stage, state, cfg, client, unsent,
+                                         look=stage != "record" and not state.done, quick=quick)
+            if not unsent:
+                sent_at = time.monotonic()
             if entered != stage:
                 stage, retries = entered, 0  # cancelled, and nobody else waits for this build
-            finished = None
-            at[:] = [stage, retries, None]
+            # A resume enters this stage again, with a started event of its own.
+            at[:] = [stage, retries, [e for e in unsent if e["stage"] != stage]]
             started = time.monotonic()
             try:
-                next_stage = self._attempt(stage, state, cfg, lease, attempt)
+                next_stage = self._attempt(stage, state, cfg, lease, attempt, unsent)
             except BuildqError as exc:
                 if retries >= cfg.max_retries:
                     state.fail(str(exc), exc.kind)
                     next_stage = "record"
-                    finished = self._add_time(stage, state, started)
+                    unsent.append(self._add_time(stage, state, started))
                     stage, retries = next_stage, 0
                     continue
                 countdown = _backoff(cfg, retries)
-                emit(client, state.request_id, "retry", stage=stage, error=str(exc),
-                     countdown=f"{countdown:.1f}")
+                emit_stages(client, state.request_id, unsent,
+                            ("retry", {"stage": stage, "error": str(exc),
+                                       "countdown": f"{countdown:.1f}"}))
+                unsent.clear()
                 if lease is not None:
                     lease.extend(extra_seconds=countdown)
                 self._add_time(stage, state, started, retries=True)
@@ -157,27 +174,41 @@ class StageTask(Task):
                 # the count, and the stages already done in this task are not repeated.
                 state.retries = retries + 1
                 return self._hand_over(stage, state, countdown=countdown)
-            finished = self._add_time(stage, state, started)
+            unsent.append(self._add_time(stage, state, started))
             if not next_stage:
-                return self.finish(state, client, attempt, finished)
+                return self.finish(state, client, attempt, unsent)
             if not self._runs_here(stage, next_stage, state):
-                emit(client, state.request_id, "stage", **finished)
+                emit_stages(client, state.request_id, unsent)
                 state.retries = 0
                 return self._hand_over(next_stage, state)
             stage, retries = next_stage, 0
 
     def _enter(self, stage: str, state: BuildState, cfg: Settings, client: Any,
-               finished: dict[str, str] | None, look: bool = True) -> tuple[str, Lease | None]:
+               unsent: list[dict[str, str]], look: bool = True,
+               quick: bool = False) -> tuple[str, Lease | None]:
         """The way into ``stage``, in one transaction (a cache hit crosses four boundaries,
-        and this was four round trips each): send the stage before's done event
-        (``finished``), look for a cancel (``look``), renew the lease or register a request
-        that holds no lock yet, and send the stage's started event if it is to run. Returns
-        the stage to run (``record`` for a request cancelled meanwhile) and the lease, if
-        the lock is held.
+        and this was four round trips each): send the stage events not yet sent
+        (``unsent``, emptied), look for a cancel (``look``), renew the lease or register a
+        request that holds no lock yet, and send the stage's started event if it is to run.
+        Returns the stage to run (``record`` for a request cancelled meanwhile) and the
+        lease, if the lock is held.
+
+        ``quick``: the last boundary of this run went to Redis a moment ago
+        (:data:`QUICK_BOUNDARY`), so this one sends nothing and only adds the started event
+        to ``unsent``, for the next round trip to carry. Within that moment the lease
+        renewed then cannot have run out, the in-flight registration stands, and a cancel
+        is as good as one sent a moment later: it is seen at the next boundary that goes
+        to Redis, or by the stage's cancel watch once the stage outlives a moment.
         """
+        if quick and stage != "fetch":
+            unsent.append({"stage": stage, "state": "started"})
+            if state.token and state.source_hash:
+                return stage, Lease(client, state.source_hash, state.token, cfg.lock_lease,
+                                    state.request_id, operations.pending_entry(state))
+            return stage, None
         pipe = client.pipeline(transaction=True)
-        if finished:
-            add_event(pipe, state.request_id, "stage", **finished)
+        for event in unsent:
+            add_event(pipe, state.request_id, "stage", **event)
         ours = len(pipe)
         if look:
             pipe.get(cancel_key(state.request_id))
@@ -197,6 +228,7 @@ class StageTask(Task):
                               lock=lock_key(lease.source_hash) if lease else "",
                               token=lease.token if lease else "")
         replies = pipe.execute(raise_on_error=False)[ours:]
+        unsent.clear()
         flag = replies.pop(0) if look else None
         answered_already = replies.pop(0) if first else 0
         held = extended(replies.pop(0)) if lease is not None else True
@@ -209,7 +241,7 @@ class StageTask(Task):
         if stop is not None:
             # Cancelled, and nobody else waits for this build: stop here.
             stage = self._stop_cancelled(state, cfg, client, stop)
-            return self._enter(stage, state, cfg, client, None, look=False)
+            return self._enter(stage, state, cfg, client, unsent, look=False)
         if answered_already:
             # Its answer stands; the registration sent alongside must not restart it again.
             inflight.forget(client, state.request_id)
@@ -227,7 +259,8 @@ class StageTask(Task):
 
     def _add_time(self, stage: str, state: BuildState, started: float,
                   retries: bool = False) -> dict[str, str]:
-        """Count the stage's time; returns its done event, for the next round trip to send."""
+        """Count the stage's time; returns its done event, for the next round trip to send
+        (none for a stage to be tried again)."""
         elapsed = time.monotonic() - started
         state.stages[stage] = state.stages.get(stage, 0.0) + elapsed
         if retries:
@@ -279,11 +312,26 @@ class StageTask(Task):
         return Ignore()
 
     def _attempt(self, stage: str, state: BuildState, cfg: Settings, lease: Lease | None,
-                 attempt: str) -> str:
-        """One stage body, watched for a cancel of its request."""
+                 attempt: str, unsent: list[dict[str, str]]) -> str:
+        """One stage body, watched for a cancel of its request; a body that outlives a
+        moment first sends the stage events a quick boundary left in ``unsent`` (its own
+        started event among them), so a watcher sees long work begin."""
         client = redis_client(cfg)
-        with cancelling.watch(client, state) as watched:
-            next_stage = self._attempt_body(stage, state, cfg, lease, attempt)
+
+        def send_unsent() -> None:
+            # On the watcher's thread, where this context's variables are not set.
+            pipe = client.pipeline(transaction=False)
+            sent = add_unsent(pipe, state.request_id, unsent)
+            with contextlib.suppress(redis.RedisError):
+                pipe.execute()
+                sent()
+
+        token = unsent_stages.set(unsent)
+        try:
+            with cancelling.watch(client, state, on_start=send_unsent) as watched:
+                next_stage = self._attempt_body(stage, state, cfg, lease, attempt)
+        finally:
+            unsent_stages.reset(token)
         if watched.flag is not None and stage != "record":
             return self._stop_cancelled(state, cfg, client, watched.flag)
         return next_stage
@@ -333,10 +381,11 @@ class StageTask(Task):
         return "record"
 
     def finish(self, state: BuildState, client: Any, attempt: str,
-               finished: dict[str, str] | None = None) -> dict[str, Any]:
+               unsent: list[dict[str, str]] | None = None) -> dict[str, Any]:
         """Write the record, answer every request waiting on this hash, release the lock;
-        ``finished`` is the record stage's done event, sent with the first round trip (with
-        the destination's newest tag, see :func:`remember_last_tag`).
+        ``unsent``, the stage events not yet sent (the record stage's done event among them),
+        go with the first round trip (with the destination's newest tag, see
+        :func:`remember_last_tag`).
 
         One answer per request, and the first stands: a request restarted while it was
         alive after all (its worker lost Redis, not its life), a stage delivered twice, or
@@ -345,8 +394,7 @@ class StageTask(Task):
         """
         own_id = self.request.id or state.request_id
         if not state.source_hash or not state.token:
-            if finished:
-                emit(client, state.request_id, "stage", **finished)
+            emit_stages(client, state.request_id, unsent or [])
             if claim_answer(client, state.request_id, attempt) == OTHER:
                 raise self._ended_elsewhere(client, state.request_id)
             record = make_record(state, attached=own_id != state.request_id)
@@ -357,8 +405,8 @@ class StageTask(Task):
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
         pipe = client.pipeline(transaction=False)
-        if finished:
-            add_event(pipe, state.request_id, "stage", **finished)
+        for event in unsent or ():
+            add_event(pipe, state.request_id, "stage", **event)
         remember_last_tag(pipe, state)
         waiting, notes, ours_by = lease.survey(pipe)
         if waiting and all((ours_by if r == state.request_id else answered_by(client, r))
@@ -573,11 +621,15 @@ class BuildImageTask(StageTask):
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     *more: Any, **options: Any) -> AsyncResult:
         cfg = settings()
-        if not (cfg.embedded or app.conf.task_always_eager) and args:
-            task_id = task_id or operations.new_request_id()
-            inflight.submit(redis_client(cfg), task_id, str(args[0]), dict(kwargs or {}),
-                            dict(options.get("headers") or {}), cfg.lock_lease)
-        return super().apply_async(args, kwargs, task_id, *more, **options)
+        if (cfg.embedded or app.conf.task_always_eager) or not args:
+            return super().apply_async(args, kwargs, task_id, *more, **options)
+        task_id = task_id or operations.new_request_id()
+        note = inflight.submission(task_id, str(args[0]), dict(kwargs or {}),
+                                   dict(options.get("headers") or {}), cfg.lock_lease)
+        # The note, the message and its task-sent event: one round trip, in that order.
+        with app.producer_or_acquire(options.pop("producer", None)) as producer, \
+                producer.batch(), broker.riding(note):
+            return super().apply_async(args, kwargs, task_id, *more, producer=producer, **options)
 
 
 #: The entry task: ``from tasks import build_image``.

@@ -7,8 +7,9 @@ the test has armed a gate for it, so the test can SIGKILL the worker, stop a ser
 or freeze the process at a known point, then let it go. Nothing here is in the
 product: it wraps the ``emit`` the stage tasks call and, for the events sent with other
 commands in one round trip, the stage task's ``_enter`` (a stage's started event, and the
-done event of the stage before) and ``finish`` (the record stage's done event); the gate
-then holds the chain right after that round trip.
+done events before it) and ``finish`` (the record stage's done event); the gate then holds
+the chain right after that call (a quick boundary's events wait for a later round trip,
+but the chain is held at the same point).
 
 Protocol (Redis keys, see :class:`Gates` in tests/faults/conftest.py):
 
@@ -61,27 +62,33 @@ def install() -> None:
     task = stages.StageTask
     real_enter, real_finish = task._enter, task.finish
 
-    def _done(client: Any, finished: dict[str, str] | None) -> None:
-        if finished:
+    def _done(client: Any, events: list[dict[str, str]]) -> None:
+        # The done event of the stage just before (earlier ones were gated at their turn).
+        done = [e for e in events if e.get("state") == "done"]
+        if done:
             with contextlib.suppress(redis.RedisError):
-                _gate(client, finished["stage"], "done")
+                _gate(client, done[-1]["stage"], "done")
 
     def enter(self: Any, stage: str, state: Any, cfg: Any, client: Any,
-              finished: dict[str, str] | None, look: bool = True) -> Any:
-        entered = real_enter(self, stage, state, cfg, client, finished, look)
-        _done(client, finished)
+              unsent: list[dict[str, str]], look: bool = True, quick: bool = False) -> Any:
+        # A quick boundary sends nothing and keeps its events for the next round trip; the
+        # gates still hold here, where the chain is.
+        before = list(unsent)
+        entered = real_enter(self, stage, state, cfg, client, unsent, look, quick)
+        _done(client, before)
         with contextlib.suppress(redis.RedisError):
             _gate(client, entered[0], "started")
         return entered
 
     def finish(self: Any, state: Any, client: Any, attempt: str,
-               finished: dict[str, str] | None = None) -> Any:
-        if finished:
-            # The record stage's done event goes with finish's first round trip: send it
-            # alone here so the gate holds the chain before the record is written.
-            real_emit(client, state.request_id, "stage", **finished)
-            _done(client, finished)
-        return real_finish(self, state, client, attempt, None)
+               unsent: list[dict[str, str]] | None = None) -> Any:
+        if unsent:
+            # The events left (the record stage's done event among them) go with finish's
+            # first round trip: send them alone here so the gate holds the chain before the
+            # record is written.
+            stages.emit_stages(client, state.request_id, unsent)
+            _done(client, unsent)
+        return real_finish(self, state, client, attempt, [])
 
     task._enter = enter  # type: ignore[method-assign]
     task.finish = finish  # type: ignore[method-assign]

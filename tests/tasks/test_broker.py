@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+import uuid
+from typing import Any
 
 import redis
 from kombu import Connection, Exchange, Queue
@@ -54,3 +58,75 @@ def test_one_publishing_client_per_pool(redis_url: str) -> None:
         channel._disconnect_pools()
         with channel.conn_or_acquire() as third:
             assert third is not first and third.connection_pool is channel.pool
+
+
+def _monitored(redis_url: str, act: Any) -> list[tuple[str, list[str]]]:
+    """(client address, command words) of every command Redis ran while ``act()`` ran."""
+    seen: list[tuple[str, list[str]]] = []
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    with client.monitor() as monitor:
+        stop = f"buildq-test-monitor-end-{uuid.uuid4().hex}"
+
+        def listen() -> None:
+            for entry in monitor.listen():
+                words = str(entry["command"]).split()
+                if words[-1:] == [stop]:
+                    return
+                seen.append((f"{entry.get('client_address')}:{entry.get('client_port')}", words))
+
+        thread = threading.Thread(target=listen, daemon=True)
+        thread.start()
+        time.sleep(0.2)  # MONITOR answers OK before it streams
+        act()
+        redis.Redis.from_url(redis_url).echo(stop)
+        thread.join(10)
+    return seen
+
+
+def _sequence(seen: list[tuple[str, list[str]]], names: set[str]) -> list[tuple[str, str]]:
+    return [(address, words[0].upper()) for address, words in seen if words[0].upper() in names]
+
+
+def test_riders_go_ahead_of_the_message_in_its_batch(redis_url: str) -> None:
+    broker.install()
+    queue = Queue("buildq-test-riders", Exchange("buildq-test-riders"), "k")
+    events = Exchange("buildq-test-riders-events", type="fanout")
+    note = [("hset", "buildq-test-riders-note", "id", "v"),
+            ("psetex", "buildq-test-riders-lease", 5000, "1")]
+
+    with Connection(redis_url) as conn:
+        producer = conn.Producer(serializer="json")
+        producer.publish({"warm": 1}, exchange=queue.exchange, routing_key="k", declare=[queue])
+        producer.publish({"warm": 1}, exchange=events, declare=[events])
+
+        def send() -> None:
+            with producer.batch(), broker.riding(note):
+                producer.publish({"n": 1}, exchange=queue.exchange, routing_key="k")
+                producer.publish({"event": 1}, exchange=events)
+                producer.publish({"n": 2}, exchange=queue.exchange, routing_key="k")
+
+        seen = _monitored(redis_url, send)
+        order = _sequence(seen, {"HSET", "PSETEX", "LPUSH", "PUBLISH"})
+        # In order, on one connection, and the note only ahead of the first message.
+        assert [name for _, name in order] == ["HSET", "PSETEX", "LPUSH", "PUBLISH", "LPUSH"], seen
+        assert len({address for address, _ in order}) == 1, order
+        client = redis.Redis.from_url(redis_url)
+        assert client.hget("buildq-test-riders-note", "id") == b"v"
+        assert 0 < client.pttl("buildq-test-riders-lease") <= 5000
+
+
+def test_riders_without_a_batch_still_go_first(redis_url: str) -> None:
+    broker.install()
+    queue = Queue("buildq-test-riders-plain", Exchange("buildq-test-riders-plain"), "k")
+    note = [("hset", "buildq-test-riders-plain-note", "id", "v")]
+    with Connection(redis_url) as conn:
+        producer = conn.Producer(serializer="json")
+        producer.publish({"warm": 1}, exchange=queue.exchange, routing_key="k", declare=[queue])
+
+        def send() -> None:
+            with broker.riding(note):
+                producer.publish({"n": 1}, exchange=queue.exchange, routing_key="k")
+                producer.publish({"n": 2}, exchange=queue.exchange, routing_key="k")
+
+        order = _sequence(_monitored(redis_url, send), {"HSET", "LPUSH"})
+        assert [name for _, name in order] == ["HSET", "LPUSH", "LPUSH"], order

@@ -162,3 +162,53 @@ def test_a_finished_request_restarted_by_the_watchdog_keeps_its_one_answer(
     assert not client.hexists(INFLIGHT, result.id)
     again = build_image.AsyncResult(result.id).get(timeout=5)
     assert again == first
+
+
+def _events(cluster: Cluster, request_id: str) -> list[str]:
+    """A request's events as ``kind`` (``stage:state`` for a stage event)."""
+    return [f"{f['stage']}:{f['state']}" if f.get("kind") == "stage" else f.get("kind", "")
+            for _, f in cluster.client().xrange(events_key(request_id))]
+
+
+def test_a_cache_hit_reports_every_stage_in_order(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    # A hit's quick stages share their round trips: their events are sent later, never lost
+    # and never out of order.
+    dest = f"{cluster.registry.host}/chain/hit-events"
+    app = _app(tmp_path, base_image, f"events {uuid.uuid4()}\n")
+    assert build_image.delay(str(app), destination=dest).get(timeout=120)["status"] == "built"
+    result = build_image.delay(str(app), destination=dest)
+    assert result.get(timeout=60)["status"] == "skipped"
+    events = _events(cluster, result.id)
+    stages = [e for e in events if ":" in e]
+    assert stages == [f"{s}:{state}" for s in ("fetch", "hash", "exists", "record")
+                      for state in ("started", "done")], events
+    assert events.index("hash:started") < events.index("hashed") < events.index("hash:done")
+    assert events[-1] == "done", events
+
+
+def test_a_long_stage_after_a_quick_one_is_seen_starting(
+        cluster: Cluster, tmp_path: Path, base_image: str) -> None:
+    # The tag check follows a quick hash without a round trip of its own; when the registry
+    # hangs, its started event must still reach a watcher while it runs.
+    from tests.faults.proxy import FaultProxy
+
+    host, port = cluster.registry.host.rsplit(":", 1)
+    proxy = FaultProxy(host, int(port))
+    try:
+        dest = f"127.0.0.1:{proxy.port}/chain/long-exists"
+        app = _app(tmp_path, base_image, f"long {uuid.uuid4()}\n")
+        assert build_image.delay(str(app), destination=dest).get(timeout=120)["status"] == "built"
+        proxy.stall()
+        result = build_image.delay(str(app), destination=dest)
+        deadline = time.monotonic() + 30
+        while "exists:started" not in _events(cluster, result.id):
+            assert time.monotonic() < deadline, _events(cluster, result.id)
+            time.sleep(0.05)
+        assert not result.ready()
+        assert "exists:done" not in _events(cluster, result.id)
+        proxy.up()
+        assert result.get(timeout=60)["status"] == "skipped"
+    finally:
+        proxy.up()
+        proxy.close()
