@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from config.errors import RegistryError, TransientRegistryError
 from config.names import is_loopback_host
+from workers.registries import direct
 
 if TYPE_CHECKING:
     from config.references import ImageRef
@@ -416,6 +418,11 @@ class Registry(ABC):
         body: bytes | None = None,
     ) -> requests.Response:
         try:
+            if method == "HEAD" and params is None and auth is None and body is None:
+                # The tag check of every cache hit: past requests when nothing it adds applies.
+                answered = direct.head(url, headers, REQUEST_TIMEOUT)
+                if answered is not None:
+                    return answered
             return self._session.request(
                 method, url, headers=headers, params=params, auth=auth, data=body,
                 timeout=REQUEST_TIMEOUT, allow_redirects=True,
@@ -426,7 +433,8 @@ class Registry(ABC):
                 "If it serves plain HTTP, list it in BUILDQ_INSECURE_REGISTRIES; otherwise "
                 "install its CA certificate on this host.",
             ) from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                urllib3.exceptions.TimeoutError) as exc:
             raise TransientRegistryError(
                 f"registry {self.host} could not be reached: {_reason(exc)}.",
                 "Check that the registry is up and reachable from this host; buildq retries.",
@@ -535,7 +543,7 @@ def _reason(exc: Exception) -> str:
     match = re.search(r"\[Errno -?\d+\] ([^')\]]+)", text)
     if match:
         return match.group(1).strip()
-    if isinstance(exc, requests.exceptions.Timeout):
+    if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
         return "timed out"
     return text.split(": ", 1)[-1][:200]
 
