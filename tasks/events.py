@@ -34,17 +34,16 @@ def emit(client: redis.Redis, request_id: str, kind: str, **data: Any) -> None:
 
 def emit_stages(client: redis.Redis, request_id: str, stages: list[dict[str, str]],
                 *more: tuple[str, dict[str, Any]]) -> None:
-    """Publish stage events (``stages``, their fields) and ``more`` (kind, fields) in one
-    round trip; as :func:`emit`, never failing a build."""
-    if not (stages or more):
-        return
+    """Publish the unsent stage events ``stages`` (taken from that list, see
+    :func:`add_unsent`) and ``more`` (kind, fields) in one round trip; as :func:`emit`,
+    never failing a build."""
     try:
         pipe = client.pipeline(transaction=False)
-        for fields in stages:
-            add_event(pipe, request_id, "stage", **fields)
+        add_unsent(pipe, request_id, stages)
         for kind, fields in more:
             add_event(pipe, request_id, kind, **fields)
-        pipe.execute()
+        if len(pipe):
+            pipe.execute()
     except redis.RedisError:
         pass
 
@@ -54,20 +53,24 @@ def emit_stages(client: redis.Redis, request_id: str, stages: list[dict[str, str
 #: request's events stay in order.
 unsent_stages: ContextVar[list[dict[str, str]] | None] = ContextVar("buildq_unsent_stages",
                                                                    default=None)
+#: Held while events are taken from an unsent list: a stage body's thread and its watcher
+#: may both send them.
+_taking = threading.Lock()
 
 
 def add_unsent(pipe: Pipeline, request_id: str,
-               events: list[dict[str, str]] | None = None) -> Callable[[], None]:
-    """Queue the unsent stage events (``events``, else this context's) on ``pipe``; returns
-    what drops them from their list once ``pipe`` was executed."""
+               events: list[dict[str, str]] | None = None) -> None:
+    """Queue the unsent stage events (``events``, else this context's) on ``pipe``, taking
+    them from their list: sent once, whoever sends them."""
     events = unsent_stages.get() if events is None else events
     if not events:
-        return lambda: None
-    taken = list(events)
+        return
+    with _taking:
+        taken = events[:]
+        # Not ``clear()``: one appended meanwhile (appends take no lock) stays for later.
+        del events[:len(taken)]
     for fields in taken:
         add_event(pipe, request_id, "stage", **fields)
-    # Only this body's thread (or, while it waits, its companion) changes the list.
-    return lambda: events.__delitem__(slice(0, len(taken)))
 
 
 def add_event(pipe: Pipeline, request_id: str, kind: str, **data: Any) -> None:

@@ -456,14 +456,13 @@ def hash_source(state: BuildState, settings: Settings) -> str:
     # One round trip for the three and the stage events before them (a cache hit's hash
     # stage is a few milliseconds).
     pipe = client.pipeline(transaction=False)
-    sent = add_unsent(pipe, state.request_id)
+    add_unsent(pipe, state.request_id)
     ours = len(pipe)
     remember_request(pipe, state.request_id, state.source_hash)
     add_event(pipe, state.request_id, "hashed", source_hash=state.source_hash, tag=state.tag,
               image=state.image)
     acquired = lease.add_acquire(pipe, pending_entry(state))
     replies = pipe.execute(raise_on_error=False)[ours:]
-    sent()
     for reply in replies[:-1]:
         if isinstance(reply, Exception):
             raise reply

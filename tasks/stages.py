@@ -9,7 +9,6 @@ work already done, jumps straight to ``record``, which always runs cleanup.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import shutil
@@ -18,7 +17,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import redis
 from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
@@ -30,7 +28,7 @@ from tasks import broker, cancelling, inflight, multiplatform, operations, reque
 from tasks.app import ROUTES, app, platform_queue, settings
 from tasks.background import START_AFTER
 from tasks.connection import REDIS_PATIENCE_LEASES, REDIS_TROUBLE, redis_client
-from tasks.events import add_event, add_started, add_unsent, emit, emit_stages, unsent_stages
+from tasks.events import add_started, add_unsent, emit, emit_stages, unsent_stages
 from tasks.failures import BuildCancelled, BuildFailed, failure_for
 from tasks.keys import answered_key, cancel_key, lock_key
 from tasks.lock import Lease, new_token
@@ -133,7 +131,9 @@ class StageTask(Task):
         # stage between was quick) needs no round trip of its own (see _enter).
         sent_at: float | None = None
         while True:
-            at[:] = [stage, retries, unsent]
+            # A copy: the round trip that sends them takes them from ``unsent``, and a
+            # resume after it failed must send them still.
+            at[:] = [stage, retries, list(unsent)]
             quick = (sent_at is not None and retries == 0
                      and time.monotonic() - sent_at < QUICK_BOUNDARY)
             entered, lease = self._enter(stage, state, cfg, client, unsent,
@@ -158,7 +158,6 @@ class StageTask(Task):
                 emit_stages(client, state.request_id, unsent,
                             ("retry", {"stage": stage, "error": str(exc),
                                        "countdown": f"{countdown:.1f}"}))
-                unsent.clear()
                 if lease is not None:
                     lease.extend(extra_seconds=countdown)
                 self._add_time(stage, state, started, retries=True)
@@ -188,7 +187,7 @@ class StageTask(Task):
                quick: bool = False) -> tuple[str, Lease | None]:
         """The way into ``stage``, in one transaction (a cache hit crosses four boundaries,
         and this was four round trips each): send the stage events not yet sent
-        (``unsent``, emptied), look for a cancel (``look``), renew the lease or register a
+        (taken from ``unsent``), look for a cancel (``look``), renew the lease or register a
         request that holds no lock yet, and send the stage's started event if it is to run.
         Returns the stage to run (``record`` for a request cancelled meanwhile) and the
         lease, if the lock is held.
@@ -207,8 +206,7 @@ class StageTask(Task):
                                     state.request_id, operations.pending_entry(state))
             return stage, None
         pipe = client.pipeline(transaction=True)
-        for event in unsent:
-            add_event(pipe, state.request_id, "stage", **event)
+        add_unsent(pipe, state.request_id, unsent)
         ours = len(pipe)
         if look:
             pipe.get(cancel_key(state.request_id))
@@ -228,7 +226,6 @@ class StageTask(Task):
                               lock=lock_key(lease.source_hash) if lease else "",
                               token=lease.token if lease else "")
         replies = pipe.execute(raise_on_error=False)[ours:]
-        unsent.clear()
         flag = replies.pop(0) if look else None
         answered_already = replies.pop(0) if first else 0
         held = extended(replies.pop(0)) if lease is not None else True
@@ -320,11 +317,7 @@ class StageTask(Task):
 
         def send_unsent() -> None:
             # On the watcher's thread, where this context's variables are not set.
-            pipe = client.pipeline(transaction=False)
-            sent = add_unsent(pipe, state.request_id, unsent)
-            with contextlib.suppress(redis.RedisError):
-                pipe.execute()
-                sent()
+            emit_stages(client, state.request_id, unsent)
 
         token = unsent_stages.set(unsent)
         try:
@@ -405,8 +398,7 @@ class StageTask(Task):
         lease = Lease(client, state.source_hash, state.token, settings().lock_lease,
                       state.request_id)
         pipe = client.pipeline(transaction=False)
-        for event in unsent or ():
-            add_event(pipe, state.request_id, "stage", **event)
+        add_unsent(pipe, state.request_id, unsent or [])
         remember_last_tag(pipe, state)
         waiting, notes, ours_by = lease.survey(pipe)
         if waiting and all((ours_by if r == state.request_id else answered_by(client, r))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any
 
@@ -58,6 +59,19 @@ def install() -> None:
                 _gate(client, str(data.get("stage")), str(data["state"]))
 
     stages.emit = emit
+    real_emit_stages = stages.emit_stages
+
+    def emit_stages(client: Any, request_id: str, unsent: list[dict[str, str]],
+                    *more: tuple[str, dict[str, Any]]) -> None:
+        sent = list(unsent)
+        real_emit_stages(client, request_id, unsent, *more)
+        if threading.current_thread() is threading.main_thread():
+            # A chain handed over (or retried) after its stage: held right after the round
+            # trip that carried that stage's done event. Not on a stage's watcher thread,
+            # which sends the events of a long stage while the chain goes on.
+            _done(client, sent)
+
+    stages.emit_stages = emit_stages
 
     task = stages.StageTask
     real_enter, real_finish = task._enter, task.finish
@@ -86,8 +100,9 @@ def install() -> None:
             # The events left (the record stage's done event among them) go with finish's
             # first round trip: send them alone here so the gate holds the chain before the
             # record is written.
-            stages.emit_stages(client, state.request_id, unsent)
-            _done(client, unsent)
+            sent = list(unsent)
+            real_emit_stages(client, state.request_id, unsent)
+            _done(client, sent)
         return real_finish(self, state, client, attempt, [])
 
     task._enter = enter  # type: ignore[method-assign]
