@@ -129,3 +129,23 @@ def test_a_hung_registry_times_out_once(registry: services.RegistryServer,
     finally:
         proxy.up()
         proxy.close()
+
+
+def test_a_forked_child_opens_its_own_connections(registry: services.RegistryServer) -> None:
+    import os
+
+    url = f"http://{registry.host}/v2/"
+    assert direct.head(url, {}, (5, 5)) is not None
+    parent_pools = dict(direct._pools)
+    assert parent_pools
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        ok = not direct._pools and direct.head(url, {}, (5, 5)) is not None
+        ok = ok and all(p is not q for p in direct._pools.values() for q in parent_pools.values())
+        os.write(writer, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(writer)
+    assert os.read(reader, 1) == b"1"
+    os.waitpid(child, 0)
+    assert direct._pools == parent_pools

@@ -33,6 +33,17 @@ _pools: dict[tuple[str | None, ...], urllib3.PoolManager] = {}
 _proxied: dict[tuple[str | None, ...], bool] = {}
 
 
+def _forget_pools() -> None:
+    # A forked child must not share its parent's open connections: two processes reading
+    # one socket would take each other's answers.
+    global _lock, _pools
+    _lock = threading.Lock()
+    _pools = {}
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
 def head(url: str, headers: dict[str, str],
          timeout: tuple[float, float]) -> requests.Response | None:
     """The response to ``HEAD url`` when it is 200 or 404 and requests would have sent the
