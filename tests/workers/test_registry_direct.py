@@ -62,6 +62,17 @@ def test_a_proxied_host_is_left_to_requests(
     assert answered is not None and answered.status_code == 200
 
 
+def test_the_proxy_decision_is_per_scheme(
+        registry: services.RegistryServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only HTTPS goes through a proxy: the same host over HTTPS is left to requests, over
+    # plain HTTP it is answered here, in either order.
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert direct.head(f"https://{registry.host}/v2/", {}, (5, 5)) is None
+    answered = direct.head(f"http://{registry.host}/v2/", {}, (5, 5))
+    assert answered is not None and answered.status_code == 200
+    assert direct.head(f"https://{registry.host}/v2/", {}, (5, 5)) is None
+
+
 def test_an_auth_challenge_is_left_to_requests(tmp_path: Path) -> None:
     server = services.start_htpasswd_registry(tmp_path / "registry", {"u": "p"})
     try:

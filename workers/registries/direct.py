@@ -49,11 +49,11 @@ def head(url: str, headers: dict[str, str],
     """The response to ``HEAD url`` when it is 200 or 404 and requests would have sent the
     same request; None: send it through requests. Raises urllib3's TimeoutError."""
     environment = tuple(os.environ.get(name) for name in _ENVIRONMENT)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or _through_proxy(url, parts.netloc, environment):
+    scheme = urlsplit(url).scheme
+    if scheme not in ("http", "https") or _through_proxy(url, scheme, environment):
         return None
     try:
-        raw = _pool(parts.scheme, environment).request(
+        raw = _pool(scheme, environment).request(
             "HEAD", url, headers=headers, redirect=False, retries=False,
             timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
     except urllib3.exceptions.TimeoutError:
@@ -71,11 +71,11 @@ def head(url: str, headers: dict[str, str],
     return response
 
 
-def _through_proxy(url: str, netloc: str, environment: tuple[str | None, ...]) -> bool:
-    key = (netloc, *environment)
+def _through_proxy(url: str, scheme: str, environment: tuple[str | None, ...]) -> bool:
+    # Per scheme and host: HTTP_PROXY and HTTPS_PROXY may differ for the same host.
+    key = (scheme, urlsplit(url).netloc, *environment)
     found = _proxied.get(key)
     if found is None:
-        scheme = urlsplit(url).scheme
         proxies = requests.utils.get_environ_proxies(url)
         found = _proxied[key] = bool(proxies.get(scheme) or proxies.get("all"))
     return found
