@@ -199,12 +199,13 @@ class StageTask(Task):
         is as good as one sent a moment later: it is seen at the next boundary that goes
         to Redis, or by the stage's cancel watch once the stage outlives a moment.
         """
+        lease = None
+        if state.token and state.source_hash:
+            lease = Lease(client, state.source_hash, state.token, cfg.lock_lease,
+                          state.request_id, operations.pending_entry(state))
         if quick and stage != "fetch":
             unsent.append({"stage": stage, "state": "started"})
-            if state.token and state.source_hash:
-                return stage, Lease(client, state.source_hash, state.token, cfg.lock_lease,
-                                    state.request_id, operations.pending_entry(state))
-            return stage, None
+            return stage, lease
         pipe = client.pipeline(transaction=True)
         add_unsent(pipe, state.request_id, unsent)
         ours = len(pipe)
@@ -214,10 +215,7 @@ class StageTask(Task):
         first = stage == "fetch"
         if first:
             pipe.exists(answered_key(state.request_id))
-        lease = None
-        if state.token and state.source_hash:
-            lease = Lease(client, state.source_hash, state.token, cfg.lock_lease,
-                          state.request_id, operations.pending_entry(state))
+        if lease is not None:
             extended = lease.add_extend(pipe)
         elif not (state.source_hash or state.done or self.request.is_eager):
             # Before the lock only the broker knows this request: register it first.
