@@ -7,13 +7,16 @@ a user should read; :class:`tasks.stages.StageTask` turns that into a failed rec
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import os
 import re
 import shutil
 import tempfile
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -441,14 +444,85 @@ def pending_entry(state: BuildState) -> dict[str, Any]:
     return entry
 
 
+def _tag_digest(ref: ImageRef, settings: Settings) -> str | None:
+    """The digest the registry has under ``ref``'s tag, or None: the tag check itself."""
+    assert ref.tag
+    return registry_for(ref, settings).manifest_digest(ref, ref.tag)
+
+
+#: The tag each (source, destination repository) hashed to last in this process, newest
+#: last: what a hash stage expects the same source to hash to again (see _check_ahead).
+_last_tags: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+_LAST_TAGS_KEPT = 256
+#: The tag checks started ahead, by request: (the image checked, its digest to come).
+_ahead: dict[str, tuple[str, Future[str | None]]] = {}
+_AHEAD_KEPT = 32
+#: This process's threads for the checks ahead, and the process they belong to (a forked
+#: child starts its own).
+_ahead_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _expected_key(state: BuildState) -> tuple[str, str] | None:
+    location = state.source.get("location") if isinstance(state.source, dict) else None
+    if state.ref is None or not location:
+        return None
+    return str(location), state.ref.name
+
+
+def _check_ahead(state: BuildState, settings: Settings) -> tuple[str, Future[str | None]] | None:
+    """Start the tag check for the tag this source hashed to last, while it is hashed again.
+
+    A cache hit's tag check (a registry ``HEAD``) then overlaps the stamp check instead of
+    following it. Its answer is used only for the very image the hash names, and "absent"
+    is asked again once the lock is ours (see :func:`exists`): another request may have
+    pushed this hash meanwhile, and a stale "absent" would build it a second time.
+    """
+    global _ahead_pool
+    key = _expected_key(state)
+    tag = _last_tags.get(key) if key is not None else None
+    if state.force or tag is None or state.ref is None:
+        return None
+    ref = state.ref.tagged(tag)
+    if _ahead_pool is None or _ahead_pool[0] != os.getpid():
+        _ahead_pool = (os.getpid(), ThreadPoolExecutor(2, thread_name_prefix="tag-check"))
+    return str(ref), _ahead_pool[1].submit(_tag_digest, ref, settings)
+
+
+def _remember_tag(state: BuildState) -> None:
+    """Keep the tag just hashed, for the next hash of the same source (see _check_ahead)."""
+    key = _expected_key(state)
+    if key is not None and state.tag:
+        _last_tags[key] = state.tag
+        _last_tags.move_to_end(key)
+        while len(_last_tags) > _LAST_TAGS_KEPT:
+            _last_tags.popitem(last=False)
+
+
+def _hand_ahead(state: BuildState, ahead: tuple[str, Future[str | None]] | None) -> None:
+    """Leave the check started ahead for ``exists``, if it checked the image hashed."""
+    if ahead is not None and ahead[0] == state.image:
+        if len(_ahead) >= _AHEAD_KEPT:
+            _ahead.clear()  # left by requests whose exists stage ran in another process
+        _ahead[state.request_id] = ahead
+
+
+def _digest_ahead(state: BuildState) -> str | None:
+    """What the check started ahead found for this request's image (None: nothing found,
+    or no check ahead for it); its error, if it failed, as the check would have raised it."""
+    ahead = _ahead.pop(state.request_id, None)
+    return ahead[1].result() if ahead is not None else None
+
+
 def hash_source(state: BuildState, settings: Settings) -> str:
     client = _client(settings)
+    ahead = _check_ahead(state, settings)
     try:
         hash_tree(state, _ensure_tree(state, settings), settings)
     except BaseException:
         _drop_tree(state)
         raise
     assert state.source_hash
+    _remember_tag(state)
     # The state keeps the token only once the lock is ours, so a stage repeated after a
     # lost Redis connection never mistakes an unacquired token for a held lock.
     token = state.token or new_token()
@@ -474,6 +548,7 @@ def hash_source(state: BuildState, settings: Settings) -> str:
 
         raise Ignore()
     state.token = token
+    _hand_ahead(state, ahead)
     return "exists"
 
 
@@ -481,7 +556,7 @@ def exists(state: BuildState, settings: Settings) -> str:
     assert state.ref and state.tag
     if state.force:
         return "upload"  # asked to build and push again, whatever the registry has
-    digest = registry_for(state.ref, settings).manifest_digest(state.ref, state.tag)
+    digest = _digest_ahead(state) or _tag_digest(state.ref, settings)
     if digest:
         state.digest = digest
         state.status = "skipped"
