@@ -39,12 +39,25 @@ from common import BenchResult, Row, exit_on_sigterm, generate_tree, table  # pu
 from workers import context
 
 SIZES = (5_000, 20_000)
+#: A cache hit usually comes after an idle moment, and its request's own work comes before
+#: its stamp check: the checks timed after a sleep this long, then this much busy Python.
+IDLE_S = 0.02
+BUSY_S = 0.001
+#: The stamp check's thread count before NATIVE_STAMP_THREADS became 3: the idle figure's
+#: baseline.
+FORMER_THREADS = 2
 
 
 def _time_ms(fn: Callable[[], object], times: list[float]) -> None:
     start = time.perf_counter()
     fn()
     times.append((time.perf_counter() - start) * 1000)
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def measure(root: Path, files: int, runs: int) -> dict[str, Any]:
@@ -77,6 +90,9 @@ def measure(root: Path, files: int, runs: int) -> dict[str, Any]:
     def native_check_one_thread() -> bool:
         return native.unchanged(blob, records, 1)
 
+    def native_check_former() -> bool:
+        return native.unchanged(blob, records, FORMER_THREADS if threads > 1 else 1)
+
     def hit(check: Any) -> Callable[[], str]:
         def run() -> str:
             context.NATIVE_STAMPS = check
@@ -90,13 +106,24 @@ def measure(root: Path, files: int, runs: int) -> dict[str, Any]:
         "check_native": native_check, "check_native_1_thread": native_check_one_thread,
         "check_python": python_check, "hit_native": hit(native), "hit_python": hit(None),
     }
-    answers = {name: fn() for name, fn in contenders.items()}  # and warms every cache
-    times: dict[str, list[float]] = {name: [] for name in contenders}
+    # Timed after IDLE_S of sleep and BUSY_S of work, as a hit after a quiet moment.
+    after_idle: dict[str, Callable[[], object]] = {
+        "idle_native": native_check, "idle_native_former": native_check_former}
+    answers = {name: fn() for name, fn in {**contenders, **after_idle}.items()}  # warms caches
+    times: dict[str, list[float]] = {name: [] for name in {**contenders, **after_idle}}
     hits_before = context.TREE_INDEX.hits
     for _ in range(runs):
         for name, fn in contenders.items():
             _time_ms(fn, times[name])
-    agreed = (all(answers[n] is True for n in ("check_native", "check_native_1_thread", "check_python"))
+    # Not interleaved: a worker runs one thread count always, and the idle CPUs' state after
+    # a check depends on the check before.
+    for name, fn in after_idle.items():
+        for _ in range(runs):
+            time.sleep(IDLE_S)
+            _busy(BUSY_S)
+            _time_ms(fn, times[name])
+    agreed = (all(answers[n] is True for n in ("check_native", "check_native_1_thread", "check_python",
+                                               "idle_native", "idle_native_former"))
               and answers["hit_native"] == answers["hit_python"] == digest
               and context.TREE_INDEX.hits - hits_before == 2 * runs)
     return {"files": files, "paths": len(paths), "threads": threads, "agreed": agreed,
@@ -112,6 +139,9 @@ def rows_for(fig: dict[str, Any]) -> list[Row]:
         Row(f"stamp check, {head}: C on {fig['threads']} thread(s)", med["check_native"], "ms",
             med["check_python"], "", None, label),
         Row("  C on 1 thread", med["check_native_1_thread"], "ms", med["check_python"], "", None, label),
+        Row(f"  C on {fig['threads']} thread(s) after {IDLE_S * 1000:.0f} ms idle", med["idle_native"],
+            "ms", med["idle_native_former"], "", None,
+            f"C on {FORMER_THREADS if fig['threads'] > 1 else 1} thread(s) after the same idle"),
         Row("  source_hash cache hit with the C check", med["hit_native"], "ms", med["hit_python"],
             "", None, hit_label),
     ]
@@ -132,7 +162,11 @@ def main() -> int:
         method=(f"generated trees of {', '.join(f'{n:,}' for n in SIZES)} files (50 per directory), "
                 "hashed once so the tree index remembers them; then the C check (on the threads "
                 "the tree index gives it, and on one), the Python check and a whole source_hash "
-                f"hit with each, interleaved, {runs} runs each; medians."),
+                f"hit with each, interleaved, {runs} runs each; medians. Then, {runs} in a row each, "
+                f"the C check after "
+                f"{IDLE_S * 1000:.0f} ms of sleep and {BUSY_S * 1000:.0f} ms of busy Python (a "
+                "hit after a quiet moment, its request's work before the check), on the tree "
+                f"index's threads and on {FORMER_THREADS} (the count before it was 3)."),
         quick=args.quick, params={"files": list(SIZES), "runs": runs,
                                   "native_threads": context.NATIVE_STAMP_THREADS,
                                   "native_split_at": context.NATIVE_SPLIT_AT})
@@ -163,6 +197,9 @@ def main() -> int:
               f"Python {med['check_python']:7.2f} ms   "
               f"ratio {med['check_python'] / med['check_native']:.2f}x")
         print(f"  source_hash hit  C {med['hit_native']:7.2f} ms   Python {med['hit_python']:7.2f} ms")
+        print(f"  after {IDLE_S * 1000:.0f} ms idle  C ({fig['threads']} thread(s)) "
+              f"{med['idle_native']:7.2f} ms   C ({FORMER_THREADS} threads) "
+              f"{med['idle_native_former']:7.2f} ms")
         rows += rows_for(fig)
     agreed = all(fig["agreed"] for fig in figures.values())
     print()

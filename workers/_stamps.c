@@ -6,7 +6,7 @@
  *
  *   paths    bytes: the fs-encoded paths, each followed by a NUL.
  *   records  bytes: one record per path, native byte order (see Record).
- *   threads  how many threads to split the paths over (1 = the calling thread only).
+ *   threads  how many threads check the paths (1 = the calling thread only).
  *
  * True when every path's lstat has the remembered (mode, inode, device, size, mtime ns,
  * ctime ns); False at the first difference or error (a vanished path, EACCES, ...): the
@@ -35,12 +35,20 @@ typedef struct {
 /* Threads beyond this buy nothing for a syscall-bound loop on any machine we run on. */
 #define MAX_THREADS 64
 
+/* Paths a thread takes from the shared queue at a time: enough to keep a parent directory
+ * open across several of its entries, few enough that the threads end together. */
+#define BATCH 128
+
+/* What the threads share. A thread takes the next BATCH paths until none are left, rather
+ * than a fixed share: a thread that starts late (a virtual CPU woken from idle can take
+ * milliseconds to run it) then costs nothing, as the others take its share. */
 typedef struct {
     const char *paths;
     const char *records; /* not aligned: records are copied out with memcpy */
-    Py_ssize_t begin, end;
-    int *changed; /* shared: set by whichever thread sees a difference first */
-} Chunk;
+    Py_ssize_t count;
+    Py_ssize_t next;      /* the first path no thread has taken yet */
+    int changed;          /* set by whichever thread sees a difference first */
+} Work;
 
 /* sec * 1e9 + nsec as Python's st_*_time_ns has it; 0 when it does not fit (year > 2262). */
 static int time_ns(const struct timespec *ts, int64_t *out) {
@@ -91,20 +99,27 @@ static int same_stamp(Parent *parent, const char *path, const Record *want) {
         && mtime_ns == want->mtime_ns && ctime_ns == want->ctime_ns;
 }
 
-static void *check_chunk(void *arg) {
-    Chunk *chunk = arg;
+static void *check_paths(void *arg) {
+    Work *work = arg;
     Record record;
     Parent parent = {.fd = -1};
-    for (Py_ssize_t i = chunk->begin; i < chunk->end; i++) {
-        /* Another thread's difference settles the answer: stop early. */
-        if (__atomic_load_n(chunk->changed, __ATOMIC_RELAXED))
+    for (;;) {
+        Py_ssize_t begin = __atomic_fetch_add(&work->next, BATCH, __ATOMIC_RELAXED);
+        if (begin >= work->count)
             break;
-        memcpy(&record, chunk->records + i * (Py_ssize_t)sizeof(Record), sizeof(Record));
-        if (!same_stamp(&parent, chunk->paths + record.offset, &record)) {
-            __atomic_store_n(chunk->changed, 1, __ATOMIC_RELAXED);
-            break;
+        Py_ssize_t end = begin + BATCH < work->count ? begin + BATCH : work->count;
+        for (Py_ssize_t i = begin; i < end; i++) {
+            /* Another thread's difference settles the answer: stop early. */
+            if (__atomic_load_n(&work->changed, __ATOMIC_RELAXED))
+                goto out;
+            memcpy(&record, work->records + i * (Py_ssize_t)sizeof(Record), sizeof(Record));
+            if (!same_stamp(&parent, work->paths + record.offset, &record)) {
+                __atomic_store_n(&work->changed, 1, __ATOMIC_RELAXED);
+                goto out;
+            }
         }
     }
+out:
     if (parent.fd >= 0)
         close(parent.fd);
     return NULL;
@@ -141,30 +156,23 @@ static PyObject *unchanged(PyObject *module, PyObject *args) {
         threads = 1;
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
-    if (threads > count)
-        threads = count > 0 ? (int)count : 1;
+    if (threads > (count + BATCH - 1) / BATCH)
+        threads = count > BATCH ? (int)((count + BATCH - 1) / BATCH) : 1;
 
-    int changed = 0;
-    Chunk chunks[MAX_THREADS];
+    Work work = {path_bytes, record_bytes, count, 0, 0};
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     Py_BEGIN_ALLOW_THREADS
-    for (int t = 0; t < threads; t++) {
-        chunks[t] = (Chunk){path_bytes, record_bytes, count * t / threads,
-                            count * (t + 1) / threads, &changed};
-    }
-    /* Chunk 0 runs on this thread; a thread that cannot be started has its chunk run here. */
     for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, check_chunk, &chunks[t]) == 0;
-    check_chunk(&chunks[0]);
+        started[t] = pthread_create(&ids[t], NULL, check_paths, &work) == 0;
+    /* This thread works too, and alone finishes everything a helper never got to. */
+    check_paths(&work);
     for (int t = 1; t < threads; t++) {
         if (started[t])
             pthread_join(ids[t], NULL);
-        else
-            check_chunk(&chunks[t]);
     }
     Py_END_ALLOW_THREADS
-    result = PyBool_FromLong(!changed);
+    result = PyBool_FromLong(!work.changed);
 done:
     PyBuffer_Release(&paths);
     PyBuffer_Release(&records);

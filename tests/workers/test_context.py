@@ -708,7 +708,7 @@ def _stamped_files(root: Path, count: int) -> tuple[list[str], list[Any]]:
     return paths, [_stamp_of(p) for p in paths]
 
 
-@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_native_check_sees_a_change_anywhere_on_any_number_of_threads(tmp_path: Path, threads: int) -> None:
     from workers.context import NATIVE_STAMPS, _pack_stamps
 
@@ -717,8 +717,9 @@ def test_native_check_sees_a_change_anywhere_on_any_number_of_threads(tmp_path: 
     packed = _pack_stamps(paths, stamps)
     assert packed is not None
     assert NATIVE_STAMPS.unchanged(*packed, threads) is True
-    # First, middle and last: each thread's chunk has one, whatever the split.
-    for index in (0, 299, 599):
+    # The first and last path, both sides of the threads' first batch boundary (128
+    # paths), and one in the middle: wherever it is, whichever thread takes it.
+    for index in (0, 127, 128, 299, 599):
         os.chmod(paths[index], 0o600)
         assert NATIVE_STAMPS.unchanged(*packed, threads) is False
         packed = _pack_stamps(paths, [_stamp_of(p) for p in paths])
