@@ -36,7 +36,7 @@ from tasks.state import BuildState
 from workers.bases import DigestCache, find_bases, pin, resolve
 from workers.builders import Builder, BuildRequest, engine_available
 from workers.context import BuildInputs, image_tag, read_dockerfile, source_hash, write_context
-from workers.dockerfile import PythonOptions, check_python, parse_entrypoint, plan_for
+from workers.dockerfile import PythonOptions, check_python, needs_plan, parse_entrypoint, plan
 from workers.registries import registry_for
 from workers.secrets import check_names, lookup
 from workers.sources import SourceSpec, fetch_source, parse_source
@@ -311,11 +311,11 @@ def build_inputs(state: BuildState, root: Path | None = None) -> BuildInputs:
     """
     if root is not None:
         _generate_dockerfile(state, root)
-    plan = state.generated or {}
-    inputs = BuildInputs.create(plan.get("dockerfile") or state.dockerfile, state.build_args,
+    generated = state.generated or {}
+    inputs = BuildInputs.create(generated.get("dockerfile") or state.dockerfile, state.build_args,
                                 state.target, state.platform, state.generated_dockerfile,
-                                state.secrets, context_dir=plan.get("context"),
-                                default_ignore=plan.get("ignore") or ())
+                                state.secrets, context_dir=generated.get("context"),
+                                default_ignore=generated.get("ignore") or ())
     if not state.bases:
         return inputs
     bases = tuple((b["image"], b["digest"]) for b in state.bases)
@@ -383,12 +383,13 @@ def _generate_dockerfile(state: BuildState, root: Path) -> None:
     """Write the Dockerfile of a project that has none into the state (not the tree)."""
     if state.generated_dockerfile is not None or state.generated is not None:
         return
+    if not needs_plan(root, state.dockerfile):
+        return  # before the options: a cache hit with a Dockerfile reads no config for them
     options = PythonOptions.create(config_from_mapping(state.config), entrypoint=state.entrypoint,
                                    python=state.python, gpu=state.gpu)
-    plan = plan_for(root, state.dockerfile, options)
-    if plan is not None:
-        state.generated_dockerfile = plan.text
-        state.generated = plan.to_dict()
+    found = plan(root, options)
+    state.generated_dockerfile = found.text
+    state.generated = found.to_dict()
 
 
 def _ensure_tree(state: BuildState, settings: Settings) -> Path:

@@ -34,8 +34,8 @@ from workers.dockerfile.styles import Dependencies, detect_dependencies, read_re
 __all__ = [
     "APP_UID", "APP_USER", "DEFAULT_PYTHON", "DOCKERFILE", "ENTRY_SCRIPTS", "KNOWN_PYPYS",
     "KNOWN_PYTHONS", "PYTHON_PLACEHOLDER", "VENV", "WEB_PORT", "WORKDIR", "Plan", "PythonOptions",
-    "check_python", "dockerfile_for", "generate", "has_dockerfile", "parse_entrypoint", "plan",
-    "plan_for",
+    "check_python", "dockerfile_for", "generate", "has_dockerfile", "needs_plan",
+    "parse_entrypoint", "plan", "plan_for",
 ]
 
 #: The name the generated Dockerfile has in the build context.
@@ -208,11 +208,14 @@ def plan(root: Path, options: PythonOptions) -> Plan:
                 style=deps.style, ignore=ignore, warnings=all_warnings)
 
 
+def needs_plan(root: Path, dockerfile: str | None) -> bool:
+    """Whether a request needs a generated Dockerfile: it names none, and none is present."""
+    return not dockerfile and not has_dockerfile(root)
+
+
 def plan_for(root: Path, dockerfile: str | None, options: PythonOptions) -> Plan | None:
-    """The plan when this request needs one: no Dockerfile named and none present."""
-    if dockerfile or has_dockerfile(root):
-        return None
-    return plan(root, options)
+    """The plan when this request needs one (see :func:`needs_plan`)."""
+    return plan(root, options) if needs_plan(root, dockerfile) else None
 
 
 def generate(root: Path, options: PythonOptions) -> str:
