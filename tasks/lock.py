@@ -167,13 +167,32 @@ class Lease:
 
     def release(self, answered: list[str] | set[str]) -> bool:
         """Drop the answered requests and release the lock; False when it was not ours."""
-        released = script(self.client, "release")(
-            keys=[lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX,
-                  answering_key(self.source_hash), builds_key(self.source_hash),
-                  counted_builds_key(self.source_hash)],
-            args=[self.token, self.source_hash, COUNTED_TTL_MS, *sorted(answered)],
-        )
+        released = script(self.client, "release")(*self._release_arguments(answered))
         return bool(released)
+
+    def add_release(self, pipe: Pipeline, answered: list[str] | set[str]) -> Callable[[Any], bool]:
+        """Queue :meth:`release` on ``pipe`` behind the claims of the ``answered`` requests;
+        returns what reads its reply. Should a claim not have run (see release.lua), the
+        reader releases once more, so it must be called after the claims' readers."""
+        read = add_script(pipe, self.client, "release",
+                          *self._release_arguments(answered, claimed=True))
+
+        def released(reply: Any) -> bool:
+            result = read(reply)
+            if result == -1:
+                return self.release(answered)
+            return bool(result)
+
+        return released
+
+    def _release_arguments(self, answered: list[str] | set[str], claimed: bool = False,
+                           ) -> tuple[list[str], list[Any]]:
+        ids = sorted(answered)
+        return ([lock_key(self.source_hash), pending_key(self.source_hash), PENDING_INDEX,
+                 answering_key(self.source_hash), builds_key(self.source_hash),
+                 counted_builds_key(self.source_hash),
+                 *(answered_key(r) for r in ids if claimed)],
+                [self.token, self.source_hash, COUNTED_TTL_MS, *ids])
 
     def finish(self, record: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
         """Store the record and release at once; returns the pending requests, or None if

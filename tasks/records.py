@@ -30,7 +30,7 @@ from tasks.keys import (
     request_record_key,
 )
 from tasks.lock import HISTORY_SIZE
-from tasks.scripts import script
+from tasks.scripts import add_script, script
 from tasks.state import BuildState
 from workers.sources.base import redact_credentials
 
@@ -51,13 +51,27 @@ def claim_answer(client: redis.Redis, request_id: str, attempt: str,
     ``store``: (key, value, lifetime in seconds) of the answer as the result backend keeps
     it (see :func:`backend_answer`), written with the claim when it is this attempt's.
     """
+    return int(script(client, "answer")(*_claim_arguments(request_id, attempt, done, store)))
+
+
+def add_claim(pipe: Pipeline, client: redis.Redis, request_id: str, attempt: str,
+              done: str | None = None,
+              store: tuple[str | bytes, str | bytes, int] | None = None) -> Callable[[Any], int]:
+    """Queue :func:`claim_answer` on ``pipe``; returns what reads its reply."""
+    read = add_script(pipe, client, "answer", *_claim_arguments(request_id, attempt, done, store))
+    return lambda reply: int(read(reply))
+
+
+def _claim_arguments(request_id: str, attempt: str, done: str | None,
+                     store: tuple[str | bytes, str | bytes, int] | None,
+                     ) -> tuple[list[str | bytes], list[str | bytes | int]]:
     keys: list[str | bytes] = [answered_key(request_id), events_key(request_id)]
     args: list[str | bytes | int] = [attempt, REQUEST_TTL, "1" if done is not None else "0",
                                      done or "", EVENTS_MAXLEN, STREAM_TTL]
     if store is not None:
         keys.append(store[0])
         args += [store[1], store[2]]
-    return int(script(client, "answer")(keys=keys, args=args))
+    return keys, args
 
 
 def backend_answer(backend: Any, task_id: str, result: Any, state: str,

@@ -3,11 +3,20 @@
 -- the record was written stay pending; the watchdog restarts the hash for them.
 -- The build notes move to the "counted" key, where a build that ends late (its start
 -- note lost with a crashed Redis's last writes) can tell it was not counted.
--- KEYS: lock, pending, pending index, answering, builds, counted builds
+-- KEYS: lock, pending, pending index, answering, builds, counted builds[, answered key of
+--       each answered request]
 -- ARGV: token, source hash, counted-builds ttl ms, answered request id, ...
--- Returns 1 when released, 0 when the token no longer held the lock.
+-- Returns 1 when released, 0 when the token no longer held the lock, -1 (releasing
+-- nothing) when an answered key given is not set: sent in one round trip behind the
+-- claims, a claim that did not run (its script unknown to a Redis restarted since) must not
+-- be overtaken by the release, which would leave its request unanswered and not pending.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
+end
+for i = 7, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    return -1
+  end
 end
 for i = 4, #ARGV do
   redis.call('HDEL', KEYS[2], ARGV[i])

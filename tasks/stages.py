@@ -36,6 +36,7 @@ from tasks.notifications import announce
 from tasks.records import (
     FIRST,
     OTHER,
+    add_claim,
     answered_by,
     backend_answer,
     claim_answer,
@@ -420,8 +421,9 @@ class StageTask(Task):
         requests = {*pending, state.request_id}
         # Each answer is stored here, the chain's own request's too, as Celery would store
         # the return value: once the lock is released nothing could store a lost answer.
-        # With Celery's Redis backend it is stored by the claim itself (one round trip).
-        claims, unstored = {}, []
+        # With Celery's Redis backend it is stored by the claim itself, and the claims and
+        # the release go in one round trip (release.lua releases only behind every claim).
+        answers = []
         for request_id in requests:
             answer = for_request(record, request_id, request_id != state.request_id,
                                  pending.get(request_id))
@@ -429,18 +431,29 @@ class StageTask(Task):
             stored = (request_id, answer if failure is None else failure,
                       states.SUCCESS if failure is None else states.FAILURE,
                       self.request if request_id == own_id else None)
-            entry = backend_answer(self.backend, *stored)
-            claims[request_id] = claim_answer(
-                client, request_id, attempt, store=entry,
-                done=record["status"] if request_id == state.request_id else None)
-            if entry is None and claims[request_id] != OTHER:
-                unstored.append(stored)
+            answers.append((stored, backend_answer(self.backend, *stored)))
+        pipe = client.pipeline(transaction=False)
+        claimed = {stored[0]: add_claim(
+            pipe, client, stored[0], attempt, store=entry,
+            done=record["status"] if stored[0] == state.request_id else None)
+            for stored, entry in answers}
+        # A backend the claim cannot store for (the embedded mode's) stores after the claims
+        # and before the release, which then goes on its own.
+        together = all(entry is not None for _, entry in answers)
+        released = lease.add_release(pipe, requests) if together else None
+        replies = pipe.execute(raise_on_error=False)
+        claims = {r: read(reply) for (r, read), reply in zip(claimed.items(), replies, strict=False)}
         ours = {r for r, claim in claims.items() if claim != OTHER}
-        for request_id, result, status, request in unstored:
-            self.backend.store_result(request_id, result, status, request=request)
+        for stored, entry in answers:
+            if entry is None and stored[0] in ours:
+                request_id, result, status, request = stored
+                self.backend.store_result(request_id, result, status, request=request)
+        if released is not None:
+            released(replies[-1])
+        else:
+            lease.release(requests)
         metrics.build_finished(state, {r: pending.get(r, {}) for r, c in claims.items()
                                        if c == FIRST and r in pending})
-        lease.release(requests)
         for request_id, claim in claims.items():
             # After the answers and the release: a receiver never holds up the build.
             if claim == FIRST:

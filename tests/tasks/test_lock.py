@@ -21,6 +21,8 @@ from tasks.keys import (
     record_key,
 )
 from tasks.lock import Lease, new_token, orphaned_hashes, take_over
+from tasks.records import FIRST, add_claim
+from tasks.scripts import script
 from tasks.state import BuildState
 
 HASH = "ab" * 32
@@ -156,6 +158,36 @@ def test_scripts_sent_with_other_commands_run_even_after_redis_forgot_them(
     assert started(replies[1]) is True
     assert client.pttl(lock_key(HASH)) > 1000  # renewed to the full lease again
     assert _stage_events(client, "req-1") == [("exists", "started")]
+
+
+def test_a_release_sent_behind_the_claims_never_overtakes_one_that_did_not_run(
+        client: redis.Redis) -> None:
+    # Redis restarted and another client loaded release.lua again, but not answer.lua: in
+    # the claims' round trip, the claim fails (NOSCRIPT) and the release would run. It must
+    # not: the request would be neither answered nor pending, an answer lost for good.
+    holder = lease(client, "req-1")
+    assert holder.acquire({"request_id": "req-1"})
+    assert lease(client, "req-2").acquire({"request_id": "req-2"}) is False
+    written = holder.write_record({"status": "built"}, "attempt-1", 0)
+    assert written is not None and not isinstance(written, str)
+    client.script_flush()
+    # Loads release.lua only (with a lock key nobody holds: it releases nothing).
+    script(client, "release")(keys=["unrelated"], args=["no-such-token", HASH, 1])
+    pipe = client.pipeline(transaction=False)
+    claimed = [add_claim(pipe, client, r, "attempt-1", store=(f"result-{r}", "answer", 60))
+               for r in ("req-1", "req-2")]
+    released = holder.add_release(pipe, ["req-1", "req-2"])
+    replies = pipe.execute(raise_on_error=False)
+    assert [type(r) for r in replies[:2]] == [redis.exceptions.NoScriptError] * 2, replies
+    assert replies[2] == -1  # released nothing, with the claims not there
+    assert client.get(lock_key(HASH)) == holder.token
+    assert set(client.hkeys(pending_key(HASH))) == {"req-1", "req-2"}
+    # The readers, in order: each claim runs on its own, then the release goes through.
+    assert [read(reply) for read, reply in zip(claimed, replies, strict=False)] == [FIRST, FIRST]
+    assert released(replies[2]) is True
+    assert client.get(lock_key(HASH)) is None
+    assert client.hkeys(pending_key(HASH)) == []
+    assert client.get("result-req-2") == "answer"
 
 
 def test_a_started_event_is_written_only_for_a_stage_that_will_run(client: redis.Redis) -> None:
