@@ -318,12 +318,34 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all CPU time, time stolen by the hypervisor) since boot, in ticks, from /proc/stat;
+    None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
 def host_snapshot() -> dict[str, Any]:
     """What the machine was doing when a benchmark started: a busy machine explains a slow figure."""
     import platform
 
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "load_avg_at_start": list(os.getloadavg())}
+            "load_avg_at_start": list(os.getloadavg()), "cpu_ticks_at_start": cpu_ticks()}
+
+
+def steal_share(start: Sequence[int] | None, end: Sequence[int] | None) -> float | None:
+    """The share of CPU time the hypervisor took from this machine between two
+    :func:`cpu_ticks` readings: on a shared host, the virtual CPUs' own slowness."""
+    if not start or not end or end[0] <= start[0]:
+        return None
+    return (end[1] - start[1]) / (end[0] - start[0])
 
 
 @dataclass
@@ -351,7 +373,9 @@ class BenchResult:
         data = {
             "bench": self.name, "title": self.title, "baseline": self.baseline,
             "method": self.method, "quick": self.quick, "params": self.params,
-            "argv": sys.argv[1:], "host": self.host,
+            "argv": sys.argv[1:],
+            "host": {**self.host, "steal_share": steal_share(self.host.get("cpu_ticks_at_start"),
+                                                             cpu_ticks())},
             "started_at": self.started_at, "finished_at": time.time(),
             "figures": figures or {}, "rows": [r.to_dict() for r in rows],
             "invariants": invariants, "notes": list(notes), "error": error,

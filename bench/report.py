@@ -211,7 +211,10 @@ def render(results: dict[str, dict[str, Any]], names: list[str], host: dict[str,
     out += ["## Machine", ""]
     load = ", ".join(f"{d['bench']} {d['host']['load_avg_at_start'][0]:.2f}" for d in present
                      if d.get("host", {}).get("load_avg_at_start"))
-    rows = [*host.items(), ("Load average (1 min) as each benchmark started", load or "-")]
+    steal = ", ".join(f"{d['bench']} {d['host']['steal_share'] * 100:.1f}%" for d in present
+                      if d.get("host", {}).get("steal_share") is not None)
+    rows = [*host.items(), ("Load average (1 min) as each benchmark started", load or "-"),
+            ("CPU time taken by the hypervisor (steal) during each benchmark", steal or "-")]
     out += md_table(["", ""], ([k, v] for k, v in rows))
     out += [""]
 
