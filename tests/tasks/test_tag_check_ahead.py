@@ -53,13 +53,21 @@ def _hashed(state: BuildState, tag: str) -> None:
     operations._remember_tag(state)
 
 
-def test_the_check_ahead_answers_for_the_image_hashed_and_only_for_it(
-        registry: services.RegistryServer, proxy: FaultProxy, base_image: str) -> None:
+def _hashed_before(registry: services.RegistryServer, proxy: FaultProxy, base_image: str,
+                   source: str) -> tuple[str, str, str]:
+    """A source hashed to ``t1`` before, pushed as such, in a repository reached through
+    ``proxy``: (registry host as the requests name it, repository, pushed digest)."""
     repository = f"ahead/{uuid.uuid4().hex[:8]}"
     pushed = push_base(registry.host, repository, "t1", base_image)
     host = f"127.0.0.1:{proxy.port}"
+    _hashed(_request(host, repository, source), "t1")
+    return host, repository, pushed
+
+
+def test_the_check_ahead_answers_for_the_image_hashed_and_only_for_it(
+        registry: services.RegistryServer, proxy: FaultProxy, base_image: str) -> None:
+    host, repository, pushed = _hashed_before(registry, proxy, base_image, "/src/app")
     settings = Settings.from_env({})
-    _hashed(_request(host, repository, "/src/app"), "t1")
 
     # The source changed: it hashes to another tag, which is asked of the registry, not
     # answered by the check made (and found) for the old one.
@@ -103,11 +111,8 @@ def test_absent_is_asked_again_after_the_lock(
 
 def test_a_failed_check_ahead_fails_as_the_tag_check_and_is_not_reused(
         registry: services.RegistryServer, proxy: FaultProxy, base_image: str) -> None:
-    repository = f"ahead/{uuid.uuid4().hex[:8]}"
-    pushed = push_base(registry.host, repository, "t1", base_image)
-    host = f"127.0.0.1:{proxy.port}"
+    host, repository, pushed = _hashed_before(registry, proxy, base_image, "/src/down")
     settings = Settings.from_env({})
-    _hashed(_request(host, repository, "/src/down"), "t1")
     state = _request(host, repository, "/src/down")
     proxy.down()
     ahead = operations._check_ahead(state, settings)
