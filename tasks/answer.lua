@@ -13,15 +13,20 @@ local function store()
     redis.call('PUBLISH', KEYS[3], ARGV[7])
   end
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+-- The claim is written last: should a command before it fail (the script stops there, its
+-- earlier writes kept), the request is not marked answered, and release.lua, given the
+-- answered keys, does not release the lock behind a claim that did not finish.
+local by = redis.call('GET', KEYS[1])
+if not by then
   if ARGV[3] == '1' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'done', 'status', ARGV[4])
     redis.call('EXPIRE', KEYS[2], ARGV[6])
   end
   store()
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   return 1
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if by == ARGV[1] then
   store()
   return 2
 end

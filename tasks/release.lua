@@ -8,8 +8,9 @@
 -- ARGV: token, source hash, counted-builds ttl ms, answered request id, ...
 -- Returns 1 when released, 0 when the token no longer held the lock, -1 (releasing
 -- nothing) when an answered key given is not set: sent in one round trip behind the
--- claims, a claim that did not run (its script unknown to a Redis restarted since) must not
--- be overtaken by the release, which would leave its request unanswered and not pending.
+-- claims, a claim that did not run (its script unknown to a Redis restarted since) or did
+-- not finish (answer.lua writes the claim last) must not be overtaken by the release, which
+-- would leave its request unanswered and not pending.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end

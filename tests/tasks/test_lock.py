@@ -13,6 +13,7 @@ from tasks.events import add_started
 from tasks.keys import (
     INFLIGHT,
     PENDING_INDEX,
+    answered_key,
     cancel_key,
     events_key,
     lease_key,
@@ -21,8 +22,8 @@ from tasks.keys import (
     record_key,
 )
 from tasks.lock import Lease, new_token, orphaned_hashes, take_over
-from tasks.records import FIRST, add_claim
-from tasks.scripts import script
+from tasks.records import FIRST, add_claim, claim_answer
+from tasks.scripts import SOURCES, script
 from tasks.state import BuildState
 
 HASH = "ab" * 32
@@ -188,6 +189,38 @@ def test_a_release_sent_behind_the_claims_never_overtakes_one_that_did_not_run(
     assert client.get(lock_key(HASH)) is None
     assert client.hkeys(pending_key(HASH)) == []
     assert client.get("result-req-2") == "answer"
+
+
+def test_a_claim_that_fails_half_way_leaves_its_request_unanswered_and_the_lock_held(
+        client: redis.Redis) -> None:
+    # The claim's script stops at an error (here its events key holds a string, so XADD
+    # fails): what it wrote before stays, but it must not have marked the request answered,
+    # or the release sent behind it would drop a request whose answer was never stored.
+    holder = lease(client, "req-1")
+    assert holder.acquire({"request_id": "req-1"})
+    assert holder.write_record({"status": "built"}, "attempt-1", 0) is not None
+    client.set(events_key("req-1"), "not a stream")
+    for name in ("answer", "release"):
+        client.script_load(SOURCES[name])
+    pipe = client.pipeline(transaction=False)
+    claimed = add_claim(pipe, client, "req-1", "attempt-1", done="built",
+                        store=("result-req-1", "answer", 60))
+    released = holder.add_release(pipe, ["req-1"])
+    replies = pipe.execute(raise_on_error=False)
+    assert isinstance(replies[0], redis.exceptions.ResponseError), replies
+    assert not isinstance(replies[0], redis.exceptions.NoScriptError)
+    assert replies[1] == -1
+    assert client.get(answered_key("req-1")) is None
+    assert client.get(lock_key(HASH)) == holder.token
+    with pytest.raises(redis.exceptions.ResponseError):
+        claimed(replies[0])
+    # The chain repeats its record stage: the same attempt answers and releases.
+    client.delete(events_key("req-1"))
+    assert claim_answer(client, "req-1", "attempt-1", done="built",
+                        store=("result-req-1", "answer", 60)) == FIRST
+    assert released(replies[1]) is True
+    assert client.get("result-req-1") == "answer"
+    assert client.get(lock_key(HASH)) is None
 
 
 def test_a_started_event_is_written_only_for_a_stage_that_will_run(client: redis.Redis) -> None:
