@@ -464,7 +464,7 @@ _ahead_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _expected_key(state: BuildState) -> tuple[str, str] | None:
-    location = state.source.get("location") if isinstance(state.source, dict) else None
+    location = state.source.get("location")
     if state.ref is None or not location:
         return None
     return str(location), state.ref.name
